@@ -1,0 +1,34 @@
+"""Arguments shared by every command that runs a model: model, dtype, device, prune plan."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import EngineConfig, PruneConfig
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name (smollm2-135m-instruct, gemma-3-270m) or checkpoint folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def add_prune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prune-ratio", type=float, help="skip the deepest floor(L*R) layers in prefill")
+    g.add_argument("--skip-layers", type=lambda s: tuple(int(x) for x in s.split(",") if x), help="explicit layers to skip, e.g. 20,21,22")
+    g.add_argument("--prune-plan", help="plan.json from `pop-disagg plan`")
+    g.add_argument("--no-prune", action="store_true", help="full prefill (no POP)")
+
+
+def prune_config(args: argparse.Namespace) -> PruneConfig:
+    return PruneConfig(
+        ratio=getattr(args, "prune_ratio", None),
+        skip_layers=getattr(args, "skip_layers", None),
+        plan_file=getattr(args, "prune_plan", None),
+        no_prune=getattr(args, "no_prune", False),
+    )
+
+
+def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args), **extra)

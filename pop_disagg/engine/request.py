@@ -1,0 +1,75 @@
+"""Per-request state. Everything is counters; the phase is derived from them, never stored twice.
+
+Life of a request under POP (prompt of ``N`` tokens):
+
+    WAITING --prefill x_1..x_{N-1} (pruned)--> RUNNING, num_computed_tokens = N-1
+    RUNNING --decode step: input x_N (boundary token), full model--> first generated token
+    RUNNING --decode step per generated token--> ... --> FINISHED (eos/stop/length/abort)
+
+A one-token prompt has nothing to prefill and starts RUNNING. With the "no boundary handling"
+ablation the prefill covers all N tokens and samples the first token from the pruned pass.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens or the context limit
+    ABORT = "abort"  # cancelled by the client or failed
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V sit in this request's blocks
+    block_table: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_text_len: int | None = None  # where a stop string cut the text
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def token_at(self, position: int) -> int:
+        n = self.num_prompt_tokens
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    @property
+    def next_input_token(self) -> int:
+        """The token the next decode step feeds (the boundary token ``x_N`` on the first step)."""
+        return self.token_at(self.num_computed_tokens)

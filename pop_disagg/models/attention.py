@@ -1,0 +1,122 @@
+"""Attention backends: where a layer's new K/V go and what its queries attend to.
+
+The decoder calls two methods per layer, ``store(layer, k, v)`` and ``attend(layer, q, k, v, ...)``,
+and stays ignorant of caches. Two backends cover every stage POP has:
+
+* ``PrefillAttention``: a batch of fresh sequences (no cached context), flattened to ``T`` tokens.
+  Queries attend causally among their own sequence. New K/V go to a sink callback: the engine's
+  sink writes them into paged blocks; the disaggregated prefill worker's sink ships them to the
+  decode worker layer by layer; calibration passes no sink at all.
+* ``PagedAttention``: one-token decode steps over a paged KV cache (the decode worker's only kind of
+  step under POP: the boundary token ``N`` and every generated token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def _sdpa(q, k, v, mask, scale, is_causal=False):
+    # q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). GQA is expanded here rather than with enable_gqa
+    # because the math backend on CPU must support masks + grads for calibration.
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+@dataclass
+class PrefillAttention:
+    """Causal attention within each sequence of a flattened batch; K/V handed to ``sink``."""
+
+    cu_seqlens: list[int]  # B+1 offsets into the T flattened tokens
+    sink: KVSink | None = None
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.sink is not None:
+            self.sink(layer, k, v)
+
+    def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
+        # q: (T, H, D), k/v: (T, Hkv, D) -> (T, H, D)
+        lens = [b - a for a, b in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])]
+        if len(set(lens)) == 1:  # equal lengths: one batched call
+            n = lens[0]
+            out = self._attend_one(q.view(-1, n, *q.shape[1:]), k.view(-1, n, *k.shape[1:]), v.view(-1, n, *v.shape[1:]), window, scale)
+            return out.reshape(q.shape)
+        outs = []
+        for a, b in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:]):
+            outs.append(self._attend_one(q[None, a:b], k[None, a:b], v[None, a:b], window, scale)[0])
+        return torch.cat(outs, dim=0)
+
+    @staticmethod
+    def _attend_one(q, k, v, window, scale):
+        # (B, n, H, D) -> (B, H, n, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        n = q.shape[2]
+        if window is None or n <= window:
+            out = _sdpa(q, k, v, None, scale, is_causal=True)
+        else:
+            i = torch.arange(n, device=q.device)
+            # Sliding window as Transformers defines it: key j visible from query i iff i - w < j <= i.
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+            out = _sdpa(q, k, v, mask, scale)
+        return out.transpose(1, 2)
+
+
+@dataclass
+class PagedAttention:
+    """One query token per sequence attending to its whole context in paged KV blocks.
+
+    ``k_cache``/``v_cache``: (num_layers, num_blocks, block_size, Hkv, D).
+    ``slot_mapping``: (B,) flat slot of each new token. ``slot_table``: (B, S) flat slot of every
+    context position (padded). ``context_lens``: (B,) keys visible including the new token.
+    ``masked_prefix``: research ablation "without independent K/V": in ``masked_layers``, the first
+    ``masked_prefix[b]`` positions of sequence ``b`` hold no K/V and are masked out.
+    """
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    slot_table: torch.Tensor
+    context_lens: torch.Tensor
+    masked_prefix: torch.Tensor | None = None
+    masked_layers: frozenset[int] = frozenset()
+
+    def __post_init__(self):
+        s = self.slot_table.shape[1]
+        key_pos = torch.arange(s, device=self.slot_table.device)[None, :]  # (1, S)
+        self._query_pos = (self.context_lens - 1)[:, None]  # (B, 1)
+        self._key_pos = key_pos
+        self._valid = key_pos < self.context_lens[:, None]  # (B, S)
+        self._masks: dict = {}
+
+    def _mask(self, layer: int, window: int | None) -> torch.Tensor:
+        key = (window, layer in self.masked_layers)
+        if key not in self._masks:
+            m = self._valid
+            if window is not None:
+                m = m & (self._key_pos > self._query_pos - window)
+            if key[1] and self.masked_prefix is not None:
+                m = m & (self._key_pos >= self.masked_prefix[:, None])
+            self._masks[key] = m[:, None, None, :]  # (B, 1, 1, S)
+        return self._masks[key]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        nb, bs, hkv, d = self.k_cache.shape[1:]
+        self.k_cache[layer].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, k.to(self.k_cache.dtype))
+        self.v_cache[layer].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, v.to(self.v_cache.dtype))
+
+    def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
+        # q: (B, H, D); the new k/v were already stored, so everything comes from the cache.
+        nb, bs, hkv, d = self.k_cache.shape[1:]
+        keys = self.k_cache[layer].view(nb * bs, hkv, d)[self.slot_table]  # (B, S, Hkv, D)
+        vals = self.v_cache[layer].view(nb * bs, hkv, d)[self.slot_table]
+        out = _sdpa(q[:, :, None, :], keys.transpose(1, 2), vals.transpose(1, 2), self._mask(layer, window), scale)
+        return out[:, :, 0, :]  # (B, H, D)

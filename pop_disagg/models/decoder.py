@@ -1,0 +1,253 @@
+"""The decoder: one implementation for Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma-3 text, driven
+by a ``ModelArch`` and, in prefill, by a ``PrunePlan``.
+
+Module names mirror the Hugging Face checkpoints (``model.layers.3.self_attn.k_proj``...) so
+weights load by name. Tokens are flattened to ``(T, hidden)``; the attention backend (see
+``attention.py``) knows how they group into sequences.
+
+POP lives in ``forward``: for every maximal run of skipped layers the residual stream passes
+through unchanged (POP method, mechanism 1), and because every layer of the run therefore sees the
+same hidden state ``h``, their keys and values come from a single fused projection (mechanism 2):
+one RMS normalisation of ``h``, one GEMM against the run's K/V weights with each layer's input-norm
+weight folded in, then each layer's own bias / k-norm / RoPE. A *prefill-only* instance is built
+for one plan and holds just the pieces that path touches (``SkippedLayer``): no MLP, no Q/O
+projections, no final norm, no LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..pop.plan import PrunePlan
+from .arch import ModelArch
+from .layers import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+CosSin = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class KVProjection(nn.Module):
+    """K/V projections of one layer (+ k-norm). The full ``Attention`` extends it with Q and O."""
+
+    def __init__(self, arch: ModelArch, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_kv_heads, self.head_dim = arch.num_kv_heads, arch.head_dim
+        self.rope_kind = arch.layer_types[layer]
+        self.k_proj = nn.Linear(arch.hidden_size, arch.kv_size, bias=arch.qkv_bias)
+        self.v_proj = nn.Linear(arch.hidden_size, arch.kv_size, bias=arch.qkv_bias)
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, gemma=arch.is_gemma) if arch.has_qk_norm else None
+
+    def finish_kv(self, k: torch.Tensor, v: torch.Tensor, cos_sin: CosSin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected (T, kv_size) K/V -> per-head (T, Hkv, D): k-norm, then RoPE on K."""
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        cos, sin = cos_sin[self.rope_kind]
+        return apply_rope(k, cos, sin), v
+
+
+class Attention(KVProjection):
+    def __init__(self, arch: ModelArch, layer: int):
+        super().__init__(arch, layer)
+        self.num_heads = arch.num_heads
+        self.q_proj = nn.Linear(arch.hidden_size, arch.q_size, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(arch.q_size, arch.hidden_size, bias=False)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, gemma=arch.is_gemma) if arch.has_qk_norm else None
+        self.window = arch.window_for_layer(layer)
+        self.scale = arch.attn_scale
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, attn) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        cos, sin = cos_sin[self.rope_kind]
+        q = apply_rope(q, cos, sin)
+        k, v = self.finish_kv(self.k_proj(x), self.v_proj(x), cos_sin)
+        attn.store(self.layer, k, v)
+        out = attn.attend(self.layer, q, k, v, self.window, self.scale)  # (T, H, D)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer: int):
+        super().__init__()
+        eps, gemma = arch.rms_norm_eps, arch.is_gemma
+        self.is_gemma = gemma
+        self.input_layernorm = RMSNorm(arch.hidden_size, eps, gemma)
+        self.self_attn = Attention(arch, layer)
+        # Llama naming: post_attention_layernorm is the pre-MLP norm. Gemma-3 has four norms:
+        # pre/post around attention and pre/post around the MLP ("sandwich" norms).
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps, gemma)
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(arch.hidden_size, eps, gemma)
+            self.post_feedforward_layernorm = RMSNorm(arch.hidden_size, eps, gemma)
+        self.mlp = MLP(arch.hidden_size, arch.intermediate_size, arch.activation)
+
+    def forward(self, h: torch.Tensor, cos_sin: CosSin, attn, gate: torch.Tensor | None = None) -> torch.Tensor:
+        # gate: (T, 1) virtual gate (POP paper eq. 2), scales both branch outputs; None = 1.
+        a = self.self_attn(self.input_layernorm(h), cos_sin, attn)
+        if self.is_gemma:
+            a = self.post_attention_layernorm(a)
+        if gate is not None:
+            a = a * gate
+        h = h + a
+        if self.is_gemma:
+            m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        else:
+            m = self.mlp(self.post_attention_layernorm(h))
+        if gate is not None:
+            m = m * gate
+        return h + m
+
+
+class SkippedLayer(nn.Module):
+    """What a prefill-only instance keeps of a skipped layer: its input norm and K/V projections."""
+
+    def __init__(self, arch: ModelArch, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.is_gemma)
+        self.self_attn = KVProjection(arch, layer)
+
+
+class ScaledEmbedding(nn.Embedding):
+    def __init__(self, vocab: int, hidden: int, scale: float):
+        super().__init__(vocab, hidden)
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = super().forward(ids)
+        # Gemma multiplies by sqrt(hidden) cast to the weight dtype (as Transformers does).
+        return h * torch.tensor(self.scale, dtype=h.dtype) if self.scale != 1.0 else h
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, arch: ModelArch, prefill_only_skip: frozenset[int] | None):
+        super().__init__()
+        self.embed_tokens = ScaledEmbedding(arch.vocab_size, arch.hidden_size, arch.embed_scale)
+        skip = prefill_only_skip or frozenset()
+        self.layers = nn.ModuleList(
+            SkippedLayer(arch, l) if l in skip else DecoderLayer(arch, l) for l in range(arch.num_layers)
+        )
+        self.norm = None if prefill_only_skip is not None else RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.is_gemma)
+
+
+class CausalLM(nn.Module):
+    """Full model, or (``prefill_only_plan`` given) the pruned prefill instance for that plan."""
+
+    def __init__(self, arch: ModelArch, prefill_only_plan: PrunePlan | None = None):
+        super().__init__()
+        self.arch = arch
+        self.prefill_only_plan = prefill_only_plan
+        skip = frozenset(prefill_only_plan.skip_layers) if prefill_only_plan is not None else None
+        self.model = DecoderStack(arch, skip)
+        has_head = prefill_only_plan is None and not arch.tie_word_embeddings
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False) if has_head else None
+        self._inv_freq: dict[str, torch.Tensor] = {}
+        self._fused: dict[tuple[int, ...], tuple] = {}
+
+    @property
+    def is_prefill_only(self) -> bool:
+        return self.prefill_only_plan is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def init_rope(self) -> None:
+        """(Re)build RoPE frequency tables on the model's device (after weights are loaded)."""
+        arch = self.arch
+        self._inv_freq = {"full": rope_inv_freq(arch.rope_full, arch.head_dim).to(self.device)}
+        self._inv_freq["sliding"] = rope_inv_freq(arch.rope_sliding or arch.rope_full, arch.head_dim).to(self.device)
+
+    def _cos_sin(self, positions: torch.Tensor) -> CosSin:
+        if not self._inv_freq:
+            self.init_rope()
+        kinds = set(self.arch.layer_types)
+        return {k: rope_cos_sin(self._inv_freq[k], positions, self.dtype) for k in kinds}
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn,
+        plan: PrunePlan | None = None,
+        gates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the stack over flattened tokens; return final hidden states (T, hidden), pre-norm.
+
+        ``plan``: layers to skip (POP prefill). ``gates``: (L, T, 1) virtual gates for calibration.
+        """
+        skip = frozenset(plan.skip_layers) if plan is not None else frozenset()
+        if self.is_prefill_only and skip != frozenset(self.prefill_only_plan.skip_layers):
+            raise ValueError("a prefill-only model can only run the plan it was built for")
+        cos_sin = self._cos_sin(positions)
+        h = self.model.embed_tokens(input_ids)
+        layers = self.model.layers
+        l = 0
+        while l < len(layers):
+            if l in skip:
+                run = [l]
+                while run[-1] + 1 in skip:
+                    run.append(run[-1] + 1)
+                if plan.independent_kv:
+                    self._store_run_kv(tuple(run), h, cos_sin, attn)
+                l = run[-1] + 1  # residual stream unchanged across the run
+                continue
+            gate = gates[l] if gates is not None else None
+            h = layers[l](h, cos_sin, attn, gate)
+            l += 1
+        return h
+
+    def _store_run_kv(self, run: tuple[int, ...], h: torch.Tensor, cos_sin: CosSin, attn) -> None:
+        """Independent K/V for a run of skipped layers from one norm + one GEMM (shape (T, hidden))."""
+        weight, bias = self._fused_weights(run)
+        first_norm = self.model.layers[run[0]].input_layernorm
+        x = first_norm.normalize(h).to(h.dtype)  # weight-free RMS norm; weights are folded in
+        kv = F.linear(x, weight, bias)  # (T, len(run) * 2 * kv_size)
+        kv_size = self.arch.kv_size
+        for i, l in enumerate(run):
+            proj = self.model.layers[l].self_attn
+            base = 2 * i * kv_size
+            k, v = proj.finish_kv(kv[:, base : base + kv_size], kv[:, base + kv_size : base + 2 * kv_size], cos_sin)
+            attn.store(l, k, v)
+
+    def _fused_weights(self, run: tuple[int, ...]):
+        layers = [self.model.layers[l] for l in run]
+        # Key on tensor versions so in-place weight edits (tests, calibration) rebuild the fusion.
+        version = tuple(p._version for ly in layers for p in (ly.input_layernorm.weight, ly.self_attn.k_proj.weight, ly.self_attn.v_proj.weight))
+        cached = self._fused.get(run)
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2]
+        ws, bs = [], []
+        with torch.no_grad():
+            for ly in layers:
+                g = ly.input_layernorm.effective_weight()  # (hidden,) float32
+                for proj in (ly.self_attn.k_proj, ly.self_attn.v_proj):
+                    ws.append(proj.weight.float() * g[None, :])
+                    if proj.bias is not None:
+                        bs.append(proj.bias.float())
+            weight = torch.cat(ws).to(self.dtype)
+            bias = torch.cat(bs).to(self.dtype) if bs else None
+        self._fused[run] = (version, weight, bias)
+        return weight, bias
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ Gemma soft-capping) on (N, hidden) -> (N, vocab) float32."""
+        if self.is_prefill_only:
+            raise RuntimeError("a prefill-only model has no final norm or LM head")
+        h = self.model.norm(hidden)
+        weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
+        logits = F.linear(h, weight).float()
+        cap = self.arch.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
