@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["generate", "make_tiny_model"]
+COMMANDS = ["generate", "make_tiny_model", "calibrate", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from .errors import format_validation_error
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # User errors (bad plan, bad checkpoint, bad parameter) print one clear line, not a trace.
-        print(f"pop-disagg {args.command}: error: {exc}", file=sys.stderr)
+        msg = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        print(f"pop-disagg {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -56,7 +56,7 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
     block_size: int = Field(16, ge=1)
-    kv_cache_memory_mb: int | None = Field(None, ge=1, description="KV budget; default 512 MiB on CPU, 85% of free GPU memory on CUDA")
+    kv_cache_memory_mb: float | None = Field(None, gt=0, description="KV budget; default 512 MiB on CPU, 85% of free GPU memory on CUDA")
     max_num_seqs: int = Field(64, ge=1, description="running requests at most")
     max_num_batched_tokens: int = Field(8192, ge=1, description="prompt tokens per prefill step at most")
     max_model_len: int | None = Field(None, ge=2, description="context limit; default the model's")

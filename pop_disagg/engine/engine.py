@@ -38,7 +38,7 @@ class RequestOutput:
 
 def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     if config.kv_cache_memory_mb is not None:
-        return config.kv_cache_memory_mb * 2**20
+        return int(config.kv_cache_memory_mb * 2**20)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.85)
@@ -105,6 +105,30 @@ class LLMEngine:
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
         return request_id
+
+    # ---- disaggregated decode hooks (the decode worker's prompt K/V arrives from a prefill worker) --
+    def reserve_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> Request | None:
+        """Hold KV blocks for a request whose prompt prefix another worker encodes; None when full.
+
+        The caller writes the prefix K/V into ``request.block_table`` and then calls
+        ``admit_prefilled``; ``abort`` releases the blocks at any point before or after.
+        """
+        self.validate(prompt_token_ids, params)
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        req = Request(request_id, list(prompt_token_ids), params, make_generator(params.seed, self.model.device))
+        if not self.scheduler.reserve(req):
+            return None
+        self._requests[request_id] = req
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
+        return req
+
+    def admit_prefilled(self, request_id: str, num_computed_tokens: int) -> None:
+        """The first ``num_computed_tokens`` prompt positions are in the request's blocks: decode it."""
+        req = self._requests[request_id]
+        req.num_computed_tokens = num_computed_tokens
+        self.scheduler.admit(req)
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)

@@ -12,7 +12,9 @@ import json
 import math
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from ..errors import format_validation_error
 
 
 class PlanError(ValueError):
@@ -28,6 +30,13 @@ class PrunePlan(BaseModel):
     boundary_handling: bool = True
     # Optional provenance: the model the plan was made for (checked when loaded from a file).
     model: str | None = None
+
+    def __init__(self, **data):
+        # Surface plan problems as PlanError with one clear line, not pydantic's report.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise PlanError(format_validation_error(exc)) from None
 
     @field_validator("skip_layers")
     @classmethod
