@@ -74,6 +74,26 @@ class Scheduler:
             return SchedulerOutput(prefill=prefill, decode=[])
         return SchedulerOutput(prefill=[], decode=list(self.running))
 
+    # ---- disaggregated decode: prompt K/V written by another worker -----------------------------
+    def reserve(self, req: Request) -> bool:
+        """Hold blocks for ``req``'s whole budget without queueing it; False when the cache is full.
+
+        The request's prompt K/V is then written into ``req.block_table`` from outside (a KV
+        transfer), and ``admit`` puts it in the decode batch.
+        """
+        need = self.blocks.blocks_for(self.budget_tokens(req))
+        if need > self.blocks.num_blocks:
+            raise ValueError(f"request needs {need} KV blocks but the cache has only {self.blocks.num_blocks}; lower max_new_tokens or raise the KV budget")
+        if not self.blocks.can_allocate(self.budget_tokens(req)):
+            return False
+        req.block_table = self.blocks.allocate(self.budget_tokens(req))
+        return True
+
+    def admit(self, req: Request) -> None:
+        """A reserved request whose prompt prefix is in its blocks joins the running (decode) set."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
     def finish(self, req: Request) -> None:
         """Release a request's blocks (finished or aborted) and drop it from the queues."""
         if req in self.running:

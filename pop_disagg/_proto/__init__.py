@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (``python -m pop_disagg.protos_build``); do not edit."""

@@ -1,0 +1,1 @@
+"""Disaggregated prefill/decode workers and the KV transfer between them (no Ray, no gRPC)."""

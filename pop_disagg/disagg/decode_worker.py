@@ -1,0 +1,188 @@
+"""The decode worker: the full model, the paged KV cache and a step loop over ``LLMEngine``.
+
+Disaggregated: ``reserve`` allocates a request's blocks and hands out a transfer id; the link's
+``KVReceiver`` writes the arriving prefix K/V straight into those blocks; when the last layer is
+in, the request is admitted with ``num_computed_tokens = N-1`` and its first decode step feeds the
+boundary token ``x_N``. Under POP every step here is a one-token step, so new requests' boundary
+tokens and running requests' next tokens share one batch. Colocated (``add_local``): the same
+engine also prefills, with no transfer. A one-token prompt is admitted at once (nothing to prefill).
+
+Events go to a per-request ``sink`` callback from the step-loop or receiver thread; the actor
+shell turns them into a stream. The engine runs without a tokenizer: the router detokenizes and
+applies stop strings, the worker stops on EOS, stop token ids and length.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..engine.engine import LLMEngine
+from ..engine.sampling import SamplingParams
+from .kv_transfer import KVReceiver, Transfer, TransferError, TransferState, TransferTable, Transport
+
+
+@dataclass
+class KVReceived:
+    """The request's prefix K/V is in its blocks (wall clock); for a one-token prompt, at reserve."""
+
+    time: float
+
+
+@dataclass
+class Tokens:
+    token_ids: list[int]
+    is_finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = KVReceived | Tokens | Failed
+Sink = Callable[[Event], None]
+
+
+class DecodeWorker:
+    def __init__(self, engine: LLMEngine, transfer_timeout_s: float = 30.0):
+        self.engine = engine
+        self.transfer_timeout_s = transfer_timeout_s
+        self.table = TransferTable()
+        self.receivers: dict[int, KVReceiver] = {}
+        self._sinks: dict[str, Sink] = {}
+        self._transfer_of: dict[str, int] = {}
+        self._lock = threading.Lock()  # engine state, the transfer table, the sinks
+        self._work = threading.Event()  # set when there may be something to step
+
+    # ---- links ---------------------------------------------------------------------------------
+    def attach_link(self, link: int, transport: Transport) -> None:
+        arch = self.engine.arch
+        self.receivers[link] = KVReceiver(transport, link, self, arch.num_layers, (arch.num_kv_heads, arch.head_dim), self.engine.kv_cache.k.dtype, self.transfer_timeout_s)
+
+    def is_link_broken(self, link: int) -> bool:
+        r = self.receivers.get(link)
+        return r is None or r.broken is not None
+
+    # ---- requests ------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.engine.blocks.num_free_blocks
+
+    @property
+    def num_active(self) -> int:
+        return len(self._sinks)
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, link: int, sink: Sink) -> int | None:
+        """Hold blocks for the request; returns its transfer id, or None when the cache is full.
+
+        A one-token prompt needs no transfer: it is admitted at once and the id is 0.
+        """
+        if len(prompt_token_ids) > 1 and self.is_link_broken(link):
+            raise RuntimeError(f"link from prefill worker {link} is broken: {self.receivers[link].broken if link in self.receivers else 'not attached'}")
+        with self._lock:
+            req = self.engine.reserve_request(prompt_token_ids, params, request_id)
+            if req is None:
+                return None
+            self._sinks[request_id] = sink
+            n = len(prompt_token_ids) - 1
+            if n == 0:
+                self.engine.admit_prefilled(request_id, 0)
+                tid = 0
+            else:
+                tid = self.table.new_id()
+                slots = torch.tensor(self.engine.blocks.slots(req.block_table, 0, n), dtype=torch.long, device=self.engine.kv_cache.k.device)
+                self.table.transfers[tid] = Transfer(tid, request_id, n, slots, link)
+                self._transfer_of[request_id] = tid
+        if tid == 0:
+            sink(KVReceived(time.time()))
+            self._work.set()
+        return tid
+
+    def add_local(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+        """Colocated topology: this engine prefills the request itself."""
+        with self._lock:
+            self.engine.add_request(prompt_token_ids, params, request_id)
+            self._sinks[request_id] = sink
+        self._work.set()
+
+    def abort(self, request_id: str, error: str | None = None) -> bool:
+        """Free the request's blocks whatever its phase; a transfer in flight is discarded on arrival.
+
+        The request's stream ends with ``Failed(error)`` when an error is given, else finish "abort".
+        """
+        with self._lock:
+            sink = self._sinks.pop(request_id, None)
+            tid = self._transfer_of.pop(request_id, None)
+            if tid is not None:
+                t = self.table.transfers.pop(tid)
+                t.state, t.error = TransferState.FAILED, error or "aborted"
+            found = self.engine.abort(request_id)
+        if sink is not None:
+            sink(Failed(error) if error else Tokens([], True, "abort"))
+        return found
+
+    # ---- ReceiverHost (called from receiver threads) --------------------------------------------
+    def begin_transfer(self, transfer_id: int, num_tokens: int) -> Transfer | None:
+        with self._lock:
+            t = self.table.transfers.get(transfer_id)
+            if t is None or t.state != TransferState.RESERVED:
+                return None  # cancelled: the data is read off the link and dropped
+            if t.num_tokens != num_tokens:
+                raise TransferError(f"link {t.link} out of step: transfer {transfer_id} has {num_tokens} tokens on the wire, {t.num_tokens} reserved")
+            t.state = TransferState.SENDING
+            return t
+
+    def write_layer(self, t: Transfer, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        with self._lock:  # an abort may have freed (and re-issued) the blocks since the last layer
+            if t.state == TransferState.SENDING:
+                self.engine.kv_cache.write(layer, t.slot_mapping, k, v)
+
+    def finish_transfer(self, t: Transfer) -> None:
+        with self._lock:
+            if t.state != TransferState.SENDING:
+                return  # cancelled while in flight
+            t.state, t.received_time = TransferState.RECEIVED, time.time()
+            self.table.transfers.pop(t.transfer_id, None)
+            self._transfer_of.pop(t.request_id, None)
+            self.engine.admit_prefilled(t.request_id, t.num_tokens)
+            sink = self._sinks.get(t.request_id)
+        if sink is not None:
+            sink(KVReceived(t.received_time))
+        self._work.set()
+
+    def fail_link(self, link: int, why: str, transfers: list[Transfer]) -> None:
+        """The link broke: fail what was in flight on it and everything still reserved for it."""
+        with self._lock:
+            doomed = {t.request_id for t in transfers} | {t.request_id for t in self.table.transfers.values() if t.link == link}
+        for request_id in doomed:
+            self.abort(request_id, f"KV transfer from prefill worker {link} failed: {why}")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One engine step; returns False when there was nothing to run."""
+        with self._lock:
+            if not self.engine.has_unfinished():
+                return False
+            outputs = self.engine.step()
+            events = []
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+                if sink is not None:
+                    events.append((sink, Tokens(out.new_token_ids, out.finished, out.finish_reason)))
+        for sink, event in events:
+            sink(event)
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._work.clear()
+            if not self.step():
+                self._work.wait(timeout=0.1)

@@ -1,0 +1,143 @@
+"""The prefill worker: batches waiting prompt prefixes, runs the (pruned) prefill, ships K/V.
+
+It holds a prefill-only ``CausalLM`` built for its plan (POP: the kept layers plus the skipped
+layers' norms and K/V projections, no LM head; ``--prefill full``: every layer, empty plan) and no
+KV cache: each layer's K/V leave through the ``PrefillAttention`` sink the moment the layer
+finishes, sliced per link and queued on that link's ``KVSender``. The worker never waits for the
+sends; a task's ``on_done`` fires when its last layer is on the wire (or the link failed).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..models.attention import PrefillAttention
+from ..models.decoder import CausalLM
+from ..pop.plan import PrunePlan
+from .kv_transfer import KVSender, SendBatch
+
+
+@dataclass
+class PrefillOutcome:
+    """What the router learns about one task. Times are wall clock (``time.time()``)."""
+
+    request_id: str
+    error: str | None
+    queue_s: float  # submit -> its batch started
+    prefill_s: float  # the batch's forward pass
+    sent_time: float  # last layer handed to the transport
+
+
+@dataclass
+class PrefillTask:
+    request_id: str
+    transfer_id: int
+    link: int  # decode worker index
+    prefix_ids: list[int]  # x_1..x_{N-1}
+    on_done: Callable[[PrefillOutcome], None]
+    submit_time: float = 0.0
+
+
+class PrefillWorker:
+    def __init__(self, model: CausalLM, plan: PrunePlan, senders: dict[int, KVSender], max_num_batched_tokens: int = 8192):
+        if not plan.independent_kv or not plan.boundary_handling:
+            raise ValueError("disaggregated prefill needs independent_kv and boundary_handling (the decode worker gets every layer's K/V and runs token N)")
+        self.model, self.plan, self.senders = model, plan, senders
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[PrefillTask] = deque()
+        self._cv = threading.Condition()
+        self._num_waiting_tokens = 0
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        return self._num_waiting_tokens
+
+    def submit(self, task: PrefillTask) -> None:
+        sender = self.senders.get(task.link)
+        if sender is None or sender.broken is not None:
+            why = f"no link to decode worker {task.link}" if sender is None else f"link to decode worker {task.link} is broken: {sender.broken}"
+            task.on_done(PrefillOutcome(task.request_id, why, 0.0, 0.0, time.time()))
+            return
+        task.submit_time = time.time()
+        with self._cv:
+            self.waiting.append(task)
+            self._num_waiting_tokens += len(task.prefix_ids)
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a task that has not started; a running one is sent anyway (the receiver discards it)."""
+        with self._cv:
+            for task in self.waiting:
+                if task.request_id == request_id:
+                    self.waiting.remove(task)
+                    self._num_waiting_tokens -= len(task.prefix_ids)
+                    return True
+        return False
+
+    def _take_batch(self) -> list[PrefillTask]:
+        batch, num_tokens = [], 0
+        while self.waiting:
+            n = len(self.waiting[0].prefix_ids)
+            if batch and num_tokens + n > self.max_num_batched_tokens:
+                break
+            batch.append(self.waiting.popleft())
+            num_tokens += n
+        self._num_waiting_tokens -= num_tokens
+        return batch
+
+    def run(self, stop: threading.Event) -> None:
+        """The worker loop: wait for prompts, prefill a batch, repeat until ``stop`` is set."""
+        while not stop.is_set():
+            with self._cv:
+                if not self.waiting:
+                    self._cv.wait(timeout=0.1)
+                batch = self._take_batch()
+            if batch:
+                self.step(batch)
+
+    @torch.inference_mode()
+    def step(self, tasks: list[PrefillTask]) -> None:
+        start = time.time()
+        tasks = sorted(tasks, key=lambda t: t.link)  # each link's tokens form one contiguous slice
+        ids, pos, cu = [], [], [0]
+        for t in tasks:
+            ids += t.prefix_ids
+            pos += range(len(t.prefix_ids))
+            cu.append(cu[-1] + len(t.prefix_ids))
+        groups: list[tuple[KVSender, SendBatch, int, int]] = []  # (sender, batch, token start, token end)
+        for link in sorted({t.link for t in tasks}):
+            mine = [i for i, t in enumerate(tasks) if t.link == link]
+            batch = SendBatch([tasks[i].transfer_id for i in mine], [len(tasks[i].prefix_ids) for i in mine], self._on_sent(tasks, mine, start))
+            self.senders[link].begin(batch)
+            groups.append((self.senders[link], batch, cu[mine[0]], cu[mine[-1] + 1]))
+
+        last_layer = self.model.arch.num_layers - 1
+
+        def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            # k, v: (T, Hkv, D) for the whole batch -> each link's slice goes out now.
+            for sender, batch, a, b in groups:
+                if layer == last_layer:
+                    batch.compute_end = time.time()  # all K/V exist; the rest of the pass is unused
+                sender.send_layer(batch, layer, k[a:b], v[a:b])
+
+        device = self.model.device
+        try:
+            self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), PrefillAttention(cu, sink=sink), plan=self.plan)
+        except Exception as exc:  # e.g. out of memory: fail these requests, keep the links in step
+            for sender, batch, _, _ in groups:
+                sender.abandon(batch, f"prefill failed: {exc!r}")
+
+    def _on_sent(self, tasks: list[PrefillTask], mine: list[int], start: float) -> Callable[[SendBatch], None]:
+        def done(batch: SendBatch) -> None:
+            prefill_s = (batch.compute_end or batch.finish_time) - start
+            for i in mine:
+                t = tasks[i]
+                t.on_done(PrefillOutcome(t.request_id, batch.error, start - t.submit_time, prefill_s, batch.finish_time))
+
+        return done

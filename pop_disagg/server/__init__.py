@@ -1,0 +1,1 @@
+"""The serving edge: Ray actor shells, the router, protobuf conversion and the gRPC servicer."""
