@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["generate", "make_tiny_model", "calibrate", "plan", "bench"]
+COMMANDS = ["generate", "make_tiny_model", "calibrate", "plan", "bench", "models"]
 
 
 def build_parser() -> argparse.ArgumentParser:
