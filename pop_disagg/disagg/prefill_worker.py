@@ -30,7 +30,8 @@ class PrefillOutcome:
     request_id: str
     error: str | None
     queue_s: float  # submit -> its batch started
-    prefill_s: float  # the batch's forward pass
+    prefill_s: float  # the batch's forward pass, up to the last layer's K/V
+    compute_end: float  # the last layer's K/V existed
     sent_time: float  # last layer handed to the transport
 
 
@@ -62,7 +63,8 @@ class PrefillWorker:
         sender = self.senders.get(task.link)
         if sender is None or sender.broken is not None:
             why = f"no link to decode worker {task.link}" if sender is None else f"link to decode worker {task.link} is broken: {sender.broken}"
-            task.on_done(PrefillOutcome(task.request_id, why, 0.0, 0.0, time.time()))
+            now = time.time()
+            task.on_done(PrefillOutcome(task.request_id, why, 0.0, 0.0, now, now))
             return
         task.submit_time = time.time()
         with self._cv:
@@ -135,9 +137,9 @@ class PrefillWorker:
 
     def _on_sent(self, tasks: list[PrefillTask], mine: list[int], start: float) -> Callable[[SendBatch], None]:
         def done(batch: SendBatch) -> None:
-            prefill_s = (batch.compute_end or batch.finish_time) - start
+            compute_end = batch.compute_end or batch.finish_time
             for i in mine:
                 t = tasks[i]
-                t.on_done(PrefillOutcome(t.request_id, batch.error, start - t.submit_time, prefill_s, batch.finish_time))
+                t.on_done(PrefillOutcome(t.request_id, batch.error, start - t.submit_time, compute_end - start, compute_end, batch.finish_time))
 
         return done

@@ -1,0 +1,138 @@
+"""Bring the workers up and down: the serving configuration, actor placement, link wiring.
+
+``Deployment.start`` creates ``num_prefill`` prefill actors and ``num_decode`` decode actors
+(colocated: ``num_decode`` engine actors and no prefill), then wires one process group per
+(prefill, decode) pair: every worker joins a world group whose rendezvous is a TCP store on the
+first prefill actor's node, and every rank creates the pair groups in the same order. Ranks:
+prefill ``0..P-1``, decode ``P..P+D-1``. Backend per pair: NCCL when each worker has a GPU of its
+own, gloo otherwise (CPU, or workers sharing a GPU). ``shutdown`` closes the links (prefill side
+first, so each decode receiver sees a CLOSE message), destroys the process groups and kills the
+actors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..config import EngineConfig, PruneConfig
+from ..pop.plan import PrunePlan
+
+log = logging.getLogger("pop_disagg.serve")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: EngineConfig = EngineConfig()
+    topology: Literal["disaggregated", "colocated"] = "disaggregated"
+    prefill: Literal["pop", "full"] = "pop"
+    num_prefill: int = Field(1, ge=1)
+    num_decode: int = Field(1, ge=1)
+    transfer_timeout_s: float = Field(30.0, gt=0, description="a KV transfer that stalls this long fails its request")
+    num_threads: int = Field(1, ge=1, description="torch threads per worker actor")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.prefill == "full" and not self.engine.prune.no_prune and self.engine.prune != PruneConfig():
+            raise ValueError("--prefill full runs every layer; drop --prune-ratio / --prune-plan")
+        return self
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return self.topology == "disaggregated"
+
+    @property
+    def worker_engine(self) -> EngineConfig:
+        """The engine config every worker runs: ``full`` means the empty plan."""
+        if self.prefill == "full":
+            return self.engine.model_copy(update={"prune": PruneConfig(no_prune=True)})
+        return self.engine
+
+    @property
+    def label(self) -> str:
+        size = f"{self.num_prefill}P{self.num_decode}D" if self.is_disaggregated else f"{self.num_decode}x"
+        return f"{self.topology}+{self.prefill} ({size})"
+
+
+@dataclass
+class Deployment:
+    config: ServeConfig
+    plan: PrunePlan
+    prefill: list
+    decode: list
+    tokenizer: object
+    arch: object
+
+    @classmethod
+    def start(cls, config: ServeConfig) -> "Deployment":
+        import ray
+        from transformers import AutoTokenizer
+
+        from ..models.arch import ModelArch
+        from ..models.registry import resolve_model
+        from .actors import DecodeActor, PrefillActor, WorkerSpec
+
+        path = resolve_model(config.engine.model)
+        arch = ModelArch.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        engine = config.worker_engine
+        plan = engine.plan(arch)
+        if config.is_disaggregated and (not plan.independent_kv or not plan.boundary_handling):
+            raise ValueError("the disaggregated topology needs independent_kv and boundary_handling (ablation plans run colocated)")
+        eos = tuple(sorted(set(arch.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())))
+        spec = WorkerSpec(engine, plan, config.num_threads, config.transfer_timeout_s, eos)
+        num_prefill = config.num_prefill if config.is_disaggregated else 0
+        num_workers = num_prefill + config.num_decode
+        num_gpus, backend = 0.0, "gloo"
+        if engine.device == "cuda":
+            total = ray.cluster_resources().get("GPU", 0)
+            if total >= num_workers:
+                num_gpus, backend = 1.0, "nccl"
+            elif total > 0:
+                num_gpus = total / num_workers  # workers share GPUs: gloo through host memory
+                log.warning("%d workers share %g GPUs: KV moves over gloo", num_workers, total)
+            else:
+                raise RuntimeError("--device cuda but the Ray cluster has no GPUs")
+        prefill = [PrefillActor.options(num_gpus=num_gpus).remote(spec) for _ in range(num_prefill)]
+        decode = [DecodeActor.options(num_gpus=num_gpus).remote(spec) for _ in range(config.num_decode)]
+        dep = cls(config, plan, prefill, decode, tokenizer, arch)
+        try:
+            ray.get([a.ping.remote() for a in prefill + decode])  # surfaces load errors here
+            if config.is_disaggregated:
+                dep._wire(backend)
+        except Exception:
+            dep.shutdown()
+            raise
+        log.info("workers up: %s, %s", config.label, plan.describe())
+        return dep
+
+    def _wire(self, backend: str) -> None:
+        import ray
+
+        num_p, num_d = len(self.prefill), len(self.decode)
+        pairs = [(p, num_p + d) for p in range(num_p) for d in range(num_d)]
+        backends = [backend] * len(pairs)
+        master = ray.get(self.prefill[0].free_port.remote())
+        world = num_p + num_d
+        decode_index = {num_p + d: d for d in range(num_d)}
+        prefill_index = {p: p for p in range(num_p)}
+        calls = [a.init_links.remote(p, world, master, pairs, backends, decode_index) for p, a in enumerate(self.prefill)]
+        calls += [a.init_links.remote(num_p + d, world, master, pairs, backends, prefill_index) for d, a in enumerate(self.decode)]
+        ray.get(calls, timeout=120)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for group in (self.prefill, self.decode):  # prefill first: its senders tell receivers to stop
+            refs = [a.shutdown.remote() for a in group]
+            try:
+                ray.get(refs, timeout=15)
+            except Exception as exc:  # a dead or stuck actor is killed below anyway
+                log.warning("worker shutdown: %s", exc)
+        for a in self.prefill + self.decode:
+            ray.kill(a)
+        self.prefill, self.decode = [], []

@@ -1,0 +1,147 @@
+"""The gRPC servicer (thin: parse, call the router, convert) and the server's life cycle.
+
+Status codes: a request the server will not run -> ``INVALID_ARGUMENT`` naming the field; a dead
+worker, broken link or timed-out transfer -> ``UNAVAILABLE``; anything unexpected -> ``INTERNAL``.
+A client that cancels or disconnects cancels the handler's task, which the router turns into
+aborts on both workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import grpc
+
+from .._proto import generation_pb2 as pb
+from .._proto import generation_pb2_grpc as pb_grpc
+from . import protocol
+from .deploy import Deployment, ServeConfig
+from .router import Router, WorkerUnavailable
+
+log = logging.getLogger("pop_disagg.serve")
+
+
+def _status_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, WorkerUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, deployment: Deployment, router: Router):
+        self.dep, self.router = deployment, router
+        engine = deployment.config.worker_engine
+        self.limits = protocol.ModelLimits(deployment.arch.vocab_size, engine.context_limit(deployment.arch))
+
+    async def _parse(self, request, context) -> protocol.GenerateCall:
+        try:
+            return protocol.parse_generate(request, self.dep.tokenizer, self.limits)
+        except protocol.InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _fail(self, context, exc: Exception) -> None:
+        if not isinstance(exc, (ValueError, WorkerUnavailable)):
+            log.exception("request failed")
+        await context.abort(_status_of(exc), f"{exc.__class__.__name__}: {exc}" if _status_of(exc) == grpc.StatusCode.INTERNAL else str(exc))
+
+    async def Generate(self, request, context):
+        call = await self._parse(request, context)
+        try:
+            result = await self.router.generate(call)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            await self._fail(context, exc)
+        return protocol.to_response(result)
+
+    async def GenerateStream(self, request, context):
+        call = await self._parse(request, context)
+        try:
+            async for item in self.router.stream(call):
+                if isinstance(item, protocol.GenerateResult):
+                    yield protocol.to_last_chunk(item)
+                else:
+                    yield protocol.to_stream_chunk(item.request_id, item.text, item.token_ids)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def Health(self, request, context):
+        actors = self.dep.prefill + self.dep.decode
+        try:
+            await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in actors]), timeout=5)
+            ok, msg = True, "serving"
+        except Exception as exc:
+            ok, msg = False, f"a worker does not answer: {exc.__class__.__name__}"
+        return pb.HealthResponse(is_serving=ok, message=msg, num_prefill_workers=len(self.dep.prefill), num_decode_workers=len(self.dep.decode))
+
+    async def GetModelInfo(self, request, context):
+        cfg, arch, plan = self.dep.config, self.dep.arch, self.dep.plan
+        return pb.ModelInfoResponse(
+            model=cfg.engine.model, family=arch.family, num_layers=arch.num_layers, vocab_size=arch.vocab_size,
+            context_limit=self.limits.context_limit, topology=cfg.topology, prefill=cfg.prefill,
+            skip_layers=list(plan.skip_layers), plan=plan.describe(), eos_token_ids=sorted(set(arch.eos_token_ids)),
+        )
+
+
+class Server:
+    """Workers + router + gRPC server in one object. ``start``/``stop`` run on an asyncio loop."""
+
+    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 50051):
+        self.config, self.host, self.port = config, host, port
+        self.deployment: Deployment | None = None
+        self._grpc: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        self.deployment = await asyncio.to_thread(Deployment.start, self.config)
+        dep = self.deployment
+        router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated)
+        self._grpc = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router), self._grpc)
+        self.port = self._grpc.add_insecure_port(f"{self.host}:{self.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {self.host}:{self.port}")
+        await self._grpc.start()
+        log.info("pop-disagg ready on %s:%d (%s, %s)", self.host, self.port, self.config.label, dep.plan.describe())
+        return self.port
+
+    async def wait(self) -> None:
+        await self._grpc.wait_for_termination()
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+            self._grpc = None
+        if self.deployment is not None:
+            await asyncio.to_thread(self.deployment.shutdown)
+            self.deployment = None
+
+
+class BackgroundServer:
+    """A ``Server`` on its own event-loop thread (tests, benchmarks, ``pop-disagg demo``)."""
+
+    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 0):
+        self.server = Server(config, host, port)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-server", daemon=True)
+        self._thread.start()
+        try:
+            self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result()
+        except BaseException:
+            self.stop()
+            raise
+        self.address = f"{host}:{self.port}"
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.server.deployment
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
