@@ -1,0 +1,92 @@
+"""``pop-disagg client``: send one request to a running server and print the answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("client", help="send a request to a pop-disagg server over gRPC")
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids")
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--info", action="store_true", help="print the server's model info and health instead")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    p.set_defaults(func=run)
+
+
+def build_request(args: argparse.Namespace):
+    from .._proto import generation_pb2 as pb
+
+    msg = pb.GenerateRequest(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos)
+    if args.prompt is not None:
+        msg.prompt = args.prompt
+    if args.prompt_ids:
+        msg.prompt_token_ids.extend(args.prompt_ids)
+    if args.seed is not None:
+        msg.seed = args.seed
+    return msg
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from .._proto import generation_pb2 as pb
+    from .._proto import generation_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        try:
+            if args.info:
+                info = stub.GetModelInfo(pb.ModelInfoRequest(), timeout=args.timeout)
+                health = stub.Health(pb.HealthRequest(), timeout=args.timeout)
+                print(json.dumps({"model": MessageToDict(info), "health": MessageToDict(health)}, indent=2))
+                return 0
+            msg = build_request(args)
+            if args.stream:
+                last = None
+                for chunk in stub.GenerateStream(msg, timeout=args.timeout):
+                    if not args.json:
+                        print(chunk.text, end="", flush=True)
+                    last = chunk
+                if args.json:
+                    print(json.dumps(MessageToDict(last)))
+                else:
+                    print()
+                    _summary(last)
+            else:
+                resp = stub.Generate(msg, timeout=args.timeout)
+                if args.json:
+                    print(json.dumps(MessageToDict(resp)))
+                else:
+                    print(resp.text)
+                    _summary(resp)
+        except grpc.RpcError as exc:
+            print(f"pop-disagg client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _summary(resp) -> None:
+    from .._proto import generation_pb2 as pb
+
+    t = resp.timings
+    print(
+        f"[pop-disagg] {resp.usage.prompt_tokens} prompt + {resp.usage.completion_tokens} generated tokens"
+        f" ({pb.FinishReason.Name(resp.finish_reason).removeprefix('FINISH_REASON_').lower()});"
+        f" ttft {t.ttft_s * 1000:.1f} ms (queue {t.queue_s * 1000:.1f}, prefill {t.prefill_s * 1000:.1f}, transfer {t.transfer_s * 1000:.1f}), decode {t.decode_s * 1000:.1f} ms",
+        file=sys.stderr,
+    )
