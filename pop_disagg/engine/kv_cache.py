@@ -64,7 +64,3 @@ class KVCache:
         flat = (-1,) + tuple(self.k.shape[3:])
         self.k[layer].view(flat).index_copy_(0, slot_mapping, k.to(self.k.dtype))
         self.v[layer].view(flat).index_copy_(0, slot_mapping, v.to(self.v.dtype))
-
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = (-1,) + tuple(self.k.shape[3:])
-        return self.k[layer].view(flat)[slots], self.v[layer].view(flat)[slots]
