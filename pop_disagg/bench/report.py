@@ -89,8 +89,8 @@ def format_summary(result: dict) -> str:
         ("Total token throughput (tok/s)", _fmt(s["total_token_throughput"], 2)),
     ]
     if "goodput" in s:
-        slos = " ".join(f"{k}<={v:g}ms" for k, v in s["slos_ms"].items())
-        rows.append((f"Goodput (req/s) [{slos}]", f"{s['goodput']:.3f}  ({100 * s['slo_attainment']:.0f}% of requests)"))
+        rows.append(("SLOs (ms)", " ".join(f"{k}<={v:g}" for k, v in s["slos_ms"].items())))
+        rows.append(("Goodput (req/s)", f"{s['goodput']:.3f}  ({100 * s['slo_attainment']:.0f}% of requests met every SLO)"))
     lines += [f"{k:<40}{v}" for k, v in rows]
     lines.append(f"{'(ms)':<10}{'mean':>12}{'median':>12}{'p90':>12}{'p99':>12}")
     for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2el_ms")):

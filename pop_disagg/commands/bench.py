@@ -3,7 +3,8 @@
 ``serve`` checks the server (``Health``, ``GetModelInfo``), builds the workload against the served
 model's vocabulary and context limit, runs one rate or a ``--sweep-rates`` list (same requests
 each time), prints a summary per run and a sweep table, and writes one JSON file per run. It
-exits 2 with one line when the server cannot be reached, 1 when a run completed no request.
+exits 2 with one line when the server cannot be reached, 1 when a run completed no request, 130
+after Ctrl-C (the interrupted run's results are still written).
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def run_serve(args: argparse.Namespace) -> int:
             break
     if len(results) > 1:
         print(format_sweep_table(results))
+    if results[-1]["is_interrupted"]:
+        return 130  # as a shell reports Ctrl-C, so scripts driving the harness stop too
     return 0 if all(r["summary"]["num_completed"] > 0 for r in results) else 1
 
 
