@@ -5,7 +5,7 @@ sampling from ``P_theta`` is what makes the expected gradient vanish and the Hes
 Fisher information, eq. 7-8). One teacher-forced pass with virtual gates at 1 gives the response
 cross-entropy; one backward gives ``dL/dg`` for every layer and stage; the importance of a layer in
 a stage is the mean of ``(dL/dg)^2`` over the calibration set. Memory is bounded by one sample:
-the sampling engine's KV cache holds a single sequence and the backward graph one pass.
+the backward graph holds one pass (responses may be sampled a few prompts at a time).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class CalibrationSettings(BaseModel):
     max_new_tokens: int = Field(ge=1)
     max_prompt_tokens: int = Field(ge=1)
     seed: int = 0
+    sample_batch: int = 1
     temperature: float = 1.0
     dtype: str = "float32"
     device: str = "cpu"
@@ -102,51 +103,56 @@ class ImportanceAccumulator:
         return (self.sum_sq_prefill / n).tolist(), (self.sum_sq_decode / n).tolist()
 
 
-Sampler = Callable[[list[int], int], list[int]]  # (prompt_ids, sample index) -> response ids
+Sampler = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, index of the first) -> responses
 
 
-def engine_sampler(model: CausalLM, tokenizer, max_new_tokens: int, max_prompt_tokens: int, seed: int, model_name: str, dtype: str) -> Sampler:
-    """Responses from our own engine: full model (no POP), temperature 1, seed ``seed + i``.
+def engine_sampler(model: CausalLM, tokenizer, max_new_tokens: int, max_prompt_tokens: int, seed: int, model_name: str, dtype: str, max_batch: int = 8) -> Sampler:
+    """Responses from our own engine: full model (no POP), temperature 1, sample ``i`` seeded
+    ``seed + i``. Each request has its own generator, so a response does not depend on which
+    prompts share its batch (up to float rounding of batched GEMMs).
 
-    The KV budget fits one sequence of the longest prompt plus response, so sampling never holds
-    more than one sample's cache.
+    Sampling runs up to ``max_batch`` prompts at once (decode on CPU is overhead-bound, so a batch
+    costs little more than one sequence); the KV budget fits exactly that many sequences.
     """
     from ..config import EngineConfig, PruneConfig
     from ..engine.engine import LLMEngine
     from ..engine.sampling import SamplingParams
 
     block_size = 16
-    num_tokens = max_prompt_tokens + max_new_tokens + block_size
+    num_tokens = max_batch * (max_prompt_tokens + max_new_tokens + block_size)
     elem_bytes = torch.finfo(model.dtype).bits // 8
     budget_mb = math.ceil(model.arch.kv_bytes_per_token(elem_bytes) * num_tokens / 2**20) + 1
     config = EngineConfig(model=model_name, dtype=dtype, device=model.device.type, block_size=block_size,
-                          kv_cache_memory_mb=budget_mb, max_num_seqs=1, prune=PruneConfig(no_prune=True))
+                          kv_cache_memory_mb=budget_mb, max_num_seqs=max_batch, prune=PruneConfig(no_prune=True))
     engine = LLMEngine(config, model=model, tokenizer=tokenizer)
 
-    def sample(prompt_ids: list[int], index: int) -> list[int]:
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + index)
-        return engine.generate([prompt_ids], params)[0].token_ids
+    def sample(prompts: list[list[int]], first_index: int) -> list[list[int]]:
+        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + first_index + j) for j in range(len(prompts))]
+        return [out.token_ids for out in engine.generate(prompts, params)]
 
     return sample
 
 
-def measure_importance(model: CausalLM, prompts: Iterable[list[int]], sampler: Sampler, on_sample: Callable[[int, float], None] | None = None) -> tuple[ImportanceAccumulator, dict]:
+def measure_importance(model: CausalLM, prompts: list[list[int]], sampler: Sampler, sample_batch: int = 1, on_sample: Callable[[int, float], None] | None = None) -> tuple[ImportanceAccumulator, dict]:
     """Accumulate squared gate gradients over ``prompts``; returns the sums and run statistics.
 
+    Responses are sampled ``sample_batch`` prompts at a time; gradients are always one sample at a
+    time, so the backward graph never holds more than one sequence.
     ``on_sample(num_response_tokens, loss)`` is called after each sample (progress bars).
     """
     acc = ImportanceAccumulator(model.arch.num_layers)
     num_prompt, num_response, loss_sum = 0, 0, 0.0
     t0 = time.perf_counter()
-    for i, prompt_ids in enumerate(prompts):
-        response_ids = sampler(prompt_ids, i)
-        grad_pre, grad_dec, loss = gate_gradients(model, prompt_ids, response_ids)
-        acc.add(grad_pre, grad_dec)
-        num_prompt += len(prompt_ids)
-        num_response += len(response_ids)
-        loss_sum += loss
-        if on_sample is not None:
-            on_sample(len(response_ids), loss)
+    for start in range(0, len(prompts), sample_batch):
+        chunk = prompts[start : start + sample_batch]
+        for prompt_ids, response_ids in zip(chunk, sampler(chunk, start)):
+            grad_pre, grad_dec, loss = gate_gradients(model, prompt_ids, response_ids)
+            acc.add(grad_pre, grad_dec)
+            num_prompt += len(prompt_ids)
+            num_response += len(response_ids)
+            loss_sum += loss
+            if on_sample is not None:
+                on_sample(len(response_ids), loss)
     seconds = time.perf_counter() - t0
     n = max(acc.num_samples, 1)
     stats = dict(

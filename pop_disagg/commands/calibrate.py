@@ -17,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest sampled response")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts keep their last tokens")
     p.add_argument("--seed", type=int, default=0, help="sample i draws its response with seed + i")
+    p.add_argument("--sample-batch", type=int, default=8, help="prompts whose responses are sampled together (gradients are always one sample at a time)")
     p.add_argument("--out", required=True, help="profile.json to write")
     p.add_argument("--plot", help="also draw the profile to this image (e.g. importance.png)")
     p.add_argument("--log-scale", action="store_true", help="log-scale y axis in the plot")
@@ -25,7 +26,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("num_samples", "max_new_tokens", "max_prompt_tokens"):
+    for name in ("num_samples", "max_new_tokens", "max_prompt_tokens", "sample_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(path, args.dtype, args.device)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     prompts = [encode_prompt(r, tokenizer, args.max_prompt_tokens) for r in records]
-    sampler = engine_sampler(model, tokenizer, args.max_new_tokens, args.max_prompt_tokens, args.seed, str(path), args.dtype)
+    sampler = engine_sampler(model, tokenizer, args.max_new_tokens, args.max_prompt_tokens, args.seed, str(path), args.dtype, args.sample_batch)
     print(f"[calibrate] {model.arch.family}, {model.arch.num_layers} layers, {len(prompts)} samples on {args.device} ({args.dtype})", file=sys.stderr)
 
     bar = tqdm(total=len(prompts), desc="calibrate", unit="sample", disable=args.no_progress, file=sys.stderr)
@@ -57,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(resp_tokens=num_response_tokens, loss_per_tok=f"{loss / max(num_response_tokens, 1):.2f}")
         bar.update(1)
 
-    acc, stats = measure_importance(model, prompts, sampler, on_sample)
+    acc, stats = measure_importance(model, prompts, sampler, args.sample_batch, on_sample)
     bar.close()
     prefill, decode = acc.means()
     settings = CalibrationSettings(
         data=str(args.data), num_samples=acc.num_samples, max_new_tokens=args.max_new_tokens,
-        max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, dtype=args.dtype, device=args.device,
+        max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, sample_batch=args.sample_batch, dtype=args.dtype, device=args.device,
     )
     profile = ImportanceProfile(model=args.model, num_layers=model.arch.num_layers, settings=settings, prefill=prefill, decode=decode, **stats)
     profile.save(args.out)
