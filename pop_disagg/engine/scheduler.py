@@ -44,10 +44,14 @@ class Scheduler:
     def prefill_len(self, req: Request) -> int:
         return req.num_prompt_tokens if self.prefill_covers_last else req.num_prompt_tokens - 1
 
-    def add(self, req: Request) -> None:
+    def _check_fits(self, req: Request) -> None:
+        """A request whose budget exceeds the whole cache could never run: refuse it up front."""
         need = self.blocks.blocks_for(self.budget_tokens(req))
         if need > self.blocks.num_blocks:
             raise ValueError(f"request needs {need} KV blocks but the cache has only {self.blocks.num_blocks}; lower max_new_tokens or raise the KV budget")
+
+    def add(self, req: Request) -> None:
+        self._check_fits(req)
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
@@ -81,9 +85,7 @@ class Scheduler:
         The request's prompt K/V is then written into ``req.block_table`` from outside (a KV
         transfer), and ``admit`` puts it in the decode batch.
         """
-        need = self.blocks.blocks_for(self.budget_tokens(req))
-        if need > self.blocks.num_blocks:
-            raise ValueError(f"request needs {need} KV blocks but the cache has only {self.blocks.num_blocks}; lower max_new_tokens or raise the KV budget")
+        self._check_fits(req)
         if not self.blocks.can_allocate(self.budget_tokens(req)):
             return False
         req.block_table = self.blocks.allocate(self.budget_tokens(req))
