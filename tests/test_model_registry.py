@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+import time
 
 import pytest
 
@@ -63,7 +65,7 @@ def test_crash_during_conversion_leaves_no_folder(cache, monkeypatch):
     monkeypatch.setattr(registry, "_convert", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare("fake")
-    assert list((cache / "models").iterdir()) == []  # neither the target nor a partial folder
+    assert [p for p in (cache / "models").iterdir() if p.is_dir()] == []  # neither the target nor a partial folder
 
 
 def test_prepare_installs_atomically_once(cache, monkeypatch):
@@ -82,7 +84,27 @@ def test_prepare_installs_atomically_once(cache, monkeypatch):
     assert resolve_model("fake") == path and len(calls) == 1  # prepared once, then reused
     prepare("fake", force=True)
     assert len(calls) == 2 and json.loads((path / "config.json").read_text()) == {"n": 2}
-    assert sorted(p.name for p in (cache / "models").iterdir()) == ["fake"]
+    assert [p.name for p in (cache / "models").iterdir() if p.is_dir()] == ["fake"]
+
+
+def test_concurrent_prepares_convert_once(cache, monkeypatch):
+    _installed_fake(monkeypatch)
+    calls = []
+
+    def slow_convert(entry, src, out):
+        calls.append(out)
+        time.sleep(0.3)
+        for f in ("config.json", "model.safetensors", registry.PROVENANCE_FILE):
+            (out / f).write_text("x")
+
+    monkeypatch.setattr(registry, "_convert", slow_convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(prepare("fake"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [cache / "models" / "fake"] * 3
 
 
 def test_stale_partial_folder_of_dead_process_is_removed(cache, monkeypatch):

