@@ -54,6 +54,7 @@ def plot_sweeps(results: list[dict], out: str | Path, title: str | None = None) 
         ax.set_ylabel(ylabel)
         ax.set_title(name)
         ax.set_xticks(ticks, tick_labels)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if finite:
