@@ -64,3 +64,8 @@ class KVCache:
         flat = (-1,) + tuple(self.k.shape[3:])
         self.k[layer].view(flat).index_copy_(0, slot_mapping, k.to(self.k.dtype))
         self.v[layer].view(flat).index_copy_(0, slot_mapping, v.to(self.v.dtype))
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V at flat ``slots`` (T,) -> two (T, Hkv, D) tensors (used to check transfers)."""
+        flat = (-1,) + tuple(self.k.shape[3:])
+        return self.k[layer].view(flat).index_select(0, slots), self.v[layer].view(flat).index_select(0, slots)

@@ -33,7 +33,7 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # cancelled by the client or failed
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request is itself, not its field values
 class Request:
     request_id: str
     prompt_token_ids: list[int]

@@ -37,6 +37,7 @@ class Scheduler:
         self.prefill_covers_last = prefill_covers_last
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.reserved: list[Request] = []  # disaggregated decode: blocks held, K/V in transit
 
     def budget_tokens(self, req: Request) -> int:
         return min(req.num_prompt_tokens + req.params.max_new_tokens, self.context_limit)
@@ -86,13 +87,18 @@ class Scheduler:
         transfer), and ``admit`` puts it in the decode batch.
         """
         self._check_fits(req)
+        # Reserved requests count against max_num_seqs: each will join the decode batch.
+        if len(self.running) + len(self.reserved) >= self.max_num_seqs:
+            return False
         if not self.blocks.can_allocate(self.budget_tokens(req)):
             return False
         req.block_table = self.blocks.allocate(self.budget_tokens(req))
+        self.reserved.append(req)
         return True
 
     def admit(self, req: Request) -> None:
         """A reserved request whose prompt prefix is in its blocks joins the running (decode) set."""
+        self.reserved.remove(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
 
@@ -100,6 +106,8 @@ class Scheduler:
         """Release a request's blocks (finished or aborted) and drop it from the queues."""
         if req in self.running:
             self.running.remove(req)
+        elif req in self.reserved:
+            self.reserved.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.blocks.free(req.block_table)
