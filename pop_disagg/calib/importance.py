@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..models.decoder import CausalLM
+from ..pop.plan import STRATEGIES
 from .gates import gate_gradients
 
 
@@ -165,7 +166,6 @@ def measure_importance(model: CausalLM, prompts: list[list[int]], sampler: Sampl
     return acc, stats
 
 
-STRATEGIES = ("last", "importance")
 
 
 def plan_from_profile(profile: ImportanceProfile, ratio: float, strategy: str = "last"):

@@ -8,7 +8,7 @@ import sys
 
 
 def register(sub) -> None:
-    from ..calib.importance import STRATEGIES
+    from ..pop.plan import STRATEGIES
 
     p = sub.add_parser("plan", help="prune plan from an importance profile -> plan.json")
     p.add_argument("--profile", required=True, help="profile.json from `pop-disagg calibrate`")

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from ..errors import format_validation_error
 
 
+# How `pop-disagg plan` picks layers from an importance profile (see pop_disagg/calib/importance.py).
+STRATEGIES = ("last", "importance")
+
+
 class PlanError(ValueError):
     """An invalid prune plan, or a plan file that does not match the model."""
 
