@@ -174,7 +174,7 @@ def repeats_for(args, num_tokens: int) -> int:
     return max(1, min(args.repeats, args.token_budget // num_tokens))
 
 
-def bench_prefill(args, model, peer, plan, vocab_size: int) -> list[dict]:
+def bench_prefill(args, model, peer, plan, vocab_size: int, on_row=lambda rows: None) -> list[dict]:
     arch = model.arch
     num_blocks = max(args.batch_sizes) * -(-max(args.lengths) // BLOCK_SIZE)
     kv_cache = KVCache(arch, num_blocks, BLOCK_SIZE, model.dtype, model.device)
@@ -182,7 +182,7 @@ def bench_prefill(args, model, peer, plan, vocab_size: int) -> list[dict]:
     full = TTFTBench(model, PrunePlan.none(arch.num_layers), kv_cache, blocks)
     pop = TTFTBench(model, plan, kv_cache, blocks)
     gen = torch.Generator().manual_seed(args.seed)
-    configs = [(n, b) for b in args.batch_sizes for n in args.lengths]
+    configs = [(n, b) for b in args.batch_sizes for n in args.lengths if n * b <= args.max_tokens]
     rows = []
     bar = tqdm(configs, desc="prefill", disable=args.no_progress, file=sys.stderr)
     for n, b in bar:
@@ -216,8 +216,8 @@ def bench_prefill(args, model, peer, plan, vocab_size: int) -> list[dict]:
                 row[f"{k}_ms"] = _median_ms([x[CLOCKS[args.clock]] for x in v])
         row["ttft_ratio"] = row["full_ttft_ms"] / row["pop_ttft_ms"]
         row["prefill_ratio"] = row["full_prefill_ms"] / row["pop_prefill_ms"]
-        row["ttft_pct_of_ideal"] = 100 * (row["ttft_ratio"] - 1) / (ideal["ideal_ttft"] - 1)
-        row["prefill_pct_of_ideal"] = 100 * (row["prefill_ratio"] - 1) / (ideal["ideal_prefill"] - 1)
+        row["ttft_pct_of_ideal_gain"] = 100 * (row["ttft_ratio"] - 1) / (ideal["ideal_ttft"] - 1)
+        row["prefill_pct_of_ideal_gain"] = 100 * (row["prefill_ratio"] - 1) / (ideal["ideal_prefill"] - 1)
         row["ttft_ratio_over_ideal"] = row["ttft_ratio"] / ideal["ideal_ttft"]
         row["prefill_ratio_over_ideal"] = row["prefill_ratio"] / ideal["ideal_prefill"]
         paper = PAPER_TTFT_BATCH8.get(args.model, {}).get(n) if b == 8 else None
@@ -226,6 +226,7 @@ def bench_prefill(args, model, peer, plan, vocab_size: int) -> list[dict]:
             row["hf_over_ours_full"] = row["hf_ms"] / row["full_ttft_ms"]
             row["first_tokens_agree_with_hf"] = agree
         rows.append(row)
+        on_row(rows)  # long sweeps: results so far reach --json even if the run is cut short
     return rows
 
 
@@ -322,16 +323,19 @@ def _fmt(x, spec=".2f") -> str:
 
 def print_report(prefill: list[dict], decode: list[dict], has_peer: bool) -> None:
     print("\n### Prefill: POP vs full (TTFT = pruned prefill of tokens 1..N-1 + boundary step for N)\n")
-    head = ["N", "batch", "TTFT full ms", "TTFT POP ms", "ratio", "ideal", "% of ideal gain", "paper",
-            "prefill full ms", "prefill POP ms", "ratio", "ideal", "% of ideal gain", "f (K/V share)"]
+    # "% of ideal": measured ratio / ideal ratio (the target); "% of gain": (ratio - 1) / (ideal - 1).
+    head = ["N", "batch", "TTFT full ms", "TTFT POP ms", "ratio", "ideal", "% of ideal", "% of gain", "paper",
+            "prefill full ms", "prefill POP ms", "ratio", "ideal", "% of ideal", "% of gain", "f (K/V share)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in prefill:
         print("| " + " | ".join([
             str(r["num_prompt_tokens"]), str(r["batch_size"]), _fmt(r["full_ttft_ms"], ".1f"), _fmt(r["pop_ttft_ms"], ".1f"),
-            _fmt(r["ttft_ratio"], ".3f"), _fmt(r["ideal_ttft"], ".3f"), _fmt(r["ttft_pct_of_ideal"], ".0f"), _fmt(r["paper_ttft_ratio"]),
+            _fmt(r["ttft_ratio"], ".3f"), _fmt(r["ideal_ttft"], ".3f"), _fmt(100 * r["ttft_ratio"] / r["ideal_ttft"], ".0f"),
+            _fmt(100 * (r["ttft_ratio"] - 1) / (r["ideal_ttft"] - 1), ".0f"), _fmt(r["paper_ttft_ratio"]),
             _fmt(r["full_prefill_ms"], ".1f"), _fmt(r["pop_prefill_ms"], ".1f"), _fmt(r["prefill_ratio"], ".3f"),
-            _fmt(r["ideal_prefill"], ".3f"), _fmt(r["prefill_pct_of_ideal"], ".0f"), _fmt(r["f"] * 100, ".1f") + "%",
+            _fmt(r["ideal_prefill"], ".3f"), _fmt(100 * r["prefill_ratio"] / r["ideal_prefill"], ".0f"),
+            _fmt(100 * (r["prefill_ratio"] - 1) / (r["ideal_prefill"] - 1), ".0f"), _fmt(r["f"] * 100, ".1f") + "%",
         ]) + " |")
     if has_peer:
         print("\n### Full prefill (TTFT path) vs Transformers forward over the same N tokens, same weights\n")
@@ -363,6 +367,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lengths", type=_ints, default=[32, 128, 512, 2048], help="prompt lengths N, comma separated")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8])
+    p.add_argument("--max-tokens", type=int, default=1 << 62, help="skip (N, batch) configurations with more than batch*N prompt tokens")
     p.add_argument("--prune-ratio", type=float, default=None, help="skip the deepest floor(L*ratio) layers (default: POP's floor(L/3))")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     p.add_argument("--token-budget", type=int, default=None, help="cap repeats so repeats*batch*N stays under this (long CPU sweeps)")
@@ -380,11 +385,18 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", type=Path, nargs="+", default=None, help="only print the tables of saved --json results")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        for path in args.report:
+            saved = json.loads(path.read_text())
+            print(f"\n## {path.name}: {saved['source']}, {saved['dtype']} on {saved['device']}, {saved['plan_description']}")
+            print_report(saved["prefill"], saved["decode"], any("hf_ms" in r for r in saved["prefill"]))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     t_build = time.perf_counter()
@@ -397,17 +409,26 @@ def main(argv=None) -> int:
           f"{arch.num_heads}/{arch.num_kv_heads} heads, {args.dtype} on {args.device} (built in {time.perf_counter() - t_build:.1f}s)")
     print(f"plan: {plan.describe()}; clock: {args.clock}")
     print(f"hardware: {hw.get('gpu') or hw.get('cpu')}, {hw.get('cpu_count')} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads)")
+    result = {"model": args.model, "source": source, "arch": arch.model_dump(mode="json"), "plan": plan.model_dump(),
+              "plan_description": plan.describe(), "dtype": args.dtype, "device": args.device, "hardware": hw,
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "complete": False, "prefill": [], "decode": []}
+
+    def save(prefill_rows: list[dict] | None = None) -> None:
+        if prefill_rows is not None:
+            result["prefill"] = prefill_rows
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+
     vocab = arch.vocab_size
-    prefill = bench_prefill(args, model, peer, plan, vocab)
-    decode = [] if args.no_decode else bench_decode(args, model, peer, vocab)
-    print_report(prefill, decode, peer is not None)
+    result["prefill"] = bench_prefill(args, model, peer, plan, vocab, on_row=save)
+    if not args.no_decode:
+        result["decode"] = bench_decode(args, model, peer, vocab)
+    result["complete"] = True
+    save()
+    print_report(result["prefill"], result["decode"], peer is not None)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        result = {"model": args.model, "source": source, "arch": arch.model_dump(mode="json"), "plan": plan.model_dump(),
-                  "plan_description": plan.describe(), "dtype": args.dtype, "device": args.device, "hardware": hw,
-                  "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                  "prefill": prefill, "decode": decode}
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 
