@@ -26,3 +26,15 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per session: the user's prepared copy when there is one,
+    otherwise (CI) a conversion into a session temp cache, shared by every test that needs it."""
+    from pop_disagg.models.registry import is_prepared, model_dir, prepare
+
+    name = "smollm2-135m-instruct"
+    if is_prepared(model_dir(name)):
+        return model_dir(name)
+    return prepare(name, cache=tmp_path_factory.mktemp("pop-disagg-cache"))

@@ -123,3 +123,52 @@ class PagedAttention:
         vals = self.v_cache[layer].view(nb * bs, hkv, d).index_select(0, flat).view(b, s, hkv, d)
         out = _sdpa(q[:, :, None, :], keys.transpose(1, 2), vals.transpose(1, 2), self._mask(layer, window), scale)
         return out[:, :, 0, :]  # (B, H, D)
+
+
+@dataclass
+class ExtendAttention(PagedAttention):
+    """Several new tokens per sequence over the paged cache, each seeing its context up to itself.
+
+    Used for teacher-forced scoring (``pop_disagg/eval``): equal to that many one-token
+    ``PagedAttention`` steps (tested), with one key gather per sequence instead of one per token.
+    The new tokens of sequence ``b`` are ``q[cu_seqlens[b]:cu_seqlens[b+1]]`` and occupy the last
+    positions of its context: ``slot_table[b, :context_lens[b]]`` includes them.
+    """
+
+    cu_seqlens: list[int] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        cu = torch.tensor(self.cu_seqlens, device=self.slot_table.device)
+        num_new = cu[1:] - cu[:-1]  # (B,)
+        self._seq = torch.repeat_interleave(torch.arange(len(num_new), device=cu.device), num_new)  # (T,)
+        self._offset = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1][self._seq]  # (T,)
+        j = torch.arange(int(num_new.max()), device=cu.device)[None, :]  # (1, M)
+        first = (self.context_lens - num_new)[:, None]
+        # Padding queries (j >= num_new) reuse the last position so that no row is fully masked.
+        self._query_pos = torch.minimum(first + j, (self.context_lens - 1)[:, None])[:, :, None]  # (B, M, 1)
+        self._key_pos = self._key_pos[:, None, :]  # (1, 1, S)
+        self._valid = self._key_pos <= self._query_pos  # (B, M, S)
+
+    def _mask(self, layer: int, window: int | None) -> torch.Tensor:
+        key = (window, layer in self.masked_layers)
+        if key not in self._masks:
+            m = self._valid
+            if window is not None:
+                m = m & (self._key_pos > self._query_pos - window)
+            if key[1] and self.masked_prefix is not None:
+                m = m & (self._key_pos >= self.masked_prefix[:, None, None])
+            self._masks[key] = m[:, None]  # (B, 1, M, S)
+        return self._masks[key]
+
+    def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
+        # q: (T, H, D) -> padded (B, H, M, D); keys gathered once per sequence.
+        nb, bs, hkv, d = self.k_cache.shape[1:]
+        b, s = self.slot_table.shape
+        flat = self.slot_table.reshape(-1)
+        keys = self.k_cache[layer].view(nb * bs, hkv, d).index_select(0, flat).view(b, s, hkv, d)
+        vals = self.v_cache[layer].view(nb * bs, hkv, d).index_select(0, flat).view(b, s, hkv, d)
+        qp = q.new_zeros(b, self._query_pos.shape[1], *q.shape[1:])
+        qp[self._seq, self._offset] = q
+        out = _sdpa(qp.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), self._mask(layer, window), scale)
+        return out.transpose(1, 2)[self._seq, self._offset]  # (T, H, D)
