@@ -20,7 +20,6 @@ from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.models.attention import PrefillAttention
 from pop_disagg.models.loader import load_model
-from pop_disagg.models.registry import is_prepared, model_dir, prepare
 
 NAME = "smollm2-135m-instruct"
 MAX_NEW_TOKENS = 16
@@ -28,13 +27,8 @@ CHAT_PROMPTS = ["What is the capital of France?", "Give me three tips for stayin
 TEXT_PROMPTS = ["The three primary colors are red, yellow and", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    # Reuse the user's prepared copy when there is one; otherwise (CI) convert into a temp cache.
-    user = model_dir(NAME)
-    if is_prepared(user):
-        return user
-    return prepare(NAME, cache=tmp_path_factory.mktemp("pop-disagg-cache"))
+# ``smollm2_dir`` (the converted checkpoint, once per session) lives in conftest.py, shared with
+# tests/test_fidelity.py so that CI converts the model once.
 
 
 @pytest.fixture(scope="session")
