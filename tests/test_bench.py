@@ -281,7 +281,7 @@ def test_unreachable_server_is_one_line_and_nonzero(capsys):
 # ---- end to end against a real server ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+    import ray
     from pop_disagg.config import EngineConfig
     from pop_disagg.models.tiny import make_tiny_model
     from pop_disagg.server.deploy import ServeConfig

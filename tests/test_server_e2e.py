@@ -7,6 +7,7 @@ Everything binds to 127.0.0.1 and is stopped at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402
 
 from pop_disagg._proto import generation_pb2 as pb  # noqa: E402
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -205,3 +206,14 @@ def test_model_info_and_health(stub):
     assert info.topology == "disaggregated" and info.prefill == "pop"
     assert list(info.skip_layers) == [4, 5] and info.num_layers == 6
     assert stub.Health(pb.HealthRequest(), timeout=30).is_serving
+
+
+def test_router_stats_count_what_was_served(server, stub):
+    """The periodic stats line reads these counters: they must add up to what clients received."""
+    stats = server.server.router.stats
+    before = dataclasses.replace(stats)
+    outs = [stub.Generate(pb.GenerateRequest(prompt_token_ids=list(range(5, 5 + n)), max_new_tokens=4, ignore_eos=True), timeout=60) for n in (1, 7)]
+    assert stats.num_finished - before.num_finished == 2
+    assert stats.num_prompt_tokens - before.num_prompt_tokens == 8
+    assert stats.num_generated_tokens - before.num_generated_tokens == sum(len(o.token_ids) for o in outs) == 8
+    assert stats.num_failed == before.num_failed

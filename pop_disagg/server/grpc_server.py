@@ -9,8 +9,10 @@ aborts on both workers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
+import time
 
 import grpc
 
@@ -92,15 +94,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 class Server:
     """Workers + router + gRPC server in one object. ``start``/``stop`` run on an asyncio loop."""
 
-    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 50051):
+    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 50051, stats_interval_s: float = 10.0):
         self.config, self.host, self.port = config, host, port
+        self.stats_interval_s = stats_interval_s
         self.deployment: Deployment | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._stats_task: asyncio.Task | None = None
 
     async def start(self) -> int:
         self.deployment = await asyncio.to_thread(Deployment.start, self.config)
         dep = self.deployment
-        router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated)
+        self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated)
         self._grpc = grpc.aio.server()
         pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router), self._grpc)
         self.port = self._grpc.add_insecure_port(f"{self.host}:{self.port}")
@@ -108,12 +112,33 @@ class Server:
             raise RuntimeError(f"cannot bind {self.host}:{self.port}")
         await self._grpc.start()
         log.info("pop-disagg ready on %s:%d (%s, %s)", self.host, self.port, self.config.label, dep.plan.describe())
+        self._stats_task = asyncio.create_task(self._log_stats(router))
         return self.port
+
+    async def _log_stats(self, router: Router) -> None:
+        """Every ``stats_interval_s`` with traffic: throughputs, running requests, mean TTFT."""
+        prev, prev_t = dataclasses.replace(router.stats), time.perf_counter()
+        while True:
+            await asyncio.sleep(self.stats_interval_s)
+            cur, now = dataclasses.replace(router.stats), time.perf_counter()
+            if cur != prev or router.num_running:
+                dt = now - prev_t
+                done = cur.num_finished - prev.num_finished
+                ttft = (cur.ttft_s_sum - prev.ttft_s_sum) / done * 1e3 if done else float("nan")
+                log.info(
+                    "prompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, finished %d, failed %d, mean TTFT %.0f ms",
+                    (cur.num_prompt_tokens - prev.num_prompt_tokens) / dt, (cur.num_generated_tokens - prev.num_generated_tokens) / dt,
+                    router.num_running, done, cur.num_failed - prev.num_failed, ttft,
+                )
+            prev, prev_t = cur, now
 
     async def wait(self) -> None:
         await self._grpc.wait_for_termination()
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            self._stats_task = None
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
             self._grpc = None

@@ -35,6 +35,17 @@ class Delta:
     token_ids: list[int]
 
 
+@dataclass
+class RouterStats:
+    """Cumulative counters, read by the server's periodic stats line (as vLLM logs it)."""
+
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_finished: int = 0
+    num_failed: int = 0
+    ttft_s_sum: float = 0.0
+
+
 class Router:
     def __init__(self, prefill_actors: list, decode_actors: list, tokenizer, is_disaggregated: bool):
         self.prefill, self.decode = prefill_actors, decode_actors
@@ -43,6 +54,11 @@ class Router:
         self._prefill_load = [0] * len(prefill_actors)  # prompt tokens submitted, not yet sent
         self._decode_load = [0] * len(decode_actors)  # requests in flight
         self._active: set[str] = set()
+        self.stats = RouterStats()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._active)
 
     async def generate(self, call: GenerateCall) -> GenerateResult:
         text, tokens = [], []
@@ -105,7 +121,10 @@ class Router:
                         finish = ev.finish_reason
                 now = time.time()
                 if new_ids:
-                    first_time = first_time or now
+                    if first_time is None:  # the prompt has been processed
+                        first_time = now
+                        self.stats.num_prompt_tokens += n
+                    self.stats.num_generated_tokens += len(new_ids)
                     last_time = now
                 visible = detok.text if cut is None else detok.text[:cut]
                 if finish is None and stops:
@@ -126,12 +145,16 @@ class Router:
                 timings.queue_s, timings.prefill_s = outcome.queue_s, outcome.prefill_s
                 if kv_time is not None:
                     timings.transfer_s = max(0.0, kv_time - outcome.compute_end)
+            self.stats.num_finished += 1
+            self.stats.ttft_s_sum += timings.ttft_s
             yield GenerateResult(rid, delta.text, delta.token_ids, finish, n, len(tokens), timings)
         except ray.exceptions.RayActorError as exc:
             raise WorkerUnavailable(f"decode worker {d} is unavailable: {exc.__class__.__name__}") from exc
         finally:
             self._active.discard(rid)
             self._decode_load[d] -= 1
+            if finish is None:
+                self.stats.num_failed += 1
             if finish is None or finish == "stop":
                 # Cancelled, failed, or stopped here by a stop string: release both sides.
                 self._abort(d, p, rid)
