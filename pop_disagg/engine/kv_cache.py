@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..models.arch import ModelArch
+from ..models.attention import write_slots
 
 
 class OutOfBlocks(RuntimeError):
@@ -61,9 +62,7 @@ class KVCache:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: (T, Hkv, D) written at flat slots ``slot_mapping`` (T,)."""
-        flat = (-1,) + tuple(self.k.shape[3:])
-        self.k[layer].view(flat).index_copy_(0, slot_mapping, k.to(self.k.dtype))
-        self.v[layer].view(flat).index_copy_(0, slot_mapping, v.to(self.v.dtype))
+        write_slots(self.k, self.v, layer, slot_mapping, k, v)
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V at flat ``slots`` (T,) -> two (T, Hkv, D) tensors (used to check transfers)."""

@@ -22,6 +22,13 @@ import torch.nn.functional as F
 KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write (T, Hkv, D) K/V at flat slots (T,) of a (L, num_blocks, block_size, Hkv, D) cache."""
+    flat = (-1,) + tuple(k_cache.shape[3:])
+    k_cache[layer].view(flat).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache[layer].view(flat).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
 def _sdpa(q, k, v, mask, scale, is_causal=False):
     # q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). GQA is expanded here rather than with enable_gqa
     # because the math backend on CPU must support masks + grads for calibration.
@@ -109,19 +116,22 @@ class PagedAttention:
         return self._masks[key]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        nb, bs, hkv, d = self.k_cache.shape[1:]
-        self.k_cache[layer].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, k.to(self.k_cache.dtype))
-        self.v_cache[layer].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, v.to(self.v_cache.dtype))
+        write_slots(self.k_cache, self.v_cache, layer, self.slot_mapping, k, v)
 
-    def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
-        # q: (B, H, D); the new k/v were already stored, so everything comes from the cache.
+    def _gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's context K/V from its blocks -> two (B, Hkv, S, D) tensors."""
         nb, bs, hkv, d = self.k_cache.shape[1:]
         b, s = self.slot_table.shape
         # index_select, not advanced indexing: the latter is ~100x slower on CPU for this gather.
         flat = self.slot_table.reshape(-1)
         keys = self.k_cache[layer].view(nb * bs, hkv, d).index_select(0, flat).view(b, s, hkv, d)
         vals = self.v_cache[layer].view(nb * bs, hkv, d).index_select(0, flat).view(b, s, hkv, d)
-        out = _sdpa(q[:, :, None, :], keys.transpose(1, 2), vals.transpose(1, 2), self._mask(layer, window), scale)
+        return keys.transpose(1, 2), vals.transpose(1, 2)
+
+    def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
+        # q: (B, H, D); the new k/v were already stored, so everything comes from the cache.
+        keys, vals = self._gather(layer)
+        out = _sdpa(q[:, :, None, :], keys, vals, self._mask(layer, window), scale)
         return out[:, :, 0, :]  # (B, H, D)
 
 
@@ -163,12 +173,8 @@ class ExtendAttention(PagedAttention):
 
     def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
         # q: (T, H, D) -> padded (B, H, M, D); keys gathered once per sequence.
-        nb, bs, hkv, d = self.k_cache.shape[1:]
-        b, s = self.slot_table.shape
-        flat = self.slot_table.reshape(-1)
-        keys = self.k_cache[layer].view(nb * bs, hkv, d).index_select(0, flat).view(b, s, hkv, d)
-        vals = self.v_cache[layer].view(nb * bs, hkv, d).index_select(0, flat).view(b, s, hkv, d)
-        qp = q.new_zeros(b, self._query_pos.shape[1], *q.shape[1:])
+        keys, vals = self._gather(layer)
+        qp = q.new_zeros(self.slot_table.shape[0], self._query_pos.shape[1], *q.shape[1:])
         qp[self._seq, self._offset] = q
-        out = _sdpa(qp.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), self._mask(layer, window), scale)
+        out = _sdpa(qp.transpose(1, 2), keys, vals, self._mask(layer, window), scale)
         return out.transpose(1, 2)[self._seq, self._offset]  # (T, H, D)
