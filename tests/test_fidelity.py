@@ -303,7 +303,7 @@ def test_eval_fidelity_command_writes_json_table_and_plots(tiny_ckpt, tmp_path):
 # skipped in prefill) 48.7, ratio 1.12; the same 10 layers removed statically 1.9e9, ratio 4e7 (the
 # last layers are what turns the residual stream into next-token logits). The POP bound leaves room
 # for numerics, not for a broken method (the mildest ablation, without boundary handling, measured
-# 1.48 in the fidelity run); static pruning must stay far off.
+# 1.51 in benchmarks/results/fidelity_smollm2.md); static pruning must stay far off.
 POP_MAX_PPL_RATIO = 1.25
 STATIC_MIN_PPL_RATIO = 100.0
 
