@@ -21,7 +21,6 @@ from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.models.attention import PrefillAttention
 from pop_disagg.models.loader import load_model
 
-NAME = "smollm2-135m-instruct"
 MAX_NEW_TOKENS = 16
 CHAT_PROMPTS = ["What is the capital of France?", "Give me three tips for staying focused while studying."]
 TEXT_PROMPTS = ["The three primary colors are red, yellow and", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
