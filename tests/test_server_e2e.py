@@ -217,3 +217,44 @@ def test_router_stats_count_what_was_served(server, stub):
     assert stats.num_prompt_tokens - before.num_prompt_tokens == 8
     assert stats.num_generated_tokens - before.num_generated_tokens == sum(len(o.token_ids) for o in outs) == 8
     assert stats.num_failed == before.num_failed
+
+
+def test_served_kv_correction_is_what_the_decode_worker_attends_to(ray_instance, model_path, tmp_path):
+    """`serve --kv-correction`: the prefill worker ships the corrected K/V. Output equals an engine
+    whose cache was filled by the corrected prefill-only model, and differs from plain POP."""
+    from pop_disagg.eval.kv_correction import fit_kv_correction, load_corrected_prefill_model
+    from pop_disagg.models.attention import PrefillAttention
+    from pop_disagg.pop.plan import PrunePlan
+
+    model = load_model(model_path)
+    plan = PrunePlan.default(model.arch.num_layers)
+    g = torch.Generator().manual_seed(11)
+    corr = fit_kv_correction(model, plan, [torch.randint(3, 300, (48,), generator=g).tolist() for _ in range(6)])
+    # Make the correction unmistakable: the test is about the wiring, not the fit's quality.
+    corr.weights = {l: (wk * 0.5, -wv) for l, (wk, wv) in corr.weights.items()}
+    path = corr.save(tmp_path)
+    config = _serve_config(model_path, "disaggregated", "pop")
+    prompt, params = torch.randint(3, 300, (23,), generator=g).tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+    engine = LLMEngine(config.worker_engine, model=load_model(model_path), model_path=model_path)
+    plain = engine.generate([prompt], params)[0].token_ids
+    pre, n = load_corrected_prefill_model(model_path, corr), len(prompt) - 1
+    req = engine.reserve_request(prompt, params, "ref")
+    slots = torch.tensor(engine.blocks.slots(req.block_table, 0, n))
+    with torch.no_grad():
+        pre(torch.tensor(prompt[:n]), torch.arange(n), PrefillAttention([0, n], lambda l, k, v: engine.kv_cache.write(l, slots, k, v)), plan=plan)
+    engine.admit_prefilled("ref", n)
+    expected = []
+    while engine.has_unfinished():
+        expected += [t for o in engine.step() for t in o.new_token_ids]
+    assert expected != plain
+
+    with pytest.raises(ValueError, match="kv_correction"):
+        ServeConfig(**{**config.model_dump(), "topology": "colocated", "kv_correction": str(path)})
+    srv = BackgroundServer(ServeConfig(**{**config.model_dump(), "kv_correction": str(path)}))
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            got = pb_grpc.GenerationStub(channel).Generate(_message(prompt, params), timeout=60)
+        assert list(got.token_ids) == expected
+    finally:
+        srv.stop()

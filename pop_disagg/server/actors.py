@@ -29,6 +29,7 @@ class WorkerSpec:
     num_threads: int  # torch intra-op threads in this actor
     transfer_timeout_s: float
     eos_token_ids: tuple[int, ...] = ()
+    kv_correction: str | None = None  # fitted K/V weights for the prefill worker's skipped layers
 
 
 def _setup(spec: WorkerSpec):
@@ -70,6 +71,10 @@ class PrefillActor(_Shell):
         path, load_model = _setup(spec)
         self.spec = spec
         self.model = load_model(path, spec.engine.dtype, spec.engine.device, prefill_only_plan=spec.plan)
+        if spec.kv_correction is not None:
+            from ..eval.kv_correction import KVCorrection, apply_to_prefill_model
+
+            apply_to_prefill_model(self.model, KVCorrection.load(spec.kv_correction))
         self.worker = None
         self.senders = {}
 

@@ -34,11 +34,16 @@ class ServeConfig(BaseModel):
     num_decode: int = Field(1, ge=1)
     transfer_timeout_s: float = Field(30.0, gt=0, description="a KV transfer that stalls this long fails its request")
     num_threads: int = Field(1, ge=1, description="torch threads per worker actor")
+    kv_correction: str | None = Field(None, description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
         if self.prefill == "full" and not self.engine.prune.no_prune and self.engine.prune != PruneConfig():
             raise ValueError("--prefill full runs every layer; drop --prune-ratio / --prune-plan")
+        if self.kv_correction is not None and not (self.is_disaggregated and self.prefill == "pop"):
+            # Only a prefill-only instance can swap in the fitted K/V weights: a colocated engine
+            # shares them with decode, which must keep the originals.
+            raise ValueError("kv_correction: needs --topology disaggregated --prefill pop")
         return self
 
     @property
@@ -84,7 +89,13 @@ class Deployment:
         if config.is_disaggregated and (not plan.independent_kv or not plan.boundary_handling):
             raise ValueError("the disaggregated topology needs independent_kv and boundary_handling (ablation plans run colocated)")
         eos = tuple(sorted(set(arch.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())))
-        spec = WorkerSpec(engine, plan, config.num_threads, config.transfer_timeout_s, eos)
+        if config.kv_correction is not None:
+            from ..eval.kv_correction import KVCorrection
+
+            fitted = KVCorrection.load(config.kv_correction).plan
+            if fitted.skip_layers != plan.skip_layers:
+                raise ValueError(f"kv_correction: fitted for skipped layers {list(fitted.skip_layers)}, the plan skips {list(plan.skip_layers)}")
+        spec = WorkerSpec(engine, plan, config.num_threads, config.transfer_timeout_s, eos, config.kv_correction)
         num_prefill = config.num_prefill if config.is_disaggregated else 0
         num_workers = num_prefill + config.num_decode
         num_gpus, backend = 0.0, "gloo"
