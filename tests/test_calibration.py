@@ -17,21 +17,13 @@ from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.models.attention import PrefillAttention
 from pop_disagg.models.loader import load_model
-from pop_disagg.models.tiny import make_tiny_model
 from pop_disagg.pop.plan import PrunePlan
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """ckpt(arch) -> folder of a tiny random checkpoint (one per arch per module)."""
-    cache: dict[str, str] = {}
-
-    def get(arch: str = "llama") -> str:
-        if arch not in cache:
-            cache[arch] = str(make_tiny_model(tmp_path_factory.mktemp(f"calib-{arch}"), arch))
-        return cache[arch]
-
-    return get
+def ckpt(tiny_ckpt):
+    """ckpt(arch) -> folder of a tiny random checkpoint (the session's, from conftest.py)."""
+    return tiny_ckpt
 
 
 def _ids(n: int, seed: int) -> list[int]:
