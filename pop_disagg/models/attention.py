@@ -97,11 +97,11 @@ class PagedAttention:
     masked_layers: frozenset[int] = frozenset()
 
     def __post_init__(self):
+        # Positions as (B, M, 1) queries x (1, 1, S) keys; here M = 1 query per sequence.
         s = self.slot_table.shape[1]
-        key_pos = torch.arange(s, device=self.slot_table.device)[None, :]  # (1, S)
-        self._query_pos = (self.context_lens - 1)[:, None]  # (B, 1)
-        self._key_pos = key_pos
-        self._valid = key_pos < self.context_lens[:, None]  # (B, S)
+        self._key_pos = torch.arange(s, device=self.slot_table.device)[None, None, :]  # (1, 1, S)
+        self._query_pos = (self.context_lens - 1)[:, None, None]  # (B, 1, 1)
+        self._valid = self._key_pos <= self._query_pos  # (B, 1, S)
         self._masks: dict = {}
 
     def _mask(self, layer: int, window: int | None) -> torch.Tensor:
@@ -111,8 +111,8 @@ class PagedAttention:
             if window is not None:
                 m = m & (self._key_pos > self._query_pos - window)
             if key[1] and self.masked_prefix is not None:
-                m = m & (self._key_pos >= self.masked_prefix[:, None])
-            self._masks[key] = m[:, None, None, :]  # (B, 1, 1, S)
+                m = m & (self._key_pos >= self.masked_prefix[:, None, None])
+            self._masks[key] = m[:, None]  # (B, 1, M, S)
         return self._masks[key]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -157,19 +157,7 @@ class ExtendAttention(PagedAttention):
         first = (self.context_lens - num_new)[:, None]
         # Padding queries (j >= num_new) reuse the last position so that no row is fully masked.
         self._query_pos = torch.minimum(first + j, (self.context_lens - 1)[:, None])[:, :, None]  # (B, M, 1)
-        self._key_pos = self._key_pos[:, None, :]  # (1, 1, S)
         self._valid = self._key_pos <= self._query_pos  # (B, M, S)
-
-    def _mask(self, layer: int, window: int | None) -> torch.Tensor:
-        key = (window, layer in self.masked_layers)
-        if key not in self._masks:
-            m = self._valid
-            if window is not None:
-                m = m & (self._key_pos > self._query_pos - window)
-            if key[1] and self.masked_prefix is not None:
-                m = m & (self._key_pos >= self.masked_prefix[:, None, None])
-            self._masks[key] = m[:, None]  # (B, 1, M, S)
-        return self._masks[key]
 
     def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
         # q: (T, H, D) -> padded (B, H, M, D); keys gathered once per sequence.
