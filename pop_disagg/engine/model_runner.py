@@ -54,23 +54,23 @@ class ModelRunner:
     @torch.inference_mode()
     def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
         ids = [r.next_input_token for r in reqs]
-        pos = [r.num_computed_tokens for r in reqs]
+        pos = self._tensor([r.num_computed_tokens for r in reqs])  # (B,) position of the new token
         bs = self.blocks.block_size
-        context = [p + 1 for p in pos]
-        max_ctx = max(context)
+        max_ctx = int(pos.max()) + 1
         max_blocks = -(-max_ctx // bs)
-        table = self._tensor([r.block_table[:max_blocks] + [0] * (max_blocks - len(r.block_table[:max_blocks])) for r in reqs]).view(len(reqs), max_blocks)
+        # Block tables padded with block 0: positions past a request's context are masked anyway.
+        table = self._tensor([(r.block_table + [0] * max_blocks)[:max_blocks] for r in reqs]).view(len(reqs), max_blocks)
         offs = torch.arange(max_ctx, device=self.device)
         slot_table = table[:, offs // bs] * bs + offs % bs  # (B, S)
-        slot_mapping = self._tensor([r.block_table[p // bs] * bs + p % bs for r, p in zip(reqs, pos)])
+        slot_mapping = slot_table.gather(1, pos[:, None])[:, 0]  # (B,) where the new K/V go
         masked_prefix, masked_layers = None, frozenset()
         if not self.plan.independent_kv and self.plan.skip_layers:
             # Ablation: skipped layers wrote no K/V for the pruned prompt positions.
             masked_layers = frozenset(self.plan.skip_layers)
             n_pruned = [r.num_prompt_tokens - (1 if self.plan.boundary_handling else 0) for r in reqs]
             masked_prefix = self._tensor(n_pruned)
-        attn = PagedAttention(self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, self._tensor(context), masked_prefix, masked_layers)
-        hidden = self.model(self._tensor(ids), self._tensor(pos), attn)
+        attn = PagedAttention(self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, pos + 1, masked_prefix, masked_layers)
+        hidden = self.model(self._tensor(ids), pos, attn)
         for r in reqs:
             r.num_computed_tokens += 1
         return self.model.compute_logits(hidden)
