@@ -20,7 +20,8 @@ from .._proto import generation_pb2 as pb
 from .._proto import generation_pb2_grpc as pb_grpc
 from . import protocol
 from .deploy import Deployment, ServeConfig
-from .router import Router, WorkerUnavailable
+from .errors import ServingError
+from .router import Router
 
 log = logging.getLogger("pop_disagg.serve")
 
@@ -28,8 +29,8 @@ log = logging.getLogger("pop_disagg.serve")
 def _status_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, WorkerUnavailable):
-        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, ServingError):
+        return getattr(grpc.StatusCode, exc.grpc_code)
     return grpc.StatusCode.INTERNAL
 
 
@@ -46,7 +47,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def _fail(self, context, exc: Exception) -> None:
-        if not isinstance(exc, (ValueError, WorkerUnavailable)):
+        if not isinstance(exc, (ValueError, ServingError)):
             log.exception("request failed")
         await context.abort(_status_of(exc), f"{exc.__class__.__name__}: {exc}" if _status_of(exc) == grpc.StatusCode.INTERNAL else str(exc))
 

@@ -19,11 +19,10 @@ from typing import AsyncIterator
 
 from ..disagg.decode_worker import Failed, KVReceived, Tokens
 from ..engine.detokenizer import IncrementalDetokenizer, find_stop
+from .errors import WorkerUnavailable
 from .protocol import GenerateCall, GenerateResult, Timings
 
-
-class WorkerUnavailable(RuntimeError):
-    """A worker died, a link broke or a transfer timed out (gRPC UNAVAILABLE)."""
+__all__ = ["Delta", "Router", "RouterStats", "WorkerUnavailable"]
 
 
 @dataclass
