@@ -69,7 +69,7 @@ def _config(args: argparse.Namespace):
 
 def run_fidelity_command(args: argparse.Namespace) -> int:
     from ..eval.fidelity import run_fidelity
-    from ..eval.kv_correction import FILE_NAME as KV_FILE_NAME
+    from ..pop.kv_correction import FILE_NAME as KV_FILE_NAME
     from ..eval.report import markdown_report, plot_layer_curves, plot_quality_vs_ratio
 
     if args.threads:

@@ -11,7 +11,7 @@ For one model, every method in one run (the paper's Tables 1, 3 and 4, at small 
 * ``static-*``: ShortGPT-style static pruning (same layers gone in both stages): the layers with the
   lowest Block Influence, as many as save POP's prefill FLOPs (``static-bi``), and POP's own
   layers (``static-same``).
-* ``*+kvfit``: POP with least-squares-corrected skipped-layer K/V (``kv_correction.py``).
+* ``*+kvfit``: POP with least-squares-corrected skipped-layer K/V (``pop_disagg/pop/kv_correction.py``).
 
 Measures, all against the full model: continuation perplexity (teacher-forced on the reference
 text), KL of the first generated token's distribution, teacher-forced top-1 agreement, free-running
@@ -36,7 +36,7 @@ from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from . import metrics
 from .data import ChoiceExample, TextWindow, bigbench_task, split_encode, text_windows
-from .kv_correction import KVCorrection, fit_kv_correction, load_corrected_prefill_model
+from ..pop.kv_correction import KVCorrection, fit_kv_correction, load_corrected_prefill_model
 from .scorer import CachedScorer, Method
 from .static_prune import block_influence, matched_static_count, prefill_flops_saving, static_plan_from_influence
 

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from ..models.attention import PrefillAttention
 from ..models.decoder import CausalLM
-from ..pop.plan import PlanError, PrunePlan
+from .plan import PlanError, PrunePlan
 
 FILE_NAME = "kv_correction.safetensors"
 # Ridge strength relative to the mean diagonal of X^T X: enough to make the solve well-posed on
