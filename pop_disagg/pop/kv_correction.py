@@ -3,30 +3,36 @@
 POP computes a skipped layer's keys and values from the hidden state that reaches it in the pruned
 pass, ``h`` (paper Sec. 3.2), whereas the full model would compute them from ``h_l``, the state after
 the layers in between have run. The paper's Appendix A measures the drift (value cosine similarity
-down to 0.46). Before RoPE (and before the per-head k-norm of Qwen3/Gemma-3), K and V are *linear*
-in the normalised input, so we can ask for the linear map that best predicts the full model's K/V
-from the normalised pruned state:
+down to 0.46). Both methods here fit, per skipped layer, a map from ``x = norm(h)`` (the weight-free
+RMS normalisation the fused skipped-run projection already applies, ``CausalLM._store_run_kv``) in
+closed form on calibration tokens, ``W = (X^T X + lambda I)^{-1} X^T Y``: one solve per skipped
+layer, no gradient descent.
 
-    W_K' = argmin_W || norm(h) W - K_full ||^2 + lambda ||W||^2,   same for V,
+* ``kv`` (fit after the norm): ``Y`` = the full model's pre-RoPE (pre-k-norm) K and V, less the
+  projection bias. K/V are linear in the normalised input, so the fitted ``W_K', W_V'`` replace the
+  layer's norm-folded K/V weights: same shapes, same prefill cost, no decoder change.
+* ``state`` (fit before the norm): ``Y`` = the layer's own pre-norm input ``h_l`` divided by the
+  RMS of ``h`` (the scale ``x`` was normalised by), i.e. a prediction of the residual stream the
+  full model would have at layer ``l``; then the layer's own norm and K/V weights run on it. The
+  norm is nonlinear (each token's predicted state is renormalised), which a map fitted after it
+  cannot express. Cost: one ``H x H`` GEMM per skipped layer on top of its K/V projection.
 
-solved in closed form from calibration tokens, ``W = (X^T X + lambda I)^{-1} X^T Y``, one solve per
-skipped layer, no gradient descent. ``norm`` is the weight-free RMS normalisation the fused
-skipped-run projection already applies (``CausalLM._store_run_kv``); the fitted W absorbs the
-layer's norm weight. Targets exclude the projection bias, which is kept.
+Loading into a prefill-only instance (the disaggregated prefill worker) is one function,
+``apply_to_prefill_model``: there a skipped layer's input norm and K/V projection exist only to
+write K/V, so ``kv`` is loaded *as* those weights (norm scale set to identity); ``state`` replaces
+the instance's skipped-run K/V step with one that maps, normalises and projects per layer. A
+monolithic engine, whose decode needs the original weights of the same layers, would need a hook in
+the fused projection; we do not add one.
 
-Using it needs no decoder change for a prefill-only instance (the disaggregated prefill worker):
-there a skipped layer's input norm and K/V projection exist only to write K/V, so the correction is
-loaded *as* those weights (norm scale set to identity, projections replaced). A monolithic engine,
-whose decode needs the original weights of the same layers, would need a hook in the fused
-projection; we do not add one.
-
-Stored as ``kv_correction.safetensors`` beside the plan (tensor ``layers.{l}.k_proj.weight`` etc.,
-the plan JSON in the metadata).
+Stored as ``kv_correction.safetensors`` beside the plan (tensors ``layers.{l}.k_proj.weight`` /
+``layers.{l}.v_proj.weight`` for ``kv``, ``layers.{l}.input_map`` for ``state``; the plan JSON
+and the method in the metadata; files without a method are ``kv``).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +45,10 @@ from ..models.decoder import CausalLM
 from .plan import PlanError, PrunePlan
 
 FILE_NAME = "kv_correction.safetensors"
+METHODS = ("kv", "state")
+# The method `pop-disagg eval fidelity` fits unless told otherwise (the comparison that chose it:
+# benchmarks/README.md, "Choosing the refit").
+DEFAULT_METHOD = "kv"
 # Ridge strength relative to the mean diagonal of X^T X: enough to make the solve well-posed on
 # directions calibration never excites, small enough not to bias the fit (1e-4 vs 1e-2 change the
 # calibration residual by < 0.1% on SmolLM2).
@@ -48,11 +58,17 @@ DEFAULT_RIDGE = 1e-4
 @dataclass
 class KVCorrection:
     plan: PrunePlan
-    weights: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (W_k, W_v), each (kv_size, hidden)
+    # method "kv": layer -> (W_k, W_v), each (kv_size, hidden), applied to norm(h).
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor]]
     # layer -> fraction of the target's energy the fit leaves unexplained on calibration data,
-    # before (original projection on the pruned state) and after the fit: {"k": (before, after), ...}
+    # before (POP's uncorrected map) and after the fit: {"k": (before, after), "v": ...} for "kv",
+    # {"state": (before, after)} for "state".
     residuals: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)
     num_calibration_tokens: int = 0
+    method: str = "kv"
+    # method "state": layer -> B (hidden, hidden); the layer's input is predicted as norm(h) @ B.
+    input_maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    fit_seconds: float = 0.0
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -62,8 +78,11 @@ class KVCorrection:
         for l, (wk, wv) in self.weights.items():
             tensors[f"layers.{l}.k_proj.weight"] = wk.contiguous().float()
             tensors[f"layers.{l}.v_proj.weight"] = wv.contiguous().float()
+        for l, b in self.input_maps.items():
+            tensors[f"layers.{l}.input_map"] = b.contiguous().float()
         meta = {"plan": json.dumps(self.plan.model_dump()), "num_calibration_tokens": str(self.num_calibration_tokens),
-                "residuals": json.dumps({str(l): r for l, r in self.residuals.items()})}
+                "residuals": json.dumps({str(l): r for l, r in self.residuals.items()}), "method": self.method,
+                "fit_seconds": repr(self.fit_seconds)}
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -77,24 +96,38 @@ class KVCorrection:
             if "plan" not in meta:
                 raise PlanError(f"{path}: not a K/V correction file (no plan in its metadata)")
             plan = PrunePlan(**json.loads(meta["plan"]))
-            weights = {l: (f.get_tensor(f"layers.{l}.k_proj.weight"), f.get_tensor(f"layers.{l}.v_proj.weight")) for l in plan.skip_layers}
+            method = meta.get("method", "kv")
+            if method not in METHODS:
+                raise PlanError(f"{path}: unknown K/V correction method {method!r} (known: {', '.join(METHODS)})")
+            weights, maps = {}, {}
+            for l in plan.skip_layers:
+                if method == "kv":
+                    weights[l] = (f.get_tensor(f"layers.{l}.k_proj.weight"), f.get_tensor(f"layers.{l}.v_proj.weight"))
+                else:
+                    maps[l] = f.get_tensor(f"layers.{l}.input_map")
         residuals = {int(l): {k: tuple(v) for k, v in r.items()} for l, r in json.loads(meta.get("residuals", "{}")).items()}
-        return cls(plan, weights, residuals, int(meta.get("num_calibration_tokens", 0)))
+        return cls(plan, weights, residuals, int(meta.get("num_calibration_tokens", 0)), method, maps, float(meta.get("fit_seconds", 0.0)))
 
 
 @torch.inference_mode()
-def fit_kv_correction(model: CausalLM, plan: PrunePlan, texts: list[list[int]], ridge: float = DEFAULT_RIDGE) -> KVCorrection:
-    """Least-squares K/V projections for ``plan``'s skipped layers from calibration ``texts``."""
+def fit_kv_correction(model: CausalLM, plan: PrunePlan, texts: list[list[int]], ridge: float = DEFAULT_RIDGE,
+                      method: str = DEFAULT_METHOD) -> KVCorrection:
+    """Least-squares correction of ``plan``'s skipped layers from calibration ``texts`` (see the
+    module docstring for the two methods)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown K/V correction method {method!r} (known: {', '.join(METHODS)})")
     if plan.is_empty:
         raise PlanError("a K/V correction needs a plan that skips layers")
     if model.is_prefill_only:
         raise ValueError("fit the correction on the full model (it needs the skipped layers' full-model K/V)")
+    t0 = time.perf_counter()
     layers = model.model.layers
     run_of = {l: run for run in plan.skipped_runs for l in run}
-    hidden = model.arch.hidden_size
+    hidden, kv_size = model.arch.hidden_size, model.arch.kv_size
+    width = 2 * kv_size if method == "kv" else hidden  # target columns per skipped layer
     xtx = {run[0]: torch.zeros(hidden, hidden, dtype=torch.float64) for run in plan.skipped_runs}
-    xty = {l: [torch.zeros(hidden, model.arch.kv_size, dtype=torch.float64) for _ in range(2)] for l in plan.skip_layers}
-    yty = {l: [0.0, 0.0] for l in plan.skip_layers}
+    xty = {l: torch.zeros(hidden, width, dtype=torch.float64) for l in plan.skip_layers}
+    yty = {l: torch.zeros(width, dtype=torch.float64) for l in plan.skip_layers}  # per target column
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -102,12 +135,20 @@ def fit_kv_correction(model: CausalLM, plan: PrunePlan, texts: list[list[int]], 
             captured[name] = output
         return fn
 
+    def keep_input(name):
+        def fn(module, args):
+            captured[name] = args[0]
+        return fn
+
     # The pruned state entering run r is the output of the kept layer before it (or the embedding).
     pruned_hooks = [(layers[run[0] - 1] if run[0] > 0 else model.model.embed_tokens).register_forward_hook(keep(f"x{run[0]}")) for run in plan.skipped_runs]
     full_hooks = []
     for l in plan.skip_layers:
-        full_hooks.append(layers[l].self_attn.k_proj.register_forward_hook(keep(f"k{l}")))
-        full_hooks.append(layers[l].self_attn.v_proj.register_forward_hook(keep(f"v{l}")))
+        if method == "kv":
+            full_hooks.append(layers[l].self_attn.k_proj.register_forward_hook(keep(f"k{l}")))
+            full_hooks.append(layers[l].self_attn.v_proj.register_forward_hook(keep(f"v{l}")))
+        else:
+            full_hooks.append(layers[l].register_forward_pre_hook(keep_input(f"h{l}")))
     num_tokens = 0
     try:
         for ids in texts:
@@ -117,46 +158,65 @@ def fit_kv_correction(model: CausalLM, plan: PrunePlan, texts: list[list[int]], 
             if len(plan.skipped_runs) > 1:
                 # Layers after the first run see a pruned state that only a pruned pass produces.
                 model(x_ids, pos, PrefillAttention([0, n]), plan=plan.model_copy(update={"independent_kv": False}))
-                xs = {run[0]: layers[run[0]].input_layernorm.normalize(captured[f"x{run[0]}"]).double().cpu() for run in plan.skipped_runs}
+                entry = {run[0]: captured[f"x{run[0]}"] for run in plan.skipped_runs}
                 captured.clear()
             model(x_ids, pos, PrefillAttention([0, n]))
             if len(plan.skipped_runs) == 1:
                 # One run: the layers before it are the same in both passes, so the full pass's
                 # state entering the run is the pruned state (one pass instead of two).
                 r0 = plan.skip_layers[0]
-                xs = {r0: layers[r0].input_layernorm.normalize(captured[f"x{r0}"]).double().cpu()}
-            for r0, x in xs.items():
-                xtx[r0] += x.T @ x
+                entry = {r0: captured[f"x{r0}"]}
+            xs, scales = {}, {}
+            for r0, h in entry.items():
+                norm = layers[r0].input_layernorm
+                xs[r0] = norm.normalize(h).double().cpu()
+                scales[r0] = torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + norm.eps).cpu()  # 1 / RMS(h)
+                xtx[r0] += xs[r0].T @ xs[r0]
             for l in plan.skip_layers:
-                x = xs[run_of[l][0]]
-                for i, (name, proj) in enumerate((("k", layers[l].self_attn.k_proj), ("v", layers[l].self_attn.v_proj))):
-                    y = captured[f"{name}{l}"].double().cpu()
-                    if proj.bias is not None:
-                        y = y - proj.bias.double().cpu()
-                    xty[l][i] += x.T @ y
-                    yty[l][i] += float((y * y).sum())
+                r0 = run_of[l][0]
+                y = _kv_target(layers[l], captured, l) if method == "kv" else captured[f"h{l}"].double().cpu() * scales[r0]
+                xty[l] += xs[r0].T @ y
+                yty[l] += (y * y).sum(0)
             num_tokens += n
     finally:
         for h in pruned_hooks + full_hooks:
             h.remove()
 
-    weights, residuals = {}, {}
+    weights, maps, residuals = {}, {}, {}
     for l in plan.skip_layers:
         r0 = run_of[l][0]
         a = xtx[r0]
         a = a + ridge * a.diagonal().mean() * torch.eye(hidden, dtype=torch.float64)
-        solved = torch.linalg.solve(a, torch.cat(xty[l], dim=1))  # (hidden, 2 * kv_size)
-        wk, wv = solved.split(model.arch.kv_size, dim=1)
-        weights[l] = (wk.T.float().contiguous(), wv.T.float().contiguous())
-        # Unexplained energy ||XW - Y||^2 / ||Y||^2, for the original (norm-folded) and fitted maps.
-        proj = layers[l].self_attn
-        g = layers[l].input_layernorm.effective_weight().double().cpu()
-        res = {}
-        for i, (name, w_orig, w_fit) in enumerate((("k", proj.k_proj.weight, wk), ("v", proj.v_proj.weight, wv))):
-            w0 = (w_orig.double().cpu() * g[None, :]).T  # (hidden, kv)
-            res[name] = tuple(_relative_residual(xtx[r0], xty[l][i], yty[l][i], w) for w in (w0, w_fit))
-        residuals[l] = res
-    return KVCorrection(plan, weights, residuals, num_tokens)
+        solved = torch.linalg.solve(a, xty[l])  # (hidden, width)
+        if method == "kv":
+            wk, wv = solved.split(kv_size, dim=1)
+            weights[l] = (wk.T.float().contiguous(), wv.T.float().contiguous())
+            # POP's own map: the layer's projection with its norm weight folded in.
+            proj = layers[l].self_attn
+            g = layers[l].input_layernorm.effective_weight().double().cpu()
+            res = {}
+            for i, (name, w_orig) in enumerate((("k", proj.k_proj.weight), ("v", proj.v_proj.weight))):
+                cols = slice(i * kv_size, (i + 1) * kv_size)
+                w0 = (w_orig.double().cpu() * g[None, :]).T  # (hidden, kv)
+                res[name] = tuple(_relative_residual(xtx[r0], xty[l][:, cols], float(yty[l][cols].sum()), w) for w in (w0, solved[:, cols]))
+            residuals[l] = res
+        else:
+            maps[l] = solved.float().contiguous()
+            # POP's own map is the identity: the layer sees the normalised entry state itself.
+            eye = torch.eye(hidden, dtype=torch.float64)
+            residuals[l] = {"state": tuple(_relative_residual(xtx[r0], xty[l], float(yty[l].sum()), w) for w in (eye, solved))}
+    return KVCorrection(plan, weights, residuals, num_tokens, method, maps, time.perf_counter() - t0)
+
+
+def _kv_target(layer, captured: dict, l: int) -> torch.Tensor:
+    """The full model's K and V of layer ``l`` less the projection bias, (T, 2 * kv_size) float64."""
+    parts = []
+    for name, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj)):
+        y = captured[f"{name}{l}"].double().cpu()
+        if proj.bias is not None:
+            y = y - proj.bias.double().cpu()
+        parts.append(y)
+    return torch.cat(parts, dim=1)
 
 
 def _relative_residual(xtx, xty, yty, w) -> float:
@@ -167,21 +227,40 @@ def _relative_residual(xtx, xty, yty, w) -> float:
 
 @torch.no_grad()
 def apply_to_prefill_model(model: CausalLM, correction: KVCorrection) -> None:
-    """Load the corrected projections into a prefill-only instance built for the same plan."""
+    """Load ``correction`` into a prefill-only instance built for the same plan (in place).
+
+    The one function that knows how a correction enters the decoder: the serving prefill worker,
+    the fidelity evaluation and the lm-eval adapter all load through it.
+    """
     if not model.is_prefill_only or model.prefill_only_plan.skip_layers != correction.plan.skip_layers:
         raise ValueError("a K/V correction applies to a prefill-only instance of the plan it was fitted for")
-    for l, (wk, wv) in correction.weights.items():
-        layer = model.model.layers[l]
-        norm = layer.input_layernorm
-        # Identity scale: zeros for Gemma's (1 + w), ones otherwise; the fit absorbed the real one.
-        norm.weight.copy_(torch.zeros_like(norm.weight) if norm.gemma else torch.ones_like(norm.weight))
-        layer.self_attn.k_proj.weight.copy_(wk.to(layer.self_attn.k_proj.weight))
-        layer.self_attn.v_proj.weight.copy_(wv.to(layer.self_attn.v_proj.weight))
-    model._fused.clear()  # the fused run projection is rebuilt from the new weights
+    if correction.method == "kv":
+        for l, (wk, wv) in correction.weights.items():
+            layer = model.model.layers[l]
+            norm = layer.input_layernorm
+            # Identity scale: zeros for Gemma's (1 + w), ones otherwise; the fit absorbed the real one.
+            norm.weight.copy_(torch.zeros_like(norm.weight) if norm.gemma else torch.ones_like(norm.weight))
+            layer.self_attn.k_proj.weight.copy_(wk.to(layer.self_attn.k_proj.weight))
+            layer.self_attn.v_proj.weight.copy_(wv.to(layer.self_attn.v_proj.weight))
+        model._fused.clear()  # the fused run projection is rebuilt from the new weights
+        return
+    maps = {l: b.to(device=model.device, dtype=model.dtype) for l, b in correction.input_maps.items()}
+
+    def store_run_kv(run: tuple[int, ...], h: torch.Tensor, cos_sin, attn) -> None:
+        # Replaces CausalLM._store_run_kv on this instance: per layer, predicted input -> its own
+        # norm (weights included) -> its own K/V projection, bias and k-norm -> RoPE.
+        x = model.model.layers[run[0]].input_layernorm.normalize(h).to(h.dtype)  # (T, hidden)
+        for l in run:
+            layer = model.model.layers[l]
+            u = layer.input_layernorm(x @ maps[l])
+            k, v = layer.self_attn.finish_kv(layer.self_attn.k_proj(u), layer.self_attn.v_proj(u), cos_sin)
+            attn.store(l, k, v)
+
+    model._store_run_kv = store_run_kv
 
 
 def load_corrected_prefill_model(path: str | Path, correction: KVCorrection, dtype="float32", device="cpu") -> CausalLM:
-    """A prefill-only instance of ``correction.plan`` with the corrected K/V projections."""
+    """A prefill-only instance of ``correction.plan`` with the correction loaded."""
     from ..models.loader import load_model
 
     model = load_model(path, dtype, device, prefill_only_plan=correction.plan)
