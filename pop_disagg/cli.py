@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["generate", "make_tiny_model", "calibrate", "plan", "bench", "models", "serve", "client", "demo", "eval"]
+COMMANDS = ["generate", "make_tiny_model", "calibrate", "plan", "bench", "models", "serve", "client", "demo", "eval", "data"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,8 @@ def _ratios(s: str) -> tuple[float, ...]:
 
 
 def register(sub) -> None:
+    from ..eval.data import BIGBENCH_TASKS
+
     p = sub.add_parser("eval", help="quality evaluations of POP")
     evals = p.add_subparsers(dest="eval_command", required=True)
     f = evals.add_parser("fidelity", help="POP vs full model, ablations and static pruning (perplexity, KL, agreement, BIG-bench MC)")
@@ -25,12 +27,15 @@ def register(sub) -> None:
     f.add_argument("--prompt-len", type=int, default=128)
     f.add_argument("--continuation-len", type=int, default=64)
     f.add_argument("--greedy-len", type=int, default=32)
-    f.add_argument("--tasks", default="general_knowledge,social_iqa,strategyqa", help="BIG-bench JSON tasks (comma-separated; empty for none)")
+    f.add_argument("--tasks", default=",".join(BIGBENCH_TASKS), help="BIG-bench JSON tasks (comma-separated; empty for none; `pop-disagg data prepare bigbench` fetches them)")
     f.add_argument("--num-choice-examples", type=int, default=40, help="examples per BIG-bench task")
     f.add_argument("--ratios", type=_ratios, default=None, help="POP prune ratios (default: the paper's 0.2,0.25,1/3,0.4,0.5,0.6)")
     f.add_argument("--kv-fit-ratios", type=_ratios, default=None, help="ratios that also get the least-squares K/V correction (default 1/3,0.5; empty for none)")
     f.add_argument("--static-ratios", type=_ratios, default=None, help="ratios that get a FLOPs-matched static (Block Influence) baseline (default 1/3)")
     f.add_argument("--num-calib-texts", type=int, default=32, help="calibration texts (256 tokens each) for Block Influence and the K/V fit")
+    f.add_argument("--kv-correction-method", default=None, choices=["kv", "state"],
+                   help="how the +kvfit methods fit skipped layers' K/V: kv = K/V after the norm, state = each layer's pre-norm input, then its own norm and K/V (default: see pop_disagg/pop/kv_correction.py)")
+    f.add_argument("--kv-fit-variants", default="", help="extra refit variants per --kv-fit-ratios, e.g. state,kv-chat,kv-4x (<method>[-chat|-prose][-<N>x])")
     f.add_argument("--only", help="comma-separated method names to run (besides full)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
@@ -60,7 +65,10 @@ def _config(args: argparse.Namespace):
         tasks=tuple(t for t in args.tasks.split(",") if t), num_choice_examples=args.num_choice_examples,
         plan_file=args.prune_plan, text_file=args.text_file, num_calib_texts=args.num_calib_texts, seed=args.seed,
         only=tuple(args.only.split(",")) if args.only else None, progress=not args.no_progress,
+        kv_fit_variants=tuple(v for v in args.kv_fit_variants.split(",") if v),
     )
+    if args.kv_correction_method is not None:
+        kw["kv_correction_method"] = args.kv_correction_method
     for key in ("ratios", "kv_fit_ratios", "static_ratios"):
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)

