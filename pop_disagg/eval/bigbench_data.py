@@ -242,4 +242,8 @@ def prepare_bigbench(tasks: tuple[str, ...], index_url: str | None = None, sdist
         shutil.rmtree(scratch, ignore_errors=True)
         if downloaded is not None:
             downloaded.unlink(missing_ok=True)
+            try:
+                downloaded.parent.rmdir()  # only if nothing else is in it
+            except OSError:
+                pass
     return target, True

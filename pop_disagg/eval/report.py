@@ -40,7 +40,7 @@ def markdown_report(results: dict) -> str:
         "",
         f"{data['num_texts']} texts ({', '.join(data['sources'])}), prompt {cfg['prompt_len']} + continuation "
         f"{cfg['continuation_len']} tokens; greedy agreement over {cfg['greedy_len']} tokens; BIG-bench "
-        + ", ".join(f"{k} ({v})" for k, v in data["tasks"].items())
+        + (", ".join(f"{k} ({v})" for k, v in data["tasks"].items()) or "none")
         + f"; calibration (Block Influence, K/V fit) {data['num_calib_tokens']} tokens from a disjoint split. "
         f"Total {results['timings_s']['total']:.0f} s on {results['hardware']}.",
         "",
@@ -49,7 +49,7 @@ def markdown_report(results: dict) -> str:
         "Methods: " + "; ".join(f"`{m['name']}`: {m['note']}" for m in results["methods"] if m.get("note")),
     ]
     left_out = results.get("left_out", [])
-    parts += ["", "Measures left out: " + ("none." if not left_out else "")]
+    parts += ["", "Measures left out:" + (" none." if not left_out else "")]
     parts += [f"- {x['measure']}: {x['reason']}" for x in left_out]
     if results.get("kv_correction"):
         parts += ["", "K/V fit on calibration data (unexplained energy of the fitted target, POP's map -> fitted, mean over skipped layers):"]
