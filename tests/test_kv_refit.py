@@ -138,3 +138,20 @@ def test_serving_never_imports_the_evaluation_package():
         assert not bad, f"{py.relative_to(ROOT)} imports {bad}"
     # The resolver sees the eval package where it is imported (a check that could fail).
     assert "pop_disagg.pop.kv_correction" in _imported_modules(ROOT / "pop_disagg" / "eval" / "fidelity.py")
+
+
+def test_refit_variant_specs():
+    from pop_disagg.eval.fidelity import FidelityConfig, RefitVariant, refit_variant
+
+    assert RefitVariant.parse("state-chat-4x") == RefitVariant(method="state", sources=("sharegpt",), scale=4)
+    assert RefitVariant.parse("kv") == RefitVariant(method="kv", sources=("britannica", "sharegpt"), scale=1)
+    for bad in ("ridge", "kv-news", "state-0x", "kv-x"):
+        with pytest.raises(ValueError, match="K/V refit variant"):
+            RefitVariant.parse(bad)
+    cfg = FidelityConfig(model="m", kv_correction_method="state", kv_fit_variants=("kv-prose",))
+    assert refit_variant(cfg, "pop-33%+kvfit").method == "state"  # the default method
+    assert refit_variant(cfg, "pop-33%+kvfit:kv-prose") == RefitVariant(method="kv", sources=("britannica",))
+    with pytest.raises(ValueError, match="kv_correction_method"):
+        FidelityConfig(model="m", kv_correction_method="ridge")
+    with pytest.raises(ValueError, match="kv_fit_variants"):
+        FidelityConfig(model="m", kv_fit_variants=("kv-news",))
