@@ -27,6 +27,13 @@ def token_from_env(value: str | None) -> str | None:
     return value or None
 
 
+def check_token(token: str) -> str:
+    if not token or not all("!" <= c <= "~" for c in token):
+        # gRPC metadata values are printable ASCII; a space would split "Bearer TOKEN".
+        raise ValueError("auth token: must be non-empty printable ASCII without spaces")
+    return token
+
+
 def is_authorized(header: str | None, token: str) -> bool:
     """Whether an ``authorization`` header value carries ``token`` (constant time in the token)."""
     if not header or not header.startswith("Bearer "):
@@ -51,9 +58,7 @@ def _deny_stream(message: str):
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str, on_denied: Callable[[], None] | None = None):
-        if not token:
-            raise ValueError("auth token: must be non-empty")
-        self.token = token
+        self.token = check_token(token)
         self.on_denied = on_denied  # e.g. counts request_failure_total{code="UNAUTHENTICATED"}
 
     async def intercept_service(self, continuation, handler_call_details):

@@ -26,7 +26,7 @@ from .._proto import generation_pb2 as pb
 from .._proto import generation_pb2_grpc as pb_grpc
 from . import protocol
 from .admission import Admission, KVLimits, default_max_queued_requests
-from .auth import BearerAuthInterceptor, server_credentials
+from .auth import BearerAuthInterceptor, check_token, server_credentials
 from .deploy import Deployment, ServeConfig
 from .errors import ServingError
 from .metrics import ServerMetrics
@@ -132,7 +132,8 @@ class Server:
         self.config, self.host, self.port = config, host, port
         self.stats_interval_s = stats_interval_s
         self.metrics_port, self.max_queued_requests = metrics_port, max_queued_requests
-        self.auth_token, self.tls_cert, self.tls_key = auth_token or None, tls_cert, tls_key
+        self.auth_token = check_token(auth_token) if auth_token else None
+        self.tls_cert, self.tls_key = tls_cert, tls_key
         self.kv_poll_interval_s = kv_poll_interval_s
         self.metrics = ServerMetrics(config.is_disaggregated)
         self.admission: Admission | None = None
