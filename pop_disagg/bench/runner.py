@@ -32,6 +32,17 @@ from .workloads import BenchRequest
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
+def _channel(target: str, tls_ca: str | None):
+    import grpc
+
+    from ..server.auth import channel_credentials
+
+    creds = channel_credentials(tls_ca)
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+
+
 class ServerUnreachable(RuntimeError):
     """No healthy server answers at the target."""
 
@@ -80,19 +91,22 @@ def make_message(req: BenchRequest, settings: RunSettings, index: int):
     return msg
 
 
-async def check_server(target: str, connect_timeout_s: float = 10.0) -> tuple[dict, dict]:
-    """(health, model info) as dicts; raises ``ServerUnreachable`` with one readable line."""
+async def check_server(target: str, connect_timeout_s: float = 10.0, auth_token: str | None = None, tls_ca: str | None = None) -> tuple[dict, dict]:
+    """(health, model info) as dicts; raises ``ServerUnreachable`` with one readable line.
+    ``auth_token``: sent as ``authorization: Bearer``; ``tls_ca``: PEM CA file, connect over TLS."""
     import grpc
     from google.protobuf.json_format import MessageToDict
 
     from .._proto import generation_pb2 as pb
     from .._proto.generation_pb2_grpc import GenerationStub
+    from ..server.auth import bearer_metadata
 
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+    md = bearer_metadata(auth_token)
+    async with _channel(target, tls_ca) as channel:
         stub = GenerationStub(channel)
         try:
-            health = await stub.Health(pb.HealthRequest(), timeout=connect_timeout_s, wait_for_ready=True)
-            info = await stub.GetModelInfo(pb.ModelInfoRequest(), timeout=connect_timeout_s)
+            health = await stub.Health(pb.HealthRequest(), timeout=connect_timeout_s, wait_for_ready=True, metadata=md)
+            info = await stub.GetModelInfo(pb.ModelInfoRequest(), timeout=connect_timeout_s, metadata=md)
         except grpc.aio.AioRpcError as exc:
             why = "no answer" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else f"{exc.code().name}: {exc.details()}"
             raise ServerUnreachable(f"cannot reach a pop-disagg server at {target} within {connect_timeout_s:g}s ({why})") from None
@@ -102,14 +116,14 @@ async def check_server(target: str, connect_timeout_s: float = 10.0) -> tuple[di
     return as_dict(health), as_dict(info)
 
 
-async def _send(stub, msg, rec: RequestRecord, timeout_s: float | None) -> None:
+async def _send(stub, msg, rec: RequestRecord, timeout_s: float | None, metadata=None) -> None:
     """One streaming call; fills ``rec`` in place (times relative to the send)."""
     import grpc
 
     from .._proto import generation_pb2 as pb
 
     t0 = time.perf_counter()
-    call = stub.GenerateStream(msg, timeout=timeout_s)
+    call = stub.GenerateStream(msg, timeout=timeout_s, metadata=metadata)
     try:
         async for chunk in call:
             now = time.perf_counter() - t0
@@ -137,16 +151,18 @@ async def _send(stub, msg, rec: RequestRecord, timeout_s: float | None) -> None:
 
 
 async def run_requests(target: str, settings: RunSettings, requests: list[BenchRequest], warmup: list[BenchRequest] = (),
-                       show_progress: bool = True, desc: str = "") -> RunResult:
-    """Warm up, then send ``requests`` (cycled when the run is bounded by duration) on the schedule."""
-    import grpc
+                       show_progress: bool = True, desc: str = "", auth_token: str | None = None, tls_ca: str | None = None) -> RunResult:
+    """Warm up, then send ``requests`` (cycled when the run is bounded by duration) on the schedule.
+    ``auth_token`` / ``tls_ca``: as in ``check_server``."""
     from tqdm.auto import tqdm
 
     from .._proto.generation_pb2_grpc import GenerationStub
+    from ..server.auth import bearer_metadata
 
     if not requests:
         raise ValueError("no requests to send")
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+    md = bearer_metadata(auth_token)
+    async with _channel(target, tls_ca) as channel:
         stub = GenerationStub(channel)
         slots = asyncio.Semaphore(settings.max_concurrency) if settings.max_concurrency else None
 
@@ -154,7 +170,7 @@ async def run_requests(target: str, settings: RunSettings, requests: list[BenchR
             async with slots or contextlib.nullcontext():
                 rec.send_s = time.perf_counter() - start
                 try:
-                    await _send(stub, make_message(req, settings, rec.index), rec, settings.request_timeout_s)
+                    await _send(stub, make_message(req, settings, rec.index), rec, settings.request_timeout_s, md)
                 finally:
                     if bar is not None:
                         bar.update(1)

@@ -33,6 +33,8 @@ def register(sub) -> None:
 
     s = bsub.add_parser("serve", help="drive a running server open-loop and report vLLM-style serving metrics")
     s.add_argument("--server", required=True, help="HOST:PORT of a running `pop-disagg serve`")
+    s.add_argument("--auth-token", default=None, help="bearer token for a server started with --auth-token (default: $POP_DISAGG_AUTH_TOKEN)")
+    s.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect over TLS (server started with --tls-cert)")
     s.add_argument("--label", help="name of the server configuration in tables and plots (default: topology/prefill from the server)")
     w = s.add_argument_group("workload")
     w.add_argument("--workload", "--dataset-name", default="random", choices=["random", "file", "sharegpt"])
@@ -109,6 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..bench.metrics import parse_slos, summarize
     from ..bench.report import build_result, config_label, format_summary, format_sweep_table, sweep_path, write_result
     from ..bench.runner import RunSettings, ServerUnreachable, check_server, run_requests
+    from ..server.auth import token_from_env
 
     slos = parse_slos(args.slo)
     rates = args.sweep_rates or [args.request_rate]
@@ -119,8 +122,9 @@ def run_serve(args: argparse.Namespace) -> int:
                             num_requests=num_requests, duration_s=args.duration, num_warmup=args.num_warmup, seed=args.seed,
                             ignore_eos=args.ignore_eos, temperature=args.temperature, request_timeout_s=args.request_timeout)
                 for r in rates]
+    conn = dict(auth_token=token_from_env(args.auth_token), tls_ca=args.tls_ca)
     try:
-        health, info = asyncio.run(check_server(args.server, args.connect_timeout))
+        health, info = asyncio.run(check_server(args.server, args.connect_timeout, **conn))
     except ServerUnreachable as exc:
         print(f"pop-disagg bench: error: {exc}", file=sys.stderr)
         return 2
@@ -135,7 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
     for st in settings:
         try:
             run = asyncio.run(run_requests(args.server, st, requests, warmup, show_progress=not args.no_progress,
-                                           desc=f"{label} @ {st.request_rate:g} req/s"))
+                                           desc=f"{label} @ {st.request_rate:g} req/s", **conn))
         except ServerUnreachable as exc:
             print(f"pop-disagg bench: error: {exc}", file=sys.stderr)
             return 2

@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--info", action="store_true", help="print the server's model info and health instead")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    p.add_argument("--auth-token", default=None, help="bearer token (default: $POP_DISAGG_AUTH_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificate to verify a TLS server with (default: plaintext)")
     p.set_defaults(func=run)
 
 
@@ -46,19 +48,22 @@ def run(args: argparse.Namespace) -> int:
 
     from .._proto import generation_pb2 as pb
     from .._proto import generation_pb2_grpc as pb_grpc
+    from ..server.auth import bearer_metadata, channel_credentials, token_from_env
 
-    with grpc.insecure_channel(args.server) as channel:
+    creds = channel_credentials(args.tls_ca)
+    md = bearer_metadata(token_from_env(args.auth_token))
+    with (grpc.secure_channel(args.server, creds) if creds else grpc.insecure_channel(args.server)) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
             if args.info:
-                info = stub.GetModelInfo(pb.ModelInfoRequest(), timeout=args.timeout)
-                health = stub.Health(pb.HealthRequest(), timeout=args.timeout)
+                info = stub.GetModelInfo(pb.ModelInfoRequest(), timeout=args.timeout, metadata=md)
+                health = stub.Health(pb.HealthRequest(), timeout=args.timeout, metadata=md)
                 print(json.dumps({"model": MessageToDict(info), "health": MessageToDict(health)}, indent=2))
                 return 0
             msg = build_request(args)
             if args.stream:
                 last = None
-                for chunk in stub.GenerateStream(msg, timeout=args.timeout):
+                for chunk in stub.GenerateStream(msg, timeout=args.timeout, metadata=md):
                     if not args.json:
                         print(chunk.text, end="", flush=True)
                     last = chunk
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                     print()
                     _summary(last)
             else:
-                resp = stub.Generate(msg, timeout=args.timeout)
+                resp = stub.Generate(msg, timeout=args.timeout, metadata=md)
                 if args.json:
                     print(json.dumps(MessageToDict(resp)))
                 else:

@@ -1,4 +1,8 @@
-"""``pop-disagg serve``: start the workers (Ray actors) and the gRPC server; stop on SIGINT/SIGTERM.
+"""``pop-disagg serve``: start the workers (Ray actors) and the gRPC server; drain and stop on SIGINT/SIGTERM.
+
+The first SIGTERM/SIGINT drains (new requests get ``UNAVAILABLE``, those in flight get up to
+``--drain-timeout`` seconds, the rest fail cleanly), then every actor and process group is shut
+down and the command exits 0; a second signal during the drain skips the wait.
 
 Without ``--address`` it starts an embedded local Ray instance (laptop, CI); ``--address auto``
 joins a running cluster (``ray up cluster/cluster.yaml``).
@@ -35,7 +39,19 @@ def register(sub) -> None:
     add_serve_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    add_operating_args(p)
     p.set_defaults(func=run)
+
+
+def add_operating_args(p: argparse.ArgumentParser) -> None:
+    """Limits, security, metrics and shutdown (docs/serving.md, "Operating")."""
+    o = p.add_argument_group("operating")
+    o.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    o.add_argument("--max-queued-requests", type=int, default=None, help="requests waiting for their first token at most; past it RESOURCE_EXHAUSTED (default: sum over decode workers of min(max_num_seqs, KV blocks))")
+    o.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' on every RPC (default: $POP_DISAGG_AUTH_TOKEN; unset = no auth)")
+    o.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve TLS (with --tls-key)")
+    o.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    o.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM")
 
 
 def serve_config(args: argparse.Namespace):
@@ -66,24 +82,40 @@ def run(args: argparse.Namespace) -> int:
     config = serve_config(args)  # validate before starting anything
     import ray
 
+    from ..server.auth import token_from_env
     from ..server.grpc_server import Server
 
+    server = Server(config, args.host, args.port, metrics_port=args.metrics_port, max_queued_requests=args.max_queued_requests,
+                    auth_token=token_from_env(args.auth_token), tls_cert=args.tls_cert, tls_key=args.tls_key)
     init_ray(args.address)
     try:
-        asyncio.run(_serve(Server(config, args.host, args.port)))
+        asyncio.run(_serve(server, args.drain_timeout))
     finally:
         ray.shutdown()
     return 0
 
 
-async def _serve(server) -> None:
+async def _serve(server, drain_timeout_s: float) -> None:
     stop = asyncio.Event()
+    drain: asyncio.Task | None = None
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set() and drain is not None:
+            drain.cancel()  # a second signal: stop now
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await server.start()
         await stop.wait()
+        drain = asyncio.create_task(server.drain(drain_timeout_s))
+        try:
+            await drain
+        except asyncio.CancelledError:
+            if not drain.cancelled():
+                raise
         logging.getLogger("pop_disagg.serve").info("shutting down")
     finally:
         await server.stop()

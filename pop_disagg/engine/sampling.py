@@ -10,6 +10,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+SAMPLING_EPS = 1e-5
+
+
 class SamplingParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -31,7 +34,9 @@ class SamplingParams(BaseModel):
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below vLLM's _SAMPLING_EPS, logits / temperature can overflow float32 to inf (NaN
+        # probabilities that would kill the step loop); such a temperature means greedy anyway.
+        return self.temperature < SAMPLING_EPS
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -4,6 +4,12 @@ Status codes: a request the server will not run -> ``INVALID_ARGUMENT`` naming t
 worker, broken link or timed-out transfer -> ``UNAVAILABLE``; anything unexpected -> ``INTERNAL``.
 A client that cancels or disconnects cancels the handler's task, which the router turns into
 aborts on both workers.
+
+``Server`` also owns what makes it operable (see docs/serving.md, "Operating"): admission control
+(``admission.py``: queue bound, never-fits check, draining), Prometheus metrics (``metrics.py``,
+``server.metrics.registry``), bearer-token auth (``auth.py``, ``server.auth_token``), TLS, a maximum
+request size enforced by gRPC before a message is parsed, and ``drain``: stop admitting, let the
+requests in flight finish within a timeout, fail the rest with ``UNAVAILABLE``.
 """
 
 from __future__ import annotations
@@ -19,11 +25,22 @@ import grpc
 from .._proto import generation_pb2 as pb
 from .._proto import generation_pb2_grpc as pb_grpc
 from . import protocol
+from .admission import Admission, KVLimits, default_max_queued_requests
+from .auth import BearerAuthInterceptor, check_token, server_credentials
 from .deploy import Deployment, ServeConfig
 from .errors import ServingError
+from .metrics import ServerMetrics
+from .observer import ServerObserver
 from .router import Router
 
 log = logging.getLogger("pop_disagg.serve")
+
+MIN_MAX_REQUEST_BYTES = 4 << 20  # gRPC's own default
+BYTES_PER_CONTEXT_TOKEN = 32  # an id is <= 5 bytes on the wire; 32 leaves room for text prompts
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
 def _status_of(exc: BaseException) -> grpc.StatusCode:
@@ -35,8 +52,9 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, deployment: Deployment, router: Router):
+    def __init__(self, deployment: Deployment, router: Router, metrics: ServerMetrics | None = None, admission: Admission | None = None):
         self.dep, self.router = deployment, router
+        self.metrics, self.admission = metrics, admission
         engine = deployment.config.worker_engine
         self.limits = protocol.ModelLimits(deployment.arch.vocab_size, engine.context_limit(deployment.arch))
 
@@ -44,6 +62,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             return protocol.parse_generate(request, self.dep.tokenizer, self.limits)
         except protocol.InvalidRequest as exc:
+            if self.metrics is not None:
+                self.metrics.count_failure("INVALID_ARGUMENT")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def _fail(self, context, exc: Exception) -> None:
@@ -76,6 +96,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Health(self, request, context):
         actors = self.dep.prefill + self.dep.decode
+        if self.admission is not None and self.admission.is_draining:  # load balancers stop sending here
+            return pb.HealthResponse(is_serving=False, message="draining", num_prefill_workers=len(self.dep.prefill), num_decode_workers=len(self.dep.decode))
         try:
             await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in actors]), timeout=5)
             ok, msg = True, "serving"
@@ -93,28 +115,79 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 
 class Server:
-    """Workers + router + gRPC server in one object. ``start``/``stop`` run on an asyncio loop."""
+    """Workers + router + gRPC server in one object. ``start``/``drain``/``stop`` run on an asyncio loop.
 
-    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 50051, stats_interval_s: float = 10.0):
+    ``metrics_port``: serve ``/metrics`` there (None: no endpoint; ``server.metrics`` exists anyway).
+    ``max_queued_requests``: None sizes it from the KV budget (``admission.py``). ``auth_token``:
+    require ``authorization: Bearer TOKEN`` on every RPC. ``tls_cert``/``tls_key``: PEM files, serve TLS.
+    """
+
+    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 50051, stats_interval_s: float = 10.0, *,
+                 metrics_port: int | None = None, max_queued_requests: int | None = None, auth_token: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, kv_poll_interval_s: float = 0.5):
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("--tls-cert and --tls-key: give both or neither")
+        if max_queued_requests is not None and max_queued_requests < 1:
+            raise ValueError(f"--max-queued-requests: must be >= 1, got {max_queued_requests}")
         self.config, self.host, self.port = config, host, port
         self.stats_interval_s = stats_interval_s
+        self.metrics_port, self.max_queued_requests = metrics_port, max_queued_requests
+        self.auth_token = check_token(auth_token) if auth_token else None
+        self.tls_cert, self.tls_key = tls_cert, tls_key
+        self.kv_poll_interval_s = kv_poll_interval_s
+        self.metrics = ServerMetrics(config.is_disaggregated)
+        self.admission: Admission | None = None
         self.deployment: Deployment | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._stats_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> int:
         self.deployment = await asyncio.to_thread(Deployment.start, self.config)
         dep = self.deployment
-        self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated)
-        self._grpc = grpc.aio.server()
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router), self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{self.host}:{self.port}")
+        engine = self.config.worker_engine
+        context_limit = engine.context_limit(dep.arch)
+        # Asked once: every decode worker has the same budget, the smallest cache decides what fits.
+        num_blocks = [s["num_blocks"] for s in await asyncio.gather(*[a.stats.remote() for a in dep.decode])]
+        max_queued = self.max_queued_requests or default_max_queued_requests(num_blocks, engine.max_num_seqs)
+        self.admission = Admission(KVLimits(min(num_blocks), engine.block_size, context_limit), max_queued)
+        self.metrics.kv_bytes_per_token = dep.arch.kv_bytes_per_token(_dtype_bytes(engine.dtype))
+        self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated, ServerObserver(self.admission, self.metrics))
+        interceptors = [BearerAuthInterceptor(self.auth_token, lambda: self.metrics.count_failure("UNAUTHENTICATED"))] if self.auth_token else []
+        # Refused by gRPC (RESOURCE_EXHAUSTED) before the message is parsed: nothing valid is this big.
+        max_bytes = max(MIN_MAX_REQUEST_BYTES, BYTES_PER_CONTEXT_TOKEN * context_limit)
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", max_bytes)])
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router, self.metrics, self.admission), self._grpc)
+        address = f"{self.host}:{self.port}"
+        if self.tls_cert is not None:
+            self.port = self._grpc.add_secure_port(address, server_credentials(self.tls_cert, self.tls_key))
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
-            raise RuntimeError(f"cannot bind {self.host}:{self.port}")
+            raise RuntimeError(f"cannot bind {address}")
         await self._grpc.start()
-        log.info("pop-disagg ready on %s:%d (%s, %s)", self.host, self.port, self.config.label, dep.plan.describe())
-        self._stats_task = asyncio.create_task(self._log_stats(router))
+        if self.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
+        await self._poll_kv_blocks()
+        log.info(
+            "pop-disagg ready on %s:%d (%s, %s; %s, auth %s, max %d queued requests%s)", self.host, self.port, self.config.label, dep.plan.describe(),
+            "TLS" if self.tls_cert else "plaintext", "on" if self.auth_token else "off", max_queued,
+            f", metrics on http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port is not None else "",
+        )
+        self._tasks = [asyncio.create_task(self._log_stats(router)), asyncio.create_task(self._poll_kv_loop())]
         return self.port
+
+    async def _poll_kv_blocks(self) -> None:
+        for i, actor in enumerate(self.deployment.decode):
+            try:
+                s = await asyncio.wait_for(actor.stats.remote(), timeout=5)
+            except Exception:  # a dead or restarting worker keeps its last value until it answers again
+                continue
+            self.metrics.set_kv_blocks(f"decode-{i}", s["num_free_blocks"], s["num_blocks"])
+
+    async def _poll_kv_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.kv_poll_interval_s)
+            await self._poll_kv_blocks()
 
     async def _log_stats(self, router: Router) -> None:
         """Every ``stats_interval_s`` with traffic: throughputs, running requests, mean TTFT."""
@@ -136,23 +209,41 @@ class Server:
     async def wait(self) -> None:
         await self._grpc.wait_for_termination()
 
+    async def drain(self, timeout_s: float = 30.0) -> list[str]:
+        """Admit nothing new (``UNAVAILABLE``), wait up to ``timeout_s`` for the requests in flight,
+        then fail the rest with ``UNAVAILABLE`` (their blocks are freed). Returns the ids failed."""
+        if self.admission is None:
+            return []
+        log.info("draining: %d requests in flight, waiting up to %gs", len(self.admission.in_flight), timeout_s)
+        left = await self.admission.drain(timeout_s)
+        if left:
+            log.warning("drain timeout (%gs): failing %d requests still in flight", timeout_s, len(left))
+            why = f"the server shut down before the request finished (drain timeout {timeout_s:g}s)"
+            # Abort is idempotent on a worker that does not hold the request: ask every decode worker.
+            for rid in left:
+                for actor in self.deployment.decode:
+                    actor.abort.remote(rid, why)
+            await self.admission.drain(5.0)  # the streams end with the reason; stop() cancels stragglers
+        return left
+
     async def stop(self, grace_s: float = 2.0) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            self._stats_task = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
             self._grpc = None
+        self.metrics.stop_serving()
         if self.deployment is not None:
             await asyncio.to_thread(self.deployment.shutdown)
             self.deployment = None
 
 
 class BackgroundServer:
-    """A ``Server`` on its own event-loop thread (tests, benchmarks, ``pop-disagg demo``)."""
+    """A ``Server`` on its own event-loop thread (tests, benchmarks, ``pop-disagg demo``); ``server_kwargs`` go to ``Server``."""
 
-    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 0):
-        self.server = Server(config, host, port)
+    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 0, **server_kwargs):
+        self.server = Server(config, host, port, **server_kwargs)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-server", daemon=True)
         self._thread.start()
@@ -166,6 +257,9 @@ class BackgroundServer:
     @property
     def deployment(self) -> Deployment:
         return self.server.deployment
+
+    def drain(self, timeout_s: float) -> list[str]:
+        return asyncio.run_coroutine_threadsafe(self.server.drain(timeout_s), self.loop).result(timeout_s + 30)
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)

@@ -12,6 +12,7 @@ both sides, so the blocks return on both workers.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import AsyncIterator
 from ..disagg.decode_worker import Failed, KVReceived, Tokens
 from ..engine.detokenizer import IncrementalDetokenizer, find_stop
 from .errors import WorkerUnavailable
+from .observer import RequestObserver
 from .protocol import GenerateCall, GenerateResult, Timings
 
 __all__ = ["Delta", "Router", "RouterStats", "WorkerUnavailable"]
@@ -46,7 +48,7 @@ class RouterStats:
 
 
 class Router:
-    def __init__(self, prefill_actors: list, decode_actors: list, tokenizer, is_disaggregated: bool):
+    def __init__(self, prefill_actors: list, decode_actors: list, tokenizer, is_disaggregated: bool, observer: RequestObserver | None = None):
         self.prefill, self.decode = prefill_actors, decode_actors
         self.tokenizer = tokenizer
         self.is_disaggregated = is_disaggregated
@@ -54,6 +56,7 @@ class Router:
         self._decode_load = [0] * len(decode_actors)  # requests in flight
         self._active: set[str] = set()
         self.stats = RouterStats()
+        self.observer = observer or RequestObserver()  # admission control and metrics
 
     @property
     def num_running(self) -> int:
@@ -74,6 +77,7 @@ class Router:
         rid = call.request_id or f"req-{uuid.uuid4().hex[:12]}"
         if rid in self._active:
             raise ValueError(f"request_id: {rid!r} is already in flight")
+        self.observer.admit(rid, call)  # raises to refuse: draining, queue full, never fits
         self._active.add(rid)
         ids, n = call.prompt_token_ids, len(call.prompt_token_ids)
         arrival = time.time()
@@ -124,6 +128,7 @@ class Router:
                         first_time = now
                         self.stats.num_prompt_tokens += n
                     self.stats.num_generated_tokens += len(new_ids)
+                    self.observer.tokens(rid, len(new_ids))
                     last_time = now
                 visible = detok.text if cut is None else detok.text[:cut]
                 if finish is None and stops:
@@ -146,7 +151,9 @@ class Router:
                     timings.transfer_s = max(0.0, kv_time - outcome.compute_end)
             self.stats.num_finished += 1
             self.stats.ttft_s_sum += timings.ttft_s
-            yield GenerateResult(rid, delta.text, delta.token_ids, finish, n, len(tokens), timings)
+            result = GenerateResult(rid, delta.text, delta.token_ids, finish, n, len(tokens), timings)
+            self.observer.finished(rid, result, is_transferred=prefill_task is not None)
+            yield result
         except ray.exceptions.RayActorError as exc:
             raise WorkerUnavailable(f"decode worker {d} is unavailable: {exc.__class__.__name__}") from exc
         finally:
@@ -154,6 +161,7 @@ class Router:
             self._decode_load[d] -= 1
             if finish is None:
                 self.stats.num_failed += 1
+            self.observer.failed(rid, sys.exc_info()[1])  # a no-op once finished() reported the request
             if finish is None or finish == "stop":
                 # Cancelled, failed, or stopped here by a stop string: release both sides.
                 self._abort(d, p, rid)
