@@ -103,23 +103,43 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("is_serving", "message", "num_prefill_workers", "num_decode_workers")
+    __slots__ = ("is_serving", "message", "num_prefill_workers", "num_decode_workers", "placements")
     IS_SERVING_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFILL_WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_DECODE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     is_serving: bool
     message: str
     num_prefill_workers: int
     num_decode_workers: int
-    def __init__(self, is_serving: _Optional[bool] = ..., message: _Optional[str] = ..., num_prefill_workers: _Optional[int] = ..., num_decode_workers: _Optional[int] = ...) -> None: ...
+    placements: _containers.RepeatedCompositeFieldContainer[WorkerPlacement]
+    def __init__(self, is_serving: _Optional[bool] = ..., message: _Optional[str] = ..., num_prefill_workers: _Optional[int] = ..., num_decode_workers: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ...) -> None: ...
+
+class WorkerPlacement(_message.Message):
+    __slots__ = ("role", "index", "node_id", "node_ip", "device", "gpu_ids", "owns_gpu")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_IP_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    GPU_IDS_FIELD_NUMBER: _ClassVar[int]
+    OWNS_GPU_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    index: int
+    node_id: str
+    node_ip: str
+    device: str
+    gpu_ids: _containers.RepeatedScalarFieldContainer[int]
+    owns_gpu: bool
+    def __init__(self, role: _Optional[str] = ..., index: _Optional[int] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., device: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., owns_gpu: _Optional[bool] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "family", "num_layers", "vocab_size", "context_limit", "topology", "prefill", "skip_layers", "plan", "eos_token_ids")
+    __slots__ = ("model", "family", "num_layers", "vocab_size", "context_limit", "topology", "prefill", "skip_layers", "plan", "eos_token_ids", "placements")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +150,7 @@ class ModelInfoResponse(_message.Message):
     SKIP_LAYERS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     num_layers: int
@@ -140,4 +161,5 @@ class ModelInfoResponse(_message.Message):
     skip_layers: _containers.RepeatedScalarFieldContainer[int]
     plan: str
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., topology: _Optional[str] = ..., prefill: _Optional[str] = ..., skip_layers: _Optional[_Iterable[int]] = ..., plan: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    placements: _containers.RepeatedCompositeFieldContainer[WorkerPlacement]
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., topology: _Optional[str] = ..., prefill: _Optional[str] = ..., skip_layers: _Optional[_Iterable[int]] = ..., plan: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., placements: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ...) -> None: ...

@@ -31,6 +31,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers, at least 1)")
     p.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds before a stalled KV transfer fails its request")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' to join a running cluster); default: embedded local Ray")
+    p.add_argument("--placement", default="pack", choices=["pack", "spread"], help="pack: prefill/decode pairs share a node (NVLink); spread: prefill and decode workers on different nodes")
+    p.add_argument("--placement-timeout", type=float, default=120.0, help="seconds to wait for the workers' placement group before failing with what was asked and what the cluster has")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs reserved in each worker's bundle (default 1, or an equal share when the cluster has fewer)")
     p.add_argument("--kv-correction", default=None, help="kv_correction.safetensors from `pop-disagg eval fidelity`: fitted K/V for the skipped layers (disaggregated + pop)")
 
 
@@ -59,11 +62,14 @@ def serve_config(args: argparse.Namespace):
 
     from ..config import EngineConfig
     from ..server.deploy import ServeConfig
+    from ..server.placement import PlacementConfig
 
     num_workers = args.num_decode + (args.num_prefill if args.topology == "disaggregated" else 0)
     threads = args.threads or max(1, (os.cpu_count() or 1) // num_workers)
     engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args), kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len)
-    return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout, num_threads=threads, kv_correction=args.kv_correction)
+    return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout, num_threads=threads, kv_correction=args.kv_correction,
+        placement=PlacementConfig(strategy=args.placement, timeout_s=args.placement_timeout, cpus_per_worker=args.cpus_per_worker),
+    )
 
 
 def init_ray(address: str | None) -> None:

@@ -64,6 +64,10 @@ class _Shell:
     async def ping(self) -> bool:
         return True
 
+    async def where(self) -> dict:
+        """The Ray node this actor runs on and the GPUs Ray gave it (physical indices on the node)."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": self.node_address(), "gpu_ids": [int(g) for g in ray.get_gpu_ids()]}
+
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class PrefillActor(_Shell):

@@ -3,23 +3,25 @@
 ``Deployment.start`` creates ``num_prefill`` prefill actors and ``num_decode`` decode actors
 (colocated: ``num_decode`` engine actors and no prefill), then wires one process group per
 (prefill, decode) pair: every worker joins a world group whose rendezvous is a TCP store on the
-first prefill actor's node, and every rank creates the pair groups in the same order. Ranks:
-prefill ``0..P-1``, decode ``P..P+D-1``. Backend per pair: NCCL when each worker has a GPU of its
-own, gloo otherwise (CPU, or workers sharing a GPU). ``shutdown`` closes the links (prefill side
-first, so each decode receiver sees a CLOSE message), destroys the process groups and kills the
-actors.
+first prefill actor's node (the address Ray reports for that node), and every rank creates the
+pair groups in the same order. Ranks: prefill ``0..P-1``, decode ``P..P+D-1``. Each worker runs in
+its own placement-group bundle (``placement.py``: pack or spread over the nodes). Backend per pair:
+NCCL when both ends hold a GPU of their own, gloo otherwise (CPU, or workers sharing a GPU).
+``shutdown`` closes the links (prefill side first, so each decode receiver sees a CLOSE message),
+destroys the process groups, kills the actors and frees the placement group.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import EngineConfig, PruneConfig
 from ..pop.plan import PrunePlan
+from .placement import PlacementConfig
 
 log = logging.getLogger("pop_disagg.serve")
 
@@ -35,6 +37,7 @@ class ServeConfig(BaseModel):
     transfer_timeout_s: float = Field(30.0, gt=0, description="a KV transfer that stalls this long fails its request")
     num_threads: int = Field(1, ge=1, description="torch threads per worker actor")
     kv_correction: str | None = Field(None, description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)")
+    placement: PlacementConfig = PlacementConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -71,6 +74,8 @@ class Deployment:
     decode: list
     tokenizer: object
     arch: object
+    placement: object = None  # placement.Placement: the reserved bundles, options per worker rank
+    locations: list = field(default_factory=list)  # placement.WorkerLocation per rank
 
     @classmethod
     def start(cls, config: ServeConfig) -> "Deployment":
@@ -80,6 +85,7 @@ class Deployment:
         from ..models.arch import ModelArch
         from ..models.registry import resolve_model
         from .actors import DecodeActor, PrefillActor, WorkerSpec
+        from .placement import reserve, worker_locations
 
         path = resolve_model(config.engine.model)
         arch = ModelArch.from_pretrained(path)
@@ -98,36 +104,30 @@ class Deployment:
         spec = WorkerSpec(engine, plan, config.num_threads, config.transfer_timeout_s, eos, config.kv_correction)
         num_prefill = config.num_prefill if config.is_disaggregated else 0
         num_workers = num_prefill + config.num_decode
-        num_gpus, backend = 0.0, "gloo"
-        if engine.device == "cuda":
-            total = ray.cluster_resources().get("GPU", 0)
-            if total >= num_workers:
-                num_gpus, backend = 1.0, "nccl"
-            elif total > 0:
-                num_gpus = total / num_workers  # workers share GPUs: gloo through host memory
-                log.warning("%d workers share %g GPUs: KV moves over gloo", num_workers, total)
-            else:
-                raise RuntimeError("--device cuda but the Ray cluster has no GPUs")
-        prefill = [PrefillActor.options(num_gpus=num_gpus).remote(spec) for _ in range(num_prefill)]
-        decode = [DecodeActor.options(num_gpus=num_gpus).remote(spec) for _ in range(config.num_decode)]
-        dep = cls(config, plan, prefill, decode, tokenizer, arch)
+        placement = reserve(config.placement, num_prefill, config.num_decode, engine.device)
+        prefill = [PrefillActor.options(**placement.options(r)).remote(spec) for r in range(num_prefill)]
+        decode = [DecodeActor.options(**placement.options(num_prefill + d)).remote(spec) for d in range(config.num_decode)]
+        dep = cls(config, plan, prefill, decode, tokenizer, arch, placement)
         try:
             ray.get([a.ping.remote() for a in prefill + decode])  # surfaces load errors here
+            dep.locations = worker_locations(prefill, decode, placement)
             if config.is_disaggregated:
-                dep._wire(backend)
+                dep._wire()
         except Exception:
             dep.shutdown()
             raise
         log.info("workers up: %s, %s", config.label, plan.describe())
         return dep
 
-    def _wire(self, backend: str) -> None:
+    def _wire(self) -> None:
         import ray
+
+        from .placement import pair_backend
 
         num_p, num_d = len(self.prefill), len(self.decode)
         pairs = [(p, num_p + d) for p in range(num_p) for d in range(num_d)]
-        backends = [backend] * len(pairs)
-        master = ray.get(self.prefill[0].free_port.remote())
+        backends = [pair_backend(self.locations[p], self.locations[d]) for p, d in pairs]
+        master = ray.get(self.prefill[0].free_port.remote())  # the IP Ray reports for that node
         world = num_p + num_d
         decode_index = {num_p + d: d for d in range(num_d)}
         prefill_index = {p: p for p in range(num_p)}
@@ -147,3 +147,5 @@ class Deployment:
         for a in self.prefill + self.decode:
             ray.kill(a)
         self.prefill, self.decode = [], []
+        if self.placement is not None:
+            self.placement.remove()

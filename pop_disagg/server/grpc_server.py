@@ -103,7 +103,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             ok, msg = True, "serving"
         except Exception as exc:
             ok, msg = False, f"a worker does not answer: {exc.__class__.__name__}"
-        return pb.HealthResponse(is_serving=ok, message=msg, num_prefill_workers=len(self.dep.prefill), num_decode_workers=len(self.dep.decode))
+        return pb.HealthResponse(is_serving=ok, message=msg, num_prefill_workers=len(self.dep.prefill), num_decode_workers=len(self.dep.decode), placements=self._placements())
+
+    def _placements(self) -> list:
+        """Where each worker runs, as reported when the deployment started (rank order)."""
+        return [
+            pb.WorkerPlacement(role=w.role, index=w.index, node_id=w.node_id, node_ip=w.node_ip, device=w.device, gpu_ids=list(w.gpu_ids), owns_gpu=w.owns_gpu)
+            for w in self.dep.locations
+        ]
 
     async def GetModelInfo(self, request, context):
         cfg, arch, plan = self.dep.config, self.dep.arch, self.dep.plan
@@ -111,6 +118,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             model=cfg.engine.model, family=arch.family, num_layers=arch.num_layers, vocab_size=arch.vocab_size,
             context_limit=self.limits.context_limit, topology=cfg.topology, prefill=cfg.prefill,
             skip_layers=list(plan.skip_layers), plan=plan.describe(), eos_token_ids=sorted(set(arch.eos_token_ids)),
+            placements=self._placements(),
         )
 
 
