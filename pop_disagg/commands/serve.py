@@ -1,4 +1,5 @@
-"""``pop-disagg serve``: start the workers (Ray actors) and the gRPC server; stop on SIGINT/SIGTERM.
+"""``pop-disagg serve``: start the workers (Ray actors) and the gRPC server (and, with ``--http-port``,
+the OpenAI-compatible HTTP API on the same loop); stop on SIGINT/SIGTERM.
 
 Without ``--address`` it starts an embedded local Ray instance (laptop, CI); ``--address auto``
 joins a running cluster (``ray up cluster/cluster.yaml``).
@@ -35,6 +36,8 @@ def register(sub) -> None:
     add_serve_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API on this port (same --host); off by default")
+    p.add_argument("--served-model-name", default=None, help="the model name the HTTP API answers to (default: --model)")
     p.set_defaults(func=run)
 
 
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     init_ray(args.address)
     try:
-        asyncio.run(_serve(Server(config, args.host, args.port)))
+        asyncio.run(_serve(Server(config, args.host, args.port, http_port=args.http_port, served_model_name=args.served_model_name)))
     finally:
         ray.shutdown()
     return 0

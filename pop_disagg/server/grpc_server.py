@@ -1,5 +1,10 @@
 """The gRPC servicer (thin: parse, call the router, convert) and the server's life cycle.
 
+Beside our own ``Generation`` service the server carries the standard ``grpc.health.v1.Health``
+(SERVING / NOT_SERVING for ``""`` and ``pop_disagg.v1.Generation``, from a periodic worker check
+and ``Server.set_serving``) and server reflection (``grpcurl list``); with ``http_port`` it also
+serves the OpenAI-compatible HTTP API (``http_api.py``) on the same loop and router.
+
 Status codes: a request the server will not run -> ``INVALID_ARGUMENT`` naming the field; a dead
 worker, broken link or timed-out transfer -> ``UNAVAILABLE``; anything unexpected -> ``INTERNAL``.
 A client that cancels or disconnects cancels the handler's task, which the router turns into
@@ -15,6 +20,8 @@ import threading
 import time
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from .._proto import generation_pb2 as pb
 from .._proto import generation_pb2_grpc as pb_grpc
@@ -24,6 +31,8 @@ from .errors import ServingError
 from .router import Router
 
 log = logging.getLogger("pop_disagg.serve")
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # pop_disagg.v1.Generation
 
 
 def _status_of(exc: BaseException) -> grpc.StatusCode:
@@ -95,26 +104,98 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 class Server:
     """Workers + router + gRPC server in one object. ``start``/``stop`` run on an asyncio loop."""
 
-    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 50051, stats_interval_s: float = 10.0):
+    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 50051, stats_interval_s: float = 10.0,
+                 http_port: int | None = None, served_model_name: str | None = None, health_interval_s: float = 5.0):
         self.config, self.host, self.port = config, host, port
         self.stats_interval_s = stats_interval_s
         self.deployment: Deployment | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stats_task: asyncio.Task | None = None
+        # HTTP front end (off when http_port is None) and the standard health service's state.
+        self.http_port, self.health_interval_s = http_port, health_interval_s
+        self.served_model_name = served_model_name or config.engine.model
+        self.started_at = time.time()
+        self._http = None
+        self._health: health.aio.HealthServicer | None = None
+        self._health_task: asyncio.Task | None = None
+        self._is_admitting = True  # set_serving(False) while draining
+        self._has_workers = True  # the periodic check: a decode worker (and a prefill worker) answers
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
         self.deployment = await asyncio.to_thread(Deployment.start, self.config)
         dep = self.deployment
         self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated)
         self._grpc = grpc.aio.server()
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router), self._grpc)
+        self.servicer = GenerationServicer(dep, router)
+        pb_grpc.add_GenerationServicer_to_server(self.servicer, self._grpc)
+        self._loop = asyncio.get_running_loop()
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection([GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc)
+        await self._check_workers()
         self.port = self._grpc.add_insecure_port(f"{self.host}:{self.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self.host}:{self.port}")
         await self._grpc.start()
         log.info("pop-disagg ready on %s:%d (%s, %s)", self.host, self.port, self.config.label, dep.plan.describe())
         self._stats_task = asyncio.create_task(self._log_stats(router))
+        self._health_task = asyncio.create_task(self._watch_workers())
+        if self.http_port is not None:
+            from .http_api import HttpFrontEnd
+
+            self._http = HttpFrontEnd(self)
+            self.http_port = await self._http.start(self.host, self.http_port)
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1 (model %r)", self.host, self.http_port, self.served_model_name)
         return self.port
+
+    # ---- serving state: grpc.health.v1 and GET /health --------------------------------------------
+    @property
+    def is_serving(self) -> bool:
+        return self._is_admitting and self._has_workers
+
+    def set_serving(self, is_serving: bool) -> None:
+        """The drain hook: NOT_SERVING (and /health 503) while False. Callable from any thread."""
+        self._is_admitting = is_serving
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish_health()))
+
+    async def _publish_health(self) -> None:
+        if self._health is None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if self.is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", GENERATION_SERVICE):
+            await self._health.set(service, status)
+
+    async def _check_workers(self) -> None:
+        """SERVING needs a decode worker that answers and, disaggregated, a prefill worker too."""
+        async def answers(actor) -> bool:
+            try:
+                await asyncio.wait_for(actor.ping.remote(), timeout=5)
+                return True
+            except Exception:
+                return False
+
+        dep = self.deployment
+        decode = await asyncio.gather(*map(answers, dep.decode))
+        prefill = await asyncio.gather(*map(answers, dep.prefill)) if self.config.is_disaggregated else [True]
+        has_workers = any(decode) and any(prefill)
+        if has_workers != self._has_workers:
+            log.warning("workers %s: %s", "back" if has_workers else "lost", "SERVING" if has_workers else "NOT_SERVING")
+        self._has_workers = has_workers
+        await self._publish_health()
+
+    async def _watch_workers(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await self._check_workers()
+
+    async def model_info(self) -> dict:
+        """``GetModelInfo`` as a dict (the HTTP API's model card carries it)."""
+        from google.protobuf.json_format import MessageToDict
+
+        msg = await self.servicer.GetModelInfo(pb.ModelInfoRequest(), None)
+        return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
     async def _log_stats(self, router: Router) -> None:
         """Every ``stats_interval_s`` with traffic: throughputs, running requests, mean TTFT."""
@@ -137,6 +218,14 @@ class Server:
         await self._grpc.wait_for_termination()
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()  # probes see NOT_SERVING from here on
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._stats_task is not None:
             self._stats_task.cancel()
             self._stats_task = None
@@ -151,8 +240,8 @@ class Server:
 class BackgroundServer:
     """A ``Server`` on its own event-loop thread (tests, benchmarks, ``pop-disagg demo``)."""
 
-    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 0):
-        self.server = Server(config, host, port)
+    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 0, **server_kw):
+        self.server = Server(config, host, port, **server_kw)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-server", daemon=True)
         self._thread.start()
@@ -162,6 +251,8 @@ class BackgroundServer:
             self.stop()
             raise
         self.address = f"{host}:{self.port}"
+        http_port = self.server.http_port
+        self.http_url = None if http_port is None else f"http://{host}:{http_port}"
 
     @property
     def deployment(self) -> Deployment:
