@@ -137,24 +137,25 @@ async def _send(stub, msg, rec: RequestRecord, timeout_s: float | None) -> None:
 
 
 async def run_requests(target: str, settings: RunSettings, requests: list[BenchRequest], warmup: list[BenchRequest] = (),
-                       show_progress: bool = True, desc: str = "") -> RunResult:
-    """Warm up, then send ``requests`` (cycled when the run is bounded by duration) on the schedule."""
-    import grpc
+                       show_progress: bool = True, desc: str = "", backend=None) -> RunResult:
+    """Warm up, then send ``requests`` (cycled when the run is bounded by duration) on the schedule.
+
+    ``backend`` (``backends.py``) is the protocol; default: gRPC to ``target``."""
     from tqdm.auto import tqdm
 
-    from .._proto.generation_pb2_grpc import GenerationStub
+    from .backends import GrpcBackend
 
     if not requests:
         raise ValueError("no requests to send")
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        stub = GenerationStub(channel)
+    backend = backend or GrpcBackend(target)
+    async with backend.connect() as send:
         slots = asyncio.Semaphore(settings.max_concurrency) if settings.max_concurrency else None
 
         async def one(rec: RequestRecord, req: BenchRequest, start: float, bar=None) -> None:
             async with slots or contextlib.nullcontext():
                 rec.send_s = time.perf_counter() - start
                 try:
-                    await _send(stub, make_message(req, settings, rec.index), rec, settings.request_timeout_s)
+                    await send(req, settings, rec)
                 finally:
                     if bar is not None:
                         bar.update(1)
