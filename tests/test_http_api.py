@@ -286,6 +286,16 @@ def test_disconnect_mid_stream_returns_blocks(server, http):
     assert server.server.router.num_running == 0
 
 
+def test_disconnect_during_unary_request_returns_blocks(server):
+    start = _wait_idle(server)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    with httpx.Client(base_url=server.http_url, timeout=httpx.Timeout(60, read=1.5)) as client:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            client.post("/v1/completions", json=body)
+    assert _wait_idle(server)["num_free_blocks"] == start["num_free_blocks"]
+    assert server.server.router.num_running == 0
+
+
 # ---- gRPC conventions ----------------------------------------------------------------------------
 def test_grpc_health_and_reflection(server, http):
     from google.protobuf.descriptor_pool import DescriptorPool
@@ -339,6 +349,8 @@ def test_bench_serve_backends_write_the_same_metric_keys(server, tmp_path, capsy
     assert {"completed", "mean_ttft_ms", "median_tpot_ms", "p50_itl_ms", "p99_ttft_ms", "request_throughput"} <= set(grpc_r)
     for name, r in results.items():
         assert r["backend"] == name and r["completed"] == r["summary"]["num_completed"] == 6, name
+        assert r["median_ttft_ms"] == r["p50_ttft_ms"] == pytest.approx(r["summary"]["ttft_ms"]["median"])
+        assert r["p99_tpot_ms"] == pytest.approx(r["summary"]["tpot_ms"]["p99"])
         for rec in r["requests"]:
             assert rec["is_success"] and rec["finish_reason"] == "length"
             # The HTTP client counts tokens exactly (return_token_ids), so ITL/TPOT compare with gRPC.
@@ -346,3 +358,12 @@ def test_bench_serve_backends_write_the_same_metric_keys(server, tmp_path, capsy
     # Completions get the very same token-id prompts as gRPC: same requests, same counts.
     assert [r["usage_prompt_tokens"] for r in grpc_r["requests"]] == [r["usage_prompt_tokens"] for r in http_r["requests"]]
     assert grpc_r["total_output_tokens"] == http_r["total_output_tokens"] == chat_r["total_output_tokens"]
+
+
+def test_bench_serve_openai_unreachable_is_one_line(capsys):
+    from pop_disagg.cli import main
+
+    argv = ["bench", "serve", "--backend", "openai", "--base-url", "http://127.0.0.1:9", "--connect-timeout", "0.5", "--num-prompts", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach an OpenAI-compatible server at http://127.0.0.1:9" in err[0]

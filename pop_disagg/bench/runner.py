@@ -1,4 +1,7 @@
-"""The open-loop client: drives a running pop-disagg server over ``grpc.aio`` and records every request.
+"""The open-loop client: drives a running pop-disagg server and records every request.
+
+The protocol is a backend (``backends.py``: gRPC by default, or the OpenAI HTTP API); everything
+below (schedule, warm-up, concurrency cap, failures) is the same for all of them.
 
 Life of a run: ``check_server`` asks ``Health`` (waiting up to ``connect_timeout_s`` for the
 channel; an unreachable or unhealthy server raises ``ServerUnreachable``) and ``GetModelInfo``;

@@ -376,8 +376,9 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        too_large = _error(413, f"request body exceeds {MAX_BODY_BYTES} bytes", "invalid_request_error", code="request_too_large")
-        if headers.get("content-length", "0").isdigit() and int(headers.get("content-length", "0")) > MAX_BODY_BYTES:
+        declared = headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before reading a byte of it
+            too_large = _error(413, f"request body of {declared} bytes exceeds {MAX_BODY_BYTES} bytes", "invalid_request_error", code="request_too_large")
             return await too_large(scope, receive, send)
         token = getattr(self.server, "auth_token", None)
         if token and scope["path"].startswith("/v1/"):
