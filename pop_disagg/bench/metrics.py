@@ -151,3 +151,44 @@ def summarize(records: list[RequestRecord], duration_s: float, slos: dict[str, f
         num_good = sum(meets_slos(r, slos) for r in ok)
         summary.update(num_good=num_good, goodput=per_s(num_good), slo_attainment=num_good / len(records) if records else 0.0)
     return summary
+
+
+# ---- vLLM's names --------------------------------------------------------------------------------
+VLLM_PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
+
+
+def parse_percentile_options(metrics: str, percentiles: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """``--percentile-metrics ttft,tpot,itl`` and ``--metric-percentiles 50,99``, checked."""
+    names = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    bad = [m for m in names if m not in VLLM_PERCENTILE_METRICS]
+    if bad:
+        raise ValueError(f"--percentile-metrics {metrics!r}: {', '.join(bad)} not among {', '.join(VLLM_PERCENTILE_METRICS)}")
+    try:
+        ps = tuple(float(p) for p in percentiles.split(",") if p.strip())
+    except ValueError:
+        ps = (-1.0,)
+    if not ps or not all(0 < p <= 100 for p in ps):
+        raise ValueError(f"--metric-percentiles {percentiles!r}: expected comma-separated numbers in (0, 100]")
+    return names, ps
+
+
+def vllm_metrics(records: list[RequestRecord], summary: dict, metrics: tuple[str, ...] = ("ttft", "tpot", "itl"),
+                 percentiles: tuple[float, ...] = (99.0,)) -> dict:
+    """The flat metric keys ``vllm bench serve --save-result`` writes (``completed``, ``mean_ttft_ms``,
+    ``p99_itl_ms``, ...), from the same records and definitions as ``summarize``."""
+    ok = [r for r in records if r.is_success]
+    values = {"ttft": [r.ttft_s for r in ok], "tpot": [r.tpot_s for r in ok if r.tpot_s is not None],
+              "itl": [g for r in ok for g in r.itls_s], "e2el": [r.e2e_s for r in ok]}
+    out = {"duration": summary["duration_s"], "completed": summary["num_completed"], "failed": summary["num_failed"]}
+    out.update({k: summary[k] for k in ("total_input_tokens", "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput")})
+    if "goodput" in summary:
+        out["request_goodput"] = summary["goodput"]
+    for name in metrics:
+        x = np.asarray(values[name], dtype=np.float64) * 1e3
+        out[f"mean_{name}_ms"] = float(x.mean()) if x.size else None
+        out[f"median_{name}_ms"] = float(np.median(x)) if x.size else None
+        out[f"std_{name}_ms"] = float(x.std()) if x.size else None
+        for p in percentiles:
+            word = str(int(p)) if p == int(p) else str(p)  # vLLM's spelling: p99, p99.9
+            out[f"p{word}_{name}_ms"] = float(np.percentile(x, p)) if x.size else None
+    return out

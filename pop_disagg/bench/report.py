@@ -1,8 +1,9 @@
 """Results files and printed tables.
 
-One JSON file per run (``RESULTS_FORMAT`` names its layout): the settings, the server's health and
-model info (its configuration: topology, prefill, plan), the summary from ``metrics.summarize`` and
-every per-request record, server-reported timings included. ``load_result`` reads one back and
+One JSON file per run (``RESULTS_FORMAT`` names its layout): the settings, the protocol
+(``backend``), the server's health and model info (its configuration: topology, prefill, plan), the
+summary from ``metrics.summarize``, the same metrics under vLLM's flat names (``completed``,
+``mean_ttft_ms``, ``p99_tpot_ms``, ...) and every per-request record, server-reported timings included. ``load_result`` reads one back and
 recomputes nothing; ``plot`` and the tests read these files.
 """
 
@@ -21,16 +22,20 @@ def config_label(model_info: dict) -> str:
 
 
 def build_result(*, label: str, target: str, settings: dict, workload: dict, health: dict, model_info: dict,
-                 summary: dict, records: list, started_at: float, is_interrupted: bool) -> dict:
+                 summary: dict, records: list, started_at: float, is_interrupted: bool, backend: str = "grpc",
+                 vllm: dict | None = None) -> dict:
+    """``vllm``: the flat keys of ``metrics.vllm_metrics``, written at the top level as vLLM does."""
     return {
         "format": RESULTS_FORMAT,
         "label": label,
+        "backend": backend,
         "started_at": started_at,
         "is_interrupted": is_interrupted,
         "settings": settings,
         "workload": workload,
         "server": {"target": target, "health": health, "model_info": model_info},
         "summary": summary,
+        **(vllm or {}),
         "requests": [r.to_json() for r in records],
     }
 

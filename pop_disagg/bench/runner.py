@@ -1,4 +1,7 @@
-"""The open-loop client: drives a running pop-disagg server over ``grpc.aio`` and records every request.
+"""The open-loop client: drives a running pop-disagg server and records every request.
+
+The protocol is a backend (``backends.py``: gRPC by default, or the OpenAI HTTP API); everything
+below (schedule, warm-up, concurrency cap, failures) is the same for all of them.
 
 Life of a run: ``check_server`` asks ``Health`` (waiting up to ``connect_timeout_s`` for the
 channel; an unreachable or unhealthy server raises ``ServerUnreachable``) and ``GetModelInfo``;
@@ -151,26 +154,25 @@ async def _send(stub, msg, rec: RequestRecord, timeout_s: float | None, metadata
 
 
 async def run_requests(target: str, settings: RunSettings, requests: list[BenchRequest], warmup: list[BenchRequest] = (),
-                       show_progress: bool = True, desc: str = "", auth_token: str | None = None, tls_ca: str | None = None) -> RunResult:
+                       show_progress: bool = True, desc: str = "", backend=None) -> RunResult:
     """Warm up, then send ``requests`` (cycled when the run is bounded by duration) on the schedule.
-    ``auth_token`` / ``tls_ca``: as in ``check_server``."""
+
+    ``backend`` (``backends.py``) is the protocol; default: gRPC to ``target``."""
     from tqdm.auto import tqdm
 
-    from .._proto.generation_pb2_grpc import GenerationStub
-    from ..server.auth import bearer_metadata
+    from .backends import GrpcBackend
 
     if not requests:
         raise ValueError("no requests to send")
-    md = bearer_metadata(auth_token)
-    async with _channel(target, tls_ca) as channel:
-        stub = GenerationStub(channel)
+    backend = backend or GrpcBackend(target)
+    async with backend.connect() as send:
         slots = asyncio.Semaphore(settings.max_concurrency) if settings.max_concurrency else None
 
         async def one(rec: RequestRecord, req: BenchRequest, start: float, bar=None) -> None:
             async with slots or contextlib.nullcontext():
                 rec.send_s = time.perf_counter() - start
                 try:
-                    await _send(stub, make_message(req, settings, rec.index), rec, settings.request_timeout_s, md)
+                    await send(req, settings, rec)
                 finally:
                     if bar is not None:
                         bar.update(1)

@@ -1,4 +1,5 @@
-"""``pop-disagg serve``: start the workers (Ray actors) and the gRPC server; drain and stop on SIGINT/SIGTERM.
+"""``pop-disagg serve``: start the workers (Ray actors) and the gRPC server (and, with ``--http-port``,
+the OpenAI-compatible HTTP API on the same loop); drain and stop on SIGINT/SIGTERM.
 
 The first SIGTERM/SIGINT drains (new requests get ``UNAVAILABLE``, those in flight get up to
 ``--drain-timeout`` seconds, the rest fail cleanly), then every actor and process group is shut
@@ -42,6 +43,8 @@ def register(sub) -> None:
     add_serve_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API on this port (same --host); off by default")
+    p.add_argument("--served-model-name", default=None, help="the model name the HTTP API answers to (default: --model)")
     add_operating_args(p)
     p.set_defaults(func=run)
 
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     from ..server.grpc_server import Server
 
     server = Server(config, args.host, args.port, metrics_port=args.metrics_port, max_queued_requests=args.max_queued_requests,
-                    auth_token=token_from_env(args.auth_token), tls_cert=args.tls_cert, tls_key=args.tls_key)
+                    auth_token=token_from_env(args.auth_token), tls_cert=args.tls_cert, tls_key=args.tls_key,
+                    http_port=args.http_port, served_model_name=args.served_model_name)
     init_ray(args.address)
     try:
         asyncio.run(_serve(server, args.drain_timeout))

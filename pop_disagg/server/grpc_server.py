@@ -10,6 +10,11 @@ aborts on both workers.
 ``server.metrics.registry``), bearer-token auth (``auth.py``, ``server.auth_token``), TLS, a maximum
 request size enforced by gRPC before a message is parsed, and ``drain``: stop admitting, let the
 requests in flight finish within a timeout, fail the rest with ``UNAVAILABLE``.
+
+Beside our own ``Generation`` service the server carries the standard ``grpc.health.v1.Health``
+(SERVING / NOT_SERVING for ``""`` and ``pop_disagg.v1.Generation``, from a periodic worker check
+and ``Server.set_serving``) and server reflection (``grpcurl list``); with ``http_port`` it also
+serves the OpenAI-compatible HTTP API (``http_api.py``) on the same loop and router.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import threading
 import time
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from .._proto import generation_pb2 as pb
 from .._proto import generation_pb2_grpc as pb_grpc
@@ -34,6 +41,8 @@ from .observer import ServerObserver
 from .router import Router
 
 log = logging.getLogger("pop_disagg.serve")
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # pop_disagg.v1.Generation
 
 MIN_MAX_REQUEST_BYTES = 4 << 20  # gRPC's own default
 BYTES_PER_CONTEXT_TOKEN = 32  # an id is <= 5 bytes on the wire; 32 leaves room for text prompts
@@ -132,7 +141,8 @@ class Server:
 
     def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 50051, stats_interval_s: float = 10.0, *,
                  metrics_port: int | None = None, max_queued_requests: int | None = None, auth_token: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None, kv_poll_interval_s: float = 0.5):
+                 tls_cert: str | None = None, tls_key: str | None = None, kv_poll_interval_s: float = 0.5,
+                 http_port: int | None = None, served_model_name: str | None = None, health_interval_s: float = 5.0):
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("--tls-cert and --tls-key: give both or neither")
         if max_queued_requests is not None and max_queued_requests < 1:
@@ -148,6 +158,15 @@ class Server:
         self.deployment: Deployment | None = None
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
+        # HTTP front end (off when http_port is None) and the standard health service's state.
+        self.http_port, self.health_interval_s = http_port, health_interval_s
+        self.served_model_name = served_model_name or config.engine.model
+        self.started_at = time.time()
+        self._http = None
+        self._health: health.aio.HealthServicer | None = None
+        self._is_admitting = True  # set_serving(False) while draining
+        self._has_workers = True  # the periodic check: a decode worker (and a prefill worker) answers
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
         self.deployment = await asyncio.to_thread(Deployment.start, self.config)
@@ -164,7 +183,13 @@ class Server:
         # Refused by gRPC (RESOURCE_EXHAUSTED) before the message is parsed: nothing valid is this big.
         max_bytes = max(MIN_MAX_REQUEST_BYTES, BYTES_PER_CONTEXT_TOKEN * context_limit)
         self._grpc = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", max_bytes)])
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router, self.metrics, self.admission), self._grpc)
+        self.servicer = GenerationServicer(dep, router, self.metrics, self.admission)
+        pb_grpc.add_GenerationServicer_to_server(self.servicer, self._grpc)
+        self._loop = asyncio.get_running_loop()
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection([GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc)
+        await self._check_workers()
         address = f"{self.host}:{self.port}"
         if self.tls_cert is not None:
             self.port = self._grpc.add_secure_port(address, server_credentials(self.tls_cert, self.tls_key))
@@ -181,8 +206,63 @@ class Server:
             "TLS" if self.tls_cert else "plaintext", "on" if self.auth_token else "off", max_queued,
             f", metrics on http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port is not None else "",
         )
-        self._tasks = [asyncio.create_task(self._log_stats(router)), asyncio.create_task(self._poll_kv_loop())]
+        self._tasks = [asyncio.create_task(self._log_stats(router)), asyncio.create_task(self._poll_kv_loop()),
+                       asyncio.create_task(self._watch_workers())]
+        if self.http_port is not None:
+            from .http_api import HttpFrontEnd
+
+            self._http = HttpFrontEnd(self)
+            self.http_port = await self._http.start(self.host, self.http_port)
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1 (model %r)", self.host, self.http_port, self.served_model_name)
         return self.port
+
+    # ---- serving state: grpc.health.v1 and GET /health --------------------------------------------
+    @property
+    def is_serving(self) -> bool:
+        return self._is_admitting and self._has_workers
+
+    def set_serving(self, is_serving: bool) -> None:
+        """The drain hook: NOT_SERVING (and /health 503) while False. Callable from any thread."""
+        self._is_admitting = is_serving
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish_health()))
+
+    async def _publish_health(self) -> None:
+        if self._health is None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if self.is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", GENERATION_SERVICE):
+            await self._health.set(service, status)
+
+    async def _check_workers(self) -> None:
+        """SERVING needs a decode worker that answers and, disaggregated, a prefill worker too."""
+        async def answers(actor) -> bool:
+            try:
+                await asyncio.wait_for(actor.ping.remote(), timeout=5)
+                return True
+            except Exception:
+                return False
+
+        dep = self.deployment
+        decode = await asyncio.gather(*map(answers, dep.decode))
+        prefill = await asyncio.gather(*map(answers, dep.prefill)) if self.config.is_disaggregated else [True]
+        has_workers = any(decode) and any(prefill)
+        if has_workers != self._has_workers:
+            log.warning("workers %s: %s", "back" if has_workers else "lost", "SERVING" if has_workers else "NOT_SERVING")
+        self._has_workers = has_workers
+        await self._publish_health()
+
+    async def _watch_workers(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await self._check_workers()
+
+    async def model_info(self) -> dict:
+        """``GetModelInfo`` as a dict (the HTTP API's model card carries it)."""
+        from google.protobuf.json_format import MessageToDict
+
+        msg = await self.servicer.GetModelInfo(pb.ModelInfoRequest(), None)
+        return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
     async def _poll_kv_blocks(self) -> None:
         for i, actor in enumerate(self.deployment.decode):
@@ -222,6 +302,7 @@ class Server:
         then fail the rest with ``UNAVAILABLE`` (their blocks are freed). Returns the ids failed."""
         if self.admission is None:
             return []
+        self.set_serving(False)  # probes and GET /health see NOT_SERVING from here on
         log.info("draining: %d requests in flight, waiting up to %gs", len(self.admission.in_flight), timeout_s)
         left = await self.admission.drain(timeout_s)
         if left:
@@ -238,6 +319,11 @@ class Server:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()  # probes see NOT_SERVING from here on
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
             self._grpc = None
@@ -261,6 +347,8 @@ class BackgroundServer:
             self.stop()
             raise
         self.address = f"{host}:{self.port}"
+        http_port = self.server.http_port
+        self.http_url = None if http_port is None else f"http://{host}:{http_port}"
 
     @property
     def deployment(self) -> Deployment:

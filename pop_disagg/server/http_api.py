@@ -1,0 +1,523 @@
+"""The OpenAI-compatible HTTP front end: the same router as gRPC, on the same event loop.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health`` (200 serving / 503 not) and ``GET /metrics`` (Prometheus text, when the server has
+metrics). FastAPI parses the bodies into the pydantic models below; uvicorn serves the app as a task
+on the gRPC server's loop (``HttpFrontEnd``), so both front ends share one ``Router``.
+
+Life of a request:
+
+1. The guard (an ASGI middleware) refuses bodies over ``MAX_BODY_BYTES`` (413) and, when the server
+   has an ``auth_token``, ``/v1/*`` calls without ``Authorization: Bearer <token>`` (401).
+2. The body becomes a ``pb.GenerateRequest`` and goes through ``protocol.parse_generate``: the gRPC
+   API's own validation, so both front ends refuse the same requests; the field it names is
+   renamed to the OpenAI parameter (``max_new_tokens`` -> ``max_tokens``, ...). Chat messages are
+   rendered with the tokenizer's chat template first.
+3. Unary: ``router.generate``. Streaming: the first item of ``router.stream`` is awaited before the
+   response starts, so a refusal (429 overloaded, 503 draining / no worker) still gets its status;
+   then Server-Sent Events in OpenAI's chunk format, ending with ``data: [DONE]``.
+4. A client that disconnects cancels the router call (unary, or before the first token) or closes
+   the router's stream (mid-stream); either way the router aborts the request on both workers.
+
+Errors are OpenAI's object ``{"error": {"message", "type", "param", "code"}}``: the status and type
+come from ``errors.ServingError`` (``http_status``, ``openai_type``); a ``ValueError`` is a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from .._proto import generation_pb2 as pb
+from . import protocol
+from .errors import ServingError, Unauthenticated
+
+log = logging.getLogger("pop_disagg.serve")
+
+MAX_BODY_BYTES = 4 << 20  # gRPC's default receive limit: both front ends take the same requests
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (the gRPC API defaults to greedy)
+
+
+# ---- request bodies ------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Options shared by both endpoints. Unknown parameters are refused, as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: int | None = Field(None, description=f"default {protocol.DEFAULT_MAX_NEW_TOKENS}, as the gRPC API")
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # Extensions (vLLM spells them the same way).
+    top_k: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    return_token_ids: bool = Field(False, description="add the generated token ids to every choice")
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+# ---- errors --------------------------------------------------------------------------------------
+class OpenAIError(Exception):
+    """A refusal with OpenAI's error fields (for what has no ``ServingError`` class)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+
+class _ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | int | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+def error_of(exc: Exception) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error object) for anything a request can raise."""
+    if isinstance(exc, OpenAIError):
+        return exc.status, error_body(str(exc), exc.type, exc.param, exc.code)
+    if isinstance(exc, protocol.InvalidRequest):
+        return 400, error_body(str(exc), "invalid_request_error", exc.field_name)
+    if isinstance(exc, ValueError):
+        return 400, error_body(str(exc), "invalid_request_error")
+    if isinstance(exc, ServingError):
+        return exc.http_status, error_body(str(exc), exc.openai_type)
+    return 500, error_body(f"{exc.__class__.__name__}: {exc}", "internal_error")
+
+
+def _param_of(loc: tuple) -> str | None:
+    """``("body", "messages", 0, "role")`` -> ``"messages[0].role"``; union type tags are dropped."""
+    if len(loc) < 2 or not isinstance(loc[1], str):
+        return None
+    param = loc[1]
+    if len(loc) > 2 and isinstance(loc[2], int):
+        param += f"[{loc[2]}]"
+        if len(loc) > 3 and isinstance(loc[3], str) and loc[3].isidentifier():
+            param += f".{loc[3]}"
+    return param
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return _error(400, f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}", "invalid_request_error")
+    param = _param_of(tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        return _error(400, f"{param}: unrecognized request argument", "invalid_request_error", param)
+    if param is None:
+        return _error(400, f"request body: {err['msg']}", "invalid_request_error")
+    return _error(400, f"{param}: {err['msg']}", "invalid_request_error", param)
+
+
+# ---- request -> GenerateCall ---------------------------------------------------------------------
+def _unsupported(req: _SamplingRequest) -> None:
+    """Refuse what the engine does not do yet, naming the parameter, rather than ignore it."""
+    checks = [("n", req.n != 1, "only n=1 is supported"),
+              ("presence_penalty", req.presence_penalty != 0, "penalties are not supported"),
+              ("frequency_penalty", req.frequency_penalty != 0, "penalties are not supported"),
+              ("logit_bias", bool(req.logit_bias), "logit_bias is not supported")]
+    if isinstance(req, CompletionRequest):
+        checks += [("logprobs", req.logprobs is not None, "logprobs are not supported yet"),
+                   ("echo", req.echo, "echo is not supported"),
+                   ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
+                   ("suffix", req.suffix is not None, "suffix is not supported")]
+    else:
+        checks += [("logprobs", req.logprobs, "logprobs are not supported yet"),
+                   ("top_logprobs", req.top_logprobs is not None, "logprobs are not supported yet")]
+    for param, is_bad, why in checks:
+        if is_bad:
+            raise protocol.InvalidRequest(param, why)
+
+
+def _set(msg: pb.GenerateRequest, field: str, value, param: str) -> None:
+    try:
+        if isinstance(value, list):
+            getattr(msg, field).extend(value)
+        else:
+            setattr(msg, field, value)
+    except (ValueError, TypeError) as exc:  # out of the wire type's range (int32, int64)
+        raise protocol.InvalidRequest(param, f"value out of range ({exc})") from None
+
+
+def to_generate_request(req: _SamplingRequest, prompt: str | None, prompt_ids: list[int] | None) -> tuple[pb.GenerateRequest, dict[str, str]]:
+    """The gRPC message for ``req`` and the renaming of its fields to OpenAI's parameters."""
+    is_chat = isinstance(req, ChatCompletionRequest)
+    max_param = "max_completion_tokens" if is_chat and req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if max_param == "max_completion_tokens" else req.max_tokens
+    msg = pb.GenerateRequest(ignore_eos=req.ignore_eos)
+    if prompt is not None:
+        msg.prompt = prompt
+    if prompt_ids is not None:
+        _set(msg, "prompt_token_ids", prompt_ids, "prompt")
+    if max_tokens is not None:
+        _set(msg, "max_new_tokens", max_tokens, max_param)
+    _set(msg, "temperature", DEFAULT_TEMPERATURE if req.temperature is None else req.temperature, "temperature")
+    if req.top_p is not None:
+        _set(msg, "top_p", req.top_p, "top_p")
+    if req.top_k is not None:
+        _set(msg, "top_k", req.top_k, "top_k")
+    if req.seed is not None:
+        _set(msg, "seed", req.seed, "seed")
+    if req.stop is not None:
+        msg.stop.extend([req.stop] if isinstance(req.stop, str) else req.stop)
+    if req.stop_token_ids:
+        _set(msg, "stop_token_ids", req.stop_token_ids, "stop_token_ids")
+    prompt_param = "messages" if is_chat else "prompt"
+    return msg, {"max_new_tokens": max_param, "prompt": prompt_param, "prompt_token_ids": prompt_param}
+
+
+def parse_call(req: _SamplingRequest, tokenizer, limits: protocol.ModelLimits) -> protocol.GenerateCall:
+    """Validate with the gRPC API's rules (``protocol.parse_generate``), naming OpenAI's parameters."""
+    _unsupported(req)
+    if isinstance(req, ChatCompletionRequest):
+        prompt, prompt_ids = None, render_chat(tokenizer, req.messages)
+    elif isinstance(req.prompt, str):
+        prompt, prompt_ids = req.prompt, None
+    elif req.prompt and isinstance(req.prompt[0], str):
+        if len(req.prompt) != 1:
+            raise protocol.InvalidRequest("prompt", "a batch of prompts is not supported: send one prompt per request")
+        prompt, prompt_ids = req.prompt[0], None
+    else:
+        prompt, prompt_ids = None, list(req.prompt)
+    msg, rename = to_generate_request(req, prompt, prompt_ids)
+    try:
+        return protocol.parse_generate(msg, tokenizer, limits)
+    except protocol.InvalidRequest as exc:
+        param = rename.get(exc.field_name, exc.field_name)
+        raise protocol.InvalidRequest(param, str(exc).split(": ", 1)[1]) from None
+
+
+def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """Prompt token ids of the conversation, with the assistant's turn opened (the chat template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise protocol.InvalidRequest("messages", "the served model has no chat template: use /v1/completions")
+    text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text} for m in messages], add_generation_prompt=True, tokenize=False)
+    # The rendered text already holds the special tokens; adding them again would double BOS.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+# ---- responses -----------------------------------------------------------------------------------
+def _usage(r: protocol.GenerateResult) -> dict:
+    return {"prompt_tokens": r.num_prompt_tokens, "completion_tokens": r.num_output_tokens, "total_tokens": r.num_prompt_tokens + r.num_output_tokens}
+
+
+class _Render:
+    """OpenAI's JSON for one request: unary body and stream chunks (completion or chat)."""
+
+    def __init__(self, req: _SamplingRequest, model: str):
+        self.is_chat = isinstance(req, ChatCompletionRequest)
+        self.model, self.created = model, int(time.time())
+        self.id = f"{'chatcmpl' if self.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.return_token_ids = req.return_token_ids
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _choice(self, text: str, token_ids: list[int], finish_reason: str | None, *, is_delta: bool, is_first: bool = False) -> dict:
+        if not self.is_chat:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        elif is_delta:
+            choice = {"index": 0, "delta": {"role": "assistant", "content": text} if is_first else {"content": text}, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        return choice
+
+    def body(self, r: protocol.GenerateResult) -> dict:
+        out = self._head("chat.completion" if self.is_chat else "text_completion")
+        return {**out, "choices": [self._choice(r.text, r.token_ids, r.finish_reason, is_delta=False)], "usage": _usage(r)}
+
+    def chunk(self, item, is_first: bool) -> dict | None:
+        finish = item.finish_reason if isinstance(item, protocol.GenerateResult) else None
+        if not (item.text or finish or is_first or (self.return_token_ids and item.token_ids)):
+            return None  # held back text (a possible stop string) with nothing to show
+        out = self._head("chat.completion.chunk" if self.is_chat else "text_completion")
+        out["choices"] = [self._choice(item.text, item.token_ids, finish, is_delta=True, is_first=is_first)]
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, r: protocol.GenerateResult) -> dict:
+        out = self._head("chat.completion.chunk" if self.is_chat else "text_completion")
+        return {**out, "choices": [], "usage": _usage(r)}
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body iterator however the response ends, so a disconnect closes the router's
+    stream (which aborts the request on both workers) instead of leaving it to the garbage collector."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def _events(agen, first, render: _Render):
+    item, is_first = first, True
+    try:
+        while True:
+            chunk = render.chunk(item, is_first)
+            if chunk is not None:
+                yield _sse(chunk)
+                is_first = False
+            if isinstance(item, protocol.GenerateResult):
+                break
+            item = await agen.__anext__()
+        if render.include_usage:
+            yield _sse(render.usage_chunk(item))
+    except Exception as exc:  # after the 200 went out, a failure can only be an event (as vLLM does)
+        if not isinstance(exc, (ValueError, ServingError)):
+            log.exception("stream failed")
+        yield _sse(error_of(exc)[1])
+    finally:
+        await agen.aclose()
+    yield _sse("[DONE]")
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(aw, request: Request):
+    """``await aw``, cancelling it if the client goes away first (the router then aborts)."""
+    work = asyncio.ensure_future(aw)
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise _ClientGone()
+    return work.result()
+
+
+# ---- the app -------------------------------------------------------------------------------------
+class _Guard:
+    """ASGI middleware: body size limit for every request, bearer token for ``/v1/*``."""
+
+    def __init__(self, app, server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        declared = headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before reading a byte of it
+            too_large = _error(413, f"request body of {declared} bytes exceeds {MAX_BODY_BYTES} bytes", "invalid_request_error", code="request_too_large")
+            return await too_large(scope, receive, send)
+        token = getattr(self.server, "auth_token", None)
+        if token and scope["path"].startswith("/v1/"):
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                exc = Unauthenticated("missing or wrong bearer token (Authorization: Bearer <token>)")
+                return await _error(exc.http_status, str(exc), exc.openai_type, code="invalid_api_key")(scope, receive, send)
+        num_bytes = 0
+
+        async def counted():  # chunked bodies have no Content-Length: count as they arrive
+            nonlocal num_bytes
+            message = await receive()
+            if message["type"] == "http.request":
+                num_bytes += len(message.get("body", b""))
+                if num_bytes > MAX_BODY_BYTES:
+                    raise HTTPException(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def create_app(server) -> FastAPI:
+    """The FastAPI app over a started ``Server`` (its router, tokenizer, limits and serving state)."""
+    app = FastAPI(title="pop-disagg", docs_url=None, redoc_url=None, openapi_url=None)
+    dep = server.deployment
+    limits = protocol.ModelLimits(dep.arch.vocab_size, dep.config.worker_engine.context_limit(dep.arch))
+    model_name = server.served_model_name
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request, exc):
+        return _validation_error(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _on_http(request, exc):
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return _error(exc.status_code, str(exc.detail), kind, code="request_too_large" if exc.status_code == 413 else None)
+
+    def check_model(req: _SamplingRequest) -> None:
+        if req.model != model_name:
+            raise OpenAIError(404, f"The model {req.model!r} does not exist; this server serves {model_name!r}", param="model", code="model_not_found")
+
+    async def generate(req: _SamplingRequest, request: Request):
+        try:
+            check_model(req)
+            call = parse_call(req, dep.tokenizer, limits)
+            render = _Render(req, model_name)
+            if not req.stream:
+                result = await _unless_disconnected(server.router.generate(call), request)
+                return JSONResponse(render.body(result))
+            agen = server.router.stream(call)
+            try:
+                first = await _unless_disconnected(agen.__anext__(), request)
+            except BaseException:
+                await agen.aclose()
+                raise
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return _ClosingStreamingResponse(_events(agen, first, render), media_type="text/event-stream", headers=headers)
+        except _ClientGone:
+            return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+        except Exception as exc:
+            status, body = error_of(exc)
+            if status >= 500 and not isinstance(exc, ServingError):
+                log.exception("request failed")
+            return JSONResponse(body, status_code=status)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await generate(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await generate(body, request)
+
+    @app.get("/v1/models")
+    async def models():
+        info = await server.model_info()
+        card = {"id": model_name, "object": "model", "created": int(server.started_at), "owned_by": "pop-disagg",
+                "root": dep.config.engine.model, "max_model_len": limits.context_limit, "pop_disagg": info}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        if server.is_serving:
+            return {"status": "serving"}
+        return _error(503, "not serving (draining, or no live decode worker)", "service_unavailable")
+
+    @app.get("/metrics")
+    async def metrics():
+        registry = getattr(getattr(server, "metrics", None), "registry", None)
+        if registry is None:
+            return _error(404, "this server has no metrics", "invalid_request_error")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return _Guard(app, server)
+
+
+class HttpFrontEnd:
+    """uvicorn serving ``create_app(server)`` as a task on the running loop."""
+
+    def __init__(self, server):
+        self.server = server
+        self._uvicorn = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int, grace_s: float = 2.0) -> int:
+        """Bind, start serving and return the port (useful with ``port=0``)."""
+        import uvicorn
+
+        class _Embedded(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # the process that owns the loop handles SIGINT/SIGTERM
+                yield
+
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"cannot bind the HTTP port {host}:{port}: {exc.strerror}") from None
+        bound = sock.getsockname()[1]
+        config = uvicorn.Config(create_app(self.server), lifespan="off", log_config=None, log_level="warning",
+                                access_log=False, timeout_graceful_shutdown=grace_s)
+        self._uvicorn = _Embedded(config)
+        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise RuntimeError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        return bound
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._uvicorn.should_exit = True
+        try:
+            await self._task
+        finally:
+            self._task = None
