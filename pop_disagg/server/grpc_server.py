@@ -20,6 +20,7 @@ from .._proto import generation_pb2 as pb
 from .._proto import generation_pb2_grpc as pb_grpc
 from . import protocol
 from .deploy import Deployment, ServeConfig
+from .depth import DepthController, kv_share, plan_costs
 from .errors import ServingError
 from .router import Router
 
@@ -38,7 +39,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, deployment: Deployment, router: Router):
         self.dep, self.router = deployment, router
         engine = deployment.config.worker_engine
-        self.limits = protocol.ModelLimits(deployment.arch.vocab_size, engine.context_limit(deployment.arch))
+        self.limits = protocol.ModelLimits(deployment.arch.vocab_size, engine.context_limit(deployment.arch), deployment.family.ratios)
 
     async def _parse(self, request, context) -> protocol.GenerateCall:
         try:
@@ -89,7 +90,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             model=cfg.engine.model, family=arch.family, num_layers=arch.num_layers, vocab_size=arch.vocab_size,
             context_limit=self.limits.context_limit, topology=cfg.topology, prefill=cfg.prefill,
             skip_layers=list(plan.skip_layers), plan=plan.describe(), eos_token_ids=sorted(set(arch.eos_token_ids)),
+            prune_ratios=list(self.dep.family.ratios), default_prune_ratio=self.dep.family.default_ratio,
+            prefill_weight_bytes=self.dep.prefill_weight_bytes, adaptive_depth=cfg.adaptive_depth, ttft_slo_ms=cfg.ttft_slo_ms or 0.0,
         )
+
+
+def make_depth_controller(dep: Deployment, registry=None) -> DepthController:
+    """The router's depth controller for this deployment. ``registry``: where its counter goes
+    (the server's metrics registry once there is one; default a fresh one)."""
+    arch, cfg = dep.arch, dep.config
+    costs = plan_costs(dep.family, kv_share(arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size))
+    slo = cfg.ttft_slo_ms / 1e3 if cfg.ttft_slo_ms is not None else None
+    return DepthController(dep.family, len(dep.prefill), costs, slo, cfg.adaptive_depth, registry)
 
 
 class Server:
@@ -105,7 +117,7 @@ class Server:
     async def start(self) -> int:
         self.deployment = await asyncio.to_thread(Deployment.start, self.config)
         dep = self.deployment
-        self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated)
+        self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated, make_depth_controller(dep))
         self._grpc = grpc.aio.server()
         pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router), self._grpc)
         self.port = self._grpc.add_insecure_port(f"{self.host}:{self.port}")
