@@ -83,10 +83,14 @@ class Router:
         arrival = time.time()
         d = min(range(len(self.decode)), key=self._decode_load.__getitem__)
         p = min(range(len(self.prefill)), key=self._prefill_load.__getitem__) if self.is_disaggregated and n > 1 else None
+        try:
+            plan_index = self._choose_plan(p, rid, n, call.prune_ratio)
+        except ValueError:
+            self._active.discard(rid)
+            raise
         self._decode_load[d] += 1
         if p is not None:
             self._prefill_load[p] += n - 1
-        plan_index = self._choose_plan(p, rid, n, call.prune_ratio)
         worker_params = call.params.model_copy(update={"stop": ()})  # stop strings are checked here
         stops = call.params.stop
         detok = IncrementalDetokenizer(self.tokenizer)
