@@ -19,7 +19,7 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_token_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "request_id")
+    __slots__ = ("prompt", "prompt_token_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "request_id", "prune_ratio")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class GenerateRequest(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_RATIO_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_new_tokens: int
@@ -42,7 +43,8 @@ class GenerateRequest(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ignore_eos: bool
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    prune_ratio: float
+    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., request_id: _Optional[str] = ..., prune_ratio: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -53,18 +55,22 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "transfer_s", "ttft_s", "decode_s")
+    __slots__ = ("queue_s", "prefill_s", "transfer_s", "ttft_s", "decode_s", "prune_ratio", "num_skipped_layers")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    NUM_SKIPPED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     transfer_s: float
     ttft_s: float
     decode_s: float
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ...) -> None: ...
+    prune_ratio: float
+    num_skipped_layers: int
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prune_ratio: _Optional[float] = ..., num_skipped_layers: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "timings")
@@ -139,7 +145,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "family", "num_layers", "vocab_size", "context_limit", "topology", "prefill", "skip_layers", "plan", "eos_token_ids", "placements")
+    __slots__ = ("model", "family", "num_layers", "vocab_size", "context_limit", "topology", "prefill", "skip_layers", "plan", "eos_token_ids", "placements", "prune_ratios", "default_prune_ratio", "prefill_weight_bytes", "adaptive_depth", "ttft_slo_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +157,11 @@ class ModelInfoResponse(_message.Message):
     PLAN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_RATIOS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PRUNE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     num_layers: int
@@ -162,4 +173,9 @@ class ModelInfoResponse(_message.Message):
     plan: str
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     placements: _containers.RepeatedCompositeFieldContainer[WorkerPlacement]
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., topology: _Optional[str] = ..., prefill: _Optional[str] = ..., skip_layers: _Optional[_Iterable[int]] = ..., plan: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., placements: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ...) -> None: ...
+    prune_ratios: _containers.RepeatedScalarFieldContainer[float]
+    default_prune_ratio: float
+    prefill_weight_bytes: int
+    adaptive_depth: bool
+    ttft_slo_ms: float
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., topology: _Optional[str] = ..., prefill: _Optional[str] = ..., skip_layers: _Optional[_Iterable[int]] = ..., plan: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., placements: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ..., prune_ratios: _Optional[_Iterable[float]] = ..., default_prune_ratio: _Optional[float] = ..., prefill_weight_bytes: _Optional[int] = ..., adaptive_depth: _Optional[bool] = ..., ttft_slo_ms: _Optional[float] = ...) -> None: ...

@@ -64,6 +64,7 @@ class RunSettings(BaseModel):
     ignore_eos: bool = False
     temperature: float = Field(0.0, ge=0)
     request_timeout_s: float | None = Field(None, gt=0)
+    prune_ratio: float | None = Field(None, description="ask every request for this plan of the served family")
 
     @model_validator(mode="after")
     def _check(self) -> "RunSettings":
@@ -87,6 +88,8 @@ def make_message(req: BenchRequest, settings: RunSettings, index: int):
     msg = pb.GenerateRequest(max_new_tokens=req.max_new_tokens, temperature=settings.temperature, ignore_eos=settings.ignore_eos)
     if settings.temperature > 0:
         msg.seed = settings.seed * 1_000_003 + index  # reproducible sampling, distinct per request
+    if settings.prune_ratio is not None:
+        msg.prune_ratio = settings.prune_ratio
     if req.prompt_token_ids is not None:
         msg.prompt_token_ids.extend(req.prompt_token_ids)
     else:
@@ -138,7 +141,8 @@ async def _send(stub, msg, rec: RequestRecord, timeout_s: float | None, metadata
                 rec.finish_reason = pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
                 rec.usage_prompt_tokens, rec.usage_completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
                 t = chunk.timings
-                rec.server_timings = dict(queue_s=t.queue_s, prefill_s=t.prefill_s, transfer_s=t.transfer_s, ttft_s=t.ttft_s, decode_s=t.decode_s)
+                rec.server_timings = dict(queue_s=t.queue_s, prefill_s=t.prefill_s, transfer_s=t.transfer_s, ttft_s=t.ttft_s, decode_s=t.decode_s,
+                                          prune_ratio=t.prune_ratio if t.HasField("prune_ratio") else None, num_skipped_layers=t.num_skipped_layers)
         rec.end_s = time.perf_counter() - t0
         if rec.finish_reason is None:
             rec.error = "incomplete: the stream ended without a finish reason"

@@ -36,6 +36,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement-timeout", type=float, default=120.0, help="seconds to wait for the workers' placement group before failing with what was asked and what the cluster has")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs reserved in each worker's bundle (default 1, or an equal share when the cluster has fewer)")
     p.add_argument("--kv-correction", default=None, help="kv_correction.safetensors from `pop-disagg eval fidelity`: fitted K/V for the skipped layers (disaggregated + pop)")
+    from .plan import parse_ratios
+
+    p.add_argument("--prune-ratios", type=parse_ratios, default=None, help="serve a nested family of last-layer plans, e.g. 0.2,0.33,0.5 (first = default); requests pick one with prune_ratio. A family JSON goes to --prune-plan")
+    p.add_argument("--adaptive-depth", action="store_true", help="requests without prune_ratio get the mildest plan predicted to meet --ttft-slo-ms")
+    p.add_argument("--ttft-slo-ms", type=float, default=None, help="TTFT target of --adaptive-depth (ms)")
 
 
 def register(sub) -> None:
@@ -69,9 +74,15 @@ def serve_config(args: argparse.Namespace):
 
     num_workers = args.num_decode + (args.num_prefill if args.topology == "disaggregated" else 0)
     threads = args.threads or max(1, (os.cpu_count() or 1) // num_workers)
-    engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args), kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len)
+    from ..pop.plan import PlanFamily
+
+    prune, prune_family = prune_config(args), None
+    if prune.plan_file is not None and PlanFamily.is_family_file(prune.plan_file):
+        prune, prune_family = prune.model_copy(update={"plan_file": None}), prune.plan_file
+    engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune, kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len)
+    depth = dict(prune_ratios=getattr(args, "prune_ratios", None), prune_family=prune_family, adaptive_depth=getattr(args, "adaptive_depth", False), ttft_slo_ms=getattr(args, "ttft_slo_ms", None))
     return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout, num_threads=threads, kv_correction=args.kv_correction,
-        placement=PlacementConfig(strategy=args.placement, timeout_s=args.placement_timeout, cpus_per_worker=args.cpus_per_worker),
+        placement=PlacementConfig(strategy=args.placement, timeout_s=args.placement_timeout, cpus_per_worker=args.cpus_per_worker), **depth,
     )
 
 

@@ -5,6 +5,11 @@ layers' norms and K/V projections, no LM head; ``--prefill full``: every layer, 
 KV cache: each layer's K/V leave through the ``PrefillAttention`` sink the moment the layer
 finishes, sliced per link and queued on that link's ``KVSender``. The worker never waits for the
 sends; a task's ``on_done`` fires when its last layer is on the wire (or the link failed).
+
+Depth per request: a task may name its own plan (one of a nested family, see ``PlanFamily``; the
+model is then built for the family's mildest plan and runs any deeper one). A step groups its tasks
+by plan and runs one forward pass per plan, mildest first; every pass is a batch of its own on
+the links, so the decode side sees nothing new.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class PrefillOutcome:
     prefill_s: float  # the batch's forward pass, up to the last layer's K/V
     compute_end: float  # the last layer's K/V existed
     sent_time: float  # last layer handed to the transport
+    num_batch_tokens: int = 0  # prompt tokens in the forward pass that held it (throughput = this / prefill_s)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class PrefillTask:
     prefix_ids: list[int]  # x_1..x_{N-1}
     on_done: Callable[[PrefillOutcome], None]
     submit_time: float = 0.0
+    plan: PrunePlan | None = None  # None: the worker's default plan
 
 
 class PrefillWorker:
@@ -65,6 +72,10 @@ class PrefillWorker:
             why = f"no link to decode worker {task.link}" if sender is None else f"link to decode worker {task.link} is broken: {sender.broken}"
             now = time.time()
             task.on_done(PrefillOutcome(task.request_id, why, 0.0, 0.0, now, now))
+            return
+        if task.plan is not None and not self.model.can_run(task.plan):
+            now = time.time()
+            task.on_done(PrefillOutcome(task.request_id, f"this prefill worker cannot run {task.plan.describe()}", 0.0, 0.0, now, now))
             return
         task.submit_time = time.time()
         with self._cv:
@@ -103,8 +114,17 @@ class PrefillWorker:
             if batch:
                 self.step(batch)
 
-    @torch.inference_mode()
     def step(self, tasks: list[PrefillTask]) -> None:
+        """One forward pass per plan among ``tasks`` (mildest first)."""
+        by_plan: dict[tuple[int, ...], list[PrefillTask]] = {}
+        for t in tasks:
+            by_plan.setdefault((t.plan or self.plan).skip_layers, []).append(t)
+        for skip in sorted(by_plan, key=len):
+            group = by_plan[skip]
+            self._run_plan(group, group[0].plan or self.plan)
+
+    @torch.inference_mode()
+    def _run_plan(self, tasks: list[PrefillTask], plan: PrunePlan) -> None:
         start = time.time()
         tasks = sorted(tasks, key=lambda t: t.link)  # each link's tokens form one contiguous slice
         ids, pos, cu = [], [], [0]
@@ -115,7 +135,7 @@ class PrefillWorker:
         groups: list[tuple[KVSender, SendBatch, int, int]] = []  # (sender, batch, token start, token end)
         for link in sorted({t.link for t in tasks}):
             mine = [i for i, t in enumerate(tasks) if t.link == link]
-            batch = SendBatch([tasks[i].transfer_id for i in mine], [len(tasks[i].prefix_ids) for i in mine], self._on_sent(tasks, mine, start))
+            batch = SendBatch([tasks[i].transfer_id for i in mine], [len(tasks[i].prefix_ids) for i in mine], self._on_sent(tasks, mine, start, len(ids)))
             self.senders[link].begin(batch)
             groups.append((self.senders[link], batch, cu[mine[0]], cu[mine[-1] + 1]))
 
@@ -130,16 +150,16 @@ class PrefillWorker:
 
         device = self.model.device
         try:
-            self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), PrefillAttention(cu, sink=sink), plan=self.plan)
+            self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), PrefillAttention(cu, sink=sink), plan=plan)
         except Exception as exc:  # e.g. out of memory: fail these requests, keep the links in step
             for sender, batch, _, _ in groups:
                 sender.abandon(batch, f"prefill failed: {exc!r}")
 
-    def _on_sent(self, tasks: list[PrefillTask], mine: list[int], start: float) -> Callable[[SendBatch], None]:
+    def _on_sent(self, tasks: list[PrefillTask], mine: list[int], start: float, num_batch_tokens: int) -> Callable[[SendBatch], None]:
         def done(batch: SendBatch) -> None:
             compute_end = batch.compute_end or batch.finish_time
             for i in mine:
                 t = tasks[i]
-                t.on_done(PrefillOutcome(t.request_id, batch.error, start - t.submit_time, compute_end - start, compute_end, batch.finish_time))
+                t.on_done(PrefillOutcome(t.request_id, batch.error, start - t.submit_time, compute_end - start, compute_end, batch.finish_time, num_batch_tokens))
 
         return done

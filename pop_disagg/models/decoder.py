@@ -11,7 +11,8 @@ same hidden state ``h``, their keys and values come from a single fused projecti
 one RMS normalisation of ``h``, one GEMM against the run's K/V weights with each layer's input-norm
 weight folded in, then each layer's own bias / k-norm / RoPE. A *prefill-only* instance is built
 for one plan and holds just the pieces that path touches (``SkippedLayer``): no MLP, no Q/O
-projections, no final norm, no LM head.
+projections, no final norm, no LM head. It also runs any deeper plan (skip set a superset of its
+own): that is how one prefill worker serves a nested plan family.
 """
 
 from __future__ import annotations
@@ -153,6 +154,15 @@ class CausalLM(nn.Module):
     def is_prefill_only(self) -> bool:
         return self.prefill_only_plan is not None
 
+    def can_run(self, plan: PrunePlan | None) -> bool:
+        """Whether ``forward`` can run ``plan``. A prefill-only instance runs its own plan and any
+        deeper one (a plan family, see ``PlanFamily``): a layer it keeps but the plan skips still
+        has its input norm and K/V projections, so its K/V come from the last kept layer's output."""
+        if not self.is_prefill_only:
+            return True
+        skip = frozenset(plan.skip_layers) if plan is not None else frozenset()
+        return skip >= frozenset(self.prefill_only_plan.skip_layers)
+
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
@@ -187,8 +197,11 @@ class CausalLM(nn.Module):
         ``plan``: layers to skip (POP prefill). ``gates``: (L, T, 1) virtual gates for calibration.
         """
         skip = frozenset(plan.skip_layers) if plan is not None else frozenset()
-        if self.is_prefill_only and skip != frozenset(self.prefill_only_plan.skip_layers):
-            raise ValueError("a prefill-only model can only run the plan it was built for")
+        if self.is_prefill_only and not self.can_run(plan):
+            raise ValueError(
+                f"a prefill-only model built to skip {list(self.prefill_only_plan.skip_layers)} can only run plans skipping "
+                f"those layers and possibly more, not {list(plan.skip_layers) if plan is not None else 'the full model'}"
+            )
         cos_sin = self._cos_sin(positions)
         h = self.model.embed_tokens(input_ids)
         layers = self.model.layers

@@ -136,3 +136,129 @@ class PrunePlan(BaseModel):
         runs = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in self.skipped_runs)
         extras = "" if self.independent_kv and self.boundary_handling else f" [ablation: independent_kv={self.independent_kv}, boundary_handling={self.boundary_handling}]"
         return f"POP: skip {len(self.skip_layers)}/{self.num_layers} layers in prefill ({runs}){extras}"
+
+
+def _ratio_name(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+class PlanFamily(BaseModel):
+    """Nested plans one prefill worker can serve (``serve --prune-ratios`` / a family JSON).
+
+    ``ratios[i]`` is the nominal ratio clients ask for and ``plans[i]`` the plan it names; both are
+    ordered mildest first and each plan's skip set contains the milder one's. So the prefill-only
+    instance built for the mildest plan (``union_plan``) holds every weight any member needs: the
+    layers deeper plans skip are kept layers of the mildest one, whose K/V projections it has, and
+    a deeper plan runs on it by projecting those layers' K/V from the last kept layer's output.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ratios: tuple[float, ...]
+    plans: tuple[PrunePlan, ...]
+    default_ratio: float
+    strategy: str = "last"
+    model: str | None = None
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise PlanError(format_validation_error(exc)) from None
+
+    @model_validator(mode="after")
+    def _check(self) -> "PlanFamily":
+        if not self.plans or len(self.plans) != len(self.ratios):
+            raise PlanError(f"a plan family needs one plan per ratio, got {len(self.ratios)} ratios and {len(self.plans)} plans")
+        if len({p.num_layers for p in self.plans}) != 1:
+            raise PlanError("every plan of a family must be for the same number of layers")
+        if list(self.ratios) != sorted(self.ratios) or len(set(self.ratios)) != len(self.ratios):
+            raise PlanError(f"family ratios must be distinct and ordered mildest first, got {list(self.ratios)}")
+        for (r0, milder), (r1, deeper) in zip(zip(self.ratios, self.plans), zip(self.ratios[1:], self.plans[1:])):
+            if not set(milder.skip_layers) < set(deeper.skip_layers):
+                raise PlanError(
+                    f"plans are not nested: ratio {r1:g} skips {list(deeper.skip_layers)}, which must strictly contain "
+                    f"ratio {r0:g}'s {list(milder.skip_layers)} (two ratios giving the same plan on {milder.num_layers} layers?)"
+                )
+        if not any(abs(r - self.default_ratio) < 1e-9 for r in self.ratios):
+            raise PlanError(f"default ratio {self.default_ratio:g} is not one of the family's {self.names}")
+        if len(self.plans) > 1 and any(not p.independent_kv or not p.boundary_handling for p in self.plans):
+            raise PlanError("family plans cannot be ablations (they need independent_kv and boundary_handling)")
+        return self
+
+    # ---- constructors -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, ratios: list[float], make_plan, default_ratio: float | None = None, **kw) -> "PlanFamily":
+        """``make_plan(ratio) -> PrunePlan``; ``default_ratio`` defaults to the first ratio given."""
+        default = ratios[0] if default_ratio is None else default_ratio
+        ordered = sorted(ratios)
+        return cls(ratios=tuple(ordered), plans=tuple(make_plan(r) for r in ordered), default_ratio=default, **kw)
+
+    @classmethod
+    def from_ratios(cls, num_layers: int, ratios: list[float], **kw) -> "PlanFamily":
+        """Last-layers family (the POP default, at several depths): ratio r skips the deepest floor(L*r)."""
+        return cls.build(ratios, lambda r: PrunePlan.from_ratio(num_layers, r), strategy="last", **kw)
+
+    @staticmethod
+    def is_family_file(path: str | Path) -> bool:
+        try:
+            return "plans" in json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError, TypeError):
+            return False
+
+    @classmethod
+    def load(cls, path: str | Path, num_layers: int | None = None) -> "PlanFamily":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PlanError(f"cannot read plan family {path}: {exc}") from exc
+        if not isinstance(raw, dict) or "plans" not in raw:
+            raise PlanError(f"{path}: not a plan family (no 'plans' list); a single plan goes to --prune-plan of generate")
+        try:
+            family = cls(**{**raw, "plans": tuple(PrunePlan(**p) for p in raw["plans"])})
+        except TypeError as exc:
+            raise PlanError(f"{path}: invalid plan family: {exc}") from exc
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from None
+        if num_layers is not None and family.num_layers != num_layers:
+            raise PlanError(f"{path}: family is for a {family.num_layers}-layer model, this model has {num_layers} layers" + (f" (made for {family.model})" if family.model else ""))
+        return family
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.plans[0].num_layers
+
+    @property
+    def names(self) -> list[str]:
+        return [_ratio_name(r) for r in self.ratios]
+
+    @property
+    def union_plan(self) -> PrunePlan:
+        """The plan the family's prefill-only instance is built for: the mildest one."""
+        return self.plans[0]
+
+    @property
+    def default_plan(self) -> PrunePlan:
+        return self.plan_for(self.default_ratio)
+
+    def index_of(self, ratio: float, tol: float = 1e-4) -> int | None:
+        """The member a requested ratio names (``tol`` absorbs the float32 of the wire), or None."""
+        for i, r in enumerate(self.ratios):
+            if abs(r - ratio) <= tol:
+                return i
+        return None
+
+    def plan_for(self, ratio: float) -> PrunePlan:
+        i = self.index_of(ratio)
+        if i is None:
+            raise PlanError(f"prune ratio {ratio:g} is not served; allowed: {', '.join(self.names)}")
+        return self.plans[i]
+
+    def describe(self) -> str:
+        members = "; ".join(f"{n}: {len(p.skip_layers)}/{p.num_layers} layers" for n, p in zip(self.names, self.plans))
+        return f"POP family ({self.strategy}) of {len(self.plans)} plans [{members}], default {_ratio_name(self.default_ratio)}"

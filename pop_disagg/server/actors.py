@@ -17,7 +17,7 @@ import ray
 import torch
 
 from ..config import EngineConfig
-from ..pop.plan import PrunePlan
+from ..pop.plan import PlanFamily, PrunePlan
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class WorkerSpec:
     transfer_timeout_s: float
     eos_token_ids: tuple[int, ...] = ()
     kv_correction: str | None = None  # fitted K/V weights for the prefill worker's skipped layers
+    family: PlanFamily | None = None  # plans a request may pick (``plan`` is its default); the prefill model is built for the mildest
 
 
 def _setup(spec: WorkerSpec):
@@ -74,7 +75,7 @@ class PrefillActor(_Shell):
     def __init__(self, spec: WorkerSpec):
         path, load_model = _setup(spec)
         self.spec = spec
-        self.model = load_model(path, spec.engine.dtype, spec.engine.device, prefill_only_plan=spec.plan)
+        self.model = load_model(path, spec.engine.dtype, spec.engine.device, prefill_only_plan=spec.family.union_plan if spec.family else spec.plan)
         if spec.kv_correction is not None:
             from ..pop.kv_correction import KVCorrection, apply_to_prefill_model
 
@@ -94,14 +95,16 @@ class PrefillActor(_Shell):
         self.worker = PrefillWorker(self.model, self.spec.plan, self.senders, self.spec.engine.max_num_batched_tokens)
         self._start_loop(self.worker)
 
-    async def prefill(self, request_id: str, transfer_id: int, link: int, prefix_ids: list[int]):
-        """Prefill ``prefix_ids`` and send its K/V to decode worker ``link``; returns the outcome
-        once the last layer is on the wire (``outcome.error`` set if it failed)."""
+    async def prefill(self, request_id: str, transfer_id: int, link: int, prefix_ids: list[int], prune_ratio: float | None = None):
+        """Prefill ``prefix_ids`` (with the family plan ``prune_ratio`` names; None: the default) and
+        send its K/V to decode worker ``link``; returns the outcome once the last layer is on the
+        wire (``outcome.error`` set if it failed)."""
         from ..disagg.prefill_worker import PrefillTask
 
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self.worker.submit(PrefillTask(request_id, transfer_id, link, prefix_ids, lambda o: loop.call_soon_threadsafe(done.set_result, o)))
+        plan = self.spec.family.plan_for(prune_ratio) if prune_ratio is not None and self.spec.family else None
+        self.worker.submit(PrefillTask(request_id, transfer_id, link, prefix_ids, lambda o: loop.call_soon_threadsafe(done.set_result, o), plan=plan))
         return await done
 
     async def abort(self, request_id: str) -> bool:

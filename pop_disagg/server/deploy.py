@@ -9,6 +9,10 @@ its own placement-group bundle (``placement.py``: pack or spread over the nodes)
 NCCL when both ends hold a GPU of their own, gloo otherwise (CPU, or workers sharing a GPU).
 ``shutdown`` closes the links (prefill side first, so each decode receiver sees a CLOSE message),
 destroys the process groups, kills the actors and frees the placement group.
+
+Depth (``--prune-ratios`` or a family JSON in ``--prune-plan``): every prefill worker holds the
+prefill-only instance of the family's mildest plan, which runs every plan of the family; a server
+with one plan serves a family of one. The weights a prefill worker holds are logged at start.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import EngineConfig, PruneConfig
-from ..pop.plan import PrunePlan
+from ..pop.plan import PlanFamily, PrunePlan
 from .placement import PlacementConfig
 
 log = logging.getLogger("pop_disagg.serve")
@@ -38,6 +42,27 @@ class ServeConfig(BaseModel):
     num_threads: int = Field(1, ge=1, description="torch threads per worker actor")
     kv_correction: str | None = Field(None, description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)")
     placement: PlacementConfig = PlacementConfig()
+    prune_ratios: tuple[float, ...] | None = Field(None, description="a last-layers plan family; the first ratio is the default")
+    prune_family: str | None = Field(None, description="a plan family JSON from `pop-disagg plan --ratios`")
+    adaptive_depth: bool = Field(False, description="requests without prune_ratio get the mildest plan predicted to meet the TTFT SLO")
+    ttft_slo_ms: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_depth(self) -> "ServeConfig":
+        if self.has_family:
+            if self.prune_ratios is not None and self.prune_family is not None:
+                raise ValueError("choose one of --prune-ratios and a family --prune-plan")
+            if self.engine.prune != PruneConfig():
+                raise ValueError("a plan family (--prune-ratios / family --prune-plan) replaces --prune-ratio / --skip-layers / --no-prune")
+            if not (self.is_disaggregated and self.prefill == "pop"):
+                raise ValueError("a plan family needs --topology disaggregated --prefill pop (the prefill worker picks the plan per request)")
+            if self.kv_correction is not None:
+                raise ValueError("kv_correction: not supported with a plan family yet (it is fitted for one plan's skipped layers); serve one plan with --prune-ratio / --prune-plan")
+        if self.adaptive_depth and (self.ttft_slo_ms is None or not self.has_family or (self.prune_ratios is not None and len(self.prune_ratios) < 2)):
+            raise ValueError("--adaptive-depth needs --ttft-slo-ms and a plan family of two or more plans (--prune-ratios 0.2,0.33,0.5)")
+        if self.ttft_slo_ms is not None and not self.adaptive_depth:
+            raise ValueError("--ttft-slo-ms is the target of --adaptive-depth; give both")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -54,11 +79,29 @@ class ServeConfig(BaseModel):
         return self.topology == "disaggregated"
 
     @property
+    def has_family(self) -> bool:
+        return self.prune_ratios is not None or self.prune_family is not None
+
+    @property
     def worker_engine(self) -> EngineConfig:
-        """The engine config every worker runs: ``full`` means the empty plan."""
+        """The engine config every worker runs: ``full`` means the empty plan; a family, its default plan."""
         if self.prefill == "full":
             return self.engine.model_copy(update={"prune": PruneConfig(no_prune=True)})
+        if self.prune_ratios is not None:
+            return self.engine.model_copy(update={"prune": PruneConfig(ratio=self.prune_ratios[0])})
+        if self.prune_family is not None:
+            return self.engine.model_copy(update={"prune": PruneConfig(skip_layers=PlanFamily.load(self.prune_family).default_plan.skip_layers)})
         return self.engine
+
+    def family(self, arch) -> PlanFamily:
+        """The plans the server offers (mildest first); one plan is a family of one."""
+        if self.prune_ratios is not None:
+            return PlanFamily.from_ratios(arch.num_layers, list(self.prune_ratios))
+        if self.prune_family is not None:
+            return PlanFamily.load(self.prune_family, arch.num_layers)
+        plan = self.worker_engine.plan(arch)
+        nominal = self.worker_engine.prune.ratio if self.worker_engine.prune.ratio is not None else round(plan.ratio, 4)
+        return PlanFamily(ratios=(nominal,), plans=(plan,), default_ratio=nominal)
 
     @property
     def label(self) -> str:
@@ -76,6 +119,8 @@ class Deployment:
     arch: object
     placement: object = None  # placement.Placement: the reserved bundles, options per worker rank
     locations: list = field(default_factory=list)  # placement.WorkerLocation per rank
+    family: PlanFamily | None = None
+    prefill_weight_bytes: int = 0  # what one prefill worker holds (the family's union)
 
     @classmethod
     def start(cls, config: ServeConfig) -> "Deployment":
@@ -91,7 +136,10 @@ class Deployment:
         arch = ModelArch.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         engine = config.worker_engine
-        plan = engine.plan(arch)
+        family = config.family(arch)
+        plan = family.default_plan
+        if plan.skip_layers != engine.plan(arch).skip_layers:
+            raise AssertionError(f"default plan {plan.describe()} != the workers' engine plan {engine.plan(arch).describe()}")
         if config.is_disaggregated and (not plan.independent_kv or not plan.boundary_handling):
             raise ValueError("the disaggregated topology needs independent_kv and boundary_handling (ablation plans run colocated)")
         eos = tuple(sorted(set(arch.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())))
@@ -101,13 +149,14 @@ class Deployment:
             fitted = KVCorrection.load(config.kv_correction).plan
             if fitted.skip_layers != plan.skip_layers:
                 raise ValueError(f"kv_correction: fitted for skipped layers {list(fitted.skip_layers)}, the plan skips {list(plan.skip_layers)}")
-        spec = WorkerSpec(engine, plan, config.num_threads, config.transfer_timeout_s, eos, config.kv_correction)
+        spec = WorkerSpec(engine, plan, config.num_threads, config.transfer_timeout_s, eos, config.kv_correction, family)
         num_prefill = config.num_prefill if config.is_disaggregated else 0
         num_workers = num_prefill + config.num_decode
         placement = reserve(config.placement, num_prefill, config.num_decode, engine.device)
         prefill = [PrefillActor.options(**placement.options(r)).remote(spec) for r in range(num_prefill)]
         decode = [DecodeActor.options(**placement.options(num_prefill + d)).remote(spec) for d in range(config.num_decode)]
-        dep = cls(config, plan, prefill, decode, tokenizer, arch, placement)
+        weight_bytes = _weight_bytes(arch, family.union_plan, engine.dtype)
+        dep = cls(config, plan, prefill, decode, tokenizer, arch, placement=placement, family=family, prefill_weight_bytes=weight_bytes)
         try:
             ray.get([a.ping.remote() for a in prefill + decode])  # surfaces load errors here
             dep.locations = worker_locations(prefill, decode, placement)
@@ -116,7 +165,13 @@ class Deployment:
         except Exception:
             dep.shutdown()
             raise
-        log.info("workers up: %s, %s", config.label, plan.describe())
+        log.info("workers up: %s, %s", config.label, family.describe() if len(family.plans) > 1 else plan.describe())
+        if config.is_disaggregated:
+            mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+            log.info(
+                "prefill worker weights: %s (the mildest plan's instance, which runs every plan of the family); default plan alone %s, full model %s",
+                mib(weight_bytes), mib(_weight_bytes(arch, plan, engine.dtype)), mib(_weight_bytes(arch, None, engine.dtype)),
+            )
         return dep
 
     def _wire(self) -> None:
@@ -149,3 +204,16 @@ class Deployment:
         self.prefill, self.decode = [], []
         if self.placement is not None:
             self.placement.remove()
+
+
+def _weight_bytes(arch, plan: PrunePlan | None, dtype: str) -> int:
+    """Parameter bytes of the prefill-only instance for ``plan`` (None: the full model), counted on
+    the meta device (nothing is allocated or read)."""
+    import torch
+
+    from ..models.decoder import CausalLM
+    from ..models.loader import resolve_dtype
+
+    with torch.device("meta"):
+        model = CausalLM(arch, plan)
+    return sum(p.numel() for p in model.parameters()) * resolve_dtype(dtype).itemsize

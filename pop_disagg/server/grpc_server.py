@@ -35,6 +35,7 @@ from . import protocol
 from .admission import Admission, KVLimits, default_max_queued_requests
 from .auth import BearerAuthInterceptor, check_token, server_credentials
 from .deploy import Deployment, ServeConfig
+from .depth import DepthController, kv_share, plan_costs
 from .errors import ServingError
 from .metrics import ServerMetrics
 from .observer import ServerObserver
@@ -65,7 +66,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.dep, self.router = deployment, router
         self.metrics, self.admission = metrics, admission
         engine = deployment.config.worker_engine
-        self.limits = protocol.ModelLimits(deployment.arch.vocab_size, engine.context_limit(deployment.arch))
+        self.limits = protocol.ModelLimits(deployment.arch.vocab_size, engine.context_limit(deployment.arch), deployment.family.ratios)
 
     async def _parse(self, request, context) -> protocol.GenerateCall:
         try:
@@ -128,7 +129,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             context_limit=self.limits.context_limit, topology=cfg.topology, prefill=cfg.prefill,
             skip_layers=list(plan.skip_layers), plan=plan.describe(), eos_token_ids=sorted(set(arch.eos_token_ids)),
             placements=self._placements(),
+            prune_ratios=list(self.dep.family.ratios), default_prune_ratio=self.dep.family.default_ratio,
+            prefill_weight_bytes=self.dep.prefill_weight_bytes, adaptive_depth=cfg.adaptive_depth, ttft_slo_ms=cfg.ttft_slo_ms or 0.0,
         )
+
+
+def make_depth_controller(dep: Deployment, registry=None) -> DepthController:
+    """The router's depth controller for this deployment. ``registry``: where its counter goes
+    (the server's metrics registry once there is one; default a fresh one)."""
+    arch, cfg = dep.arch, dep.config
+    costs = plan_costs(dep.family, kv_share(arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size))
+    slo = cfg.ttft_slo_ms / 1e3 if cfg.ttft_slo_ms is not None else None
+    return DepthController(dep.family, len(dep.prefill), costs, slo, cfg.adaptive_depth, registry)
 
 
 class Server:
@@ -178,7 +190,8 @@ class Server:
         max_queued = self.max_queued_requests or default_max_queued_requests(num_blocks, engine.max_num_seqs)
         self.admission = Admission(KVLimits(min(num_blocks), engine.block_size, context_limit), max_queued)
         self.metrics.kv_bytes_per_token = dep.arch.kv_bytes_per_token(_dtype_bytes(engine.dtype))
-        self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated, ServerObserver(self.admission, self.metrics))
+        self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated, ServerObserver(self.admission, self.metrics),
+                                      depth=make_depth_controller(dep, self.metrics.registry))
         interceptors = [BearerAuthInterceptor(self.auth_token, lambda: self.metrics.count_failure("UNAUTHENTICATED"))] if self.auth_token else []
         # Refused by gRPC (RESOURCE_EXHAUSTED) before the message is parsed: nothing valid is this big.
         max_bytes = max(MIN_MAX_REQUEST_BYTES, BYTES_PER_CONTEXT_TOKEN * context_limit)

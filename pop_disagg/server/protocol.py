@@ -35,6 +35,7 @@ class ModelLimits:
 
     vocab_size: int
     context_limit: int
+    prune_ratios: tuple[float, ...] = ()  # the served plan family; a request's prune_ratio must be one of them
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class GenerateCall:
     prompt_token_ids: list[int]
     params: SamplingParams
     request_id: str | None
+    prune_ratio: float | None = None  # one of ModelLimits.prune_ratios (the served value, not the wire's); None: the server picks
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Timings:
     transfer_s: float = 0.0
     ttft_s: float = 0.0
     decode_s: float = 0.0
+    prune_ratio: float | None = None  # the family ratio the prefill ran; None: no prefill
+    num_skipped_layers: int = 0
 
 
 @dataclass
@@ -118,11 +122,23 @@ def parse_generate(msg: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> G
     request_id = msg.request_id if msg.HasField("request_id") else None
     if request_id is not None and not request_id:
         raise InvalidRequest("request_id", "must be non-empty when set")
-    return GenerateCall(ids, params, request_id)
+    return GenerateCall(ids, params, request_id, _prune_ratio(msg, limits))
+
+
+def _prune_ratio(msg: pb.GenerateRequest, limits: ModelLimits) -> float | None:
+    if not msg.HasField("prune_ratio"):
+        return None
+    value = msg.prune_ratio
+    for served in limits.prune_ratios:
+        if math.isfinite(value) and abs(served - value) <= 1e-4:
+            return served
+    allowed = ", ".join(f"{r:g}" for r in limits.prune_ratios)
+    raise InvalidRequest("prune_ratio", f"{value:g} is not served; allowed: {allowed}")
 
 
 def _timings(t: Timings) -> pb.Timings:
-    return pb.Timings(queue_s=t.queue_s, prefill_s=t.prefill_s, transfer_s=t.transfer_s, ttft_s=t.ttft_s, decode_s=t.decode_s)
+    return pb.Timings(queue_s=t.queue_s, prefill_s=t.prefill_s, transfer_s=t.transfer_s, ttft_s=t.ttft_s, decode_s=t.decode_s,
+                      prune_ratio=t.prune_ratio, num_skipped_layers=t.num_skipped_layers)
 
 
 def to_response(r: GenerateResult) -> pb.GenerateResponse:

@@ -6,7 +6,9 @@ tokens for prefill), opens the decode worker's stream (which reserves the blocks
 prefix ``x_1..x_{N-1}`` to the prefill worker with the transfer id, and turns the decode events
 into text: incremental detokenization and stop strings live here, not on the GPU workers. A
 prefill failure aborts the decode side with the reason; a cancelled or disconnected client aborts
-both sides, so the blocks return on both workers.
+both sides, so the blocks return on both workers. The prefill depth (which plan of the served
+family the prefill runs) comes from ``depth.DepthController``: the request's own ``prune_ratio``,
+the default plan, or the SLO controller's choice.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import AsyncIterator
 
 from ..disagg.decode_worker import Failed, KVReceived, Tokens
 from ..engine.detokenizer import IncrementalDetokenizer, find_stop
+from .depth import DepthController
 from .errors import WorkerUnavailable
 from .observer import RequestObserver
 from .protocol import GenerateCall, GenerateResult, Timings
@@ -48,8 +51,10 @@ class RouterStats:
 
 
 class Router:
-    def __init__(self, prefill_actors: list, decode_actors: list, tokenizer, is_disaggregated: bool, observer: RequestObserver | None = None):
+    def __init__(self, prefill_actors: list, decode_actors: list, tokenizer, is_disaggregated: bool, observer: RequestObserver | None = None,
+                 depth: DepthController | None = None):
         self.prefill, self.decode = prefill_actors, decode_actors
+        self.depth = depth
         self.tokenizer = tokenizer
         self.is_disaggregated = is_disaggregated
         self._prefill_load = [0] * len(prefill_actors)  # prompt tokens submitted, not yet sent
@@ -83,6 +88,11 @@ class Router:
         arrival = time.time()
         d = min(range(len(self.decode)), key=self._decode_load.__getitem__)
         p = min(range(len(self.prefill)), key=self._prefill_load.__getitem__) if self.is_disaggregated and n > 1 else None
+        try:
+            plan_index = self._choose_plan(p, rid, n, call.prune_ratio)
+        except ValueError:
+            self._active.discard(rid)
+            raise
         self._decode_load[d] += 1
         if p is not None:
             self._prefill_load[p] += n - 1
@@ -101,7 +111,7 @@ class Router:
                 kind, payload = await ref
                 if kind == "reserved":
                     if p is not None:
-                        prefill_task = asyncio.create_task(self._prefill(p, d, rid, payload, ids[:-1]))
+                        prefill_task = asyncio.create_task(self._prefill(p, d, rid, payload, ids[:-1], plan_index))
                     continue
                 new_ids: list[int] = []
                 for ev in payload:
@@ -144,11 +154,16 @@ class Router:
             else:
                 raise WorkerUnavailable(f"decode worker {d} ended request {rid} without finishing it")
             timings = Timings(ttft_s=(first_time or arrival) - arrival, decode_s=(last_time or arrival) - (first_time or arrival))
+            if plan_index is not None:
+                timings.prune_ratio = self.depth.family.ratios[plan_index]
+                timings.num_skipped_layers = len(self.depth.family.plans[plan_index].skip_layers)
             if prefill_task is not None:
                 outcome = await asyncio.wait_for(prefill_task, timeout=10)
                 timings.queue_s, timings.prefill_s = outcome.queue_s, outcome.prefill_s
                 if kv_time is not None:
                     timings.transfer_s = max(0.0, kv_time - outcome.compute_end)
+                if self.depth is not None:
+                    self.depth.observe_ttft(timings.ttft_s, outcome.queue_s, outcome.prefill_s)
             self.stats.num_finished += 1
             self.stats.ttft_s_sum += timings.ttft_s
             result = GenerateResult(rid, delta.text, delta.token_ids, finish, n, len(tokens), timings)
@@ -159,6 +174,8 @@ class Router:
         finally:
             self._active.discard(rid)
             self._decode_load[d] -= 1
+            if p is not None and self.depth is not None:
+                self.depth.on_done(p, rid)  # no-op once the prefill reported; frees a task never submitted
             if finish is None:
                 self.stats.num_failed += 1
             self.observer.failed(rid, sys.exc_info()[1])  # a no-op once finished() reported the request
@@ -168,11 +185,23 @@ class Router:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
 
-    async def _prefill(self, p: int, d: int, rid: str, transfer_id: int, prefix_ids: list[int]):
+    def _choose_plan(self, p: int | None, rid: str, n: int, requested: float | None) -> int | None:
+        """Family index of this request's prefill plan (None: no depth controller, or nothing to
+        prefill); the chosen work is counted on worker ``p``'s queue from now on."""
+        if self.depth is None or n <= 1:
+            return None
+        index = self.depth.choose(p, n - 1, requested)
+        if p is not None:
+            self.depth.on_submit(p, rid, n - 1, index)
+        return index
+
+    async def _prefill(self, p: int, d: int, rid: str, transfer_id: int, prefix_ids: list[int], plan_index: int | None = None):
         import ray
 
+        ratio = self.depth.family.ratios[plan_index] if plan_index is not None else None
+        outcome = None
         try:
-            outcome = await self.prefill[p].prefill.remote(rid, transfer_id, d, prefix_ids)
+            outcome = await self.prefill[p].prefill.remote(rid, transfer_id, d, prefix_ids, ratio)
         except ray.exceptions.RayActorError as exc:
             outcome = None
             error = f"prefill worker {p} is unavailable: {exc.__class__.__name__}"
@@ -180,6 +209,9 @@ class Router:
             error = outcome.error and f"prefill worker {p}: {outcome.error}"
         finally:
             self._prefill_load[p] -= len(prefix_ids)
+            if self.depth is not None:
+                measured = outcome is not None and not outcome.error
+                self.depth.on_done(p, rid, outcome.prefill_s if measured else None, outcome.num_batch_tokens if measured else 0)
         if error:
             self.decode[d].abort.remote(rid, error)  # ends the decode stream with the reason
         return outcome
