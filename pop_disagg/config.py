@@ -62,6 +62,15 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="context limit; default the model's")
     prune: PruneConfig = PruneConfig()
     seed: int = 0
+    enforce_eager: bool = Field(False, description="vLLM's flag: never compile or graph-capture the decode step")
+    compile_decode_on_cpu: bool = Field(False, description="torch.compile the decode step on CPU too (slow to start; off by default)")
+
+    @property
+    def use_compiled_decode(self) -> bool:
+        """CUDA: CUDA-graph the decode step per batch bucket; CPU: only when asked (compile time)."""
+        if self.enforce_eager:
+            return False
+        return self.device == "cuda" or self.compile_decode_on_cpu
 
     def context_limit(self, arch: ModelArch) -> int:
         return min(self.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)

@@ -135,6 +135,35 @@ def test_sampling_reproducible_and_filters():
         assert all(s[i] in top3[i].tolist() for i in range(4))
 
 
+def test_batched_seeded_sample_equals_the_request_sampled_alone():
+    """The vectorised sampler: each row's token depends only on its logits, params and generator."""
+    torch.manual_seed(1)
+    logits = torch.randn(5, 300)
+    params = [SamplingParams(temperature=0.7, seed=3), SamplingParams(), SamplingParams(temperature=1.3, top_k=5, seed=4),
+              SamplingParams(temperature=1.0, top_p=0.6, seed=5), SamplingParams(temperature=2.0, top_k=40, top_p=0.9, seed=6)]
+    cpu = torch.device("cpu")
+    gens = [make_generator(p.seed, cpu) for p in params]
+    alone_gens = [make_generator(p.seed, cpu) for p in params]
+    for _ in range(10):  # several steps: each generator advances by one draw per sampled step
+        batched = sample(logits, params, gens)
+        alone = [sample(logits[i : i + 1], [p], [g])[0] for i, (p, g) in enumerate(zip(params, alone_gens))]
+        assert batched == alone
+    assert batched[1] == int(logits[1].argmax())
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    """Inverse-CDF sampling matches softmax(logits / T) restricted by top-k / top-p (frequencies)."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    gens = [make_generator(i, torch.device("cpu")) for i in range(4000)]
+    freq = torch.bincount(torch.tensor(sample(logits, [SamplingParams(temperature=1.0)] * 4000, gens)), minlength=4) / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
+    # top_p = 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it, so tokens {0, 1} renormalised.
+    freq = torch.bincount(torch.tensor(sample(logits, [SamplingParams(temperature=1.0, top_p=0.7)] * 4000, gens)), minlength=4) / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.03, rtol=0)
+    freq = torch.bincount(torch.tensor(sample(logits, [SamplingParams(temperature=1.0, top_k=3)] * 4000, gens)), minlength=4) / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.03, rtol=0)
+
+
 def test_seeded_request_same_output_regardless_of_batch(engine):
     p = SamplingParams(max_new_tokens=10, temperature=1.0, seed=123, ignore_eos=True)
     alone = engine.generate([[5, 6, 7]], p)[0].token_ids

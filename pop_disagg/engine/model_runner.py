@@ -10,7 +10,10 @@ Owns the model, the KV cache tensors and the prune plan. Two kinds of step:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..models.attention import PagedAttention, PrefillAttention
 from ..models.decoder import CausalLM
@@ -27,6 +30,7 @@ class ModelRunner:
         self.blocks = blocks
         self.plan = plan
         self.device = model.device
+        self._table_cache: weakref.WeakKeyDictionary[Request, tuple[list[int], torch.Tensor]] = weakref.WeakKeyDictionary()
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -51,15 +55,28 @@ class ModelRunner:
         last = hidden[[c - 1 for c in cu[1:]]]
         return sample(self.model.compute_logits(last), [r.params for r in reqs], [r.generator for r in reqs])
 
-    @torch.inference_mode()
-    def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
-        ids = [r.next_input_token for r in reqs]
+    def _block_tables(self, reqs: list[Request], max_blocks: int) -> torch.Tensor:
+        """(B, max_blocks) block ids, padded with block 0 (positions past a context are masked).
+
+        A request's blocks are fixed at admission (its whole budget is reserved), so its table is
+        turned into a device tensor once and reused every step; a step only pads and stacks.
+        """
+        rows = []
+        for r in reqs:
+            cached = self._table_cache.get(r)
+            if cached is None or cached[0] is not r.block_table:  # the scheduler assigns a new list per allocation
+                cached = self._table_cache[r] = (r.block_table, self._tensor(r.block_table))
+            rows.append(cached[1][:max_blocks])
+        return pad_sequence(rows, batch_first=True)  # (B, max_blocks)
+
+    def decode_inputs(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor, PagedAttention]:
+        """One decode step's tensors, built once per step for every layer: (ids, positions, attention)."""
+        ids = self._tensor([r.next_input_token for r in reqs])  # (B,)
         pos = self._tensor([r.num_computed_tokens for r in reqs])  # (B,) position of the new token
         bs = self.blocks.block_size
-        max_ctx = int(pos.max()) + 1
+        max_ctx = max(r.num_computed_tokens for r in reqs) + 1
         max_blocks = -(-max_ctx // bs)
-        # Block tables padded with block 0: positions past a request's context are masked anyway.
-        table = self._tensor([(r.block_table + [0] * max_blocks)[:max_blocks] for r in reqs]).view(len(reqs), max_blocks)
+        table = self._block_tables(reqs, max_blocks)
         offs = torch.arange(max_ctx, device=self.device)
         slot_table = table[:, offs // bs] * bs + offs % bs  # (B, S)
         slot_mapping = slot_table.gather(1, pos[:, None])[:, 0]  # (B,) where the new K/V go
@@ -70,7 +87,12 @@ class ModelRunner:
             n_pruned = [r.num_prompt_tokens - (1 if self.plan.boundary_handling else 0) for r in reqs]
             masked_prefix = self._tensor(n_pruned)
         attn = PagedAttention(self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, pos + 1, masked_prefix, masked_layers)
-        hidden = self.model(self._tensor(ids), pos, attn)
+        return ids, pos, attn
+
+    @torch.inference_mode()
+    def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
+        ids, pos, attn = self.decode_inputs(reqs)
+        hidden = self.model(ids, pos, attn)
         for r in reqs:
             r.num_computed_tokens += 1
         return self.model.compute_logits(hidden)

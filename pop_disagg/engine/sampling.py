@@ -49,23 +49,38 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """logits: (B, V) float32 -> one token id per row."""
-    greedy = logits.argmax(dim=-1).tolist()
-    out = []
-    for i, p in enumerate(params):
-        if p.is_greedy:
-            out.append(greedy[i])
-            continue
-        row = logits[i] / p.temperature
-        if p.top_k and p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            # Drop a token once the mass before it already reaches top_p (the first always stays).
-            drop = (cum - sorted_logits.softmax(-1)) >= p.top_p
-            row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        probs = row.softmax(-1)
-        out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
-    return out
+    """logits: (B, V) float32 -> one token id per row.
+
+    Vectorised over the batch: temperature, top-k and top-p are (B,) tensors applied to all
+    sampled rows at once. Randomness stays per request: each sampled row draws one uniform number
+    from its own generator and inverts its row's CDF with it, so a seeded request gets the same
+    token whatever else shares the batch (tested).
+    """
+    greedy = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not rows:
+        return greedy.tolist()
+    dev = logits.device
+    vocab = logits.shape[-1]
+    sel = torch.tensor(rows, device=dev)
+    x = logits.index_select(0, sel).float()  # (S, V)
+    x = x / torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
+    top_k = [params[i].top_k if 0 < params[i].top_k < vocab else 0 for i in rows]
+    if any(top_k):
+        k = torch.tensor(top_k, device=dev)
+        kth = x.topk(max(top_k), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])  # (S, 1)
+        kth = kth.masked_fill((k == 0)[:, None], float("-inf"))  # rows without top-k keep all
+        x = x.masked_fill(x < kth, float("-inf"))
+    top_p = [params[i].top_p for i in rows]
+    if any(p < 1.0 for p in top_p):
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(-1)
+        # Drop a token once the mass before it already reaches top_p (the first always stays).
+        drop = (probs.cumsum(-1) - probs) >= torch.tensor(top_p, device=dev)[:, None]
+        x = x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    cdf = x.softmax(-1).cumsum(-1)  # (S, V)
+    u = torch.cat([torch.rand(1, generator=generators[i], device=dev) for i in rows])  # (S,) one draw per request
+    # right=True: the first token whose cumulative mass exceeds u * total (never a zero-mass one).
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
+    out = greedy.index_copy(0, sel, picked)
+    return out.tolist()

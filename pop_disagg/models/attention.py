@@ -130,8 +130,12 @@ class PagedAttention:
 
     def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
         # q: (B, H, D); the new k/v were already stored, so everything comes from the cache.
+        # Grouped-query attention without expanding K/V to H heads (``enable_gqa``): the gathered
+        # (B, Hkv, S, D) context is read as is, instead of a repeat_interleave copy of K and V
+        # per layer per step (3x the context for SmolLM2, 4x for Llama-3; see benchmarks/README.md).
         keys, vals = self._gather(layer)
-        out = _sdpa(q[:, :, None, :], keys, vals, self._mask(layer, window), scale)
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=self._mask(layer, window), scale=scale,
+                                             enable_gqa=keys.shape[1] != q.shape[1])
         return out[:, :, 0, :]  # (B, H, D)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..pop.plan import PrunePlan
 from .arch import ModelArch
-from .layers import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .layers import MLP, FusedLinear, RMSNorm, apply_rope, fuse_linears, rope_cos_sin, rope_inv_freq
 
 CosSin = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,15 +59,23 @@ class Attention(KVProjection):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, gemma=arch.is_gemma) if arch.has_qk_norm else None
         self.window = arch.window_for_layer(layer)
         self.scale = arch.attn_scale
+        self.qkv: FusedLinear | None = None  # set by ``fuse()`` once the weights are real
+
+    def fuse(self) -> None:
+        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, attn) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        if self.qkv is not None and self.qkv.is_current():
+            q, k, v = self.qkv(x)  # one GEMM for q, k and v
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         cos, sin = cos_sin[self.rope_kind]
         q = apply_rope(q, cos, sin)
-        k, v = self.finish_kv(self.k_proj(x), self.v_proj(x), cos_sin)
+        k, v = self.finish_kv(k, v, cos_sin)
         attn.store(self.layer, k, v)
         out = attn.attend(self.layer, q, k, v, self.window, self.scale)  # (T, H, D)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
@@ -149,6 +157,26 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False) if has_head else None
         self._inv_freq: dict[str, torch.Tensor] = {}
         self._fused: dict[tuple[int, ...], tuple] = {}
+
+    def fuse_weights(self) -> None:
+        """One GEMM for q/k/v and one for gate/up in every full layer (after the weights are real).
+
+        The checkpoint's parameters keep their names and become views of the fused tensors, so
+        nothing outside sees a difference except speed. Skipped layers of a prefill-only instance
+        have no Q or MLP; their K/V go through the per-run fused projection (``_store_run_kv``).
+        """
+        for layer in self.model.layers:
+            if isinstance(layer, DecoderLayer):
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+        self._fused.clear()
+
+    def _apply(self, fn, recurse=True):
+        # ``.to()``/``.half()`` replace parameter storage: the fused views would go stale, so fuse again.
+        out = super()._apply(fn, recurse)
+        if any(isinstance(ly, DecoderLayer) and ly.mlp.gate_up is not None for ly in self.model.layers):
+            self.fuse_weights()
+        return out
 
     @property
     def is_prefill_only(self) -> bool:

@@ -1,7 +1,8 @@
 """Checkpoint loading: build the model on the ``meta`` device, then stream only the tensors it
 declares out of the folder's safetensors files (one file, or many with an index).
 
-Because a prefill-only instance never declares the skipped layers' attention/MLP weights or the
+Tensors load under their Hugging Face names; ``CausalLM.fuse_weights`` then packs q/k/v and
+gate/up into one GEMM each, keeping those names as views. Because a prefill-only instance never declares the skipped layers' attention/MLP weights or the
 LM head, those tensors are never read from disk: ``safe_open`` reads tensors lazily by name.
 """
 
@@ -82,6 +83,7 @@ def load_model(
                 tensor = f.get_tensor(name)
                 _assign(model, name, tensor, dtype, device)
     model.eval().requires_grad_(False)
+    model.fuse_weights()  # q/k/v and gate/up as one GEMM each; the HF names stay as views
     model.init_rope()
     return model
 

@@ -127,6 +127,7 @@ def build_random_model(
         module_name, _, param_name = name.rpartition(".")
         setattr(model.get_submodule(module_name), param_name, torch.nn.Parameter(tensor, requires_grad=False))
     model.eval().requires_grad_(False)
+    model.fuse_weights()
     model.init_rope()
     return model
 
