@@ -8,6 +8,7 @@ it runs last. Everything binds 127.0.0.1 and is stopped at the end.
 
 from __future__ import annotations
 
+import asyncio
 import string
 import time
 
@@ -58,6 +59,45 @@ def _wait_idle(server, timeout=20.0):
     while (s := _decode_stats(server))["num_free_blocks"] != s["num_blocks"] and time.monotonic() < deadline:
         time.sleep(0.05)
     return s
+
+
+def _call(n, m):
+    from pop_disagg.engine.sampling import SamplingParams
+    from pop_disagg.server.protocol import GenerateCall
+
+    return GenerateCall(list(range(n)), SamplingParams(max_new_tokens=m), None)
+
+
+def test_admission_order_and_default_bound():
+    """Plain Python: draining beats everything, never-fits beats a full queue, the bound counts waiting only."""
+    from pop_disagg.server.admission import Admission, KVLimits, default_max_queued_requests
+    from pop_disagg.server.errors import Draining, Overloaded
+
+    assert default_max_queued_requests([85, 85], 64) == 128 and default_max_queued_requests([10], 64) == 10
+    adm = Admission(KVLimits(num_blocks=10, block_size=4, context_limit=512), max_queued_requests=1)
+    adm.admit("a", _call(4, 36))  # exactly 10 blocks
+    with pytest.raises(ValueError, match="need 11 KV blocks"):
+        adm.admit("b", _call(4, 37))
+    with pytest.raises(Overloaded):
+        adm.admit("b", _call(1, 1))
+    adm.started("a")  # producing tokens: no longer queued
+    adm.admit("b", _call(1, 1))
+    assert adm.num_waiting == 1 and adm.in_flight == ["a", "b"]
+    adm.done("a"), adm.done("b")
+    assert adm.in_flight == [] and asyncio.run(adm.drain(0.0)) == []
+    with pytest.raises(Draining):
+        adm.admit("c", _call(4, 37))
+
+
+def test_subnormal_temperature_samples_greedily():
+    """Found by the fuzz below: logits / 1e-40 overflow to inf, softmax gives NaN, the step loop died."""
+    import torch
+
+    from pop_disagg.engine.sampling import SamplingParams, sample
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert sample(logits, [SamplingParams(temperature=1e-40)] * 3, gens) == logits.argmax(-1).tolist()
 
 
 def test_queue_limit_refuses_at_once_and_serves_the_rest(server, stub):

@@ -176,3 +176,12 @@ def test_bench_client_with_token_and_ca(server, tls_files):
     run = asyncio.run(run_requests(server.address, RunSettings(num_requests=2, num_warmup=0, ignore_eos=True), reqs,
                                    show_progress=False, auth_token=TOKEN, tls_ca=ca))
     assert [r.error for r in run.records] == [None, None] and all(r.usage_completion_tokens == 3 for r in run.records)
+
+
+def test_bench_serve_command_with_token_and_ca(server, tls_files, capsys):
+    args = ["bench", "serve", "--server", server.address, "--input-len", "4", "--output-len", "2", "--ignore-eos",
+            "--num-requests", "2", "--num-warmup", "0", "--no-progress", "--tls-ca", tls_files[0]]
+    assert cli.main(args + ["--auth-token", TOKEN]) == 0
+    capsys.readouterr()
+    assert cli.main(args + ["--auth-token", "wrong"]) == 2  # the server check fails with one line
+    assert "UNAUTHENTICATED" in capsys.readouterr().err

@@ -164,6 +164,8 @@ class Server:
         self.metrics_port, self.max_queued_requests = metrics_port, max_queued_requests
         self.auth_token = check_token(auth_token) if auth_token else None
         self.tls_cert, self.tls_key = tls_cert, tls_key
+        # Read now: a missing or bad file fails before any worker starts.
+        self._tls = server_credentials(tls_cert, tls_key) if tls_cert is not None else None
         self.kv_poll_interval_s = kv_poll_interval_s
         self.metrics = ServerMetrics(config.is_disaggregated)
         self.admission: Admission | None = None
@@ -204,8 +206,8 @@ class Server:
         reflection.enable_server_reflection([GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc)
         await self._check_workers()
         address = f"{self.host}:{self.port}"
-        if self.tls_cert is not None:
-            self.port = self._grpc.add_secure_port(address, server_credentials(self.tls_cert, self.tls_key))
+        if self._tls is not None:
+            self.port = self._grpc.add_secure_port(address, self._tls)
         else:
             self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
