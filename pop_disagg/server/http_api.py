@@ -499,7 +499,9 @@ class HttpFrontEnd:
             def capture_signals(self):  # the process that owns the loop handles SIGINT/SIGTERM
                 yield
 
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and without
+        # it every response's body waits for the ACK of its headers (Nagle vs delayed ACK, ~40 ms).
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
