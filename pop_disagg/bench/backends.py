@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 
 from .metrics import RequestRecord
@@ -128,7 +129,10 @@ class OpenAIBackend:
         import httpx
 
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # open loop: no client-side queue
-        async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers(), limits=limits, timeout=None) as client:
+        # TCP_NODELAY: httpx writes headers and body separately, and with Nagle the body would wait
+        # for the server's delayed ACK of the headers, which adds the client's socket to every TTFT.
+        transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers(), transport=transport, timeout=None) as client:
 
             async def send(req: BenchRequest, settings: RunSettings, rec: RequestRecord) -> None:
                 await self._send(client, self.body(req, settings, rec.index), rec, settings.request_timeout_s)

@@ -33,7 +33,7 @@ import logging
 import socket
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -79,6 +79,9 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = Field(False, description="add the generated token ids to every choice")
+    # vLLM extensions some clients (vLLM's own bench) always send: accepted at their neutral value.
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
 
 
 class CompletionRequest(_SamplingRequest):
@@ -178,7 +181,9 @@ def _unsupported(req: _SamplingRequest) -> None:
     checks = [("n", req.n != 1, "only n=1 is supported"),
               ("presence_penalty", req.presence_penalty != 0, "penalties are not supported"),
               ("frequency_penalty", req.frequency_penalty != 0, "penalties are not supported"),
-              ("logit_bias", bool(req.logit_bias), "logit_bias is not supported")]
+              ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
+              ("repetition_penalty", req.repetition_penalty != 1.0, "penalties are not supported"),
+              ("min_tokens", req.min_tokens != 0, "min_tokens is not supported")]
     if isinstance(req, CompletionRequest):
         checks += [("logprobs", req.logprobs is not None, "logprobs are not supported yet"),
                    ("echo", req.echo, "echo is not supported"),
@@ -494,7 +499,9 @@ class HttpFrontEnd:
             def capture_signals(self):  # the process that owns the loop handles SIGINT/SIGTERM
                 yield
 
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and without
+        # it every response's body waits for the ACK of its headers (Nagle vs delayed ACK, ~40 ms).
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
