@@ -50,7 +50,7 @@ class PlacementConfig(BaseModel):
 
     strategy: Strategy = Field("pack", description="pack: prefill/decode pairs share a node; spread: roles on different nodes")
     timeout_s: float = Field(120.0, gt=0, description="start-up fails if the placement group is not ready by then")
-    cpus_per_worker: float | None = Field(None, gt=0, description="CPU in each bundle; default 1, or a fair share when the cluster has fewer CPUs than workers")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPU in each bundle; default: 1 per GPU worker (an equal share when the cluster has fewer CPUs), a token share per CPU worker")
 
 
 @dataclass(frozen=True)
@@ -192,10 +192,15 @@ def _spread(nodes: list[NodeInfo], caps: list[int], is_prefill: list[bool], num_
     return assigned
 
 
+# CPU workers reserve only a token by default, as the actors did before placement groups (num_cpus=0):
+# several servers (tests, benchmarks) share one small Ray instance, and Ray's CPU is bookkeeping,
+# not pinning. ``--cpus-per-worker`` reserves real cores.
+TOKEN_CPUS = 0.01
+
+
 def default_cpus(total_cpus: float, num_workers: int) -> float:
-    """1 CPU per worker, or an equal share when the cluster has fewer CPUs than workers (a laptop
-    or a CI box serving 2P1D on 2 cores): Ray's CPU is bookkeeping, not pinning."""
-    return max(0.01, min(1.0, math.floor(total_cpus / num_workers * 100) / 100))
+    """GPU workers: 1 CPU each, or an equal share when the cluster has fewer CPUs than workers."""
+    return max(TOKEN_CPUS, min(1.0, math.floor(total_cpus / num_workers * 100) / 100))
 
 
 def gpus_per_worker(total_gpus: float, num_workers: int) -> float:
@@ -252,7 +257,7 @@ def cluster_nodes() -> list[NodeInfo]:
 
 def bundle_for(config: PlacementConfig, device: str, nodes: list[NodeInfo], num_workers: int) -> dict[str, float]:
     total_cpus = sum(n.resources.get("CPU", 0.0) for n in nodes)
-    bundle = {"CPU": config.cpus_per_worker or default_cpus(total_cpus, num_workers)}
+    bundle = {"CPU": config.cpus_per_worker or (default_cpus(total_cpus, num_workers) if device == "cuda" else TOKEN_CPUS)}
     if device == "cuda":
         total_gpus = sum(n.resources.get("GPU", 0.0) for n in nodes)
         if total_gpus == 0:
