@@ -24,6 +24,7 @@ import grpc
 import pytest
 import ray
 import torch
+from ray._common.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
@@ -61,7 +62,7 @@ def cluster():
         c.add_node(num_cpus=3)
         c.wait_for_nodes()
         # The address file a plain ray.init() follows is ours alone, not the machine's.
-        assert ray._common.utils.get_ray_address_file(None) == os.path.join(tmp, "ray", "ray_current_cluster")
+        assert get_ray_address_file(None) == os.path.join(tmp, "ray", "ray_current_cluster")
         assert open(os.path.join(tmp, "ray", "ray_current_cluster")).read().strip() == c.address
         default_file = os.path.join("/tmp", "ray", "ray_current_cluster")
         assert not os.path.exists(default_file) or open(default_file).read().strip() != c.address
