@@ -173,3 +173,19 @@ def test_more_workers_than_the_cluster_holds_fail_within_the_timeout(cluster, mo
     assert "1 node {CPU: 1}" in msg and "1 node {CPU: 3}" in msg
     states = [pg["state"] for pg in ray.util.placement_group_table().values()]
     assert "PENDING" not in states and "CREATED" not in states  # nothing left waiting for resources
+
+
+def test_head_gate_waits_for_resources_with_a_timeout(cluster):
+    """cluster/wait_for_resources.py, the gate the cluster files' head command runs before serving."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("wait_for_resources", Path(__file__).resolve().parent.parent / "cluster" / "wait_for_resources.py")
+    gate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gate)
+    said: list[str] = []
+    assert gate.wait_for("CPU", 4, timeout_s=5, say=said.append)  # both nodes' CPUs count
+    start = time.monotonic()
+    assert not gate.wait_for("GPU", 1, timeout_s=0.5, poll_s=0.1, say=said.append)
+    assert time.monotonic() - start < 5
+    assert said[-1] == "timed out after 0.5s: 0 of 1 GPU on 2 node(s)"
