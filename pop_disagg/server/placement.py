@@ -281,10 +281,15 @@ def reserve(config: PlacementConfig, num_prefill: int, num_decode: int, device: 
     ray_strategy = {"pack": "PACK", "spread": "SPREAD"}[config.strategy]
     try:
         node_ids = plan(nodes, num_prefill, num_decode, bundle, config.strategy)
-        group = placement_group(bundles, strategy=ray_strategy, bundle_label_selector=[{NODE_ID_LABEL: n} for n in node_ids])
     except PlacementError as exc:
         log.warning("%s; waiting up to %gs for more nodes", exc, config.timeout_s)
         group = placement_group(bundles, strategy=ray_strategy)  # the autoscaler sees this demand
+    else:
+        try:
+            group = placement_group(bundles, strategy=ray_strategy, bundle_label_selector=[{NODE_ID_LABEL: n} for n in node_ids])
+        except TypeError:  # a Ray without per-bundle label selectors: its own PACK/SPREAD decides
+            log.warning("this Ray cannot pin bundles to nodes; placing with Ray's %s", ray_strategy)
+            group = placement_group(bundles, strategy=ray_strategy)
     try:
         ray.get(group.ready(), timeout=config.timeout_s)
     except GetTimeoutError:
