@@ -51,9 +51,8 @@ def serve_config(args: argparse.Namespace):
     num_workers = args.num_decode + (args.num_prefill if args.topology == "disaggregated" else 0)
     threads = args.threads or max(1, (os.cpu_count() or 1) // num_workers)
     engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args), kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len)
-    return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout, num_threads=threads, kv_correction=args.kv_correction,
-        placement=PlacementConfig(strategy=args.placement, timeout_s=args.placement_timeout, cpus_per_worker=args.cpus_per_worker),
-    )
+    placement = PlacementConfig(strategy=args.placement, timeout_s=args.placement_timeout, cpus_per_worker=args.cpus_per_worker)
+    return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout, num_threads=threads, kv_correction=args.kv_correction, placement=placement)
 
 
 def init_ray(address: str | None) -> None:
