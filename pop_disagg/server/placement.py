@@ -10,8 +10,9 @@ has. The Ray half (``reserve``) turns the plan into one placement group, waits f
 Strategies (``--placement``):
 
 - ``pack`` (default): as few nodes as possible, biggest first, filled in the order
-  ``p0, d0, p1, d1, ...`` so a prefill worker sits on the node of the decode worker it feeds: on a
-  p4d the KV moves over NVLink/NVSwitch, never the network.
+  ``p0, d0, p1, d1, ...`` so a prefill worker sits on the node of the decode worker next to it: on
+  a p4d such a pair's KV moves over NVLink/NVSwitch (the router still picks workers by load, so a
+  request may use a pair that spans nodes).
 - ``spread``: a node holds prefill workers or decode workers, never both: every transfer crosses
   the network, and each role has its nodes (memory, PCIe, NICs) to itself. Within a role the
   workers go to the node with the most room left (colocated engines: over all nodes).
@@ -19,7 +20,8 @@ Strategies (``--placement``):
 Bundles are pinned to their planned nodes with Ray's ``ray.io/node-id`` label selector. When the
 nodes present cannot hold the request (an autoscaling cluster that is still growing), the group is
 submitted unpinned with Ray's own PACK / SPREAD, which the autoscaler can act on; either way a group
-that is not ready within ``timeout_s`` is removed and start-up fails with the message.
+that is not ready within ``timeout_s`` is removed and start-up fails with the message. The plan
+uses the nodes' totals: resources other jobs hold show up as a group that is not ready in time.
 
 Bundle index = the worker's rank: prefill ``0..P-1``, decode ``P..P+D-1`` (as in ``deploy.py``).
 """
