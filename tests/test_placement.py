@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from pop_disagg.server.placement import NodeInfo, PlacementConfig, WorkerLocation, bundle_for, default_cpus, gpus_per_worker, pair_backend, plan
-from pop_disagg.server.placement import PlacementError
+from pop_disagg.server.placement import TOKEN_CPUS, PlacementError
 
 GPU = {"GPU": 1.0, "CPU": 1.0}
 CPU = {"CPU": 1.0}
@@ -111,6 +111,7 @@ def test_bundle_defaults():
     assert bundle_for(PlacementConfig(), "cuda", two, 2) == {"CPU": 1.0, "GPU": 1.0}
     assert bundle_for(PlacementConfig(), "cuda", two, 3) == {"CPU": 0.66, "GPU": 0.5}  # share: gloo
     assert bundle_for(PlacementConfig(cpus_per_worker=4), "cpu", two, 2) == {"CPU": 4.0}
+    assert bundle_for(PlacementConfig(), "cpu", two, 2) == {"CPU": TOKEN_CPUS}  # servers share small Rays
     assert gpus_per_worker(8, 3) == 1.0 and gpus_per_worker(1, 3) == 1 / 3
     with pytest.raises(PlacementError, match="no GPUs"):
         bundle_for(PlacementConfig(), "cuda", [cpu_head()], 2)
@@ -131,3 +132,12 @@ def test_config_rejects_unknown_strategy():
         PlacementConfig(strategy="scatter")
     with pytest.raises(ValueError):
         PlacementConfig(timeout_s=0)
+
+
+def test_serve_flags_reach_the_placement_config():
+    from pop_disagg.cli import build_parser
+    from pop_disagg.commands.serve import serve_config
+
+    args = build_parser().parse_args(["serve", "--placement", "spread", "--placement-timeout", "7", "--cpus-per-worker", "2"])
+    assert serve_config(args).placement == PlacementConfig(strategy="spread", timeout_s=7, cpus_per_worker=2)
+    assert serve_config(build_parser().parse_args(["serve"])).placement == PlacementConfig(strategy="pack", timeout_s=120)

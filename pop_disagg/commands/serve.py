@@ -34,7 +34,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' to join a running cluster); default: embedded local Ray")
     p.add_argument("--placement", default="pack", choices=["pack", "spread"], help="pack: prefill/decode pairs share a node (NVLink); spread: prefill and decode workers on different nodes")
     p.add_argument("--placement-timeout", type=float, default=120.0, help="seconds to wait for the workers' placement group before failing with what was asked and what the cluster has")
-    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs reserved in each worker's bundle (default 1, or an equal share when the cluster has fewer)")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs reserved in each worker's bundle (default: 1 per GPU worker, a token share per CPU worker)")
     p.add_argument("--kv-correction", default=None, help="kv_correction.safetensors from `pop-disagg eval fidelity`: fitted K/V for the skipped layers (disaggregated + pop)")
     from .plan import parse_ratios
 

@@ -151,7 +151,6 @@ class Deployment:
                 raise ValueError(f"kv_correction: fitted for skipped layers {list(fitted.skip_layers)}, the plan skips {list(plan.skip_layers)}")
         spec = WorkerSpec(engine, plan, config.num_threads, config.transfer_timeout_s, eos, config.kv_correction, family)
         num_prefill = config.num_prefill if config.is_disaggregated else 0
-        num_workers = num_prefill + config.num_decode
         placement = reserve(config.placement, num_prefill, config.num_decode, engine.device)
         prefill = [PrefillActor.options(**placement.options(r)).remote(spec) for r in range(num_prefill)]
         decode = [DecodeActor.options(**placement.options(num_prefill + d)).remote(spec) for d in range(config.num_decode)]

@@ -10,8 +10,9 @@ has. The Ray half (``reserve``) turns the plan into one placement group, waits f
 Strategies (``--placement``):
 
 - ``pack`` (default): as few nodes as possible, biggest first, filled in the order
-  ``p0, d0, p1, d1, ...`` so a prefill worker sits on the node of the decode worker it feeds: on a
-  p4d the KV moves over NVLink/NVSwitch, never the network.
+  ``p0, d0, p1, d1, ...`` so a prefill worker sits on the node of the decode worker next to it: on
+  a p4d such a pair's KV moves over NVLink/NVSwitch (the router still picks workers by load, so a
+  request may use a pair that spans nodes).
 - ``spread``: a node holds prefill workers or decode workers, never both: every transfer crosses
   the network, and each role has its nodes (memory, PCIe, NICs) to itself. Within a role the
   workers go to the node with the most room left (colocated engines: over all nodes).
@@ -19,7 +20,8 @@ Strategies (``--placement``):
 Bundles are pinned to their planned nodes with Ray's ``ray.io/node-id`` label selector. When the
 nodes present cannot hold the request (an autoscaling cluster that is still growing), the group is
 submitted unpinned with Ray's own PACK / SPREAD, which the autoscaler can act on; either way a group
-that is not ready within ``timeout_s`` is removed and start-up fails with the message.
+that is not ready within ``timeout_s`` is removed and start-up fails with the message. The plan
+uses the nodes' totals: resources other jobs hold show up as a group that is not ready in time.
 
 Bundle index = the worker's rank: prefill ``0..P-1``, decode ``P..P+D-1`` (as in ``deploy.py``).
 """
@@ -50,7 +52,7 @@ class PlacementConfig(BaseModel):
 
     strategy: Strategy = Field("pack", description="pack: prefill/decode pairs share a node; spread: roles on different nodes")
     timeout_s: float = Field(120.0, gt=0, description="start-up fails if the placement group is not ready by then")
-    cpus_per_worker: float | None = Field(None, gt=0, description="CPU in each bundle; default 1, or a fair share when the cluster has fewer CPUs than workers")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPU in each bundle; default: 1 per GPU worker (an equal share when the cluster has fewer CPUs), a token share per CPU worker")
 
 
 @dataclass(frozen=True)
@@ -192,10 +194,15 @@ def _spread(nodes: list[NodeInfo], caps: list[int], is_prefill: list[bool], num_
     return assigned
 
 
+# CPU workers reserve only a token by default, as the actors did before placement groups (num_cpus=0):
+# several servers (tests, benchmarks) share one small Ray instance, and Ray's CPU is bookkeeping,
+# not pinning. ``--cpus-per-worker`` reserves real cores.
+TOKEN_CPUS = 0.01
+
+
 def default_cpus(total_cpus: float, num_workers: int) -> float:
-    """1 CPU per worker, or an equal share when the cluster has fewer CPUs than workers (a laptop
-    or a CI box serving 2P1D on 2 cores): Ray's CPU is bookkeeping, not pinning."""
-    return max(0.01, min(1.0, math.floor(total_cpus / num_workers * 100) / 100))
+    """GPU workers: 1 CPU each, or an equal share when the cluster has fewer CPUs than workers."""
+    return max(TOKEN_CPUS, min(1.0, math.floor(total_cpus / num_workers * 100) / 100))
 
 
 def gpus_per_worker(total_gpus: float, num_workers: int) -> float:
@@ -252,7 +259,7 @@ def cluster_nodes() -> list[NodeInfo]:
 
 def bundle_for(config: PlacementConfig, device: str, nodes: list[NodeInfo], num_workers: int) -> dict[str, float]:
     total_cpus = sum(n.resources.get("CPU", 0.0) for n in nodes)
-    bundle = {"CPU": config.cpus_per_worker or default_cpus(total_cpus, num_workers)}
+    bundle = {"CPU": config.cpus_per_worker or (default_cpus(total_cpus, num_workers) if device == "cuda" else TOKEN_CPUS)}
     if device == "cuda":
         total_gpus = sum(n.resources.get("GPU", 0.0) for n in nodes)
         if total_gpus == 0:
@@ -276,10 +283,15 @@ def reserve(config: PlacementConfig, num_prefill: int, num_decode: int, device: 
     ray_strategy = {"pack": "PACK", "spread": "SPREAD"}[config.strategy]
     try:
         node_ids = plan(nodes, num_prefill, num_decode, bundle, config.strategy)
-        group = placement_group(bundles, strategy=ray_strategy, bundle_label_selector=[{NODE_ID_LABEL: n} for n in node_ids])
     except PlacementError as exc:
         log.warning("%s; waiting up to %gs for more nodes", exc, config.timeout_s)
         group = placement_group(bundles, strategy=ray_strategy)  # the autoscaler sees this demand
+    else:
+        try:
+            group = placement_group(bundles, strategy=ray_strategy, bundle_label_selector=[{NODE_ID_LABEL: n} for n in node_ids])
+        except TypeError:  # a Ray without per-bundle label selectors: its own PACK/SPREAD decides
+            log.warning("this Ray cannot pin bundles to nodes; placing with Ray's %s", ray_strategy)
+            group = placement_group(bundles, strategy=ray_strategy)
     try:
         ray.get(group.ready(), timeout=config.timeout_s)
     except GetTimeoutError:
