@@ -174,6 +174,7 @@ class FidelityRun:
         self.model_path = model_path
         self.arch = model.arch
         self.timings: dict[str, float] = {}
+        self._calib: dict[tuple, list[list[int]]] = {}  # (sources, scale) -> calibration token lists
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=not self.cfg.progress, leave=False)
@@ -207,7 +208,7 @@ class FidelityRun:
     def calibration(self, sources: tuple[str, ...], scale: int) -> list[list[int]]:
         """Calibration token lists (``scale`` x num_calib_texts x calib_len) from the calib split."""
         key = (tuple(sources), scale)
-        cache = self.__dict__.setdefault("_calib", {})
+        cache = self._calib
         if key not in cache:
             c = self.cfg
             if c.text_file is not None and tuple(sources) != TEXT_SOURCES:
