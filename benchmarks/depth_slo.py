@@ -52,6 +52,8 @@ def run_mode(address: str, rate: float, ratio: float | None, requests, warmup, a
     settings = RunSettings(request_rate=rate, num_requests=len(requests), num_warmup=len(warmup), seed=args.seed,
                            ignore_eos=True, prune_ratio=ratio, request_timeout_s=600)
     run = asyncio.run(run_requests(address, settings, requests, warmup, show_progress=False))
+    if run.is_interrupted:  # Ctrl-C: the runner kept what it had; stop the sweep (and the server)
+        raise KeyboardInterrupt
     summary = summarize(run.records, run.duration_s, {"ttft": args.slo_ms})
     served = [r for r in run.records if r.is_success and r.server_timings]
     layers = [r.server_timings["num_skipped_layers"] for r in served]
