@@ -46,7 +46,8 @@ def serve_config(args: argparse.Namespace):
 
     num_workers = args.num_decode + (args.num_prefill if args.topology == "disaggregated" else 0)
     threads = args.threads or max(1, (os.cpu_count() or 1) // num_workers)
-    engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args), kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len)
+    engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args), kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len,
+                          enforce_eager=args.enforce_eager, compile_decode_on_cpu=args.compile_decode)
     return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout, num_threads=threads, kv_correction=args.kv_correction)
 
 
