@@ -118,3 +118,22 @@ def test_cuda_graph_decode_equals_eager_on_gpu(tiny_ckpt):
     graphed = graphed_engine.generate(prompts, params)
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
     assert graphed_engine.runner.bucketed._graphs  # at least one graph was captured and replayed
+
+
+def test_streamed_skipped_run_kv_equals_one_gemm(tiny_ckpt):
+    """The prefill worker's layer-by-layer projection of a skipped run == the one-GEMM projection."""
+    from pop_disagg.pop.plan import PrunePlan
+
+    model = load_model(tiny_ckpt("qwen2"))  # K/V biases
+    plan = PrunePlan.default(model.arch.num_layers)
+    ids, pos = torch.tensor([3, 17, 5, 9, 30, 2, 8]), torch.arange(7)
+    got = {}
+    for stream in (False, True):
+        stored = []
+        with torch.inference_mode():
+            model(ids, pos, PrefillAttention([0, 4, 7], sink=lambda l, k, v: stored.append((l, k.clone(), v.clone())), stream_kv=stream), plan=plan)
+        got[stream] = stored
+    assert [l for l, _, _ in got[True]] == [l for l, _, _ in got[False]] == list(range(model.arch.num_layers))
+    for (_, k1, v1), (_, k2, v2) in zip(got[False], got[True]):
+        torch.testing.assert_close(k2, k1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v2, v1, atol=1e-5, rtol=1e-5)
