@@ -156,21 +156,10 @@ def build(name: str, dtype: torch.dtype):
     return load_model(path, dtype), AutoConfig.from_pretrained(path), f"checkpoint {path}"
 
 
-def contiguous_peer(model, hf_config):
-    """Transformers' model holding contiguous copies of our weights (its normal layout)."""
-    peer = transformers_peer(model, hf_config)
-    with torch.no_grad():
-        for mod in peer.modules():
-            for name, p in list(mod.named_parameters(recurse=False)):
-                if not p.is_contiguous():
-                    setattr(mod, name, torch.nn.Parameter(p.contiguous(), requires_grad=False))
-    return peer
-
-
 def bench_model(args, name: str) -> dict:
     dtype = resolve_dtype(args.dtype)
     model, hf_config, source = build(name, dtype)
-    peer = contiguous_peer(model, hf_config)
+    peer = transformers_peer(model, hf_config, contiguous=True)
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     for b in args.batch_sizes:

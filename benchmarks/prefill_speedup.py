@@ -403,7 +403,8 @@ def main(argv=None) -> int:
     model, hf_config, source = build(args)
     arch = model.arch
     plan = PrunePlan.from_ratio(arch.num_layers, args.prune_ratio) if args.prune_ratio is not None else PrunePlan.default(arch.num_layers)
-    peer = None if args.no_hf else transformers_peer(model, hf_config)
+    # Contiguous copies for the peer: Transformers timed in its own layout, not our fused views.
+    peer = None if args.no_hf else transformers_peer(model, hf_config, contiguous=True)
     hw = hardware()
     print(f"model: {source}; {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
           f"{arch.num_heads}/{arch.num_kv_heads} heads, {args.dtype} on {args.device} (built in {time.perf_counter() - t_build:.1f}s)")

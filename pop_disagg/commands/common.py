@@ -11,6 +11,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="registry name (smollm2-135m-instruct, gemma-3-270m) or checkpoint folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run the decode step eagerly (no CUDA graphs on GPU; vLLM's flag). CPU decode is eager unless --compile-decode")
+    p.add_argument("--compile-decode", action="store_true", help="torch.compile the decode step on CPU (per batch bucket, at first use)")
 
 
 def add_prune_args(p: argparse.ArgumentParser) -> None:
@@ -31,4 +34,5 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args), **extra)
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args),
+                        enforce_eager=getattr(args, "enforce_eager", False), compile_decode_on_cpu=getattr(args, "compile_decode", False), **extra)

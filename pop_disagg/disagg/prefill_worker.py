@@ -150,7 +150,7 @@ class PrefillWorker:
 
         device = self.model.device
         try:
-            self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), PrefillAttention(cu, sink=sink), plan=plan)
+            self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), PrefillAttention(cu, sink=sink, stream_kv=True), plan=plan)
         except Exception as exc:  # e.g. out of memory: fail these requests, keep the links in step
             for sender, batch, _, _ in groups:
                 sender.abandon(batch, f"prefill failed: {exc!r}")

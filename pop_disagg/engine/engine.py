@@ -71,7 +71,10 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.kv_cache = KVCache(self.arch, num_blocks, config.block_size, dtype, device)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.context_limit, prefill_covers_last=not self.plan.boundary_handling)
-        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.plan)
+        decode_mode = None
+        if config.use_compiled_decode:
+            decode_mode = "cuda_graph" if device.type == "cuda" else "compile"
+        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.plan, decode_mode, config.max_num_seqs)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()

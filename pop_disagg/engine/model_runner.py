@@ -5,7 +5,10 @@ Owns the model, the KV cache tensors and the prune plan. Two kinds of step:
 * ``prefill(reqs)``: the pruned pass over each prompt's first ``N-1`` tokens (all ``N`` without
   boundary handling, then it also samples the first token). K/V go straight into the requests'
   blocks through the prefill sink.
-* ``decode(reqs)``: one token per request through the full model over the paged cache.
+* ``decode(reqs)``: one token per request through the full model over the paged cache; its
+  tensors (ids, positions, block tables -> slot table, slot mapping, masks) are built once per
+  step for all layers, and the forward is eager or, per batch bucket, a CUDA graph / compiled
+  function (``compiled_decode.py``).
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from torch.nn.utils.rnn import pad_sequence
 from ..models.attention import PagedAttention, PrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
+from .compiled_decode import BucketedDecode
 from .kv_cache import BlockManager, KVCache
 from .request import Request
 from .sampling import sample
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, blocks: BlockManager, plan: PrunePlan):
+    def __init__(self, model: CausalLM, kv_cache: KVCache, blocks: BlockManager, plan: PrunePlan,
+                 decode_mode: str | None = None, max_num_seqs: int = 64):
+        # decode_mode: None = eager; "cuda_graph" / "compile" / "padded": see compiled_decode.py.
+        self.bucketed = BucketedDecode(model, kv_cache, max_num_seqs, decode_mode) if decode_mode else None
         self.model = model
         self.kv_cache = kv_cache
         self.blocks = blocks
@@ -92,10 +99,13 @@ class ModelRunner:
     @torch.inference_mode()
     def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
         ids, pos, attn = self.decode_inputs(reqs)
-        hidden = self.model(ids, pos, attn)
+        if self.bucketed is not None and attn.masked_prefix is None:  # the K/V ablation stays eager
+            logits = self.bucketed(ids, pos, attn.slot_mapping, attn.slot_table)
+        else:
+            logits = self.model.compute_logits(self.model(ids, pos, attn))
         for r in reqs:
             r.num_computed_tokens += 1
-        return self.model.compute_logits(hidden)
+        return logits
 
     def decode(self, reqs: list[Request]) -> list[int]:
         logits = self.decode_logits(reqs)

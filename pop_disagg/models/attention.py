@@ -45,6 +45,7 @@ class PrefillAttention:
 
     cu_seqlens: list[int]  # B+1 offsets into the T flattened tokens
     sink: KVSink | None = None
+    stream_kv: bool = False  # the sink ships each layer at once: skipped runs project layer by layer
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.sink is not None:

@@ -253,12 +253,22 @@ class CausalLM(nn.Module):
         weight, bias = self._fused_weights(run)
         first_norm = self.model.layers[run[0]].input_layernorm
         x = first_norm.normalize(h).to(h.dtype)  # weight-free RMS norm; weights are folded in
-        kv = F.linear(x, weight, bias)  # (T, len(run) * 2 * kv_size)
         kv_size = self.arch.kv_size
+        # A streaming sink (the disaggregated prefill worker ships each layer as it arrives) gets
+        # one GEMM per layer, so layer l's K/V leave while layer l+1's are computed instead of all
+        # of the run's K/V leaving after one big GEMM (the transfer tail of issue 14); the FLOPs
+        # are the same. Otherwise one GEMM for the whole run.
+        per_layer = getattr(attn, "stream_kv", False)
+        kv = None if per_layer else F.linear(x, weight, bias)  # (T, len(run) * 2 * kv_size)
         for i, l in enumerate(run):
             proj = self.model.layers[l].self_attn
             base = 2 * i * kv_size
-            k, v = proj.finish_kv(kv[:, base : base + kv_size], kv[:, base + kv_size : base + 2 * kv_size], cos_sin)
+            if per_layer:
+                rows = slice(base, base + 2 * kv_size)
+                kv_l, base_l = F.linear(x, weight[rows], bias[rows] if bias is not None else None), 0
+            else:
+                kv_l, base_l = kv, base
+            k, v = proj.finish_kv(kv_l[:, base_l : base_l + kv_size], kv_l[:, base_l + kv_size : base_l + 2 * kv_size], cos_sin)
             attn.store(l, k, v)
 
     def _fused_weights(self, run: tuple[int, ...]):

@@ -140,12 +140,14 @@ def transformers_config(raw: dict):
     return AutoConfig.for_model(raw.pop("model_type"), **raw)
 
 
-def transformers_peer(model: CausalLM, hf_config):
+def transformers_peer(model: CausalLM, hf_config, contiguous: bool = False):
     """Transformers' own model for ``hf_config``, holding ``model``'s weight tensors (no copy).
 
     Our parameter names are Transformers' names, so the state dict loads with ``assign=True``; the
     peer and our model then compute from the very same memory. Used as the reference in benchmarks
-    and parity tests.
+    and parity tests. ``contiguous``: give the peer its own contiguous copy of every weight that
+    is a view into our fused q/k/v or gate/up tensors, so a speed comparison times Transformers
+    in the (out, in) layout it normally runs (the values are identical).
     """
     import transformers as tf
 
@@ -161,7 +163,10 @@ def transformers_peer(model: CausalLM, hf_config):
     dtype_kw = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
     with torch.device(model.device), no_init_weights():
         peer = cls._from_config(hf_config, **{dtype_kw: model.dtype})
-    result = peer.load_state_dict(model.state_dict(), strict=False, assign=True)
+    state = model.state_dict()
+    if contiguous:
+        state = {k: v.contiguous() for k, v in state.items()}
+    result = peer.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise ValueError(f"Transformers' model has no tensors named {result.unexpected_keys[:5]}")
     untied = [k for k in result.missing_keys if not (k == "lm_head.weight" and model.arch.tie_word_embeddings)]

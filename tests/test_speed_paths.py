@@ -1,0 +1,139 @@
+"""The engine's fast paths equal the plain ones: fused q/k/v and gate/up GEMMs, bucketed (padded)
+decode steps as CUDA graphs / torch.compile run them, and (GPU only, not run in CI) CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pop_disagg.config import EngineConfig
+from pop_disagg.engine.compiled_decode import BucketedDecode, batch_buckets
+from pop_disagg.engine.engine import LLMEngine
+from pop_disagg.engine.sampling import SamplingParams
+from pop_disagg.models.attention import PrefillAttention
+from pop_disagg.models.loader import load_model
+
+
+def _unfused_logits(model, ids):
+    """The same forward with every fusion bypassed (hooks force each projection's own call)."""
+    hooks = [m.register_forward_hook(lambda *a: None) for n, m in model.named_modules() if n.endswith(("q_proj", "gate_proj"))]
+    try:
+        return model.compute_logits(model(ids, torch.arange(len(ids)), PrefillAttention([0, len(ids)])))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases fused too
+def test_fused_weights_keep_hf_names_and_follow_edits(tiny_ckpt, family):
+    model = load_model(tiny_ckpt(family))
+    ids = torch.tensor([3, 17, 5, 9, 30, 2])
+    attn = model.model.layers[1].self_attn
+    params = dict(model.named_parameters())
+    assert "model.layers.1.self_attn.k_proj.weight" in params and "model.layers.1.mlp.up_proj.weight" in params
+    assert not any("qkv" in n or "gate_up" in n for n in params)  # no new names in the state dict
+    # The HF-named weights are views of the fused GEMM's weight.
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv.weight_t.untyped_storage().data_ptr()
+    with torch.inference_mode():
+        fused = model.compute_logits(model(ids, torch.arange(6), PrefillAttention([0, 6])))
+        torch.testing.assert_close(fused, _unfused_logits(model, ids), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # an in-place edit under the old name reaches the fused GEMM
+        attn.v_proj.weight.mul_(-2.0)
+        model.model.layers[0].mlp.up_proj.weight.add_(0.05)
+    with torch.inference_mode():
+        edited = model.compute_logits(model(ids, torch.arange(6), PrefillAttention([0, 6])))
+        assert not torch.allclose(edited, fused, atol=1e-3)
+        torch.testing.assert_close(edited, _unfused_logits(model, ids), atol=1e-5, rtol=1e-5)
+    # .to() replaces the storage: the model fuses again and still computes the same function.
+    model = model.to(torch.float64)
+    assert model.model.layers[1].self_attn.qkv.weight_t.dtype == torch.float64 and model.model.layers[1].self_attn.qkv.is_current()
+    with torch.inference_mode():
+        torch.testing.assert_close(model.compute_logits(model(ids, torch.arange(6), PrefillAttention([0, 6]))).float(), edited, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_hook_on_a_projection_still_fires(tiny_ckpt):
+    """K/V correction captures k_proj outputs with hooks: a hooked projection is called itself."""
+    model = load_model(tiny_ckpt("llama"))
+    seen = []
+    h = model.model.layers[2].self_attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    with torch.inference_mode():
+        model(torch.arange(5), torch.arange(5), PrefillAttention([0, 5]))
+    h.remove()
+    assert seen == [torch.Size([5, model.arch.kv_size])]
+
+
+def test_batch_and_context_buckets():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert batch_buckets(3) == [1, 2, 3]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    dec = BucketedDecode.__new__(BucketedDecode)
+    dec.buckets = batch_buckets(64)
+    dec.kv_cache = type("C", (), {"block_size": 16})()
+    assert dec.bucket(5, 17) == (8, 32) and dec.bucket(16, 16) == (16, 16) and dec.bucket(17, 65) == (24, 128)
+
+
+def _engine(path, model, **kw):
+    cfg = EngineConfig(model=path, kv_cache_memory_mb=1, block_size=4, max_num_seqs=3, **kw)
+    return LLMEngine(cfg, model=model, model_path=path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window masks in the padded step
+def test_padded_bucketed_decode_equals_eager(tiny_ckpt, family):
+    """The static-shape step CUDA graphs and torch.compile run (batch and context padded to a
+    bucket, padding rows repeating the last request) gives the eager engine's tokens."""
+    path = tiny_ckpt(family)
+    model = load_model(path)
+    prompts = [[5, 9, 13, 40, 41, 42, 7, 8, 9, 10], [11, 12], [3, 4, 5, 6, 7]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (14, 9, 12)]  # the batch shrinks 3 -> 2 -> 1
+    eager = [o.token_ids for o in _engine(path, model, enforce_eager=True).generate(prompts, params)]
+    padded = _engine(path, model)
+    padded.runner.bucketed = BucketedDecode(model, padded.kv_cache, 3, "padded")
+    calls = []
+    real = padded.runner.bucketed._forward
+    padded.runner.bucketed._forward = lambda *a: calls.append(tuple(a[0].shape) + tuple(a[3].shape)) or real(*a)
+    assert [o.token_ids for o in padded.generate(prompts, params)] == eager
+    assert calls and all(b in (1, 2, 3) and s & (s - 1) == 0 for b, _, s in calls)  # bucketed shapes only
+    assert padded.blocks.num_free_blocks == padded.blocks.num_blocks
+
+
+def test_enforce_eager_and_cpu_default(tiny_ckpt):
+    path = tiny_ckpt("llama")
+    model = load_model(path)
+    assert _engine(path, model).runner.bucketed is None  # CPU: eager unless compile is asked for
+    assert not EngineConfig(device="cuda", enforce_eager=True).use_compiled_decode
+    assert EngineConfig(device="cuda").use_compiled_decode
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager_on_gpu(tiny_ckpt):
+    """Not run in CI (no GPU): greedy tokens with CUDA-graph decode == eager decode."""
+    path = tiny_ckpt("llama")
+    model = load_model(path, device="cuda")
+    prompts = [[5, 9, 13, 40], [11, 12], [3, 4, 5, 6, 7, 8]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    cfg = dict(model=path, device="cuda", kv_cache_memory_mb=1, block_size=4, max_num_seqs=3)
+    eager = LLMEngine(EngineConfig(enforce_eager=True, **cfg), model=model, model_path=path).generate(prompts, params)
+    graphed_engine = LLMEngine(EngineConfig(**cfg), model=model, model_path=path)
+    assert graphed_engine.runner.bucketed.mode == "cuda_graph"
+    graphed = graphed_engine.generate(prompts, params)
+    assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
+    assert graphed_engine.runner.bucketed._graphs  # at least one graph was captured and replayed
+
+
+def test_streamed_skipped_run_kv_equals_one_gemm(tiny_ckpt):
+    """The prefill worker's layer-by-layer projection of a skipped run == the one-GEMM projection."""
+    from pop_disagg.pop.plan import PrunePlan
+
+    model = load_model(tiny_ckpt("qwen2"))  # K/V biases
+    plan = PrunePlan.default(model.arch.num_layers)
+    ids, pos = torch.tensor([3, 17, 5, 9, 30, 2, 8]), torch.arange(7)
+    got = {}
+    for stream in (False, True):
+        stored = []
+        with torch.inference_mode():
+            model(ids, pos, PrefillAttention([0, 4, 7], sink=lambda l, k, v: stored.append((l, k.clone(), v.clone())), stream_kv=stream), plan=plan)
+        got[stream] = stored
+    assert [l for l, _, _ in got[True]] == [l for l, _, _ in got[False]] == list(range(model.arch.num_layers))
+    for (_, k1, v1), (_, k2, v2) in zip(got[False], got[True]):
+        torch.testing.assert_close(k2, k1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v2, v1, atol=1e-5, rtol=1e-5)
