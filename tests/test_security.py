@@ -126,6 +126,18 @@ def test_missing_or_wrong_token_is_unauthenticated_and_costs_no_work(server, cha
     assert server.server.metrics.failure.labels("UNAUTHENTICATED")._value.get() == denied + len(calls)
 
 
+def test_standard_health_check_needs_no_token(channel):
+    """Probes (Kubernetes, grpc_health_probe, the images' HEALTHCHECK) carry no credentials:
+    grpc.health.v1 answers without a token while our own RPCs stay locked."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        pb_grpc.GenerationStub(channel).Health(pb.HealthRequest(), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_auth_comes_before_parsing(channel):
     """Bytes that are no GenerateRequest: a wrong token is refused without reading them; with the
     right token the server does try to parse them (and fails)."""

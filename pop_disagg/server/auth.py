@@ -56,6 +56,11 @@ def _deny_stream(message: str):
     return deny
 
 
+# Open without a token, as vLLM leaves /health open: liveness probes (Kubernetes, grpc_health_probe,
+# the images' HEALTHCHECK) carry no credentials, and neither answer costs model work or leaks prompts.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str, on_denied: Callable[[], None] | None = None):
         self.token = check_token(token)
@@ -63,7 +68,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         header = dict(handler_call_details.invocation_metadata or ()).get(HEADER)
-        if is_authorized(header, self.token):
+        if handler_call_details.method.startswith(OPEN_SERVICES) or is_authorized(header, self.token):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
