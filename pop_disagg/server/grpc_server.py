@@ -239,7 +239,7 @@ class Server:
     def set_serving(self, is_serving: bool) -> None:
         """The drain hook: NOT_SERVING (and /health 503) while False. Callable from any thread."""
         self._is_admitting = is_serving
-        if self._loop is not None:
+        if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish_health()))
 
     async def _publish_health(self) -> None:
