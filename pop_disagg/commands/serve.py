@@ -26,6 +26,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers, at least 1)")
     p.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds before a stalled KV transfer fails its request")
+    p.add_argument("--worker-timeout", type=float, default=30.0, help="seconds without a health answer before a worker is declared dead (its requests fail with UNAVAILABLE) and replaced")
+    p.add_argument("--kv-failure-policy", default="recompute", choices=["recompute", "fail"], help="a request whose KV transfer failed is re-prefilled (recompute) or fails with UNAVAILABLE; a request whose prefill worker died is always re-prefilled")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' to join a running cluster); default: embedded local Ray")
     p.add_argument("--kv-correction", default=None, help="kv_correction.safetensors from `pop-disagg eval fidelity`: fitted K/V for the skipped layers (disaggregated + pop)")
 
@@ -47,7 +49,10 @@ def serve_config(args: argparse.Namespace):
     num_workers = args.num_decode + (args.num_prefill if args.topology == "disaggregated" else 0)
     threads = args.threads or max(1, (os.cpu_count() or 1) // num_workers)
     engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args), kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len)
-    return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout, num_threads=threads, kv_correction=args.kv_correction)
+    return ServeConfig(
+        engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout,
+        worker_timeout_s=args.worker_timeout, kv_failure_policy=args.kv_failure_policy, num_threads=threads, kv_correction=args.kv_correction,
+    )
 
 
 def init_ray(address: str | None) -> None:

@@ -5,10 +5,15 @@ layers' norms and K/V projections, no LM head; ``--prefill full``: every layer, 
 KV cache: each layer's K/V leave through the ``PrefillAttention`` sink the moment the layer
 finishes, sliced per link and queued on that link's ``KVSender``. The worker never waits for the
 sends; a task's ``on_done`` fires when its last layer is on the wire (or the link failed).
+
+Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
+deadline passed while waiting (dropped before its batch is taken), or its link was re-created
+while it waited (``purge_link``). Fault hook for tests: ``pause_until`` holds waiting tasks back.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -43,6 +48,15 @@ class PrefillTask:
     prefix_ids: list[int]  # x_1..x_{N-1}
     on_done: Callable[[PrefillOutcome], None]
     submit_time: float = 0.0
+    deadline: float | None = None  # wall clock: dropped unstarted once it passes
+
+
+log = logging.getLogger("pop_disagg.prefill")
+
+
+def _fail(task: PrefillTask, why: str) -> None:
+    now = time.time()
+    task.on_done(PrefillOutcome(task.request_id, why, now - (task.submit_time or now), 0.0, now, now))
 
 
 class PrefillWorker:
@@ -54,6 +68,7 @@ class PrefillWorker:
         self.waiting: deque[PrefillTask] = deque()
         self._cv = threading.Condition()
         self._num_waiting_tokens = 0
+        self.pause_until = 0.0  # fault hook: no batch is taken before this wall-clock time
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -62,9 +77,7 @@ class PrefillWorker:
     def submit(self, task: PrefillTask) -> None:
         sender = self.senders.get(task.link)
         if sender is None or sender.broken is not None:
-            why = f"no link to decode worker {task.link}" if sender is None else f"link to decode worker {task.link} is broken: {sender.broken}"
-            now = time.time()
-            task.on_done(PrefillOutcome(task.request_id, why, 0.0, 0.0, now, now))
+            _fail(task, f"no link to decode worker {task.link}" if sender is None else f"link to decode worker {task.link} is broken: {sender.broken}")
             return
         task.submit_time = time.time()
         with self._cv:
@@ -74,17 +87,32 @@ class PrefillWorker:
 
     def abort(self, request_id: str) -> bool:
         """Drop a task that has not started; a running one is sent anyway (the receiver discards it)."""
+        return bool(self._drop(lambda t: t.request_id == request_id, "aborted"))
+
+    def purge_link(self, link: int, why: str) -> int:
+        """Fail every waiting task for ``link``: its link was re-created, their transfer ids are stale."""
+        return self._drop(lambda t: t.link == link, why)
+
+    def _drop(self, match: Callable[[PrefillTask], bool], why: str) -> int:
         with self._cv:
-            for task in self.waiting:
-                if task.request_id == request_id:
-                    self.waiting.remove(task)
-                    self._num_waiting_tokens -= len(task.prefix_ids)
-                    return True
-        return False
+            doomed = [t for t in self.waiting if match(t)]
+            for task in doomed:
+                self.waiting.remove(task)
+                self._num_waiting_tokens -= len(task.prefix_ids)
+        for task in doomed:
+            _fail(task, why)
+        return len(doomed)
 
     def _take_batch(self) -> list[PrefillTask]:
         batch, num_tokens = [], 0
+        now = time.time()
         while self.waiting:
+            if (deadline := self.waiting[0].deadline) is not None and deadline <= now:
+                task = self.waiting.popleft()
+                self._num_waiting_tokens -= len(task.prefix_ids)
+                log.info("request %s: deadline passed while waiting for prefill; dropped", task.request_id)
+                _fail(task, "deadline exceeded")
+                continue
             n = len(self.waiting[0].prefix_ids)
             if batch and num_tokens + n > self.max_num_batched_tokens:
                 break
@@ -97,9 +125,9 @@ class PrefillWorker:
         """The worker loop: wait for prompts, prefill a batch, repeat until ``stop`` is set."""
         while not stop.is_set():
             with self._cv:
-                if not self.waiting:
+                if not self.waiting or time.time() < self.pause_until:
                     self._cv.wait(timeout=0.1)
-                batch = self._take_batch()
+                batch = self._take_batch() if time.time() >= self.pause_until else []
             if batch:
                 self.step(batch)
 

@@ -2,12 +2,12 @@
 
 ``Deployment.start`` creates ``num_prefill`` prefill actors and ``num_decode`` decode actors
 (colocated: ``num_decode`` engine actors and no prefill), then wires one process group per
-(prefill, decode) pair: every worker joins a world group whose rendezvous is a TCP store on the
-first prefill actor's node, and every rank creates the pair groups in the same order. Ranks:
-prefill ``0..P-1``, decode ``P..P+D-1``. Backend per pair: NCCL when each worker has a GPU of its
-own, gloo otherwise (CPU, or workers sharing a GPU). ``shutdown`` closes the links (prefill side
-first, so each decode receiver sees a CLOSE message), destroys the process groups and kills the
-actors.
+(prefill, decode) pair: each pair has its own rendezvous (a TCP store the prefill end hosts on a
+fresh port) and its own two-rank group, with no world group over all workers, so the supervisor
+can rebuild one pair (``link``) after a restart or a broken link while the others keep serving.
+Backend per pair: NCCL when each worker has a GPU of its own, gloo otherwise (CPU, or workers
+sharing a GPU). ``new_actor`` builds a replacement worker from the same spec. ``shutdown`` closes
+the links (prefill side first, so each decode receiver sees a CLOSE message) and kills the actors.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class ServeConfig(BaseModel):
     num_prefill: int = Field(1, ge=1)
     num_decode: int = Field(1, ge=1)
     transfer_timeout_s: float = Field(30.0, gt=0, description="a KV transfer that stalls this long fails its request")
+    worker_timeout_s: float = Field(30.0, gt=0, description="a worker that answers no health probe this long is declared dead and restarted")
+    kv_failure_policy: Literal["recompute", "fail"] = Field("recompute", description="a request whose KV transfer failed is re-prefilled (recompute) or failed with UNAVAILABLE")
     num_threads: int = Field(1, ge=1, description="torch threads per worker actor")
     kv_correction: str | None = Field(None, description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)")
 
@@ -67,10 +69,13 @@ class ServeConfig(BaseModel):
 class Deployment:
     config: ServeConfig
     plan: PrunePlan
-    prefill: list
+    prefill: list  # actor handles by index; the supervisor swaps in replacements
     decode: list
     tokenizer: object
     arch: object
+    spec: object = None  # WorkerSpec
+    num_gpus: float = 0.0  # per worker actor
+    backend: str = "gloo"  # of every link
 
     @classmethod
     def start(cls, config: ServeConfig) -> "Deployment":
@@ -79,7 +84,7 @@ class Deployment:
 
         from ..models.arch import ModelArch
         from ..models.registry import resolve_model
-        from .actors import DecodeActor, PrefillActor, WorkerSpec
+        from .actors import WorkerSpec
 
         path = resolve_model(config.engine.model)
         arch = ModelArch.from_pretrained(path)
@@ -108,32 +113,33 @@ class Deployment:
                 log.warning("%d workers share %g GPUs: KV moves over gloo", num_workers, total)
             else:
                 raise RuntimeError("--device cuda but the Ray cluster has no GPUs")
-        prefill = [PrefillActor.options(num_gpus=num_gpus).remote(spec) for _ in range(num_prefill)]
-        decode = [DecodeActor.options(num_gpus=num_gpus).remote(spec) for _ in range(config.num_decode)]
-        dep = cls(config, plan, prefill, decode, tokenizer, arch)
+        dep = cls(config, plan, [], [], tokenizer, arch, spec, num_gpus, backend)
+        dep.prefill = [dep.new_actor("prefill") for _ in range(num_prefill)]
+        dep.decode = [dep.new_actor("decode") for _ in range(config.num_decode)]
         try:
-            ray.get([a.ping.remote() for a in prefill + decode])  # surfaces load errors here
-            if config.is_disaggregated:
-                dep._wire(backend)
+            ray.get([a.ping.remote() for a in dep.prefill + dep.decode])  # surfaces load errors here
+            ray.get([r for p in range(num_prefill) for d in range(config.num_decode) for r in dep.link_calls(p, d)], timeout=120)
         except Exception:
             dep.shutdown()
             raise
         log.info("workers up: %s, %s", config.label, plan.describe())
         return dep
 
-    def _wire(self, backend: str) -> None:
+    def new_actor(self, role: str):
+        """A fresh worker actor of ``role`` ("prefill" or "decode"); loading runs in the background."""
+        from .actors import DecodeActor, PrefillActor
+
+        cls = PrefillActor if role == "prefill" else DecodeActor
+        return cls.options(num_gpus=self.num_gpus).remote(self.spec)
+
+    def link_calls(self, p: int, d: int) -> list:
+        """Create the link between prefill worker ``p`` and decode worker ``d`` on a fresh
+        rendezvous port; returns the two object refs to wait on (both ends join together).
+        The supervisor re-creates a link the same way, awaiting instead of blocking."""
         import ray
 
-        num_p, num_d = len(self.prefill), len(self.decode)
-        pairs = [(p, num_p + d) for p in range(num_p) for d in range(num_d)]
-        backends = [backend] * len(pairs)
-        master = ray.get(self.prefill[0].free_port.remote())
-        world = num_p + num_d
-        decode_index = {num_p + d: d for d in range(num_d)}
-        prefill_index = {p: p for p in range(num_p)}
-        calls = [a.init_links.remote(p, world, master, pairs, backends, decode_index) for p, a in enumerate(self.prefill)]
-        calls += [a.init_links.remote(num_p + d, world, master, pairs, backends, prefill_index) for d, a in enumerate(self.decode)]
-        ray.get(calls, timeout=120)
+        address = ray.get(self.prefill[p].listen.remote(d))
+        return [self.prefill[p].connect.remote(d, self.backend), self.decode[d].connect.remote(p, address, self.backend)]
 
     def shutdown(self) -> None:
         import ray

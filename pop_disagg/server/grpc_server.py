@@ -1,9 +1,11 @@
 """The gRPC servicer (thin: parse, call the router, convert) and the server's life cycle.
 
 Status codes: a request the server will not run -> ``INVALID_ARGUMENT`` naming the field; a dead
-worker, broken link or timed-out transfer -> ``UNAVAILABLE``; anything unexpected -> ``INTERNAL``.
-A client that cancels or disconnects cancels the handler's task, which the router turns into
-aborts on both workers.
+worker, broken link or timed-out transfer -> ``UNAVAILABLE``; the client's deadline passed ->
+``DEADLINE_EXCEEDED`` (the deadline travels with the request to the router and the workers);
+anything unexpected -> ``INTERNAL``. A client that cancels or disconnects cancels the handler's
+task, which the router turns into aborts on both workers. ``Health`` reports the supervisor's
+view of every worker.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from . import protocol
 from .deploy import Deployment, ServeConfig
 from .errors import ServingError
 from .router import Router
+from .supervisor import Supervisor, WorkerState
 
 log = logging.getLogger("pop_disagg.serve")
 
@@ -34,17 +37,24 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+_WORKER_STATES = {WorkerState.SERVING: pb.WORKER_STATE_SERVING, WorkerState.RESTARTING: pb.WORKER_STATE_RESTARTING, WorkerState.DEAD: pb.WORKER_STATE_DEAD}
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, deployment: Deployment, router: Router):
-        self.dep, self.router = deployment, router
+    def __init__(self, deployment: Deployment, router: Router, supervisor: Supervisor):
+        self.dep, self.router, self.supervisor = deployment, router, supervisor
         engine = deployment.config.worker_engine
         self.limits = protocol.ModelLimits(deployment.arch.vocab_size, engine.context_limit(deployment.arch))
 
     async def _parse(self, request, context) -> protocol.GenerateCall:
         try:
-            return protocol.parse_generate(request, self.dep.tokenizer, self.limits)
+            call = protocol.parse_generate(request, self.dep.tokenizer, self.limits)
         except protocol.InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        remaining = context.time_remaining()
+        if remaining is not None:
+            call = dataclasses.replace(call, deadline=time.time() + remaining)
+        return call
 
     async def _fail(self, context, exc: Exception) -> None:
         if not isinstance(exc, (ValueError, ServingError)):
@@ -75,13 +85,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._fail(context, exc)
 
     async def Health(self, request, context):
-        actors = self.dep.prefill + self.dep.decode
-        try:
-            await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in actors]), timeout=5)
-            ok, msg = True, "serving"
-        except Exception as exc:
-            ok, msg = False, f"a worker does not answer: {exc.__class__.__name__}"
-        return pb.HealthResponse(is_serving=ok, message=msg, num_prefill_workers=len(self.dep.prefill), num_decode_workers=len(self.dep.decode))
+        sup = self.supervisor
+        slots = sup.snapshot()
+        down = [f"{s.name} {s.state.value}: {s.message}" for s in slots if not s.is_serving]
+        msg = "serving" if not down else "; ".join(down)
+        workers = [pb.WorkerHealth(role=s.role, index=s.index, state=_WORKER_STATES[s.state], num_restarts=s.num_restarts, message=s.message) for s in slots]
+        return pb.HealthResponse(is_serving=sup.is_serving, message=msg, num_prefill_workers=len(sup.prefill), num_decode_workers=len(sup.decode), workers=workers)
 
     async def GetModelInfo(self, request, context):
         cfg, arch, plan = self.dep.config, self.dep.arch, self.dep.plan
@@ -99,15 +108,18 @@ class Server:
         self.config, self.host, self.port = config, host, port
         self.stats_interval_s = stats_interval_s
         self.deployment: Deployment | None = None
+        self.supervisor: Supervisor | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stats_task: asyncio.Task | None = None
 
     async def start(self) -> int:
         self.deployment = await asyncio.to_thread(Deployment.start, self.config)
-        dep = self.deployment
-        self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated)
+        dep, cfg = self.deployment, self.config
+        self.supervisor = Supervisor(dep, cfg.worker_timeout_s)
+        await self.supervisor.start()
+        self.router = router = Router(self.supervisor, dep.tokenizer, cfg.is_disaggregated, cfg.kv_failure_policy, cfg.worker_timeout_s)
         self._grpc = grpc.aio.server()
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router), self._grpc)
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router, self.supervisor), self._grpc)
         self.port = self._grpc.add_insecure_port(f"{self.host}:{self.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self.host}:{self.port}")
@@ -143,6 +155,8 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
             self._grpc = None
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         if self.deployment is not None:
             await asyncio.to_thread(self.deployment.shutdown)
             self.deployment = None

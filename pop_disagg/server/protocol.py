@@ -44,6 +44,7 @@ class GenerateCall:
     prompt_token_ids: list[int]
     params: SamplingParams
     request_id: str | None
+    deadline: float | None = None  # wall clock (time.time()) from the client's deadline; None = none
 
 
 @dataclass
