@@ -87,8 +87,9 @@ class DecodeWorker:
         return r is None or r.broken is not None
 
     @property
-    def broken_links(self) -> list[int]:
-        return [link for link, r in self.receivers.items() if r.broken is not None]
+    def broken_links(self) -> dict[int, str]:
+        """Link -> why it broke, for every broken link."""
+        return {link: r.broken for link, r in self.receivers.items() if r.broken is not None}
 
     # ---- requests ------------------------------------------------------------------------------
     @property

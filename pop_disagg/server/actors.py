@@ -101,7 +101,18 @@ class PrefillActor(_Shell):
         self._stores = {}  # decode index -> the rendezvous this end hosts for that link
         self._aborted = _Tombstones()
         self.worker = PrefillWorker(self.model, spec.plan, self.senders, spec.engine.max_num_batched_tokens)
+        self._warm_up()
         self._start_loop(self.worker)
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One small pass before serving: a cold process's first layer can take longer than the
+        receiver's per-layer timeout once the header is on the wire (seen on a loaded host)."""
+        from ..models.attention import PrefillAttention
+
+        n = 8
+        ids = torch.arange(n, device=self.model.device) % self.model.arch.vocab_size
+        self.model(ids, torch.arange(n, device=self.model.device), PrefillAttention([0, n], sink=lambda layer, k, v: None), plan=self.spec.plan)
 
     async def listen(self, link: int) -> tuple[str, int]:
         """Host the rendezvous of the link to decode worker ``link``; returns its address."""
@@ -147,7 +158,7 @@ class PrefillActor(_Shell):
         return self.worker.num_waiting_tokens
 
     async def health(self) -> dict:
-        return {"pid": os.getpid(), "broken_links": [d for d, s in self.senders.items() if s.broken is not None], "num_waiting_tokens": self.worker.num_waiting_tokens}
+        return {"pid": os.getpid(), "broken_links": {d: s.broken for d, s in self.senders.items() if s.broken is not None}, "num_waiting_tokens": self.worker.num_waiting_tokens}
 
     async def inject_fault(self, kind: str, seconds: float, link: int | None = None) -> None:
         """Test hook. ``stall_transfer``: the next batch to ``link`` (every link if None) pauses

@@ -203,10 +203,10 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - a worker whose health call itself fails is not healthy
             self.report_failure(slot, actor, f"health failed: {exc.__class__.__name__}: {exc}")
             return
-        for peer in health.get("broken_links", []):
+        for peer, why in health.get("broken_links", {}).items():
             key = (slot.index, peer) if slot.role == "prefill" else (peer, slot.index)
             if key in self.links and asked_at > self._linked_at[key]:  # not about an older link
-                self._want_link(key, "reported broken")
+                self._want_link(key, f"reported broken by the {slot.role} end ({why})")
         for key in self._links_of(slot):  # a re-creation that failed earlier: try again
             if not self.links[key] and self.prefill[key[0]].is_serving and self.decode[key[1]].is_serving:
                 self._want_link(key, "down")
@@ -214,6 +214,9 @@ class Supervisor:
     # ---- links --------------------------------------------------------------------------------------
     def _want_link(self, key: tuple[int, int], why: str) -> None:
         if self._stopping or key in self._relinking:
+            return
+        if not (self.prefill[key[0]].is_serving and self.decode[key[1]].is_serving):
+            self.links[key] = False  # the replacement of the lost end links it
             return
         log.warning("link prefill %d -> decode %d %s; re-creating it", *key, why)
         self.links[key] = False
