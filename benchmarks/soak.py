@@ -301,6 +301,7 @@ class Soak:
             "bad_requests_not_invalid_argument": sum(1 for r in recs if r.kind == "bad" and r.outcome != "INVALID_ARGUMENT"),
             **leaks,
             "restarts": {w.role: w.num_restarts for w in health.workers},
+            "kv_retries": self.server.server.router.stats.num_kv_retries,
             "faults": self.faults_done, "bursts": bursts,
             "ttft_ms": {k: {"n": len(v), "p50": pct(v, 0.5), "p99": pct(v, 0.99), "mean": round(statistics.mean(v) * 1e3) if v else None} for k, v in ttft.items()},
             "config": {k: v for k, v in vars(self.args).items() if k != "json"},

@@ -77,15 +77,22 @@ class _Shell:
     def node_address() -> str:
         return ray.util.get_node_ip_address()
 
+    @ray.method(concurrency_group="health")
     async def ping(self) -> bool:
         return True
 
+    @ray.method(concurrency_group="health")
     async def pid(self) -> int:
         """This worker's process id (fault tests kill it)."""
         return os.getpid()
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
+# Health probes run on their own event-loop thread ("health" group): a busy main loop (hundreds of
+# streams, or waiting on the worker lock during a long engine step) must not look like a hang.
+_ACTOR_OPTIONS = dict(num_cpus=0, max_concurrency=1000, concurrency_groups={"health": 1})
+
+
+@ray.remote(**_ACTOR_OPTIONS)
 class PrefillActor(_Shell):
     def __init__(self, spec: WorkerSpec):
         from ..disagg.prefill_worker import PrefillWorker
@@ -157,6 +164,7 @@ class PrefillActor(_Shell):
     async def load(self) -> int:
         return self.worker.num_waiting_tokens
 
+    @ray.method(concurrency_group="health")
     async def health(self) -> dict:
         return {"pid": os.getpid(), "broken_links": {d: s.broken for d, s in self.senders.items() if s.broken is not None}, "num_waiting_tokens": self.worker.num_waiting_tokens}
 
@@ -179,7 +187,7 @@ class PrefillActor(_Shell):
             await asyncio.to_thread(sender.close)
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
+@ray.remote(**_ACTOR_OPTIONS)
 class DecodeActor(_Shell):
     """Decode worker (disaggregated) or the whole engine (colocated)."""
 
@@ -253,6 +261,7 @@ class DecodeActor(_Shell):
     async def stats(self) -> dict:
         return {"num_free_blocks": self.worker.num_free_blocks, "num_blocks": self.worker.engine.blocks.num_blocks, "num_active": self.worker.num_active, "num_receiving": self.worker.num_receiving}
 
+    @ray.method(concurrency_group="health")
     async def health(self) -> dict:
         return {"pid": os.getpid(), "broken_links": self.worker.broken_links, **(await self.stats())}
 

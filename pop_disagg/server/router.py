@@ -28,6 +28,7 @@ Failures, and how each one ends (every path frees the request's blocks on every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -138,8 +139,9 @@ class Router:
             attempt = 0
             while True:
                 try:
-                    async for item in self._attempt(req, attempt):
-                        yield item
+                    async with contextlib.aclosing(self._attempt(req, attempt)) as items:  # closed at once if our consumer leaves
+                        async for item in items:
+                            yield item
                     return
                 except _KVFailed as exc:
                     attempt += 1
@@ -148,7 +150,8 @@ class Router:
             log.warning("request %s: %s: %s", rid, exc.grpc_code, exc)
             raise
         except asyncio.CancelledError:
-            log.info("request %s: cancelled by the client", rid)
+            remaining = req.remaining_s()
+            log.info("request %s: %s", rid, "deadline exceeded (the call was ended)" if remaining is not None and remaining <= 0 else "cancelled by the client")
             raise
         finally:
             self._active.discard(rid)
@@ -190,54 +193,55 @@ class Router:
         delta = Delta(req.rid, "", [])
         try:
             gen = dactor.generate.remote(att.wid, ids, worker_params, att.prefill if self.is_disaggregated else None, req.call.deadline)
-            async for kind, payload in self._events(gen, down, req):
-                if kind == "reserved":
-                    if pslot is not None:
-                        prefill_task = asyncio.create_task(self._prefill(att, pslot, dactor, payload, ids[:-1], req.call.deadline))
-                    continue
-                new_ids: list[int] = []
-                for ev in payload:
-                    if isinstance(ev, Failed):
-                        if ev.kind == "kv_transfer" and pslot is not None and not req.tokens:
-                            raise _KVFailed(ev.message, pslot.index, d, pslot.actor, att.prefill_died)
-                        if ev.kind == "deadline":
-                            raise DeadlineExceeded(f"request {req.rid}: deadline exceeded")
-                        raise WorkerUnavailable(ev.message)
-                    if isinstance(ev, KVReceived):
-                        req.kv_time = ev.time
+            async with contextlib.aclosing(self._events(gen, down, req)) as events:
+                async for kind, payload in events:
+                    if kind == "reserved":
+                        if pslot is not None:
+                            prefill_task = asyncio.create_task(self._prefill(att, pslot, dactor, payload, ids[:-1], req.call.deadline))
                         continue
-                    for tok in ev.token_ids:
-                        if req.finish is not None:
-                            break  # a stop string ended it; the worker may have run ahead
-                        req.tokens.append(tok)
-                        new_ids.append(tok)
-                        new_text = req.detok.add(tok)
-                        if stops and new_text:
-                            req.cut = find_stop(req.detok.text, stops, len(new_text))
-                            if req.cut is not None:
-                                req.finish = "stop"
-                    if ev.is_finished and req.finish is None:
-                        req.finish = ev.finish_reason
-                now = time.time()
-                if new_ids:
-                    if req.first_time is None:  # the prompt has been processed
-                        req.first_time = now
-                        self.stats.num_prompt_tokens += n
-                    self.stats.num_generated_tokens += len(new_ids)
-                    req.last_time = now
-                visible = req.detok.text if req.cut is None else req.detok.text[: req.cut]
-                if req.finish is None and stops:
-                    # Hold back what could still turn out to be the start of a stop string, so the
-                    # streamed text never includes what the final text cuts.
-                    visible = visible[: max(req.emitted, len(visible) - max(map(len, stops)) + 1)]
-                delta = Delta(req.rid, visible[req.emitted :], new_ids)
-                req.emitted = len(visible)
-                if req.finish is not None:
-                    break
-                if delta.token_ids or delta.text:
-                    yield delta
-            else:
-                raise WorkerUnavailable(f"decode worker {d} ended request {req.rid} without finishing it")
+                    new_ids: list[int] = []
+                    for ev in payload:
+                        if isinstance(ev, Failed):
+                            if ev.kind == "kv_transfer" and pslot is not None and not req.tokens:
+                                raise _KVFailed(ev.message, pslot.index, d, pslot.actor, att.prefill_died)
+                            if ev.kind == "deadline":
+                                raise DeadlineExceeded(f"request {req.rid}: deadline exceeded")
+                            raise WorkerUnavailable(ev.message)
+                        if isinstance(ev, KVReceived):
+                            req.kv_time = ev.time
+                            continue
+                        for tok in ev.token_ids:
+                            if req.finish is not None:
+                                break  # a stop string ended it; the worker may have run ahead
+                            req.tokens.append(tok)
+                            new_ids.append(tok)
+                            new_text = req.detok.add(tok)
+                            if stops and new_text:
+                                req.cut = find_stop(req.detok.text, stops, len(new_text))
+                                if req.cut is not None:
+                                    req.finish = "stop"
+                        if ev.is_finished and req.finish is None:
+                            req.finish = ev.finish_reason
+                    now = time.time()
+                    if new_ids:
+                        if req.first_time is None:  # the prompt has been processed
+                            req.first_time = now
+                            self.stats.num_prompt_tokens += n
+                        self.stats.num_generated_tokens += len(new_ids)
+                        req.last_time = now
+                    visible = req.detok.text if req.cut is None else req.detok.text[: req.cut]
+                    if req.finish is None and stops:
+                        # Hold back what could still turn out to be the start of a stop string, so the
+                        # streamed text never includes what the final text cuts.
+                        visible = visible[: max(req.emitted, len(visible) - max(map(len, stops)) + 1)]
+                    delta = Delta(req.rid, visible[req.emitted :], new_ids)
+                    req.emitted = len(visible)
+                    if req.finish is not None:
+                        break
+                    if delta.token_ids or delta.text:
+                        yield delta
+                else:
+                    raise WorkerUnavailable(f"decode worker {d} ended request {req.rid} without finishing it")
             first, last = req.first_time or req.arrival, req.last_time or req.arrival
             timings = Timings(ttft_s=first - req.arrival, decode_s=last - first)
             if prefill_task is not None:

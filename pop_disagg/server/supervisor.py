@@ -127,6 +127,7 @@ class Supervisor:
 
     @property
     def num_restarts(self) -> dict[str, int]:
+        """Replacements per role so far (for a ``worker_restarts_total`` metric)."""
         return {"prefill": sum(s.num_restarts for s in self.prefill), "decode": sum(s.num_restarts for s in self.decode)}
 
     def snapshot(self) -> list[WorkerSlot]:
@@ -164,18 +165,6 @@ class Supervisor:
         """Probe both ends of link (p, d) now (the router saw a transfer on it fail). Returns once
         a dead end has been reported and a broken link taken down (and its re-creation begun)."""
         await asyncio.gather(self._probe(self.prefill[p]), self._probe(self.decode[d]))
-
-    async def is_alive(self, slot: WorkerSlot, timeout_s: float = 2.0) -> bool:
-        """Does this worker's current incarnation answer a ping? (Reports it lost if not.)"""
-        actor = slot.actor
-        if not slot.is_serving:
-            return False
-        try:
-            await asyncio.wait_for(actor.ping.remote(), timeout_s)
-            return True
-        except Exception as exc:  # noqa: BLE001 - dead, hung or unreachable: all mean "not alive"
-            self.report_failure(slot, actor, f"ping failed: {exc.__class__.__name__}")
-            return False
 
     def _links_of(self, slot: WorkerSlot) -> list[tuple[int, int]]:
         return [(p, d) for p, d in self.links if (p if slot.role == "prefill" else d) == slot.index]
