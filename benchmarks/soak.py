@@ -78,6 +78,7 @@ class Record:
     num_tokens: int = 0
     deadline_s: float = NORMAL_DEADLINE_S
     mismatch: bool = False
+    detail: str = ""  # the status message of a failed call
 
 
 class Soak:
@@ -160,7 +161,7 @@ class Soak:
             if kind == "normal" and tokens != self.reference[prompt_index]:
                 rec.mismatch = True
         except grpc.RpcError as exc:
-            rec.outcome = exc.code().name
+            rec.outcome, rec.detail = exc.code().name, (exc.details() or "")[:160]
         finally:
             rec.end = time.time()
             with self.lock:
@@ -311,23 +312,56 @@ class Soak:
         return result
 
 
+def markdown(r: dict) -> str:
+    """The README table of one run."""
+    kinds = ["normal", "cancel", "short_deadline", "bad"] + [k for k in r["outcomes"] if k not in ("normal", "cancel", "short_deadline", "bad")]
+    codes = sorted({c for k in r["outcomes"].values() for c in k})
+    rows = ["| request kind | " + " | ".join(codes) + " | total |", "|---|" + "---|" * (len(codes) + 1)]
+    for k in kinds:
+        got = r["outcomes"].get(k, {})
+        rows.append(f"| {k} | " + " | ".join(str(got.get(c, 0)) for c in codes) + f" | {sum(got.values())} |")
+    t = r["ttft_ms"]
+    faults = ", ".join(f"{f['fault']} ({f['recovered_s']:.0f} s)" for f in r["faults"])
+    rows += [
+        "",
+        "| | |",
+        "|---|---|",
+        f"| requests | {r['requests']} (accounted for: {'all' if r['accounted_for'] else 'NO'}), {r['wall_s']} s |",
+        f"| hangs (not ended by deadline + 10 s) | {r['hangs']} |",
+        f"| leaked blocks per decode worker (of total) | {r['decode_leaked_blocks']} (of {r['decode_total_blocks']}); prefill tokens still queued {r['prefill_queued_tokens']} |",
+        f"| token mismatches vs the fault-free run | {r['token_mismatches']} |",
+        f"| bad requests not answered INVALID_ARGUMENT | {r['bad_requests_not_invalid_argument']} |",
+        f"| restarts | prefill {r['restarts'].get('prefill', 0)}, decode {r['restarts'].get('decode', 0)}; prefill/transfer re-runs {r.get('kv_retries', 0)} |",
+        f"| faults (time to serving again) | {faults} |",
+        f"| TTFT p50 / p99, normal requests started outside fault windows | {t['outside_faults']['p50']} / {t['outside_faults']['p99']} ms (n={t['outside_faults']['n']}) |",
+        f"| TTFT p50 / p99, started inside fault windows | {t['during_faults']['p50']} / {t['during_faults']['p99']} ms (n={t['during_faults']['n']}) |",
+        f"| bursts past the queue limit | {r['bursts']} |",
+    ]
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--requests", type=int, default=500)
-    p.add_argument("--rate", type=float, default=1.0, help="request arrivals per second (Poisson)")
+    p.add_argument("--rate", type=float, default=0.8, help="request arrivals per second (Poisson)")
     p.add_argument("--max-clients", type=int, default=64, help="client threads (requests in flight at most)")
     p.add_argument("--num-prompts", type=int, default=24, help="distinct prompts (each gets a fault-free reference)")
     p.add_argument("--new-tokens", type=int, default=6)
     p.add_argument("--kv-cache-mb", type=int, default=64)
-    p.add_argument("--transfer-timeout", type=float, default=4.0)
+    p.add_argument("--transfer-timeout", type=float, default=5.0)
     p.add_argument("--worker-timeout", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--bursts", action="store_true", help="bursts past --max-queued-requests (needs PART B's admission control)")
     p.add_argument("--max-queued", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="benchmarks/results/soak_smollm2.json")
+    p.add_argument("--report", metavar="FILE", help="print the markdown table of a saved run and exit")
     args = p.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            print(markdown(json.load(f)))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(name)s] %(message)s", stream=sys.stderr)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
@@ -336,6 +370,7 @@ def main() -> None:
         ray.shutdown()
     summary = {k: v for k, v in result.items() if k != "records"}
     print(json.dumps(summary, indent=1))
+    print(markdown(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
