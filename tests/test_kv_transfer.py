@@ -6,7 +6,6 @@ must generate what the single-process engine generates, and failures must free e
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -222,17 +221,17 @@ def test_concurrent_batches_on_one_link_stay_in_order():
     assert [k.shape[0] for _, k, _ in written[2]] == [1] * num_layers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _gloo_peer(rank, address, q):
+    from pop_disagg.disagg.kv_transfer import connect_pair
 
+    if rank == 0:  # the prefill end hosts the link's rendezvous and tells the peer its port
+        from pop_disagg.disagg.kv_transfer import host_pair_store
 
-def _gloo_peer(rank, port, q):
-    from pop_disagg.disagg.kv_transfer import destroy_links, init_links
-
-    links = init_links(rank, 2, "127.0.0.1", port, [(0, 1)], ["gloo"])
-    link = links[1 - rank]
+        store = host_pair_store("127.0.0.1")
+        address.put(("127.0.0.1", store.port))
+        link = connect_pair(store, 0, "gloo")
+    else:
+        link = connect_pair(address.get(timeout=30), 1, "gloo")
     t = torch.arange(12, dtype=torch.float32).view(3, 4)
     if rank == 0:
         link.send(t * 2, 5.0)
@@ -249,14 +248,13 @@ def _gloo_peer(rank, port, q):
         except Exception as exc:
             ok = ok and "failed" in str(exc)
         q.put(ok)
-    destroy_links()
+    link.close()
 
 
 def test_gloo_transport_between_processes():
-    port = _free_port()
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_peer, args=(r, port, q)) for r in (0, 1)]
+    q, address = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_gloo_peer, args=(r, address, q)) for r in (0, 1)]
     for p in procs:
         p.start()
     try:

@@ -13,10 +13,21 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
+
+class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_STATE_UNSPECIFIED: _ClassVar[WorkerState]
+    WORKER_STATE_SERVING: _ClassVar[WorkerState]
+    WORKER_STATE_RESTARTING: _ClassVar[WorkerState]
+    WORKER_STATE_DEAD: _ClassVar[WorkerState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
+WORKER_STATE_UNSPECIFIED: WorkerState
+WORKER_STATE_SERVING: WorkerState
+WORKER_STATE_RESTARTING: WorkerState
+WORKER_STATE_DEAD: WorkerState
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "prompt_token_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "request_id", "prune_ratio")
@@ -109,18 +120,34 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("is_serving", "message", "num_prefill_workers", "num_decode_workers", "placements")
+    __slots__ = ("is_serving", "message", "num_prefill_workers", "num_decode_workers", "placements", "workers")
     IS_SERVING_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFILL_WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_DECODE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     is_serving: bool
     message: str
     num_prefill_workers: int
     num_decode_workers: int
     placements: _containers.RepeatedCompositeFieldContainer[WorkerPlacement]
-    def __init__(self, is_serving: _Optional[bool] = ..., message: _Optional[str] = ..., num_prefill_workers: _Optional[int] = ..., num_decode_workers: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ...) -> None: ...
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerHealth]
+    def __init__(self, is_serving: _Optional[bool] = ..., message: _Optional[str] = ..., num_prefill_workers: _Optional[int] = ..., num_decode_workers: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerHealth, _Mapping]]] = ...) -> None: ...
+
+class WorkerHealth(_message.Message):
+    __slots__ = ("role", "index", "state", "num_restarts", "message")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    index: int
+    state: WorkerState
+    num_restarts: int
+    message: str
+    def __init__(self, role: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., num_restarts: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class WorkerPlacement(_message.Message):
     __slots__ = ("role", "index", "node_id", "node_ip", "device", "gpu_ids", "owns_gpu")

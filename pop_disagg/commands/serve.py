@@ -31,6 +31,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers, at least 1)")
     p.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds before a stalled KV transfer fails its request")
+    p.add_argument("--worker-timeout", type=float, default=30.0, help="seconds without a health answer before a worker is declared dead (its requests fail with UNAVAILABLE) and replaced")
+    p.add_argument("--kv-failure-policy", default="recompute", choices=["recompute", "fail"], help="a request whose KV transfer failed is re-prefilled (recompute) or fails with UNAVAILABLE; a request whose prefill worker died is always re-prefilled")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' to join a running cluster); default: embedded local Ray")
     p.add_argument("--placement", default="pack", choices=["pack", "spread"], help="pack: prefill/decode pairs share a node (NVLink); spread: prefill and decode workers on different nodes")
     p.add_argument("--placement-timeout", type=float, default=120.0, help="seconds to wait for the workers' placement group before failing with what was asked and what the cluster has")
@@ -82,7 +84,8 @@ def serve_config(args: argparse.Namespace):
     engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune, kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len,
                           enforce_eager=args.enforce_eager, compile_decode_on_cpu=args.compile_decode)
     depth = dict(prune_ratios=getattr(args, "prune_ratios", None), prune_family=prune_family, adaptive_depth=getattr(args, "adaptive_depth", False), ttft_slo_ms=getattr(args, "ttft_slo_ms", None))
-    return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout, num_threads=threads, kv_correction=args.kv_correction,
+    return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout,
+        worker_timeout_s=args.worker_timeout, kv_failure_policy=args.kv_failure_policy, num_threads=threads, kv_correction=args.kv_correction,
         placement=PlacementConfig(strategy=args.placement, timeout_s=args.placement_timeout, cpus_per_worker=args.cpus_per_worker), **depth,
     )
 

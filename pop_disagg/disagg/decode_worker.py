@@ -10,14 +10,21 @@ engine also prefills, with no transfer. A one-token prompt is admitted at once (
 Events go to a per-request ``sink`` callback from the step-loop or receiver thread; the actor
 shell turns them into a stream. The engine runs without a tokenizer: the router detokenizes and
 applies stop strings, the worker stops on EOS, stop token ids and length.
+
+Every way a request can end frees its blocks here, in whatever phase it is (reserved, receiving,
+decoding): finish, ``abort`` (the router's cancel), a failed transfer or broken link (``Failed``
+with ``kind="kv_transfer"``: the router may re-run the prefill), and the request's own deadline,
+checked before every engine step, so an expired request is gone within one step even when the
+router's abort never arrives (``kind="deadline"``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -43,10 +50,13 @@ class Tokens:
 @dataclass
 class Failed:
     message: str
+    kind: Literal["worker", "kv_transfer", "deadline"] = "worker"  # kv_transfer: the router may re-prefill
 
 
 Event = KVReceived | Tokens | Failed
 Sink = Callable[[Event], None]
+
+log = logging.getLogger("pop_disagg.decode")
 
 
 class DecodeWorker:
@@ -57,17 +67,29 @@ class DecodeWorker:
         self.receivers: dict[int, KVReceiver] = {}
         self._sinks: dict[str, Sink] = {}
         self._transfer_of: dict[str, int] = {}
+        self._deadlines: dict[str, float] = {}  # request id -> wall clock after which it is dropped
         self._lock = threading.Lock()  # engine state, the transfer table, the sinks
         self._work = threading.Event()  # set when there may be something to step
 
     # ---- links ---------------------------------------------------------------------------------
     def attach_link(self, link: int, transport: Transport) -> None:
+        """Attach (or re-create) the link from prefill worker ``link``. Re-creating retires the old
+        receiver and fails whatever was reserved on the old link (it will never arrive on the new one)."""
         arch = self.engine.arch
+        old = self.receivers.get(link)
+        if old is not None:
+            old.retire()
+            self.fail_link(link, "the link was re-created", [])
         self.receivers[link] = KVReceiver(transport, link, self, arch.num_layers, (arch.num_kv_heads, arch.head_dim), self.engine.kv_cache.k.dtype, self.transfer_timeout_s)
 
     def is_link_broken(self, link: int) -> bool:
         r = self.receivers.get(link)
         return r is None or r.broken is not None
+
+    @property
+    def broken_links(self) -> dict[int, str]:
+        """Link -> why it broke, for every broken link."""
+        return {link: r.broken for link, r in self.receivers.items() if r.broken is not None}
 
     # ---- requests ------------------------------------------------------------------------------
     @property
@@ -78,10 +100,16 @@ class DecodeWorker:
     def num_active(self) -> int:
         return len(self._sinks)
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, link: int, sink: Sink) -> int | None:
+    @property
+    def num_receiving(self) -> int:
+        """Transfers whose K/V are arriving now (state SENDING)."""
+        return sum(t.state == TransferState.SENDING for t in list(self.table.transfers.values()))
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, link: int, sink: Sink, deadline: float | None = None) -> int | None:
         """Hold blocks for the request; returns its transfer id, or None when the cache is full.
 
-        A one-token prompt needs no transfer: it is admitted at once and the id is 0.
+        A one-token prompt needs no transfer: it is admitted at once and the id is 0. ``deadline``
+        (wall clock): the worker drops the request by itself once it passes.
         """
         if len(prompt_token_ids) > 1 and self.is_link_broken(link):
             raise RuntimeError(f"link from prefill worker {link} is broken: {self.receivers[link].broken if link in self.receivers else 'not attached'}")
@@ -90,6 +118,8 @@ class DecodeWorker:
             if req is None:
                 return None
             self._sinks[request_id] = sink
+            if deadline is not None:
+                self._deadlines[request_id] = deadline
             n = len(prompt_token_ids) - 1
             if n == 0:
                 self.engine.admit_prefilled(request_id, 0)
@@ -104,28 +134,42 @@ class DecodeWorker:
             self._work.set()
         return tid
 
-    def add_local(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+    def add_local(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink, deadline: float | None = None) -> None:
         """Colocated topology: this engine prefills the request itself."""
         with self._lock:
             self.engine.add_request(prompt_token_ids, params, request_id)
             self._sinks[request_id] = sink
+            if deadline is not None:
+                self._deadlines[request_id] = deadline
         self._work.set()
 
-    def abort(self, request_id: str, error: str | None = None) -> bool:
+    def abort(self, request_id: str, error: str | None = None, kind: str = "worker") -> bool:
         """Free the request's blocks whatever its phase; a transfer in flight is discarded on arrival.
 
-        The request's stream ends with ``Failed(error)`` when an error is given, else finish "abort".
+        The request's stream ends with ``Failed(error, kind)`` when an error is given, else finish "abort".
         """
         with self._lock:
             sink = self._sinks.pop(request_id, None)
+            self._deadlines.pop(request_id, None)
             tid = self._transfer_of.pop(request_id, None)
             if tid is not None:
                 t = self.table.transfers.pop(tid)
                 t.state, t.error = TransferState.FAILED, error or "aborted"
             found = self.engine.abort(request_id)
+        if found and error:
+            log.warning("request %s: ended (%s): %s", request_id, kind, error)
         if sink is not None:
-            sink(Failed(error) if error else Tokens([], True, "abort"))
+            sink(Failed(error, kind) if error else Tokens([], True, "abort"))
         return found
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Abort every request whose deadline has passed; returns their ids."""
+        now = time.time() if now is None else now
+        with self._lock:
+            expired = [rid for rid, deadline in self._deadlines.items() if deadline <= now]
+        for rid in expired:
+            self.abort(rid, "deadline exceeded", "deadline")
+        return expired
 
     # ---- ReceiverHost (called from receiver threads) --------------------------------------------
     def begin_transfer(self, transfer_id: int, num_tokens: int) -> Transfer | None:
@@ -161,7 +205,7 @@ class DecodeWorker:
         with self._lock:
             doomed = {t.request_id for t in transfers} | {t.request_id for t in self.table.transfers.values() if t.link == link}
         for request_id in doomed:
-            self.abort(request_id, f"KV transfer from prefill worker {link} failed: {why}")
+            self.abort(request_id, f"KV transfer from prefill worker {link} failed: {why}", "kv_transfer")
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -175,6 +219,7 @@ class DecodeWorker:
                 sink = self._sinks.get(out.request_id)
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
+                    self._deadlines.pop(out.request_id, None)
                 if sink is not None:
                     events.append((sink, Tokens(out.new_token_ids, out.finished, out.finish_reason)))
         for sink, event in events:
@@ -184,5 +229,7 @@ class DecodeWorker:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self._work.clear()
+            if self._deadlines:
+                self.expire()
             if not self.step():
                 self._work.wait(timeout=0.1)

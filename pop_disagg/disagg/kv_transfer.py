@@ -31,12 +31,21 @@ reached (at the end for the default plan). A transfer cancelled while in flight 
 the link (and discarded) so the link stays in step. A timeout or a transport error mid-message
 leaves the link's position in the stream unknown, so the link is marked *broken*: every transfer
 in flight on it fails, later submissions to it fail at once, and the router stops choosing that
-pair; restarting the server re-creates the process groups. The header's magic number catches a
-stream that is out of step anyway.
+pair until the supervisor re-creates it. The header's magic number catches a stream that is out of
+step anyway.
 
-Transports: ``TorchDistTransport`` (torch.distributed isend/irecv on the pair's group: gloo on CPU
-or when the two workers share a GPU, NCCL between distinct GPUs) and ``FakeTransport`` (in-process
-queues, with fault injection, for unit tests).
+Each link is its own two-rank process group with its own rendezvous (``host_pair_store`` on the
+prefill end, a fresh port every time; prefill is rank 0, decode rank 1), not a subgroup of one
+world group: when a worker dies or one link breaks, only the pairs it is part of are rebuilt
+(``connect_pair`` again on both ends), and every other link keeps its transfers in flight.
+A re-created link *retires* the old ends: the old sender fails its queued batches without sending,
+the old receiver exits without failing the new link's transfers.
+
+Transports: ``TorchDistTransport`` (send/recv on the pair's process group: gloo on CPU or when the
+two workers share a GPU, NCCL between distinct GPUs) and ``FakeTransport`` (in-process queues,
+with fault injection, for unit tests). Fault hook for tests: ``KVSender.stall_s`` pauses the next
+batch after its first layer (a stalled transfer, as a hung peer or a congested network looks to
+the receiver).
 """
 
 from __future__ import annotations
@@ -112,14 +121,26 @@ class FakeTransport:
 
 
 class TorchDistTransport:
-    """isend/irecv to ``peer`` (a global rank) on a two-rank group.
+    """send/recv to ``peer`` (its rank in the group) on a two-rank process group.
 
     With gloo, CUDA tensors go through CPU copies (two workers on one GPU). ``Work.wait(timeout)``
     raises on timeout for gloo; NCCL's ``wait`` only orders streams, so NCCL completion is polled.
+    A gloo timeout closes the pair, so a link that timed out stays broken until it is re-created.
     """
 
-    def __init__(self, group, peer: int, backend: str):
+    def __init__(self, group, peer: int, backend: str, store=None):
         self.group, self.peer, self.backend = group, peer, backend
+        self._store = store  # the rendezvous client must outlive the group
+
+    def close(self) -> None:
+        """Drop the process group: once no thread waits on it its sockets close, so the peer's
+        pending receive fails instead of waiting forever (NCCL: abort the communicator)."""
+        group, self.group = self.group, None
+        if group is not None and self.backend == "nccl":
+            try:
+                group.abort()
+            except Exception:  # noqa: BLE001 - best effort on a dying link
+                pass
 
     def _wait(self, work, timeout: float | None, what: str) -> None:
         try:
@@ -139,18 +160,19 @@ class TorchDistTransport:
         except RuntimeError as exc:  # gloo timeouts and closed connections
             raise TransferError(f"{what} rank {self.peer} failed: {exc}") from exc
 
-    def send(self, tensor: torch.Tensor, timeout: float | None) -> None:
-        import torch.distributed as dist
+    def _group(self):
+        if self.group is None:
+            raise TransferError(f"link to rank {self.peer} is closed")
+        return self.group
 
+    def send(self, tensor: torch.Tensor, timeout: float | None) -> None:
         if self.backend == "gloo" and tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        self._wait(dist.isend(tensor.contiguous(), dst=self.peer, group=self.group), timeout, "send to")
+        self._wait(self._group().send([tensor.contiguous()], self.peer, 0), timeout, "send to")
 
     def recv(self, tensor: torch.Tensor, timeout: float | None) -> None:
-        import torch.distributed as dist
-
         buf = tensor if (self.backend == "nccl" or tensor.device.type == "cpu") else torch.empty(tensor.shape, dtype=tensor.dtype)
-        self._wait(dist.irecv(buf, src=self.peer, group=self.group), timeout, "receive from")
+        self._wait(self._group().recv([buf], self.peer, 0), timeout, "receive from")
         if buf is not tensor:
             tensor.copy_(buf)
 
@@ -158,31 +180,40 @@ class TorchDistTransport:
 # Idle links wait for their next header without a deadline, so the process groups' own timeout must
 # not fire in between (gloo applies it to every wait without an explicit timeout).
 PROCESS_GROUP_TIMEOUT = timedelta(days=365)
+PREFILL_RANK, DECODE_RANK = 0, 1
 
 
-def init_links(rank: int, world_size: int, master_addr: str, master_port: int, pairs: list[tuple[int, int]], backends: list[str]) -> dict[int, TorchDistTransport]:
-    """Join the world group and create one group per (prefill rank, decode rank) pair.
+def host_pair_store(host: str, timeout_s: float = 60.0):
+    """The rendezvous of one link, hosted by its prefill end on a fresh free port (``store.port``).
 
-    Every rank calls ``new_group`` for every pair in the same order (a collective on the world
-    group). Returns this rank's transports keyed by peer rank.
+    Keep the store alive while the link is used: the peer's process group talks to it on connect.
     """
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
-    links = {}
-    for (p, d), backend in zip(pairs, backends):
-        group = dist.new_group([p, d], backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
-        if rank in (p, d):
-            peer = d if rank == p else p
-            links[peer] = TorchDistTransport(group, peer, backend)
-    return links
+    return dist.TCPStore(host, 0, 2, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def destroy_links() -> None:
+def connect_pair(store_or_address, rank: int, backend: str, timeout_s: float = 60.0) -> TorchDistTransport:
+    """Create this end of a link's two-rank process group; blocks until the peer joins.
+
+    ``store_or_address``: the store from ``host_pair_store`` (prefill end, rank 0) or its
+    ``(host, port)`` (decode end, rank 1). No world group is involved, so a link can be rebuilt
+    while every other link keeps running.
+    """
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if isinstance(store_or_address, tuple):
+        host, port = store_or_address
+        store = dist.TCPStore(host, port, 2, False, timeout=timedelta(seconds=timeout_s))
+    else:
+        store = store_or_address
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = PROCESS_GROUP_TIMEOUT
+        group = dist.ProcessGroupNCCL(store, rank, 2, opts)
+    else:
+        group = dist.ProcessGroupGloo(store, rank, 2, PROCESS_GROUP_TIMEOUT)
+    return TorchDistTransport(group, 1 - rank, backend, store)
 
 
 # ---- prefill side -------------------------------------------------------------------------------
@@ -218,13 +249,20 @@ class KVSender:
         self.kv_shape, self.kv_dtype = kv_shape, dtype  # (Hkv, D): for padding an abandoned batch
         self.timeout_s = timeout_s
         self.broken: str | None = None  # why the link is unusable, once it is
+        self.stall_s = 0.0  # fault hook (tests, soak): the next batch pauses this long after layer 0
+        self._closed: str | None = None  # set by close/retire: later batches fail at once
+        self._lock = threading.Lock()
         self._batches: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def begin(self, batch: SendBatch) -> None:
         batch.layers = queue.Queue()
-        self._batches.put(batch)
+        with self._lock:
+            if self._closed is None:
+                self._batches.put(batch)
+                return
+        self._finish(batch, self._closed)
 
     def send_layer(self, batch: SendBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: (num_tokens, Hkv, D) of this batch's tokens on this link, layer by layer in order."""
@@ -241,8 +279,16 @@ class KVSender:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Tell the receiver to stop (if the link still works) and end the thread."""
-        self._batches.put(None)
+        with self._lock:
+            self._closed = self._closed or "link is closed"
+            self._batches.put(None)
         self._thread.join(timeout_s)
+
+    def retire(self, why: str) -> None:
+        """The link is being re-created: fail every queued batch without sending; do not wait."""
+        with self._lock:
+            self._closed = self.broken = why
+            self._batches.put(None)
 
     def _run(self) -> None:
         while True:
@@ -253,6 +299,11 @@ class KVSender:
                         self.transport.send(torch.tensor([MAGIC, KIND_CLOSE, 0, 0], dtype=torch.long), self.timeout_s)
                     except TransferError:
                         pass
+                while not self._batches.empty():  # begun before the close: fail them, never drop them
+                    if (late := self._batches.get_nowait()) is not None:
+                        self._finish(late, self._closed)
+                if hasattr(self.transport, "close"):
+                    self.transport.close()
                 return
             if self.broken is not None:
                 self._finish(batch, f"link is broken: {self.broken}")
@@ -280,6 +331,11 @@ class KVSender:
             for tensor in item:
                 self.transport.send(tensor, self.timeout_s)
             batch.num_sent_layers += 1
+            if self.stall_s and batch.num_sent_layers == 1:
+                stall, self.stall_s = self.stall_s, 0.0
+                time.sleep(stall)
+            if self.broken is not None:  # retired while stalled: the peer no longer reads this link
+                raise TransferError(self.broken)
 
     def _finish(self, batch: SendBatch, error: str | None) -> None:
         batch.error = error
@@ -320,11 +376,19 @@ class KVReceiver:
         self.num_layers, self.kv_shape, self.dtype = num_layers, kv_shape, dtype
         self.timeout_s = timeout_s
         self.broken: str | None = None
+        self.is_retired = False
         self._thread = threading.Thread(target=self._run, name=f"kv-receiver-{link}", daemon=True)
         self._thread.start()
 
     def join(self, timeout_s: float | None = None) -> None:
         self._thread.join(timeout_s)
+
+    def retire(self) -> None:
+        """A new receiver replaces this one: exit at the next message or error, failing nothing
+        (the host fails what was reserved on the old link when it attaches the new one)."""
+        self.is_retired = True
+        if hasattr(self.transport, "close"):
+            self.transport.close()
 
     def _run(self) -> None:
         header = torch.zeros(HEADER_LEN, dtype=torch.long)
@@ -332,6 +396,8 @@ class KVReceiver:
             transfers: list[Transfer | None] = []
             try:
                 self.transport.recv(header, None)  # idle until the next batch
+                if self.is_retired:
+                    return
                 magic, kind, num_transfers, num_tokens = header.tolist()
                 if magic != MAGIC:
                     raise TransferError(f"link {self.link} out of step (bad magic {magic:#x})")
@@ -357,7 +423,8 @@ class KVReceiver:
                         self.host.finish_transfer(t)
             except TransferError as exc:
                 self.broken = str(exc)
-                self.host.fail_link(self.link, str(exc), [t for t in transfers if t is not None])
+                if not self.is_retired:
+                    self.host.fail_link(self.link, str(exc), [t for t in transfers if t is not None])
                 return
 
 

@@ -10,10 +10,15 @@ Depth per request: a task may name its own plan (one of a nested family, see ``P
 model is then built for the family's mildest plan and runs any deeper one). A step groups its tasks
 by plan and runs one forward pass per plan, mildest first; every pass is a batch of its own on
 the links, so the decode side sees nothing new.
+
+Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
+deadline passed while waiting (dropped before its batch is taken), or its link was re-created
+while it waited (``purge_link``). Fault hook for tests: ``pause_until`` holds waiting tasks back.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -50,6 +55,15 @@ class PrefillTask:
     on_done: Callable[[PrefillOutcome], None]
     submit_time: float = 0.0
     plan: PrunePlan | None = None  # None: the worker's default plan
+    deadline: float | None = None  # wall clock: dropped unstarted once it passes
+
+
+log = logging.getLogger("pop_disagg.prefill")
+
+
+def _fail(task: PrefillTask, why: str) -> None:
+    now = time.time()
+    task.on_done(PrefillOutcome(task.request_id, why, now - (task.submit_time or now), 0.0, now, now))
 
 
 class PrefillWorker:
@@ -61,6 +75,7 @@ class PrefillWorker:
         self.waiting: deque[PrefillTask] = deque()
         self._cv = threading.Condition()
         self._num_waiting_tokens = 0
+        self.pause_until = 0.0  # fault hook: no batch is taken before this wall-clock time
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -69,9 +84,7 @@ class PrefillWorker:
     def submit(self, task: PrefillTask) -> None:
         sender = self.senders.get(task.link)
         if sender is None or sender.broken is not None:
-            why = f"no link to decode worker {task.link}" if sender is None else f"link to decode worker {task.link} is broken: {sender.broken}"
-            now = time.time()
-            task.on_done(PrefillOutcome(task.request_id, why, 0.0, 0.0, now, now))
+            _fail(task, f"no link to decode worker {task.link}" if sender is None else f"link to decode worker {task.link} is broken: {sender.broken}")
             return
         if task.plan is not None and not self.model.can_run(task.plan):
             now = time.time()
@@ -85,17 +98,32 @@ class PrefillWorker:
 
     def abort(self, request_id: str) -> bool:
         """Drop a task that has not started; a running one is sent anyway (the receiver discards it)."""
+        return bool(self._drop(lambda t: t.request_id == request_id, "aborted"))
+
+    def purge_link(self, link: int, why: str) -> int:
+        """Fail every waiting task for ``link``: its link was re-created, their transfer ids are stale."""
+        return self._drop(lambda t: t.link == link, why)
+
+    def _drop(self, match: Callable[[PrefillTask], bool], why: str) -> int:
         with self._cv:
-            for task in self.waiting:
-                if task.request_id == request_id:
-                    self.waiting.remove(task)
-                    self._num_waiting_tokens -= len(task.prefix_ids)
-                    return True
-        return False
+            doomed = [t for t in self.waiting if match(t)]
+            for task in doomed:
+                self.waiting.remove(task)
+                self._num_waiting_tokens -= len(task.prefix_ids)
+        for task in doomed:
+            _fail(task, why)
+        return len(doomed)
 
     def _take_batch(self) -> list[PrefillTask]:
         batch, num_tokens = [], 0
+        now = time.time()
         while self.waiting:
+            if (deadline := self.waiting[0].deadline) is not None and deadline <= now:
+                task = self.waiting.popleft()
+                self._num_waiting_tokens -= len(task.prefix_ids)
+                log.info("request %s: deadline passed while waiting for prefill; dropped", task.request_id)
+                _fail(task, "deadline exceeded")
+                continue
             n = len(self.waiting[0].prefix_ids)
             if batch and num_tokens + n > self.max_num_batched_tokens:
                 break
@@ -108,9 +136,9 @@ class PrefillWorker:
         """The worker loop: wait for prompts, prefill a batch, repeat until ``stop`` is set."""
         while not stop.is_set():
             with self._cv:
-                if not self.waiting:
+                if not self.waiting or time.time() < self.pause_until:
                     self._cv.wait(timeout=0.1)
-                batch = self._take_batch()
+                batch = self._take_batch() if time.time() >= self.pause_until else []
             if batch:
                 self.step(batch)
 

@@ -5,12 +5,21 @@ The shells are async actors: each worker's loop runs in its own thread, and work
 ``call_soon_threadsafe``. ``DecodeActor.generate`` is a streaming generator: its first item says
 the request holds its blocks (``("reserved", transfer_id)``), every later item is a list of
 ``decode_worker`` events; the router drives the prefill hand-off from the first item.
+
+Links (one two-rank process group per prefill/decode pair, see ``kv_transfer``) are made and
+re-made pair by pair: ``PrefillActor.listen(d)`` hosts the pair's rendezvous on a fresh port, then
+``PrefillActor.connect(d)`` and ``DecodeActor.connect(p, address)`` run together. ``health``
+answers the supervisor's probes (and names broken links); ``pid`` and ``inject_fault`` are hooks
+for fault tests and the soak benchmark. An abort that arrives before its request (the calls are
+concurrent on an async actor) leaves a tombstone, so the request is refused when it comes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from dataclasses import dataclass
 
 import ray
@@ -44,6 +53,21 @@ def _setup(spec: WorkerSpec):
     return str(resolve_model(spec.engine.model)), load_model
 
 
+class _Tombstones:
+    """Request ids aborted before they arrived; forgotten after ``ttl_s``."""
+
+    def __init__(self, ttl_s: float = 120.0):
+        self.ttl_s, self._ids = ttl_s, {}
+
+    def add(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._ids = {r: t for r, t in self._ids.items() if now - t < self.ttl_s}
+        self._ids[request_id] = now
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._ids
+
+
 class _Shell:
     def _start_loop(self, worker) -> None:
         self._stop = threading.Event()
@@ -54,14 +78,7 @@ class _Shell:
     def node_address() -> str:
         return ray.util.get_node_ip_address()
 
-    async def free_port(self) -> tuple[str, int]:
-        """This node's address and a free TCP port on it (for the process-group rendezvous)."""
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return self.node_address(), s.getsockname()[1]
-
+    @ray.method(concurrency_group="health")
     async def ping(self) -> bool:
         return True
 
@@ -69,10 +86,22 @@ class _Shell:
         """The Ray node this actor runs on and the GPUs Ray gave it (physical indices on the node)."""
         return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": self.node_address(), "gpu_ids": [int(g) for g in ray.get_gpu_ids()]}
 
+    @ray.method(concurrency_group="health")
+    async def pid(self) -> int:
+        """This worker's process id (fault tests kill it)."""
+        return os.getpid()
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
+
+# Health probes run on their own event-loop thread ("health" group): a busy main loop (hundreds of
+# streams, or waiting on the worker lock during a long engine step) must not look like a hang.
+_ACTOR_OPTIONS = dict(num_cpus=0, max_concurrency=1000, concurrency_groups={"health": 1})
+
+
+@ray.remote(**_ACTOR_OPTIONS)
 class PrefillActor(_Shell):
     def __init__(self, spec: WorkerSpec):
+        from ..disagg.prefill_worker import PrefillWorker
+
         path, load_model = _setup(spec)
         self.spec = spec
         self.model = load_model(path, spec.engine.dtype, spec.engine.device, prefill_only_plan=spec.family.union_plan if spec.family else spec.plan)
@@ -80,51 +109,92 @@ class PrefillActor(_Shell):
             from ..pop.kv_correction import KVCorrection, apply_to_prefill_model
 
             apply_to_prefill_model(self.model, KVCorrection.load(spec.kv_correction))
-        self.worker = None
-        self.senders = {}
-
-    async def init_links(self, rank: int, world_size: int, master: tuple[str, int], pairs: list[tuple[int, int]], backends: list[str], decode_index: dict[int, int]) -> None:
-        from ..disagg.kv_transfer import KVSender, init_links
-        from ..disagg.prefill_worker import PrefillWorker
-
-        links = await asyncio.to_thread(init_links, rank, world_size, master[0], master[1], pairs, backends)
-        arch = self.model.arch
-        for peer, transport in links.items():
-            idx = decode_index[peer]
-            self.senders[idx] = KVSender(transport, arch.num_layers, (arch.num_kv_heads, arch.head_dim), self.model.dtype, self.spec.transfer_timeout_s, name=f"kv-sender-{idx}")
-        self.worker = PrefillWorker(self.model, self.spec.plan, self.senders, self.spec.engine.max_num_batched_tokens)
+        self.senders = {}  # decode index -> KVSender (shared with the worker)
+        self._stores = {}  # decode index -> the rendezvous this end hosts for that link
+        self._aborted = _Tombstones()
+        self.worker = PrefillWorker(self.model, spec.plan, self.senders, spec.engine.max_num_batched_tokens)
+        self._warm_up()
         self._start_loop(self.worker)
 
-    async def prefill(self, request_id: str, transfer_id: int, link: int, prefix_ids: list[int], prune_ratio: float | None = None):
-        """Prefill ``prefix_ids`` (with the family plan ``prune_ratio`` names; None: the default) and
-        send its K/V to decode worker ``link``; returns the outcome once the last layer is on the
-        wire (``outcome.error`` set if it failed)."""
-        from ..disagg.prefill_worker import PrefillTask
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One small pass before serving: a cold process's first layer can take longer than the
+        receiver's per-layer timeout once the header is on the wire (seen on a loaded host)."""
+        from ..models.attention import PrefillAttention
 
+        n = 8
+        ids = torch.arange(n, device=self.model.device) % self.model.arch.vocab_size
+        self.model(ids, torch.arange(n, device=self.model.device), PrefillAttention([0, n], sink=lambda layer, k, v: None), plan=self.spec.plan)
+
+    async def listen(self, link: int) -> tuple[str, int]:
+        """Host the rendezvous of the link to decode worker ``link``; returns its address."""
+        from ..disagg.kv_transfer import host_pair_store
+
+        store = await asyncio.to_thread(host_pair_store, self.node_address())
+        self._stores[link] = store
+        return self.node_address(), store.port
+
+    async def connect(self, link: int, backend: str) -> None:
+        """Join the link's process group (after ``listen``; the decode end joins at the same time)."""
+        from ..disagg.kv_transfer import PREFILL_RANK, KVSender, connect_pair
+
+        transport = await asyncio.to_thread(connect_pair, self._stores[link], PREFILL_RANK, backend)
+        arch = self.model.arch
+        old = self.senders.get(link)
+        self.senders[link] = KVSender(transport, arch.num_layers, (arch.num_kv_heads, arch.head_dim), self.model.dtype, self.spec.transfer_timeout_s, name=f"kv-sender-{link}")
+        if old is not None:
+            why = f"the link to decode worker {link} was re-created"
+            old.retire(why)
+            self.worker.purge_link(link, why)
+
+    async def prefill(self, request_id: str, transfer_id: int, link: int, prefix_ids: list[int], deadline: float | None = None,
+                      prune_ratio: float | None = None):
+        """Prefill ``prefix_ids`` (with the family plan ``prune_ratio`` names; None: the default) and send its K/V to decode worker ``link``; returns the outcome
+        once the last layer is on the wire (``outcome.error`` set if it failed)."""
+        from ..disagg.prefill_worker import PrefillOutcome, PrefillTask
+
+        if request_id in self._aborted:
+            now = time.time()
+            return PrefillOutcome(request_id, "aborted", 0.0, 0.0, now, now)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         plan = self.spec.family.plan_for(prune_ratio) if prune_ratio is not None and self.spec.family else None
-        self.worker.submit(PrefillTask(request_id, transfer_id, link, prefix_ids, lambda o: loop.call_soon_threadsafe(done.set_result, o), plan=plan))
+        self.worker.submit(PrefillTask(request_id, transfer_id, link, prefix_ids, lambda o: loop.call_soon_threadsafe(done.set_result, o), deadline=deadline, plan=plan))
         return await done
 
     async def abort(self, request_id: str) -> bool:
-        return self.worker.abort(request_id) if self.worker else False
+        found = self.worker.abort(request_id)
+        if not found:
+            self._aborted.add(request_id)
+        return found
 
     async def load(self) -> int:
-        return self.worker.num_waiting_tokens if self.worker else 0
+        return self.worker.num_waiting_tokens
+
+    @ray.method(concurrency_group="health")
+    async def health(self) -> dict:
+        return {"pid": os.getpid(), "broken_links": {d: s.broken for d, s in self.senders.items() if s.broken is not None}, "num_waiting_tokens": self.worker.num_waiting_tokens}
+
+    async def inject_fault(self, kind: str, seconds: float, link: int | None = None) -> None:
+        """Test hook. ``stall_transfer``: the next batch to ``link`` (every link if None) pauses
+        ``seconds`` after its first layer. ``pause_prefill``: take no batch for ``seconds``."""
+        if kind == "stall_transfer":
+            for d, sender in self.senders.items():
+                if link is None or d == link:
+                    sender.stall_s = seconds
+        elif kind == "pause_prefill":
+            self.worker.pause_until = time.time() + seconds
+        else:
+            raise ValueError(f"unknown fault {kind!r}")
 
     async def shutdown(self) -> None:
-        from ..disagg.kv_transfer import destroy_links
-
-        if self.worker is not None:
-            self._stop.set()
-            self._thread.join(5)
+        self._stop.set()
+        self._thread.join(5)
         for sender in self.senders.values():
             await asyncio.to_thread(sender.close)
-        destroy_links()
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
+@ray.remote(**_ACTOR_OPTIONS)
 class DecodeActor(_Shell):
     """Decode worker (disaggregated) or the whole engine (colocated)."""
 
@@ -136,17 +206,19 @@ class DecodeActor(_Shell):
         engine = LLMEngine(spec.engine, model=load_model(path, spec.engine.dtype, spec.engine.device))
         engine.eos_token_ids |= set(spec.eos_token_ids)  # no tokenizer here: the router passes its EOS
         self.worker = DecodeWorker(engine, spec.transfer_timeout_s)
+        self._aborted = _Tombstones()
         self._start_loop(self.worker)
 
-    async def init_links(self, rank: int, world_size: int, master: tuple[str, int], pairs: list[tuple[int, int]], backends: list[str], prefill_index: dict[int, int]) -> None:
-        from ..disagg.kv_transfer import init_links
+    async def connect(self, link: int, address: tuple[str, int], backend: str) -> None:
+        """Join the process group of the link from prefill worker ``link`` (re-creating it if any)."""
+        from ..disagg.kv_transfer import DECODE_RANK, connect_pair
 
-        links = await asyncio.to_thread(init_links, rank, world_size, master[0], master[1], pairs, backends)
-        for peer, transport in links.items():
-            self.worker.attach_link(prefill_index[peer], transport)
+        transport = await asyncio.to_thread(connect_pair, tuple(address), DECODE_RANK, backend)
+        self.worker.attach_link(link, transport)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params, link: int | None):
-        """Stream a request. ``link``: the prefill worker that sends its K/V; None = colocated."""
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params, link: int | None, deadline: float | None = None):
+        """Stream a request. ``link``: the prefill worker that sends its K/V; None = colocated.
+        ``deadline`` (wall clock): past it the request ends with ``Failed(kind="deadline")``."""
         from ..disagg.decode_worker import Failed, Tokens
 
         loop = asyncio.get_running_loop()
@@ -155,10 +227,26 @@ class DecodeActor(_Shell):
         is_done = False
         try:
             if link is None:
-                self.worker.add_local(request_id, prompt_token_ids, params, sink)
+                self.worker.add_local(request_id, prompt_token_ids, params, sink, deadline)
                 yield ("reserved", 0)
             else:
-                while (tid := self.worker.reserve(request_id, prompt_token_ids, params, link, sink)) is None:
+                while True:
+                    if request_id in self._aborted:
+                        is_done = True
+                        yield ("events", [Tokens([], True, "abort")])
+                        return
+                    if deadline is not None and time.time() >= deadline:
+                        is_done = True
+                        yield ("events", [Failed("deadline exceeded while waiting for KV blocks", "deadline")])
+                        return
+                    try:
+                        tid = self.worker.reserve(request_id, prompt_token_ids, params, link, sink, deadline)
+                    except RuntimeError as exc:  # the link is broken: the router may re-prefill elsewhere
+                        is_done = True
+                        yield ("events", [Failed(str(exc), "kv_transfer")])
+                        return
+                    if tid is not None:
+                        break
                     await asyncio.sleep(0.005)  # cache full: wait for running requests to finish
                 yield ("reserved", tid)
             while not is_done:
@@ -171,17 +259,21 @@ class DecodeActor(_Shell):
             if not is_done:  # the consumer went away
                 self.worker.abort(request_id)
 
-    async def abort(self, request_id: str, error: str | None = None) -> bool:
-        return self.worker.abort(request_id, error)
+    async def abort(self, request_id: str, error: str | None = None, kind: str = "worker") -> bool:
+        found = self.worker.abort(request_id, error, kind)
+        if not found:
+            self._aborted.add(request_id)
+        return found
 
     async def stats(self) -> dict:
-        return {"num_free_blocks": self.worker.num_free_blocks, "num_blocks": self.worker.engine.blocks.num_blocks, "num_active": self.worker.num_active}
+        return {"num_free_blocks": self.worker.num_free_blocks, "num_blocks": self.worker.engine.blocks.num_blocks, "num_active": self.worker.num_active, "num_receiving": self.worker.num_receiving}
+
+    @ray.method(concurrency_group="health")
+    async def health(self) -> dict:
+        return {"pid": os.getpid(), "broken_links": self.worker.broken_links, **(await self.stats())}
 
     async def shutdown(self) -> None:
-        from ..disagg.kv_transfer import destroy_links
-
         self._stop.set()
         self._thread.join(5)
         for r in self.worker.receivers.values():
             r.join(5)
-        destroy_links()

@@ -2,13 +2,14 @@
 
 ``Deployment.start`` creates ``num_prefill`` prefill actors and ``num_decode`` decode actors
 (colocated: ``num_decode`` engine actors and no prefill), then wires one process group per
-(prefill, decode) pair: every worker joins a world group whose rendezvous is a TCP store on the
-first prefill actor's node (the address Ray reports for that node), and every rank creates the
-pair groups in the same order. Ranks: prefill ``0..P-1``, decode ``P..P+D-1``. Each worker runs in
-its own placement-group bundle (``placement.py``: pack or spread over the nodes). Backend per pair:
-NCCL when both ends hold a GPU of their own, gloo otherwise (CPU, or workers sharing a GPU).
-``shutdown`` closes the links (prefill side first, so each decode receiver sees a CLOSE message),
-destroys the process groups, kills the actors and frees the placement group.
+(prefill, decode) pair: each pair has its own rendezvous (a TCP store the prefill end hosts on a
+fresh port, on the address Ray reports for its node) and its own two-rank group, with no world
+group over all workers, so the supervisor can rebuild one pair (``link``) after a restart or a
+broken link while the others keep serving. Each worker runs in its own placement-group bundle
+(``placement.py``: pack or spread over the nodes); a replacement worker (``new_actor``) goes into
+the bundle of the one it replaces. Backend per pair: NCCL when both ends hold a GPU of their own,
+gloo otherwise (CPU, or workers sharing a GPU). ``shutdown`` closes the links (prefill side first,
+so each decode receiver sees a CLOSE message), kills the actors and frees the placement group.
 
 Depth (``--prune-ratios`` or a family JSON in ``--prune-plan``): every prefill worker holds the
 prefill-only instance of the family's mildest plan, which runs every plan of the family; a server
@@ -39,6 +40,8 @@ class ServeConfig(BaseModel):
     num_prefill: int = Field(1, ge=1)
     num_decode: int = Field(1, ge=1)
     transfer_timeout_s: float = Field(30.0, gt=0, description="a KV transfer that stalls this long fails its request")
+    worker_timeout_s: float = Field(30.0, gt=0, description="a worker that answers no health probe this long is declared dead and restarted")
+    kv_failure_policy: Literal["recompute", "fail"] = Field("recompute", description="a request whose KV transfer failed is re-prefilled (recompute) or failed with UNAVAILABLE")
     num_threads: int = Field(1, ge=1, description="torch threads per worker actor")
     kv_correction: str | None = Field(None, description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)")
     placement: PlacementConfig = PlacementConfig()
@@ -113,7 +116,7 @@ class ServeConfig(BaseModel):
 class Deployment:
     config: ServeConfig
     plan: PrunePlan
-    prefill: list
+    prefill: list  # actor handles by index; the supervisor swaps in replacements
     decode: list
     tokenizer: object
     arch: object
@@ -121,6 +124,7 @@ class Deployment:
     locations: list = field(default_factory=list)  # placement.WorkerLocation per rank
     family: PlanFamily | None = None
     prefill_weight_bytes: int = 0  # what one prefill worker holds (the family's union)
+    spec: object = None  # WorkerSpec
 
     @classmethod
     def start(cls, config: ServeConfig) -> "Deployment":
@@ -129,7 +133,7 @@ class Deployment:
 
         from ..models.arch import ModelArch
         from ..models.registry import resolve_model
-        from .actors import DecodeActor, PrefillActor, WorkerSpec
+        from .actors import WorkerSpec
         from .placement import reserve, worker_locations
 
         path = resolve_model(config.engine.model)
@@ -152,15 +156,14 @@ class Deployment:
         spec = WorkerSpec(engine, plan, config.num_threads, config.transfer_timeout_s, eos, config.kv_correction, family)
         num_prefill = config.num_prefill if config.is_disaggregated else 0
         placement = reserve(config.placement, num_prefill, config.num_decode, engine.device)
-        prefill = [PrefillActor.options(**placement.options(r)).remote(spec) for r in range(num_prefill)]
-        decode = [DecodeActor.options(**placement.options(num_prefill + d)).remote(spec) for d in range(config.num_decode)]
         weight_bytes = _weight_bytes(arch, family.union_plan, engine.dtype)
-        dep = cls(config, plan, prefill, decode, tokenizer, arch, placement=placement, family=family, prefill_weight_bytes=weight_bytes)
+        dep = cls(config, plan, [], [], tokenizer, arch, placement=placement, family=family, prefill_weight_bytes=weight_bytes, spec=spec)
         try:
-            ray.get([a.ping.remote() for a in prefill + decode])  # surfaces load errors here
-            dep.locations = worker_locations(prefill, decode, placement)
-            if config.is_disaggregated:
-                dep._wire()
+            dep.prefill = [dep.new_actor("prefill", i) for i in range(num_prefill)]
+            dep.decode = [dep.new_actor("decode", i) for i in range(config.num_decode)]
+            ray.get([a.ping.remote() for a in dep.prefill + dep.decode])  # surfaces load errors here
+            dep.locations = worker_locations(dep.prefill, dep.decode, placement)
+            ray.get([r for p in range(num_prefill) for d in range(config.num_decode) for r in dep.link_calls(p, d)], timeout=120)
         except Exception:
             dep.shutdown()
             raise
@@ -173,21 +176,31 @@ class Deployment:
             )
         return dep
 
-    def _wire(self) -> None:
-        import ray
+    def new_actor(self, role: str, index: int):
+        """A fresh worker actor of ``role`` ("prefill" or "decode") number ``index``, in that worker's
+        placement-group bundle; loading runs in the background."""
+        from .actors import DecodeActor, PrefillActor
 
+        cls = PrefillActor if role == "prefill" else DecodeActor
+        rank = index if role == "prefill" else len(self.prefill) + index  # prefill ranks first
+        return cls.options(**self.placement.options(rank)).remote(self.spec)
+
+    def link_backend(self, p: int, d: int) -> str:
+        """NCCL when both ends of the pair hold a GPU of their own, gloo otherwise."""
         from .placement import pair_backend
 
-        num_p, num_d = len(self.prefill), len(self.decode)
-        pairs = [(p, num_p + d) for p in range(num_p) for d in range(num_d)]
-        backends = [pair_backend(self.locations[p], self.locations[d]) for p, d in pairs]
-        master = ray.get(self.prefill[0].free_port.remote())  # the IP Ray reports for that node
-        world = num_p + num_d
-        decode_index = {num_p + d: d for d in range(num_d)}
-        prefill_index = {p: p for p in range(num_p)}
-        calls = [a.init_links.remote(p, world, master, pairs, backends, decode_index) for p, a in enumerate(self.prefill)]
-        calls += [a.init_links.remote(num_p + d, world, master, pairs, backends, prefill_index) for d, a in enumerate(self.decode)]
-        ray.get(calls, timeout=120)
+        num_p = self.config.num_prefill if self.config.is_disaggregated else 0
+        return pair_backend(self.locations[p], self.locations[num_p + d])
+
+    def link_calls(self, p: int, d: int) -> list:
+        """Create the link between prefill worker ``p`` and decode worker ``d`` on a fresh
+        rendezvous port; returns the two object refs to wait on (both ends join together).
+        The supervisor re-creates a link the same way, awaiting instead of blocking."""
+        import ray
+
+        address = ray.get(self.prefill[p].listen.remote(d))
+        backend = self.link_backend(p, d)
+        return [self.prefill[p].connect.remote(d, backend), self.decode[d].connect.remote(p, address, backend)]
 
     def shutdown(self) -> None:
         import ray

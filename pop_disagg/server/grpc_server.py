@@ -1,9 +1,11 @@
 """The gRPC servicer (thin: parse, call the router, convert) and the server's life cycle.
 
 Status codes: a request the server will not run -> ``INVALID_ARGUMENT`` naming the field; a dead
-worker, broken link or timed-out transfer -> ``UNAVAILABLE``; anything unexpected -> ``INTERNAL``.
-A client that cancels or disconnects cancels the handler's task, which the router turns into
-aborts on both workers.
+worker, broken link or timed-out transfer -> ``UNAVAILABLE``; the client's deadline passed ->
+``DEADLINE_EXCEEDED`` (the deadline travels with the request to the router and the workers);
+anything unexpected -> ``INTERNAL``. A client that cancels or disconnects cancels the handler's
+task, which the router turns into aborts on both workers. ``Health`` reports the supervisor's
+view of every worker.
 
 ``Server`` also owns what makes it operable (see docs/serving.md, "Operating"): admission control
 (``admission.py``: queue bound, never-fits check, draining), Prometheus metrics (``metrics.py``,
@@ -40,6 +42,7 @@ from .errors import ServingError
 from .metrics import ServerMetrics
 from .observer import ServerObserver
 from .router import Router
+from .supervisor import Supervisor, WorkerState
 
 log = logging.getLogger("pop_disagg.serve")
 
@@ -61,20 +64,27 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+_WORKER_STATES = {WorkerState.SERVING: pb.WORKER_STATE_SERVING, WorkerState.RESTARTING: pb.WORKER_STATE_RESTARTING, WorkerState.DEAD: pb.WORKER_STATE_DEAD}
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, deployment: Deployment, router: Router, metrics: ServerMetrics | None = None, admission: Admission | None = None):
-        self.dep, self.router = deployment, router
+    def __init__(self, deployment: Deployment, router: Router, supervisor: Supervisor, metrics: ServerMetrics | None = None, admission: Admission | None = None):
+        self.dep, self.router, self.supervisor = deployment, router, supervisor
         self.metrics, self.admission = metrics, admission
         engine = deployment.config.worker_engine
         self.limits = protocol.ModelLimits(deployment.arch.vocab_size, engine.context_limit(deployment.arch), deployment.family.ratios)
 
     async def _parse(self, request, context) -> protocol.GenerateCall:
         try:
-            return protocol.parse_generate(request, self.dep.tokenizer, self.limits)
+            call = protocol.parse_generate(request, self.dep.tokenizer, self.limits)
         except protocol.InvalidRequest as exc:
             if self.metrics is not None:
                 self.metrics.count_failure("INVALID_ARGUMENT")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        remaining = context.time_remaining()
+        if remaining is not None:
+            call = dataclasses.replace(call, deadline=time.time() + remaining)
+        return call
 
     async def _fail(self, context, exc: Exception) -> None:
         if not isinstance(exc, (ValueError, ServingError)):
@@ -105,18 +115,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._fail(context, exc)
 
     async def Health(self, request, context):
-        actors = self.dep.prefill + self.dep.decode
+        sup = self.supervisor
+        counts = dict(num_prefill_workers=len(sup.prefill), num_decode_workers=len(sup.decode), placements=self._placements())
         if self.admission is not None and self.admission.is_draining:  # load balancers stop sending here
-            return pb.HealthResponse(is_serving=False, message="draining", num_prefill_workers=len(self.dep.prefill), num_decode_workers=len(self.dep.decode))
-        try:
-            await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in actors]), timeout=5)
-            ok, msg = True, "serving"
-        except Exception as exc:
-            ok, msg = False, f"a worker does not answer: {exc.__class__.__name__}"
-        return pb.HealthResponse(is_serving=ok, message=msg, num_prefill_workers=len(self.dep.prefill), num_decode_workers=len(self.dep.decode), placements=self._placements())
+            return pb.HealthResponse(is_serving=False, message="draining", **counts)
+        slots = sup.snapshot()
+        down = [f"{s.name} {s.state.value}: {s.message}" for s in slots if not s.is_serving]
+        msg = "serving" if not down else "; ".join(down)
+        workers = [pb.WorkerHealth(role=s.role, index=s.index, state=_WORKER_STATES[s.state], num_restarts=s.num_restarts, message=s.message) for s in slots]
+        return pb.HealthResponse(is_serving=sup.is_serving, message=msg, workers=workers, **counts)
 
     def _placements(self) -> list:
-        """Where each worker runs, as reported when the deployment started (rank order)."""
+        """Where each worker runs, as reported when the deployment started (rank order; a
+        replacement runs in the bundle, so on the node, of the worker it replaced)."""
         return [
             pb.WorkerPlacement(role=w.role, index=w.index, node_id=w.node_id, node_ip=w.node_ip, device=w.device, gpu_ids=list(w.gpu_ids), owns_gpu=w.owns_gpu)
             for w in self.dep.locations
@@ -170,6 +181,7 @@ class Server:
         self.metrics = ServerMetrics(config.is_disaggregated)
         self.admission: Admission | None = None
         self.deployment: Deployment | None = None
+        self.supervisor: Supervisor | None = None
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         # HTTP front end (off when http_port is None) and the standard health service's state.
@@ -192,13 +204,16 @@ class Server:
         max_queued = self.max_queued_requests or default_max_queued_requests(num_blocks, engine.max_num_seqs)
         self.admission = Admission(KVLimits(min(num_blocks), engine.block_size, context_limit), max_queued)
         self.metrics.kv_bytes_per_token = dep.arch.kv_bytes_per_token(_dtype_bytes(engine.dtype))
-        self.router = router = Router(dep.prefill, dep.decode, dep.tokenizer, self.config.is_disaggregated, ServerObserver(self.admission, self.metrics),
-                                      depth=make_depth_controller(dep, self.metrics.registry))
+        cfg = self.config
+        self.supervisor = Supervisor(dep, cfg.worker_timeout_s, on_restart=self.metrics.count_worker_restart)
+        await self.supervisor.start()
+        self.router = router = Router(self.supervisor, dep.tokenizer, cfg.is_disaggregated, cfg.kv_failure_policy, cfg.worker_timeout_s,
+                                      observer=ServerObserver(self.admission, self.metrics), depth=make_depth_controller(dep, self.metrics.registry))
         interceptors = [BearerAuthInterceptor(self.auth_token, lambda: self.metrics.count_failure("UNAUTHENTICATED"))] if self.auth_token else []
         # Refused by gRPC (RESOURCE_EXHAUSTED) before the message is parsed: nothing valid is this big.
         max_bytes = max(MIN_MAX_REQUEST_BYTES, BYTES_PER_CONTEXT_TOKEN * context_limit)
         self._grpc = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", max_bytes)])
-        self.servicer = GenerationServicer(dep, router, self.metrics, self.admission)
+        self.servicer = GenerationServicer(dep, router, self.supervisor, self.metrics, self.admission)
         pb_grpc.add_GenerationServicer_to_server(self.servicer, self._grpc)
         self._loop = asyncio.get_running_loop()
         self._health = health.aio.HealthServicer()
@@ -250,18 +265,10 @@ class Server:
             await self._health.set(service, status)
 
     async def _check_workers(self) -> None:
-        """SERVING needs a decode worker that answers and, disaggregated, a prefill worker too."""
-        async def answers(actor) -> bool:
-            try:
-                await asyncio.wait_for(actor.ping.remote(), timeout=5)
-                return True
-            except Exception:
-                return False
-
-        dep = self.deployment
-        decode = await asyncio.gather(*map(answers, dep.decode))
-        prefill = await asyncio.gather(*map(answers, dep.prefill)) if self.config.is_disaggregated else [True]
-        has_workers = any(decode) and any(prefill)
+        """SERVING needs a serving decode worker and, disaggregated, a serving prefill worker too
+        (the supervisor's view, which its health probes keep current)."""
+        sup = self.supervisor
+        has_workers = any(s.is_serving for s in sup.decode) and (not self.config.is_disaggregated or any(s.is_serving for s in sup.prefill))
         if has_workers != self._has_workers:
             log.warning("workers %s: %s", "back" if has_workers else "lost", "SERVING" if has_workers else "NOT_SERVING")
         self._has_workers = has_workers
@@ -343,6 +350,8 @@ class Server:
             await self._grpc.stop(grace_s)
             self._grpc = None
         self.metrics.stop_serving()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         if self.deployment is not None:
             await asyncio.to_thread(self.deployment.shutdown)
             self.deployment = None

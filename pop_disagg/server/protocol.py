@@ -46,6 +46,7 @@ class GenerateCall:
     params: SamplingParams
     request_id: str | None
     prune_ratio: float | None = None  # one of ModelLimits.prune_ratios (the served value, not the wire's); None: the server picks
+    deadline: float | None = None  # wall clock (time.time()) from the client's deadline; None = none
 
 
 @dataclass

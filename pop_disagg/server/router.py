@@ -1,33 +1,58 @@
 """The router: one asyncio coroutine per request drives the prefill -> decode hand-off.
 
-For a request of ``N`` prompt tokens it picks the decode worker and (disaggregated, ``N > 1``) the
-prefill worker with the least outstanding work it has handed them (requests for decode, prompt
-tokens for prefill), opens the decode worker's stream (which reserves the blocks), submits the
-prefix ``x_1..x_{N-1}`` to the prefill worker with the transfer id, and turns the decode events
-into text: incremental detokenization and stop strings live here, not on the GPU workers. A
-prefill failure aborts the decode side with the reason; a cancelled or disconnected client aborts
-both sides, so the blocks return on both workers. The prefill depth (which plan of the served
-family the prefill runs) comes from ``depth.DepthController``: the request's own ``prune_ratio``,
-the default plan, or the SLO controller's choice.
+For a request of ``N`` prompt tokens it picks the serving decode worker and (disaggregated,
+``N > 1``) the prefill worker with a live link to it with the least outstanding work it has handed
+them (requests for decode, prompt tokens for prefill), opens the decode worker's stream (which
+reserves the blocks), submits the prefix ``x_1..x_{N-1}`` to the prefill worker with the transfer
+id, and turns the decode events into text: incremental detokenization and stop strings live here,
+not on the GPU workers.
+
+Failures, and how each one ends (every path frees the request's blocks on every worker):
+
+- the client cancels or disconnects: the handler's task is cancelled; both workers get an abort.
+- the deadline passes (``GenerateCall.deadline``, from the gRPC deadline): ``DeadlineExceeded``
+  and aborts. The workers hold the deadline too and drop the request by themselves, before their
+  next step, should an abort be lost.
+- the decode worker dies or hangs: its stream raises, or the supervisor declares it lost
+  (``slot.down``) within ``worker_timeout_s``: ``WorkerUnavailable``. New requests are refused at
+  once while no decode worker is serving (a load balancer sees ``Health`` not serving).
+- the prefill worker dies, or the KV transfer fails (broken link, stall, timeout): the decode
+  worker ends the attempt with ``Failed(kind="kv_transfer")``, which has freed its blocks. Nothing
+  has been generated yet, so the request is re-run from the reservation on another attempt (a new
+  worker-side id ``rid#k``, on any prefill worker whose link to a serving decode worker is up,
+  waiting up to ``worker_timeout_s`` for one) — always when the prefill worker died, otherwise as
+  ``kv_failure_policy`` says (``recompute``, or ``fail``: ``WorkerUnavailable``). Greedy decoding
+  gives the same tokens as without the fault.
+
+Two collaborators see every request: ``observer`` (admission control and metrics: ``admit`` before
+anything runs, ``tokens``, ``finished``, ``failed``) and ``depth`` (``depth.DepthController``: which
+plan of the served family the prefill runs: the request's own ``prune_ratio``, the default plan,
+or the SLO controller's choice; chosen once per request and kept across re-runs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ..disagg.decode_worker import Failed, KVReceived, Tokens
+from ..disagg.decode_worker import Failed, KVReceived
 from ..engine.detokenizer import IncrementalDetokenizer, find_stop
 from .depth import DepthController
-from .errors import WorkerUnavailable
+from .errors import DeadlineExceeded, ServingError, WorkerUnavailable
 from .observer import RequestObserver
 from .protocol import GenerateCall, GenerateResult, Timings
 
 __all__ = ["Delta", "Router", "RouterStats", "WorkerUnavailable"]
+
+log = logging.getLogger("pop_disagg.serve")
+
+MAX_ATTEMPTS = 4  # tries of one request's prefill + transfer before it fails
 
 
 @dataclass
@@ -48,20 +73,60 @@ class RouterStats:
     num_finished: int = 0
     num_failed: int = 0
     ttft_s_sum: float = 0.0
+    num_kv_retries: int = 0  # prefill + transfer re-runs after a KV failure
+
+
+class _KVFailed(Exception):
+    """One attempt's prefill or transfer failed before any token was generated."""
+
+    def __init__(self, why: str, prefill: int, decode: int, prefill_actor, prefill_died: bool):
+        super().__init__(why)
+        self.prefill, self.decode, self.prefill_actor, self.prefill_died = prefill, decode, prefill_actor, prefill_died
+
+
+@dataclass
+class _Request:
+    """What one request has produced so far (kept across attempts)."""
+
+    rid: str
+    call: GenerateCall
+    arrival: float
+    detok: IncrementalDetokenizer
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of text already yielded
+    cut: int | None = None
+    finish: str | None = None
+    kv_time: float | None = None
+    first_time: float | None = None
+    last_time: float | None = None
+    plan_index: int | None = None  # the family plan its prefill runs (None: no depth controller / nothing to prefill)
+
+    def remaining_s(self) -> float | None:
+        return None if self.call.deadline is None else self.call.deadline - time.time()
+
+
+@dataclass
+class _Attempt:
+    wid: str  # the request id the workers know this attempt by
+    decode: int
+    prefill: int | None
+    prefill_died: bool = False
 
 
 class Router:
-    def __init__(self, prefill_actors: list, decode_actors: list, tokenizer, is_disaggregated: bool, observer: RequestObserver | None = None,
-                 depth: DepthController | None = None):
-        self.prefill, self.decode = prefill_actors, decode_actors
+    def __init__(self, supervisor, tokenizer, is_disaggregated: bool, kv_failure_policy: str = "recompute", worker_timeout_s: float = 30.0,
+                 observer: RequestObserver | None = None, depth: DepthController | None = None):
+        self.sup = supervisor
+        self.observer = observer or RequestObserver()  # admission control and metrics
         self.depth = depth
         self.tokenizer = tokenizer
         self.is_disaggregated = is_disaggregated
-        self._prefill_load = [0] * len(prefill_actors)  # prompt tokens submitted, not yet sent
-        self._decode_load = [0] * len(decode_actors)  # requests in flight
+        self.kv_failure_policy = kv_failure_policy
+        self.worker_timeout_s = worker_timeout_s
+        self._prefill_load = [0] * len(supervisor.prefill)  # prompt tokens submitted, not yet sent
+        self._decode_load = [0] * len(supervisor.decode)  # requests in flight
         self._active: set[str] = set()
         self.stats = RouterStats()
-        self.observer = observer or RequestObserver()  # admission control and metrics
 
     @property
     def num_running(self) -> int:
@@ -77,147 +142,239 @@ class Router:
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | GenerateResult]:
         """Yield ``Delta``s, then one ``GenerateResult`` holding the last delta and the totals."""
-        import ray
-
         rid = call.request_id or f"req-{uuid.uuid4().hex[:12]}"
         if rid in self._active:
             raise ValueError(f"request_id: {rid!r} is already in flight")
         self.observer.admit(rid, call)  # raises to refuse: draining, queue full, never fits
         self._active.add(rid)
-        ids, n = call.prompt_token_ids, len(call.prompt_token_ids)
-        arrival = time.time()
-        d = min(range(len(self.decode)), key=self._decode_load.__getitem__)
-        p = min(range(len(self.prefill)), key=self._prefill_load.__getitem__) if self.is_disaggregated and n > 1 else None
+        req = _Request(rid, call, time.time(), IncrementalDetokenizer(self.tokenizer))
         try:
-            plan_index = self._choose_plan(p, rid, n, call.prune_ratio)
-        except ValueError:
-            self._active.discard(rid)
+            attempt = 0
+            while True:
+                try:
+                    async with contextlib.aclosing(self._attempt(req, attempt)) as items:  # closed at once if our consumer leaves
+                        async for item in items:
+                            yield item
+                    return
+                except _KVFailed as exc:
+                    attempt += 1
+                    await self._after_kv_failure(req, exc, attempt)
+        except ServingError as exc:
+            log.warning("request %s: %s: %s", rid, exc.grpc_code, exc)
             raise
-        self._decode_load[d] += 1
-        if p is not None:
-            self._prefill_load[p] += n - 1
-        worker_params = call.params.model_copy(update={"stop": ()})  # stop strings are checked here
-        stops = call.params.stop
-        detok = IncrementalDetokenizer(self.tokenizer)
-        tokens: list[int] = []
-        emitted = 0  # characters of text already yielded
-        cut: int | None = None
-        finish: str | None = None
-        kv_time = first_time = last_time = None
-        prefill_task: asyncio.Task | None = None
-        try:
-            gen = self.decode[d].generate.remote(rid, ids, worker_params, p if self.is_disaggregated else None)
-            async for ref in gen:
-                kind, payload = await ref
-                if kind == "reserved":
-                    if p is not None:
-                        prefill_task = asyncio.create_task(self._prefill(p, d, rid, payload, ids[:-1], plan_index))
-                    continue
-                new_ids: list[int] = []
-                for ev in payload:
-                    if isinstance(ev, Failed):
-                        raise WorkerUnavailable(ev.message)
-                    if isinstance(ev, KVReceived):
-                        kv_time = ev.time
-                        continue
-                    for tok in ev.token_ids:
-                        if finish is not None:
-                            break  # a stop string ended it; the worker may have run ahead
-                        tokens.append(tok)
-                        new_ids.append(tok)
-                        new_text = detok.add(tok)
-                        if stops and new_text:
-                            cut = find_stop(detok.text, stops, len(new_text))
-                            if cut is not None:
-                                finish = "stop"
-                    if ev.is_finished and finish is None:
-                        finish = ev.finish_reason
-                now = time.time()
-                if new_ids:
-                    if first_time is None:  # the prompt has been processed
-                        first_time = now
-                        self.stats.num_prompt_tokens += n
-                    self.stats.num_generated_tokens += len(new_ids)
-                    self.observer.tokens(rid, len(new_ids))
-                    last_time = now
-                visible = detok.text if cut is None else detok.text[:cut]
-                if finish is None and stops:
-                    # Hold back what could still turn out to be the start of a stop string, so the
-                    # streamed text never includes what the final text cuts.
-                    visible = visible[: max(emitted, len(visible) - max(map(len, stops)) + 1)]
-                delta = Delta(rid, visible[emitted:], new_ids)
-                emitted = len(visible)
-                if finish is not None:
-                    break
-                if delta.token_ids or delta.text:
-                    yield delta
-            else:
-                raise WorkerUnavailable(f"decode worker {d} ended request {rid} without finishing it")
-            timings = Timings(ttft_s=(first_time or arrival) - arrival, decode_s=(last_time or arrival) - (first_time or arrival))
-            if plan_index is not None:
-                timings.prune_ratio = self.depth.family.ratios[plan_index]
-                timings.num_skipped_layers = len(self.depth.family.plans[plan_index].skip_layers)
-            if prefill_task is not None:
-                outcome = await asyncio.wait_for(prefill_task, timeout=10)
-                timings.queue_s, timings.prefill_s = outcome.queue_s, outcome.prefill_s
-                if kv_time is not None:
-                    timings.transfer_s = max(0.0, kv_time - outcome.compute_end)
-                if self.depth is not None:
-                    self.depth.observe_ttft(timings.ttft_s, outcome.queue_s, outcome.prefill_s)
-            self.stats.num_finished += 1
-            self.stats.ttft_s_sum += timings.ttft_s
-            result = GenerateResult(rid, delta.text, delta.token_ids, finish, n, len(tokens), timings)
-            self.observer.finished(rid, result, is_transferred=prefill_task is not None)
-            yield result
-        except ray.exceptions.RayActorError as exc:
-            raise WorkerUnavailable(f"decode worker {d} is unavailable: {exc.__class__.__name__}") from exc
+        except asyncio.CancelledError:
+            remaining = req.remaining_s()
+            log.info("request %s: %s", rid, "deadline exceeded (the call was ended)" if remaining is not None and remaining <= 0 else "cancelled by the client")
+            raise
         finally:
             self._active.discard(rid)
-            self._decode_load[d] -= 1
-            if p is not None and self.depth is not None:
-                self.depth.on_done(p, rid)  # no-op once the prefill reported; frees a task never submitted
-            if finish is None:
+            if req.finish is None:
                 self.stats.num_failed += 1
             self.observer.failed(rid, sys.exc_info()[1])  # a no-op once finished() reported the request
-            if finish is None or finish == "stop":
+
+    async def _after_kv_failure(self, req: _Request, exc: _KVFailed, attempt: int) -> None:
+        """Decide whether a failed prefill/transfer is re-run (returns) or ends the request (raises).
+
+        Probing the pair first both tells a dead prefill worker from a broken link and starts the
+        repair (replacement or re-link) that the next attempt waits for."""
+        p, d = exc.prefill, exc.decode
+        await self.sup.check(p, d)
+        slot = self.sup.prefill[p]
+        died = exc.prefill_died or slot.actor is not exc.prefill_actor or not slot.is_serving
+        if self.kv_failure_policy == "fail" and not died:
+            raise WorkerUnavailable(f"{exc} (--kv-failure-policy fail)")
+        if attempt >= MAX_ATTEMPTS:
+            raise WorkerUnavailable(f"request {req.rid}: prefill/KV transfer failed {attempt} times; last: {exc}")
+        self.stats.num_kv_retries += 1
+        log.warning("request %s: %s; re-running its prefill (attempt %d)", req.rid, exc, attempt + 1)
+
+    # ---- one attempt ----------------------------------------------------------------------------
+    async def _attempt(self, req: _Request, attempt: int) -> AsyncIterator[Delta | GenerateResult]:
+        import ray
+
+        ids, n = req.call.prompt_token_ids, len(req.call.prompt_token_ids)
+        dslot = self._pick_decode()
+        d = dslot.index
+        pslot = await self._pick_prefill(req, dslot) if self.is_disaggregated and n > 1 else None
+        att = _Attempt(req.rid if attempt == 0 else f"{req.rid}#{attempt}", d, pslot and pslot.index)
+        if pslot is not None and self.depth is not None:
+            if attempt == 0:
+                req.plan_index = self.depth.choose(pslot.index, n - 1, req.call.prune_ratio)
+            self.depth.on_submit(pslot.index, att.wid, n - 1, req.plan_index)
+        dactor, down = dslot.actor, dslot.down
+        self._decode_load[d] += 1
+        if pslot is not None:
+            self._prefill_load[pslot.index] += n - 1
+        worker_params = req.call.params.model_copy(update={"stop": ()})  # stop strings are checked here
+        stops = req.call.params.stop
+        prefill_task: asyncio.Task | None = None
+        delta = Delta(req.rid, "", [])
+        try:
+            gen = dactor.generate.remote(att.wid, ids, worker_params, att.prefill if self.is_disaggregated else None, req.call.deadline)
+            async with contextlib.aclosing(self._events(gen, down, req)) as events:
+                async for kind, payload in events:
+                    if kind == "reserved":
+                        if pslot is not None:
+                            prefill_task = asyncio.create_task(self._prefill(att, pslot, dactor, payload, ids[:-1], req.call.deadline, req.plan_index))
+                        continue
+                    new_ids: list[int] = []
+                    for ev in payload:
+                        if isinstance(ev, Failed):
+                            if ev.kind == "kv_transfer" and pslot is not None and not req.tokens:
+                                raise _KVFailed(ev.message, pslot.index, d, pslot.actor, att.prefill_died)
+                            if ev.kind == "deadline":
+                                raise DeadlineExceeded(f"request {req.rid}: deadline exceeded")
+                            raise WorkerUnavailable(ev.message)
+                        if isinstance(ev, KVReceived):
+                            req.kv_time = ev.time
+                            continue
+                        for tok in ev.token_ids:
+                            if req.finish is not None:
+                                break  # a stop string ended it; the worker may have run ahead
+                            req.tokens.append(tok)
+                            new_ids.append(tok)
+                            new_text = req.detok.add(tok)
+                            if stops and new_text:
+                                req.cut = find_stop(req.detok.text, stops, len(new_text))
+                                if req.cut is not None:
+                                    req.finish = "stop"
+                        if ev.is_finished and req.finish is None:
+                            req.finish = ev.finish_reason
+                    now = time.time()
+                    if new_ids:
+                        if req.first_time is None:  # the prompt has been processed
+                            req.first_time = now
+                            self.stats.num_prompt_tokens += n
+                        self.stats.num_generated_tokens += len(new_ids)
+                        self.observer.tokens(req.rid, len(new_ids))
+                        req.last_time = now
+                    visible = req.detok.text if req.cut is None else req.detok.text[: req.cut]
+                    if req.finish is None and stops:
+                        # Hold back what could still turn out to be the start of a stop string, so the
+                        # streamed text never includes what the final text cuts.
+                        visible = visible[: max(req.emitted, len(visible) - max(map(len, stops)) + 1)]
+                    delta = Delta(req.rid, visible[req.emitted :], new_ids)
+                    req.emitted = len(visible)
+                    if req.finish is not None:
+                        break
+                    if delta.token_ids or delta.text:
+                        yield delta
+                else:
+                    raise WorkerUnavailable(f"decode worker {d} ended request {req.rid} without finishing it")
+            first, last = req.first_time or req.arrival, req.last_time or req.arrival
+            timings = Timings(ttft_s=first - req.arrival, decode_s=last - first)
+            if req.plan_index is not None:
+                timings.prune_ratio = self.depth.family.ratios[req.plan_index]
+                timings.num_skipped_layers = len(self.depth.family.plans[req.plan_index].skip_layers)
+            if prefill_task is not None:
+                outcome = await asyncio.wait_for(prefill_task, timeout=10)
+                if outcome is not None:
+                    timings.queue_s, timings.prefill_s = outcome.queue_s, outcome.prefill_s
+                    if req.kv_time is not None:
+                        timings.transfer_s = max(0.0, req.kv_time - outcome.compute_end)
+                    if self.depth is not None:
+                        self.depth.observe_ttft(timings.ttft_s, outcome.queue_s, outcome.prefill_s)
+            self.stats.num_finished += 1
+            self.stats.ttft_s_sum += timings.ttft_s
+            result = GenerateResult(req.rid, delta.text, delta.token_ids, req.finish, n, len(req.tokens), timings)
+            self.observer.finished(req.rid, result, is_transferred=prefill_task is not None)
+            yield result
+        except ray.exceptions.RayActorError as exc:
+            self.sup.report_failure(dslot, dactor, f"process died ({exc.__class__.__name__})")
+            raise WorkerUnavailable(f"decode worker {d} is unavailable: {exc.__class__.__name__}") from exc
+        finally:
+            self._decode_load[d] -= 1
+            if pslot is not None and self.depth is not None:
+                self.depth.on_done(pslot.index, att.wid)  # no-op once the prefill reported; frees a task never submitted
+            if req.finish is None or req.finish == "stop":
                 # Cancelled, failed, or stopped here by a stop string: release both sides.
-                self._abort(d, p, rid)
+                self._abort(dactor, pslot and pslot.actor, att.wid)
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
 
-    def _choose_plan(self, p: int | None, rid: str, n: int, requested: float | None) -> int | None:
-        """Family index of this request's prefill plan (None: no depth controller, or nothing to
-        prefill); the chosen work is counted on worker ``p``'s queue from now on."""
-        if self.depth is None or n <= 1:
-            return None
-        index = self.depth.choose(p, n - 1, requested)
-        if p is not None:
-            self.depth.on_submit(p, rid, n - 1, index)
-        return index
+    def _pick_decode(self):
+        serving = [s for s in self.sup.decode if s.is_serving]
+        if not serving:
+            states = ", ".join(f"{s.name} {s.state.value}" for s in self.sup.decode)
+            raise WorkerUnavailable(f"no decode worker is serving ({states}); retry shortly")
+        return min(serving, key=lambda s: self._decode_load[s.index])
 
-    async def _prefill(self, p: int, d: int, rid: str, transfer_id: int, prefix_ids: list[int], plan_index: int | None = None):
+    async def _pick_prefill(self, req: _Request, dslot):
+        """The least-loaded prefill worker whose link to ``dslot`` is up. Waits for one while a
+        prefill worker is being replaced or a link re-created (bounded by the deadline), else
+        at most ``worker_timeout_s``."""
+        d = dslot.index
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        def live():
+            return [s for s in self.sup.prefill if self.sup.is_link_up(s.index, d)]
+
+        while not (choices := live()):
+            if not dslot.is_serving:
+                raise WorkerUnavailable(f"decode worker {d} was lost: {dslot.message}")
+            remaining = req.remaining_s()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"request {req.rid}: deadline exceeded waiting for a prefill worker")
+            waited = loop.time() - start
+            if waited >= (self.sup.START_TIMEOUT_S if self.sup.is_recovering(d) else self.worker_timeout_s):
+                raise WorkerUnavailable(f"no prefill worker has a live link to decode worker {d} (waited {waited:.0f}s)")
+            await self.sup.wait_for(lambda: bool(live()) or not dslot.is_serving, min(1.0, remaining if remaining is not None else 1.0))
+        return min(choices, key=lambda s: self._prefill_load[s.index])
+
+    async def _events(self, gen, down: asyncio.Future, req: _Request):
+        """The decode stream's items, each raced against the worker's loss and the deadline."""
+        while True:
+            try:
+                ref = await self._race(gen.__anext__(), down, req)
+            except StopAsyncIteration:
+                return
+            yield await self._race(ref, down, req)
+
+    @staticmethod
+    async def _race(aw, down: asyncio.Future, req: _Request):
+        task = asyncio.ensure_future(aw)
+        try:
+            remaining = req.remaining_s()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"request {req.rid}: deadline exceeded")
+            done, _ = await asyncio.wait([task, down], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if down.done():
+                raise WorkerUnavailable(f"request {req.rid}: its decode worker was lost: {down.result()}")
+            raise DeadlineExceeded(f"request {req.rid}: deadline exceeded")
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _prefill(self, att: _Attempt, pslot, dactor, transfer_id: int, prefix_ids: list[int], deadline: float | None, plan_index: int | None = None):
         import ray
 
+        p, pactor = pslot.index, pslot.actor
         ratio = self.depth.family.ratios[plan_index] if plan_index is not None else None
         outcome = None
         try:
-            outcome = await self.prefill[p].prefill.remote(rid, transfer_id, d, prefix_ids, ratio)
+            outcome = await pactor.prefill.remote(att.wid, transfer_id, att.decode, prefix_ids, deadline, ratio)
         except ray.exceptions.RayActorError as exc:
-            outcome = None
-            error = f"prefill worker {p} is unavailable: {exc.__class__.__name__}"
+            att.prefill_died = True
+            self.sup.report_failure(pslot, pactor, f"process died ({exc.__class__.__name__})")
+            outcome, error, kind = None, f"prefill worker {p} died ({exc.__class__.__name__})", "kv_transfer"
         else:
             error = outcome.error and f"prefill worker {p}: {outcome.error}"
+            kind = "deadline" if outcome.error == "deadline exceeded" else "kv_transfer"
         finally:
             self._prefill_load[p] -= len(prefix_ids)
             if self.depth is not None:
                 measured = outcome is not None and not outcome.error
-                self.depth.on_done(p, rid, outcome.prefill_s if measured else None, outcome.num_batch_tokens if measured else 0)
+                self.depth.on_done(p, att.wid, outcome.prefill_s if measured else None, outcome.num_batch_tokens if measured else 0)
         if error:
-            self.decode[d].abort.remote(rid, error)  # ends the decode stream with the reason
+            dactor.abort.remote(att.wid, error, kind)  # ends the decode stream with the reason
         return outcome
 
-    def _abort(self, d: int, p: int | None, rid: str) -> None:
+    @staticmethod
+    def _abort(dactor, pactor, wid: str) -> None:
         # Fire and forget: both calls are idempotent and a dead actor just drops them.
-        self.decode[d].abort.remote(rid)
-        if p is not None:
-            self.prefill[p].abort.remote(rid)
+        dactor.abort.remote(wid)
+        if pactor is not None:
+            pactor.abort.remote(wid)
