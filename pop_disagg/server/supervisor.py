@@ -126,11 +126,6 @@ class Supervisor:
             return any(s.is_serving for s in self.decode)
         return any(self.is_link_up(p, d) for p, d in self.links)
 
-    @property
-    def num_restarts(self) -> dict[str, int]:
-        """Replacements per role so far (for a ``worker_restarts_total`` metric)."""
-        return {"prefill": sum(s.num_restarts for s in self.prefill), "decode": sum(s.num_restarts for s in self.decode)}
-
     def snapshot(self) -> list[WorkerSlot]:
         return self.prefill + self.decode
 
