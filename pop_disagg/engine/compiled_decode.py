@@ -92,7 +92,8 @@ class BucketedDecode:
             self._forward(*inputs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the decode worker's receiver thread may copy K/V into the cache meanwhile.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._forward(*inputs)
         self._pool = graph.pool()
         self._graphs[(b, s)] = (graph, inputs, logits)
