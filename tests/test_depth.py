@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import httpx
 import pytest
 import torch
 
@@ -333,7 +334,7 @@ def test_served_family_per_request_depth_equals_engine(tmp_path_factory):
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        srv = BackgroundServer(config)
+        srv = BackgroundServer(config, http_port=0)
         try:
             with grpc.insecure_channel(srv.address) as channel:
                 stub = pb_grpc.GenerationStub(channel)
@@ -362,9 +363,17 @@ def test_served_family_per_request_depth_equals_engine(tmp_path_factory):
                         stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_new_tokens=2, prune_ratio=bad), timeout=30)
                     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                     assert err.value.details().startswith("prune_ratio") and "allowed: 0.17, 0.34, 0.5" in err.value.details()
+            # The same knob on the OpenAI HTTP API (an extension, as top_k): same tokens as gRPC.
+            body = dict(model=config.engine.model, prompt=prompts[3], max_tokens=6, temperature=0, ignore_eos=True, return_token_ids=True)
+            reply = httpx.post(f"{srv.http_url}/v1/completions", json={**body, "prune_ratio": 0.17}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["token_ids"] == by_plan[0.17][3]
+            reply = httpx.post(f"{srv.http_url}/v1/completions", json={**body, "prune_ratio": 0.25}, timeout=30)
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == "prune_ratio"
             registry = srv.server.router.depth.registry
+            assert registry is srv.server.metrics.registry  # the counter is on the server's /metrics
             counts = {r: registry.get_sample_value("pop_disagg:prefill_plan_total", {"ratio": f"{r:g}"}) for r in fam.ratios}
-            assert counts == {0.17: 2.0, 0.34: 2.0, 0.5: 2.0}
+            assert counts == {0.17: 3.0, 0.34: 2.0, 0.5: 2.0}
         finally:
             srv.stop()
     finally:

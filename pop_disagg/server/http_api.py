@@ -79,6 +79,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = Field(False, description="add the generated token ids to every choice")
+    prune_ratio: float | None = Field(None, description="POP depth: one of the served family's ratios (GetModelInfo.prune_ratios); default: the server's choice")
     # vLLM extensions some clients (vLLM's own bench) always send: accepted at their neutral value.
     repetition_penalty: float = 1.0
     min_tokens: int = 0
@@ -230,6 +231,8 @@ def to_generate_request(req: _SamplingRequest, prompt: str | None, prompt_ids: l
         msg.stop.extend([req.stop] if isinstance(req.stop, str) else req.stop)
     if req.stop_token_ids:
         _set(msg, "stop_token_ids", req.stop_token_ids, "stop_token_ids")
+    if req.prune_ratio is not None:
+        _set(msg, "prune_ratio", req.prune_ratio, "prune_ratio")
     prompt_param = "messages" if is_chat else "prompt"
     return msg, {"max_new_tokens": max_param, "prompt": prompt_param, "prompt_token_ids": prompt_param}
 
@@ -409,7 +412,7 @@ def create_app(server) -> FastAPI:
     """The FastAPI app over a started ``Server`` (its router, tokenizer, limits and serving state)."""
     app = FastAPI(title="pop-disagg", docs_url=None, redoc_url=None, openapi_url=None)
     dep = server.deployment
-    limits = protocol.ModelLimits(dep.arch.vocab_size, dep.config.worker_engine.context_limit(dep.arch))
+    limits = protocol.ModelLimits(dep.arch.vocab_size, dep.config.worker_engine.context_limit(dep.arch), dep.family.ratios)
     model_name = server.served_model_name
 
     @app.exception_handler(RequestValidationError)
