@@ -75,7 +75,14 @@ class BucketedDecode:
                 self._graphs[(b, s)] = ()
             return self._compiled(*padded)[:n]
         if (b, s) not in self._graphs:
-            self._capture(b, s, padded)
+            try:
+                self._capture(b, s, padded)
+            except Exception as exc:  # noqa: BLE001 - a capture failure must cost speed, never the server
+                # Unverified on real GPUs so far: an op that syncs with the host (or any other capture
+                # error) makes this engine decode eagerly from now on instead of failing requests.
+                log.warning("CUDA graph capture failed (%s: %s); decoding eagerly from now on (as --enforce-eager)", exc.__class__.__name__, exc)
+                self.mode = "padded"
+                return self._forward(*padded)[:n]
         graph, inputs, logits = self._graphs[(b, s)]
         for buf, x in zip(inputs, padded):
             buf.copy_(x)
