@@ -19,6 +19,7 @@ import ray
 from pop_disagg import cli
 from pop_disagg._proto import generation_pb2 as pb
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc
+from pop_disagg.bench.backends import GrpcBackend
 from pop_disagg.bench.runner import RunSettings, ServerUnreachable, check_server, run_requests
 from pop_disagg.bench.workloads import BenchRequest
 from pop_disagg.config import EngineConfig
@@ -185,8 +186,9 @@ def test_bench_client_with_token_and_ca(server, tls_files):
     with pytest.raises(ServerUnreachable, match="UNAUTHENTICATED"):
         asyncio.run(check_server(server.address, 10, auth_token="wrong", tls_ca=ca))
     reqs = [BenchRequest(None, (5, 6, 7), 3, 3)] * 2
+    backend = GrpcBackend(server.address, auth_token=TOKEN, tls_ca=ca)
     run = asyncio.run(run_requests(server.address, RunSettings(num_requests=2, num_warmup=0, ignore_eos=True), reqs,
-                                   show_progress=False, auth_token=TOKEN, tls_ca=ca))
+                                   show_progress=False, backend=backend))
     assert [r.error for r in run.records] == [None, None] and all(r.usage_completion_tokens == 3 for r in run.records)
 
 
