@@ -38,3 +38,13 @@ def smollm2_dir(tmp_path_factory):
     if is_prepared(model_dir(name)):
         return model_dir(name)
     return prepare(name, cache=tmp_path_factory.mktemp("pop-disagg-cache"))
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A local Ray on 2 CPUs for one test module's servers, shut down after the module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

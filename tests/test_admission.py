@@ -29,13 +29,6 @@ INT32 = st.integers(-(2**31), 2**31 - 1)
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server(ray_instance, tiny_ckpt):
     # 0.5 MiB of KV for the tiny qwen2 (1536 B/token in float32): 85 blocks of 4 tokens.
     engine = EngineConfig(model=tiny_ckpt("qwen2"), kv_cache_memory_mb=0.5, block_size=4, max_model_len=CONTEXT)

@@ -32,13 +32,6 @@ SERIES = [
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server(ray_instance, tiny_ckpt):
     engine = EngineConfig(model=tiny_ckpt("qwen2"), kv_cache_memory_mb=2, block_size=4, max_model_len=256)
     srv = BackgroundServer(ServeConfig(engine=engine, transfer_timeout_s=20), metrics_port=0, kv_poll_interval_s=0.1)

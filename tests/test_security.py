@@ -55,13 +55,6 @@ def _self_signed(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     return _self_signed(tmp_path_factory.mktemp("tls"))
 

@@ -31,13 +31,6 @@ MAX_NEW = (5, 9, 3, 12, 7)
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     from pop_disagg.models.tiny import make_tiny_model
 
