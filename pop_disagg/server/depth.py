@@ -167,8 +167,8 @@ class DepthController:
 
     def _maybe_log(self) -> None:
         now = self.clock()
-        if now - self._last_log < self.log_interval_s:
-            return
+        if now - self._last_log < self.log_interval_s or len(self.family.plans) == 1:
+            return  # one plan: nothing to report that the stats line does not say
         total = sum(self._mix.values())
         mix = ", ".join(f"{name} {self._mix[i] / total:.0%}" for i, name in enumerate(self.family.names))
         queued = ", ".join(f"{self.queued_s(w) * 1e3:.0f}" for w in range(len(self.queues)))
