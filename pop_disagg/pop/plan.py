@@ -25,6 +25,19 @@ class PlanError(ValueError):
     """An invalid prune plan, or a plan file that does not match the model."""
 
 
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PlanError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def _check_num_layers(path: Path, what: str, have: int, want: int | None, model: str | None) -> None:
+    """A plan (or family) file made for another depth of model is refused naming both."""
+    if want is not None and have != want:
+        raise PlanError(f"{path}: {what} is for a {have}-layer model, this model has {want} layers" + (f" ({what} made for {model})" if model else ""))
+
+
 class PrunePlan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -88,18 +101,14 @@ class PrunePlan(BaseModel):
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None) -> "PrunePlan":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PlanError(f"cannot read prune plan {path}: {exc}") from exc
+        raw = _read_json(path, "prune plan")
         try:
             plan = cls(**raw)
         except PlanError:
             raise
         except Exception as exc:  # pydantic ValidationError: report the file
             raise PlanError(f"{path}: invalid prune plan: {exc}") from exc
-        if num_layers is not None and plan.num_layers != num_layers:
-            raise PlanError(f"{path}: plan is for a {plan.num_layers}-layer model, this model has {num_layers} layers" + (f" (plan made for {plan.model})" if plan.model else ""))
+        _check_num_layers(path, "plan", plan.num_layers, num_layers, plan.model)
         return plan
 
     def save(self, path: str | Path) -> None:
@@ -209,10 +218,7 @@ class PlanFamily(BaseModel):
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None) -> "PlanFamily":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PlanError(f"cannot read plan family {path}: {exc}") from exc
+        raw = _read_json(path, "plan family")
         if not isinstance(raw, dict) or "plans" not in raw:
             raise PlanError(f"{path}: not a plan family (no 'plans' list); a single plan goes to --prune-plan of generate")
         try:
@@ -221,8 +227,7 @@ class PlanFamily(BaseModel):
             raise PlanError(f"{path}: invalid plan family: {exc}") from exc
         except PlanError as exc:
             raise PlanError(f"{path}: {exc}") from None
-        if num_layers is not None and family.num_layers != num_layers:
-            raise PlanError(f"{path}: family is for a {family.num_layers}-layer model, this model has {num_layers} layers" + (f" (made for {family.model})" if family.model else ""))
+        _check_num_layers(path, "family", family.num_layers, num_layers, family.model)
         return family
 
     def save(self, path: str | Path) -> None:
