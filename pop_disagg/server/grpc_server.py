@@ -52,10 +52,6 @@ MIN_MAX_REQUEST_BYTES = 4 << 20  # gRPC's own default
 BYTES_PER_CONTEXT_TOKEN = 32  # an id is <= 5 bytes on the wire; 32 leaves room for text prompts
 
 
-def _dtype_bytes(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-
-
 def _status_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT
@@ -195,6 +191,8 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
+        from ..models.loader import resolve_dtype
+
         self.deployment = await asyncio.to_thread(Deployment.start, self.config)
         dep = self.deployment
         engine = self.config.worker_engine
@@ -203,7 +201,7 @@ class Server:
         num_blocks = [s["num_blocks"] for s in await asyncio.gather(*[a.stats.remote() for a in dep.decode])]
         max_queued = self.max_queued_requests or default_max_queued_requests(num_blocks, engine.max_num_seqs)
         self.admission = Admission(KVLimits(min(num_blocks), engine.block_size, context_limit), max_queued)
-        self.metrics.kv_bytes_per_token = dep.arch.kv_bytes_per_token(_dtype_bytes(engine.dtype))
+        self.metrics.kv_bytes_per_token = dep.arch.kv_bytes_per_token(resolve_dtype(engine.dtype).itemsize)
         cfg = self.config
         self.supervisor = Supervisor(dep, cfg.worker_timeout_s, on_restart=self.metrics.count_worker_restart)
         await self.supervisor.start()
