@@ -48,3 +48,14 @@ def ray_instance():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    """A gRPC stub on the requesting module's own ``server`` fixture (plaintext)."""
+    import grpc
+
+    from pop_disagg._proto import generation_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.GenerationStub(channel)

@@ -81,12 +81,6 @@ def server(ray_instance, model_path):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.GenerationStub(channel)
-
-
 def _decode(server):
     return server.deployment.decode[0]
 

@@ -48,12 +48,6 @@ def server(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.GenerationStub(channel)
-
-
-@pytest.fixture(scope="module")
 def oa(server):
     with openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
         yield client

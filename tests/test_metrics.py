@@ -39,12 +39,6 @@ def server(ray_instance, tiny_ckpt):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.GenerationStub(channel)
-
-
 def scrape(server) -> dict[tuple[str, tuple], float]:
     """{(sample name without the prefix, sorted labels): value} from the HTTP endpoint."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as resp:
