@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--combos", default=",".join(f"{t}/{f}" for t, f in COMBOS), help="topology/prefill pairs, comma separated")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -46,7 +47,7 @@ def main() -> None:
     prompts = {n: torch.randint(100, 20000, (n,), generator=g).tolist() for n in lengths}
     rows = []
     try:
-        for topology, prefill in COMBOS:
+        for topology, prefill in [tuple(c.split("/")) for c in args.combos.split(",")]:
             engine = EngineConfig(model=args.model, kv_cache_memory_mb=256)
             srv = BackgroundServer(ServeConfig(engine=engine, topology=topology, prefill=prefill, num_threads=args.threads))
             try:

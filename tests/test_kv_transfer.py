@@ -136,7 +136,7 @@ def test_received_kv_equals_computed_kv(tiny_ckpt):
 
 def test_lost_message_times_out_and_frees_blocks(tiny_ckpt):
     path = tiny_ckpt("llama")
-    pair = Pair(path, timeout_s=0.3, drop_after=4)  # header, index, layer 0 K/V, then silence
+    pair = Pair(path, timeout_s=0.3, drop_after=3)  # header, index, the first layer group's count, then silence
     try:
         free0 = pair.decode.num_free_blocks
         pair.submit("lost", _prompts()[3], SamplingParams(max_new_tokens=4))
@@ -219,6 +219,62 @@ def test_concurrent_batches_on_one_link_stay_in_order():
             assert torch.all(k == first * 10 + layer) and torch.all(v == -k)
     assert [k.shape[0] for _, k, _ in written[1]] == [3] * num_layers
     assert [k.shape[0] for _, k, _ in written[2]] == [1] * num_layers
+
+
+class _GatedTransport(FakeTransport):
+    """A fake link whose first send waits for ``gate``: layers queue up behind it meanwhile."""
+
+    def __init__(self, outbox, inbox, gate: threading.Event):
+        super().__init__(outbox, inbox)
+        self.gate, self.sent_shapes = gate, []
+
+    def send(self, tensor, timeout):
+        self.gate.wait(5)
+        self.sent_shapes.append(tuple(tensor.shape))
+        super().send(tensor, timeout)
+
+
+def test_queued_layers_travel_as_one_group_and_land_per_layer():
+    """Layers already waiting when the sender gets to them (POP's skipped run at the end of a
+    prefill) go as one message; the receiver still writes each layer's own K/V."""
+    import queue
+
+    out, inbox = queue.Queue(), queue.Queue()
+    gate = threading.Event()
+    a, b = _GatedTransport(out, inbox, gate), FakeTransport(inbox, out)
+    num_layers, shape = 5, (2, 4)
+    sender = KVSender(a, num_layers, shape, torch.float32, 1.0)
+    written, finished = [], []
+
+    class Host:
+        def begin_transfer(self, tid, n):
+            from pop_disagg.disagg.kv_transfer import Transfer
+
+            return Transfer(tid, f"r{tid}", n, torch.zeros(n, dtype=torch.long), 0, TransferState.SENDING)
+
+        def write_layer(self, t, layer, k, v):
+            written.append((layer, k.clone(), v.clone()))
+
+        def finish_transfer(self, t):
+            finished.append(t.transfer_id)
+
+        def fail_link(self, link, why, transfers):
+            raise AssertionError(why)
+
+    receiver = KVReceiver(b, 0, Host(), num_layers, shape, torch.float32, 1.0)
+    batch = SendBatch([7], [3], lambda _: None)
+    sender.begin(batch)
+    for layer in range(num_layers):  # all queued while the header waits at the gate
+        sender.send_layer(batch, layer, torch.full((3, *shape), float(layer)), torch.full((3, *shape), layer - 0.5))
+    gate.set()
+    sender.close()
+    receiver.join(5)
+    assert finished == [7]
+    # header, index, then one group: its count and (5, 2, T, Hkv, D); then the close header.
+    assert a.sent_shapes == [(4,), (1, 2), (1,), (num_layers, 2, 3, *shape), (4,)]
+    assert [layer for layer, _, _ in written] == list(range(num_layers))
+    for layer, k, v in written:
+        assert torch.all(k == layer) and torch.all(v == layer - 0.5)
 
 
 def _gloo_peer(rank, address, q):

@@ -23,11 +23,16 @@ prefill batch makes one message group per link it touches:
 
     header  int64 (4,)           [MAGIC, kind (DATA|CLOSE), num_transfers, num_tokens]
     index   int64 (num_transfers, 2)   rows [transfer_id, num_tokens], in token order
-    layer l = 0..L-1, ascending: K (num_tokens, Hkv, D), then V (num_tokens, Hkv, D)
+    then layer groups until all L layers are sent, layers ascending:
+      count int64 (1,)           n, the layers in this group
+      kv    (n, 2, num_tokens, Hkv, D)   K then V of each of those layers
 
 Layers are sent as the prefill finishes them (the sink of ``PrefillAttention``), so transfer
-overlaps compute; under POP the skipped run's K/V come from the fused projection when the run is
-reached (at the end for the default plan). A transfer cancelled while in flight is still read off
+overlaps compute. A group holds every layer that was waiting when the sender got to it: during
+a full prefill that is one layer (the next is still being computed), but under POP the skipped
+run's K/V all appear at the end for the default plan, one cheap projection after another, and go
+as one or two messages instead of two per layer (at short prompts the per-message cost, not
+the bytes, was POP's transfer tail; benchmarks/README.md "POP transfer tail"). A transfer cancelled while in flight is still read off
 the link (and discarded) so the link stays in step. A timeout or a transport error mid-message
 leaves the link's position in the stream unknown, so the link is marked *broken*: every transfer
 in flight on it fails, later submissions to it fail at once, and the router stops choosing that
@@ -316,22 +321,36 @@ class KVSender:
                 continue
             self._finish(batch, batch.error)
 
+    def _next_group(self, batch: SendBatch, abandoned: bool) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], bool]:
+        """The layers to send next: the next one (waiting for it) plus every one already queued.
+        After the producer gave up (``None`` in the queue) the rest of the batch is zeros."""
+        remaining = self.num_layers - batch.num_sent_layers
+        items = [] if abandoned else [batch.layers.get()]
+        while not abandoned and items[-1] is not None and len(items) < remaining:
+            try:
+                items.append(batch.layers.get_nowait())
+            except queue.Empty:
+                break
+        if abandoned or items[-1] is None:
+            items = [it for it in items if it is not None]
+            pad = torch.zeros(batch.total_tokens, *self.kv_shape, dtype=self.kv_dtype)
+            items += [(pad, pad)] * (remaining - len(items))
+            return items, True
+        return items, False
+
     def _send_batch(self, batch: SendBatch) -> None:
         header = torch.tensor([MAGIC, KIND_DATA, len(batch.transfer_ids), batch.total_tokens], dtype=torch.long)
         index = torch.tensor([[t, n] for t, n in zip(batch.transfer_ids, batch.num_tokens)], dtype=torch.long).view(-1, 2)
         self.transport.send(header, self.timeout_s)
         self.transport.send(index, self.timeout_s)
-        pad = None
-        for _ in range(self.num_layers):
-            item = None if pad is not None else batch.layers.get()
-            if item is None:
-                if pad is None:
-                    pad = torch.zeros(batch.total_tokens, *self.kv_shape, dtype=self.kv_dtype)
-                item = (pad, pad)
-            for tensor in item:
-                self.transport.send(tensor, self.timeout_s)
-            batch.num_sent_layers += 1
-            if self.stall_s and batch.num_sent_layers == 1:
+        abandoned = False
+        while batch.num_sent_layers < self.num_layers:
+            items, abandoned = self._next_group(batch, abandoned)
+            group = torch.stack([torch.stack(kv) for kv in items])  # (n, 2, T, Hkv, D)
+            self.transport.send(torch.tensor([len(items)], dtype=torch.long), self.timeout_s)
+            self.transport.send(group, self.timeout_s)
+            batch.num_sent_layers += len(items)
+            if self.stall_s:
                 stall, self.stall_s = self.stall_s, 0.0
                 time.sleep(stall)
             if self.broken is not None:  # retired while stalled: the peer no longer reads this link
@@ -410,14 +429,20 @@ class KVReceiver:
                 offsets = [0]
                 for _, n in rows:
                     offsets.append(offsets[-1] + n)
-                k = torch.empty((num_tokens, *self.kv_shape), dtype=self.dtype)  # staging
-                v = torch.empty_like(k)
-                for layer in range(self.num_layers):
-                    self.transport.recv(k, self.timeout_s)
-                    self.transport.recv(v, self.timeout_s)
-                    for t, a, b in zip(transfers, offsets[:-1], offsets[1:]):
-                        if t is not None:
-                            self.host.write_layer(t, layer, k[a:b], v[a:b])
+                count = torch.zeros(1, dtype=torch.long)
+                layer = 0
+                while layer < self.num_layers:
+                    self.transport.recv(count, self.timeout_s)
+                    n = int(count[0])
+                    if not 1 <= n <= self.num_layers - layer:
+                        raise TransferError(f"link {self.link} out of step (a group of {n} layers at layer {layer} of {self.num_layers})")
+                    group = torch.empty((n, 2, num_tokens, *self.kv_shape), dtype=self.dtype)  # staging
+                    self.transport.recv(group, self.timeout_s)
+                    for kv in group:
+                        for t, a, b in zip(transfers, offsets[:-1], offsets[1:]):
+                            if t is not None:
+                                self.host.write_layer(t, layer, kv[0, a:b], kv[1, a:b])
+                        layer += 1
                 for t in transfers:
                     if t is not None:
                         self.host.finish_transfer(t)
