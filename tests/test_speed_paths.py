@@ -104,6 +104,18 @@ def test_enforce_eager_and_cpu_default(tiny_ckpt):
     assert EngineConfig(device="cuda").use_compiled_decode
 
 
+def test_cpu_compile_only_takes_the_batch_sizes_it_was_measured_to_speed_up(tiny_ckpt):
+    """CPU torch.compile paid only at batch 1 (benchmarks/README.md); bigger steps stay eager,
+    while CUDA graphs and the padded test mode take every batch size."""
+    from pop_disagg.engine.compiled_decode import CPU_COMPILE_MAX_BATCH
+
+    path = tiny_ckpt("llama")
+    runner = _engine(path, load_model(path)).runner
+    compiled = BucketedDecode(runner.model, runner.kv_cache, 8, "compile")  # torch.compile is lazy: nothing compiles here
+    assert compiled.handles(CPU_COMPILE_MAX_BATCH) and not compiled.handles(CPU_COMPILE_MAX_BATCH + 1)
+    assert all(BucketedDecode(runner.model, runner.kv_cache, 8, mode).handles(8) for mode in ("cuda_graph", "padded"))
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager_on_gpu(tiny_ckpt):
     """Not run in CI (no GPU): greedy tokens with CUDA-graph decode == eager decode."""

@@ -13,7 +13,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--enforce-eager", action="store_true",
                    help="run the decode step eagerly (no CUDA graphs on GPU; vLLM's flag). CPU decode is eager unless --compile-decode")
-    p.add_argument("--compile-decode", action="store_true", help="torch.compile the decode step on CPU (per batch bucket, at first use)")
+    p.add_argument("--compile-decode", action="store_true", help="torch.compile batch-1 decode steps on CPU (per context bucket, at first use; ~2.5 min each on 2 cores)")
 
 
 def add_prune_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,11 @@ of KV blocks, and runs one static-shape function per bucket:
 
 * ``mode="cuda_graph"``: captured once per bucket into a CUDA graph over static input buffers and
   replayed (all buckets share one memory pool), as nano-vllm and vLLM do;
-* ``mode="compile"``: ``torch.compile(dynamic=False)`` of the same function, one graph per bucket;
+* ``mode="compile"``: ``torch.compile(dynamic=False)`` of the same function, one graph per bucket,
+  for batch buckets up to ``CPU_COMPILE_MAX_BATCH`` only (larger steps run eagerly, unpadded):
+  on the 2-core AVX2 CPU this was measured on (benchmarks/README.md, "Compiled decode step"), the
+  compiled step was 1.54x Transformers at batch 1 against 1.27x eager, but 0.51x at batch 16
+  against ~1.0x eager, and each bucket took ~145 s to compile;
 * ``mode="padded"``: the padded function run eagerly (CPU tests of the padding logic).
 
 Padding is chosen so that it cannot change the real rows: a padding row repeats the last real
@@ -29,6 +33,9 @@ from .kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 
+CPU_COMPILE_MAX_BATCH = 1  # see the module docstring: compiled CPU steps only paid at batch 1
+
+
 def batch_buckets(max_num_seqs: int) -> list[int]:
     buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs + 16, 8))
     return [b for b in buckets if b < max_num_seqs] + [max_num_seqs]
@@ -47,6 +54,10 @@ class BucketedDecode:
     def _forward(self, ids, pos, slot_mapping, slot_table):
         attn = PagedAttention(self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, pos + 1)
         return self.model.compute_logits(self.model(ids, pos, attn))
+
+    def handles(self, batch: int) -> bool:
+        """Whether a step of ``batch`` requests goes through this (compiled / graphed) path."""
+        return self.mode != "compile" or batch <= CPU_COMPILE_MAX_BATCH
 
     def bucket(self, batch: int, context: int) -> tuple[int, int]:
         b = next(x for x in self.buckets if x >= batch)

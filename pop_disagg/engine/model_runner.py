@@ -99,7 +99,7 @@ class ModelRunner:
     @torch.inference_mode()
     def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
         ids, pos, attn = self.decode_inputs(reqs)
-        if self.bucketed is not None and attn.masked_prefix is None:  # the K/V ablation stays eager
+        if self.bucketed is not None and attn.masked_prefix is None and self.bucketed.handles(len(reqs)):  # the K/V ablation stays eager
             logits = self.bucketed(ids, pos, attn.slot_mapping, attn.slot_table)
         else:
             logits = self.model.compute_logits(self.model(ids, pos, attn))
