@@ -9,6 +9,10 @@ and stays ignorant of caches. Two backends cover every stage POP has:
   decode worker layer by layer; calibration passes no sink at all.
 * ``PagedAttention``: one-token decode steps over a paged KV cache (the decode worker's only kind of
   step under POP: the boundary token ``N`` and every generated token).
+
+Two more build on it: ``ExtendAttention`` (several new tokens per sequence over the paged cache: a
+prompt chunk, or teacher-forced scoring) and ``MixedAttention`` (a chunked-prefill step: decode
+rows through ``PagedAttention``, then prompt-chunk rows through ``ExtendAttention``).
 """
 
 from __future__ import annotations
@@ -171,3 +175,32 @@ class ExtendAttention(PagedAttention):
         qp[self._seq, self._offset] = q
         out = _sdpa(qp.transpose(1, 2), keys, vals, self._mask(layer, window), scale)
         return out.transpose(1, 2)[self._seq, self._offset]  # (T, H, D)
+
+
+@dataclass
+class MixedAttention:
+    """One chunked-prefill step: ``decode`` rows first (one token per running request), then the
+    prompt-chunk rows of ``chunk``, flattened in that order to ``T`` tokens.
+
+    Two backends rather than ``ExtendAttention`` for every row: that one pads each sequence's
+    queries to the longest chunk, so a batch of decode rows beside a 512-token chunk would attend
+    512 padded queries each. The decoder also needs the halves apart: under POP, chunk rows skip
+    the plan's layers while decode rows run them (``CausalLM.forward``'s ``num_full_rows``).
+    """
+
+    decode: PagedAttention
+    chunk: ExtendAttention
+
+    def __post_init__(self):
+        self.num_decode = self.decode.slot_mapping.shape[0]
+        self._slot_mapping = torch.cat([self.decode.slot_mapping, self.chunk.slot_mapping])  # (T,)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        write_slots(self.decode.k_cache, self.decode.v_cache, layer, self._slot_mapping, k, v)
+
+    def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
+        # q: (T, H, D); both halves read their context (incl. the rows just stored) from the cache.
+        d = self.num_decode
+        out_decode = self.decode.attend(layer, q[:d], k[:d], v[:d], window, scale)  # (D, H, D)
+        out_chunk = self.chunk.attend(layer, q[d:], k[d:], v[d:], window, scale)  # (T-D, H, D)
+        return torch.cat([out_decode, out_chunk])
