@@ -10,9 +10,11 @@ and stays ignorant of caches. Two backends cover every stage POP has:
 * ``PagedAttention``: one-token decode steps over a paged KV cache (the decode worker's only kind of
   step under POP: the boundary token ``N`` and every generated token).
 
-Two more build on it: ``ExtendAttention`` (several new tokens per sequence over the paged cache: a
-prompt chunk, or teacher-forced scoring) and ``MixedAttention`` (a chunked-prefill step: decode
-rows through ``PagedAttention``, then prompt-chunk rows through ``ExtendAttention``).
+Chunked prefill adds three: ``ChunkedPrefillAttention`` (prompt chunks whose earlier chunks' K/V
+sit in per-sequence buffers: the disaggregated prefill worker), ``ExtendAttention`` (several new
+tokens per sequence over the paged cache: a prompt chunk, or teacher-forced scoring) and
+``MixedAttention`` (an engine step of decode rows through ``PagedAttention``, then prompt-chunk rows
+through ``ExtendAttention``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,43 @@ class PrefillAttention:
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
             out = _sdpa(q, k, v, mask, scale)
         return out.transpose(1, 2)
+
+
+@dataclass
+class ChunkedPrefillAttention(PrefillAttention):
+    """Prompt chunks of sequences whose earlier chunks' K/V sit in per-sequence buffers, not in a
+    paged cache (the disaggregated prefill worker has none; it ships K/V and keeps only these).
+
+    ``buffers[i]`` maps a layer to the (start, Hkv, D) K/V of sequence ``i``'s earlier positions
+    (its rows are positions ``start..``), and when ``keep[i]`` (more chunks follow) the layer's
+    buffer grows by this chunk. Only layers that attend (kept under the plan) are buffered: nobody
+    attends to a skipped layer during prefill.
+    """
+
+    buffers: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = None
+    keep: list[bool] = None
+
+    def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
+        outs = []
+        for i, (a, b) in enumerate(zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])):
+            keys, vals = k[a:b], v[a:b]  # (n, Hkv, D)
+            if layer in self.buffers[i]:
+                old_k, old_v = self.buffers[i][layer]
+                keys, vals = torch.cat([old_k, keys]), torch.cat([old_v, vals])  # (start + n, Hkv, D)
+            if self.keep[i]:
+                self.buffers[i][layer] = (keys, vals)
+            if keys.shape[0] == b - a:  # first chunk: plain causal attention
+                outs.append(self._attend_one(q[None, a:b], keys[None], vals[None], window, scale)[0])
+                continue
+            start = keys.shape[0] - (b - a)
+            i_q = torch.arange(start, keys.shape[0], device=q.device)[:, None]  # (n, 1) query positions
+            j_k = torch.arange(keys.shape[0], device=q.device)[None, :]  # (1, S) key positions
+            mask = j_k <= i_q
+            if window is not None:
+                mask = mask & (j_k > i_q - window)
+            out = _sdpa(q[a:b].transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None], mask, scale)  # (1, H, n, D)
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs, dim=0)
 
 
 @dataclass
