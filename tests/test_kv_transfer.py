@@ -349,7 +349,7 @@ def test_queued_layers_travel_as_one_group_and_land_per_layer():
     written, finished = [], []
 
     class Host:
-        def begin_transfer(self, tid, n):
+        def begin_transfer(self, tid, n, start=0):
             from pop_disagg.disagg.kv_transfer import Transfer
 
             return Transfer(tid, f"r{tid}", n, torch.zeros(n, dtype=torch.long), 0, TransferState.SENDING)
@@ -372,8 +372,8 @@ def test_queued_layers_travel_as_one_group_and_land_per_layer():
     sender.close()
     receiver.join(5)
     assert finished == [7]
-    # header, index, then one group: its count and (5, 2, T, Hkv, D); then the close header.
-    assert a.sent_shapes == [(4,), (1, 2), (1,), (num_layers, 2, 3, *shape), (4,)]
+    # header, index (rows [transfer_id, start, num_tokens]), then one group: its count and (5, 2, T, Hkv, D); then the close header.
+    assert a.sent_shapes == [(4,), (1, 3), (1,), (num_layers, 2, 3, *shape), (4,)]
     assert [layer for layer, _, _ in written] == list(range(num_layers))
     for layer, k, v in written:
         assert torch.all(k == layer) and torch.all(v == layer - 0.5)
