@@ -21,7 +21,7 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="prompt tokens per prefill step; with --enable-chunked-prefill, tokens per step (decode + prompt chunks)")
     p.add_argument("--enable-chunked-prefill", action="store_true",
-                   help="mix decode tokens and prompt chunks in one step, so decoding never waits behind a whole prompt")
+                   help="mix decode tokens and prompt chunks in one step, so decoding never waits behind a whole prompt (a disaggregated prefill worker chunks long prompts)")
 
 
 def add_prune_args(p: argparse.ArgumentParser) -> None:
