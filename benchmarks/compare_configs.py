@@ -11,6 +11,13 @@ The default load is sized for SmolLM2-135M on a small CPU box: random prompts of
 tokens with EOS ignored, a few rates around the box's capacity. A server that does not come up
 fails the script with its log's tail.
 
+A configuration may carry a third part, ``chunked`` (``colocated/pop/chunked``): that server runs
+with ``--enable-chunked-prefill --max-num-batched-tokens CHUNK_TOKENS`` (issue 14), so the same
+arrivals measure colocated serving with chunked prefill on vs off:
+
+    python benchmarks/compare_configs.py --configs colocated/pop,colocated/pop/chunked \
+        --input-len lognormal:128:1.0 --output-len 32 --rates 0.5 --num-requests 20
+
     python benchmarks/compare_configs.py                           # SmolLM2 on CPU, a few minutes
     python benchmarks/compare_configs.py --rates 1,2,4,8 --num-requests 200 --input-len 2048 \\
         --output-len 128 --serve-args "--device cuda" --slo ttft:500 tpot:50
@@ -45,9 +52,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, topology: str, prefill: str, port: int, log_path: Path) -> subprocess.Popen:
+def start_server(args, topology: str, prefill: str, port: int, log_path: Path, chunked: bool = False) -> subprocess.Popen:
+    chunking = ["--enable-chunked-prefill", "--max-num-batched-tokens", str(args.chunk_tokens)] if chunked else []
     cmd = [sys.executable, "-m", "pop_disagg.cli", "serve", "--model", args.model, "--topology", topology,
-           "--prefill", prefill, "--host", "127.0.0.1", "--port", str(port), *shlex.split(args.serve_args)]
+           "--prefill", prefill, "--host", "127.0.0.1", "--port", str(port), *chunking, *shlex.split(args.serve_args)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(cmd)}", flush=True)
     with open(log_path, "w") as log:
@@ -91,7 +99,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--configs", default=",".join(f"{t}/{f}" for t, f in CONFIGS), help="topology/prefill pairs, comma-separated")
+    p.add_argument("--configs", default=",".join(f"{t}/{f}" for t, f in CONFIGS), help="topology/prefill pairs, comma-separated; topology/prefill/chunked for chunked prefill")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="--max-num-batched-tokens of the chunked configurations (tokens per engine step)")
     p.add_argument("--rates", default="0.1,0.2,0.4", help="request rates of the sweep (req/s)")
     p.add_argument("--num-requests", type=int, default=5)
     p.add_argument("--input-len", default="384", help="prompt length spec (see `bench serve --input-len`)")
@@ -105,19 +114,24 @@ def main() -> int:
     args = p.parse_args()
 
     out = Path(args.out_dir)
-    configs = [tuple(c.split("/")) for c in args.configs.split(",") if c]
+    configs = [c.split("/") for c in args.configs.split(",") if c]
+    if any(len(c) not in (2, 3) or (len(c) == 3 and c[2] != "chunked") for c in configs):
+        p.error(f"--configs: expected topology/prefill or topology/prefill/chunked, got {args.configs!r}")
     files: list[Path] = []
     t_start = time.time()
-    for topology, prefill in configs:
-        port, name = free_port(), f"{topology}-{prefill}"
+    for topology, prefill, *extra in configs:
+        chunked = bool(extra)
+        port, name = free_port(), f"{topology}-{prefill}" + ("-chunked" if chunked else "")
         log_path = out / "logs" / f"serve-{name}.log"
-        proc = start_server(args, topology, prefill, port, log_path)
+        proc = start_server(args, topology, prefill, port, log_path, chunked)
         try:
             ready_s = wait_ready(proc, f"127.0.0.1:{port}", log_path, args.start_timeout)
             print(f"{name}: ready after {ready_s:.0f}s", flush=True)
             argv = ["bench", "serve", "--server", f"127.0.0.1:{port}", "--input-len", args.input_len, "--output-len", args.output_len,
                     "--ignore-eos", "--num-requests", str(args.num_requests), "--sweep-rates", args.rates, "--burstiness", str(args.burstiness),
                     "--seed", str(args.seed), "--num-warmup", "2", "--slo", *args.slo, "--output", str(out / f"{name}.json"), "--no-progress"]
+            if chunked:  # the server reports topology/prefill only
+                argv += ["--label", f"{topology}/{prefill}/chunked-{args.chunk_tokens}"]
             print(f"$ pop-disagg {shlex.join(argv)}", flush=True)
             rc = cli_main(argv)
             if rc == 130:

@@ -58,7 +58,8 @@ class EngineConfig(BaseModel):
     block_size: int = Field(16, ge=1)
     kv_cache_memory_mb: float | None = Field(None, gt=0, description="KV budget; default 512 MiB on CPU, 85% of free GPU memory on CUDA")
     max_num_seqs: int = Field(64, ge=1, description="running requests at most")
-    max_num_batched_tokens: int = Field(8192, ge=1, description="prompt tokens per prefill step at most")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="prompt tokens per prefill step at most; with chunked prefill, tokens per step (decode + prompt chunks)")
+    enable_chunked_prefill: bool = Field(False, description="vLLM's flag: steps mix decode tokens with prompt chunks, max_num_batched_tokens in all; a prefill worker chunks long prompts")
     max_model_len: int | None = Field(None, ge=2, description="context limit; default the model's")
     prune: PruneConfig = PruneConfig()
     seed: int = 0

@@ -37,7 +37,7 @@ def _config(path, **prune):
 class Pair:
     """One prefill worker and one decode worker joined by a fake link, each with its loop thread."""
 
-    def __init__(self, path, timeout_s=5.0, drop_after=None, **prune):
+    def __init__(self, path, timeout_s=5.0, drop_after=None, chunk_tokens=None, **prune):
         cfg = _config(path, **prune)
         self.engine = LLMEngine(cfg, model=load_model(path))
         self.plan = self.engine.plan
@@ -46,7 +46,8 @@ class Pair:
         arch = self.engine.arch
         self.sender = KVSender(a, arch.num_layers, (arch.num_kv_heads, arch.head_dim), torch.float32, timeout_s)
         self.decode.attach_link(0, b)
-        self.prefill = PrefillWorker(load_model(path, prefill_only_plan=self.plan), self.plan, {0: self.sender})
+        chunking = {} if chunk_tokens is None else dict(max_num_batched_tokens=chunk_tokens, enable_chunked_prefill=True)
+        self.prefill = PrefillWorker(load_model(path, prefill_only_plan=self.plan), self.plan, {0: self.sender}, **chunking)
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=w.run, args=(self.stop,), daemon=True) for w in (self.prefill, self.decode)]
         for t in self.threads:
@@ -134,6 +135,107 @@ def test_received_kv_equals_computed_kv(tiny_ckpt):
         pair.close()
 
 
+def _record_prefill_steps(pair):
+    steps, step = [], pair.prefill.step
+
+    def recording(items):
+        steps.append([(t.request_id, a, n) for t, a, n in items])
+        step(items)
+
+    pair.prefill.step = recording
+    return steps
+
+
+@pytest.mark.parametrize("family,prune", [("qwen3", {}), ("qwen3", {"no_prune": True}), ("gemma3", {})], ids=["qwen3-pop", "qwen3-full", "gemma3-pop"])
+def test_chunked_prefill_worker_pair_equals_engine(tiny_ckpt, family, prune):
+    """Prefixes sent in 8-token chunks at their offsets: the pair still generates what the engine does."""
+    path = tiny_ckpt(family)
+    prompts = _prompts() + _prompts(4)[3:]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    ref = LLMEngine(_config(path, **prune), model=load_model(path)).generate(prompts, params)
+    pair = Pair(path, chunk_tokens=8, **prune)
+    steps = _record_prefill_steps(pair)
+    try:
+        free0 = pair.decode.num_free_blocks
+        pair.prefill.pause_until = float("inf")  # queue everything, then let the worker take it
+        for i, p in enumerate(prompts):
+            pair.submit(f"r{i}", p, params)
+        pair.prefill.pause_until = 0.0
+        pair.wait_done([f"r{i}" for i in range(len(prompts))])
+        for i, r in enumerate(ref):
+            assert pair.tokens(f"r{i}") == r.token_ids, f"prompt {i} (len {len(prompts[i])})"
+        assert pair.decode.num_free_blocks == free0
+        assert all(o.error is None for o in pair.outcomes.values()) and len(pair.outcomes) == sum(len(p) > 1 for p in prompts)
+        assert all(sum(n for _, _, n in step) <= 8 for step in steps)
+        chunks: dict[str, list] = {}
+        for step in steps:
+            for rid, a, n in step:
+                chunks.setdefault(rid, []).append((a, n))
+        for i, p in enumerate(prompts):  # each prefix in order, in pieces that tile it; long ones in several
+            got = chunks.get(f"r{i}", [])
+            assert [a for a, _ in got] == [sum(n for _, n in got[:j]) for j in range(len(got))] and sum(n for _, n in got) == len(p) - 1
+            assert len(got) >= -(-(len(p) - 1) // 8)
+        assert pair.prefill.num_waiting_tokens == 0
+    finally:
+        pair.close()
+
+
+def test_chunked_prefill_worker_kv_equals_one_shot_and_short_prompts_pass_long_ones(tiny_ckpt):
+    path = tiny_ckpt("gemma3")
+    long, short = _prompts(2)[4], _prompts(2)[2]  # 30 and 5 tokens
+    pair = Pair(path, chunk_tokens=8)
+    steps = _record_prefill_steps(pair)
+    order = []
+    try:
+        pair.prefill.pause_until = float("inf")
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        for rid, prompt in (("long", long), ("short", short)):
+            tid = pair.decode.reserve(rid, prompt, params, 0, pair.events.setdefault(rid, []).append)
+            pair.prefill.submit(PrefillTask(rid, tid, 0, prompt[:-1], lambda o: order.append(o.request_id)))
+        req = pair.engine._requests["long"]
+        slots = torch.tensor(pair.engine.blocks.slots(req.block_table, 0, len(long) - 1))
+        pair.prefill.pause_until = 0.0
+        pair.wait_done(["long", "short"])
+        # Round robin: the short prompt went in the second step, not after the long one's last chunk.
+        assert order == ["short", "long"]
+        assert steps[0] == [("long", 0, 8)] and steps[1] == [("short", 0, 4), ("long", 8, 4)]
+        expected: dict[int, tuple] = {}
+        n = len(long) - 1
+        full = load_model(path)
+        full(torch.tensor(long[:-1]), torch.arange(n), PrefillAttention([0, n], sink=lambda l, k, v: expected.__setitem__(l, (k.clone(), v.clone()))), plan=pair.plan)
+        for layer, (k, v) in expected.items():  # the finished request's blocks still hold its prefix
+            got_k, got_v = pair.engine.kv_cache.read(layer, slots)
+            torch.testing.assert_close(got_k, k, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got_v, v, rtol=1e-5, atol=1e-5)
+    finally:
+        pair.close()
+
+
+def test_abort_between_chunks_reports_once_and_frees_blocks(tiny_ckpt):
+    path = tiny_ckpt("llama")
+    pair = Pair(path, chunk_tokens=8)
+    try:
+        pair.prefill.pause_until = float("inf")  # the worker loop takes nothing; this test steps by hand
+        prompt = _prompts()[4]
+        free0 = pair.decode.num_free_blocks
+        pair.submit("r", prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        with pair.prefill._cv:
+            items = pair.prefill._take_batch()
+        assert [(t.request_id, a, n) for t, a, n in items] == [("r", 0, 8)]
+        pair.prefill.step(items)
+        deadline = time.monotonic() + 10
+        transfer = next(iter(pair.decode.table.transfers.values()))
+        while transfer.num_received < 8 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert transfer.state == TransferState.SENDING and transfer.num_received == 8
+        assert pair.prefill.num_waiting_tokens == len(prompt) - 1 - 8
+        assert pair.prefill.abort("r") and pair.decode.abort("r")
+        assert pair.outcomes["r"].error == "aborted" and pair.prefill.num_waiting_tokens == 0 and not pair.prefill.waiting
+        assert pair.decode.num_free_blocks == free0
+    finally:
+        pair.close()
+
+
 def test_lost_message_times_out_and_frees_blocks(tiny_ckpt):
     path = tiny_ckpt("llama")
     pair = Pair(path, timeout_s=0.3, drop_after=3)  # header, index, the first layer group's count, then silence
@@ -186,7 +288,7 @@ def test_concurrent_batches_on_one_link_stay_in_order():
     finished = []
 
     class Host:
-        def begin_transfer(self, tid, n):
+        def begin_transfer(self, tid, n, start=0):
             from pop_disagg.disagg.kv_transfer import Transfer
 
             return Transfer(tid, f"r{tid}", n, torch.zeros(n, dtype=torch.long), 0, TransferState.SENDING)
@@ -247,7 +349,7 @@ def test_queued_layers_travel_as_one_group_and_land_per_layer():
     written, finished = [], []
 
     class Host:
-        def begin_transfer(self, tid, n):
+        def begin_transfer(self, tid, n, start=0):
             from pop_disagg.disagg.kv_transfer import Transfer
 
             return Transfer(tid, f"r{tid}", n, torch.zeros(n, dtype=torch.long), 0, TransferState.SENDING)
@@ -270,8 +372,8 @@ def test_queued_layers_travel_as_one_group_and_land_per_layer():
     sender.close()
     receiver.join(5)
     assert finished == [7]
-    # header, index, then one group: its count and (5, 2, T, Hkv, D); then the close header.
-    assert a.sent_shapes == [(4,), (1, 2), (1,), (num_layers, 2, 3, *shape), (4,)]
+    # header, index (rows [transfer_id, start, num_tokens]), then one group: its count and (5, 2, T, Hkv, D); then the close header.
+    assert a.sent_shapes == [(4,), (1, 3), (1,), (num_layers, 2, 3, *shape), (4,)]
     assert [layer for layer, _, _ in written] == list(range(num_layers))
     for layer, k, v in written:
         assert torch.all(k == layer) and torch.all(v == layer - 0.5)

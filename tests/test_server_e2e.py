@@ -37,8 +37,8 @@ def model_path(tmp_path_factory):
     return str(make_tiny_model(tmp_path_factory.mktemp("serve-tiny"), "qwen2", seed=3))
 
 
-def _serve_config(path, topology, prefill, num_prefill=1):
-    engine = EngineConfig(model=path, kv_cache_memory_mb=2, block_size=4, max_model_len=256)
+def _serve_config(path, topology, prefill, num_prefill=1, **engine_kw):
+    engine = EngineConfig(model=path, kv_cache_memory_mb=2, block_size=4, max_model_len=256, **engine_kw)
     return ServeConfig(engine=engine, topology=topology, prefill=prefill, num_prefill=num_prefill, transfer_timeout_s=20)
 
 
@@ -59,8 +59,8 @@ def _reference(path, config: ServeConfig):
     return engine.generate([p for p, _ in reqs], [sp for _, sp in reqs])
 
 
-def _check_equivalence(server: BackgroundServer, path):
-    ref = _reference(path, server.server.config)
+def _check_equivalence(server: BackgroundServer, path, reference_config: ServeConfig | None = None):
+    ref = _reference(path, reference_config or server.server.config)
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         with ThreadPoolExecutor(len(PROMPT_LENS)) as pool:  # concurrent: they batch on the workers
@@ -108,6 +108,17 @@ def test_combination_equals_engine(ray_instance, model_path, topology, prefill, 
                     stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_new_tokens=3), timeout=30)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert not stub.Health(pb.HealthRequest(), timeout=30).is_serving
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("topology", ["disaggregated", "colocated"])
+def test_chunked_prefill_served_equals_whole_prompt_engine(ray_instance, model_path, topology):
+    """8-token chunks (prefill worker or colocated engine): the same tokens as the unchunked engine."""
+    srv = BackgroundServer(_serve_config(model_path, topology, "pop", enable_chunked_prefill=True, max_num_batched_tokens=8))
+    try:
+        _check_equivalence(srv, model_path, reference_config=_serve_config(model_path, topology, "pop"))
+        assert _wait_idle(srv)["num_free_blocks"] == _decode_stats(srv)["num_blocks"]
     finally:
         srv.stop()
 

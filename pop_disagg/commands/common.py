@@ -1,4 +1,4 @@
-"""Arguments shared by every command that runs a model: model, dtype, device, prune plan."""
+"""Arguments shared by the commands that run a model: model, dtype, device, prune plan; the engine's step batching."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="run the decode step eagerly (no CUDA graphs on GPU; vLLM's flag). CPU decode is eager unless --compile-decode")
     p.add_argument("--compile-decode", action="store_true", help="torch.compile batch-1 decode steps on CPU (per context bucket, at first use; ~2.5 min each on 2 cores)")
+
+
+def add_batching_args(p: argparse.ArgumentParser) -> None:
+    """Step batching of the engine (``generate``, ``serve``), vLLM's flag names."""
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="prompt tokens per prefill step; with --enable-chunked-prefill, tokens per step (decode + prompt chunks)")
+    p.add_argument("--enable-chunked-prefill", action="store_true",
+                   help="mix decode tokens and prompt chunks in one step, so decoding never waits behind a whole prompt (a disaggregated prefill worker chunks long prompts)")
 
 
 def add_prune_args(p: argparse.ArgumentParser) -> None:
@@ -35,4 +43,6 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args),
-                        enforce_eager=getattr(args, "enforce_eager", False), compile_decode_on_cpu=getattr(args, "compile_decode", False), **extra)
+                        enforce_eager=getattr(args, "enforce_eager", False), compile_decode_on_cpu=getattr(args, "compile_decode", False),
+                        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 8192),
+                        enable_chunked_prefill=getattr(args, "enable_chunked_prefill", False), **extra)

@@ -7,12 +7,13 @@ import json
 import sys
 import time
 
-from .common import add_model_args, add_prune_args, engine_config
+from .common import add_batching_args, add_model_args, add_prune_args, engine_config
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the single-process engine (POP by default)")
     add_model_args(p)
+    add_batching_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids")

@@ -172,25 +172,32 @@ class DecodeWorker:
         return expired
 
     # ---- ReceiverHost (called from receiver threads) --------------------------------------------
-    def begin_transfer(self, transfer_id: int, num_tokens: int) -> Transfer | None:
+    def begin_transfer(self, transfer_id: int, num_tokens: int, start: int = 0) -> Transfer | None:
+        """A message group with ``num_tokens`` prefix tokens from ``start`` on begins (the whole
+        prefix, or one chunk of a chunked prefill: chunks come in order)."""
         with self._lock:
             t = self.table.transfers.get(transfer_id)
-            if t is None or t.state != TransferState.RESERVED:
+            expected_state = TransferState.RESERVED if start == 0 else TransferState.SENDING
+            if t is None or t.state != expected_state:
                 return None  # cancelled: the data is read off the link and dropped
-            if t.num_tokens != num_tokens:
-                raise TransferError(f"link {t.link} out of step: transfer {transfer_id} has {num_tokens} tokens on the wire, {t.num_tokens} reserved")
-            t.state = TransferState.SENDING
+            if start != t.num_received or start + num_tokens > t.num_tokens:
+                raise TransferError(f"link {t.link} out of step: transfer {transfer_id} has tokens {start}..{start + num_tokens} on the wire, "
+                                    f"{t.num_received} of {t.num_tokens} received")
+            t.state, t.chunk_start, t.chunk_tokens = TransferState.SENDING, start, num_tokens
             return t
 
     def write_layer(self, t: Transfer, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         with self._lock:  # an abort may have freed (and re-issued) the blocks since the last layer
             if t.state == TransferState.SENDING:
-                self.engine.kv_cache.write(layer, t.slot_mapping, k, v)
+                self.engine.kv_cache.write(layer, t.chunk_slots, k, v)
 
     def finish_transfer(self, t: Transfer) -> None:
         with self._lock:
             if t.state != TransferState.SENDING:
                 return  # cancelled while in flight
+            t.num_received = t.chunk_start + t.chunk_tokens
+            if t.num_received < t.num_tokens:
+                return  # more chunks of this prefix follow
             t.state, t.received_time = TransferState.RECEIVED, time.time()
             self.table.transfers.pop(t.transfer_id, None)
             self._transfer_of.pop(t.request_id, None)

@@ -7,7 +7,10 @@ worker's ``TransferTable`` and changed only under the decode worker's lock:
               the router then submits the prefix to a prefill worker together with that id.
     SENDING   the link's header naming this transfer id arrived; layer K/V are being received
               into a staging buffer and written into the reserved blocks (index_copy by slot).
-    RECEIVED  every layer is written; the request joins the decode batch (first step: x_N).
+              A chunked prefill sends the prefix in several message groups, each naming where its
+              tokens start; the transfer stays SENDING between them, chunks arrive in order.
+    RECEIVED  every layer of every token is written; the request joins the decode batch (first
+              step: x_N).
     FAILED    timeout, dead peer, broken link or cancellation. The decode worker frees the blocks
               (``LLMEngine.abort``) and reports the failure on the request's stream; the prefill
               worker drops the request's tensors and reports the failure to the router.
@@ -22,7 +25,8 @@ and are read by one receiver thread (decode side), so concurrent requests never 
 prefill batch makes one message group per link it touches:
 
     header  int64 (4,)           [MAGIC, kind (DATA|CLOSE), num_transfers, num_tokens]
-    index   int64 (num_transfers, 2)   rows [transfer_id, num_tokens], in token order
+    index   int64 (num_transfers, 3)   rows [transfer_id, start, num_tokens], in token order
+            (start: the first prefix position these tokens fill; 0 unless the prefill is chunked)
     then layer groups until all L layers are sent, layers ascending:
       count int64 (1,)           n, the layers in this group
       kv    (n, 2, num_tokens, Hkv, D)   K then V of each of those layers
@@ -229,6 +233,7 @@ class SendBatch:
     transfer_ids: list[int]
     num_tokens: list[int]
     on_done: Callable[["SendBatch"], None]
+    starts: list[int] | None = None  # first prefix position of each transfer's tokens; None: all 0
     error: str | None = None
     next_layer: int = 0  # next layer the producer may enqueue
     num_sent_layers: int = 0  # layers the transport has taken
@@ -340,7 +345,8 @@ class KVSender:
 
     def _send_batch(self, batch: SendBatch) -> None:
         header = torch.tensor([MAGIC, KIND_DATA, len(batch.transfer_ids), batch.total_tokens], dtype=torch.long)
-        index = torch.tensor([[t, n] for t, n in zip(batch.transfer_ids, batch.num_tokens)], dtype=torch.long).view(-1, 2)
+        starts = batch.starts or [0] * len(batch.transfer_ids)
+        index = torch.tensor([[t, a, n] for t, a, n in zip(batch.transfer_ids, starts, batch.num_tokens)], dtype=torch.long).view(-1, 3)
         self.transport.send(header, self.timeout_s)
         self.transport.send(index, self.timeout_s)
         abandoned = False
@@ -373,16 +379,25 @@ class Transfer:
     state: TransferState = TransferState.RESERVED
     error: str | None = None
     received_time: float = 0.0  # wall clock
+    num_received: int = 0  # prefix tokens whose every layer is written (chunks arrive in order)
+    chunk_start: int = 0  # the message group being received: its first prefix position ...
+    chunk_tokens: int = 0  # ... and its number of tokens (the whole prefix unless chunked)
+
+    @property
+    def chunk_slots(self) -> torch.Tensor:
+        """Cache slots of the tokens of the message group being received."""
+        return self.slot_mapping[self.chunk_start : self.chunk_start + self.chunk_tokens]
 
 
 class ReceiverHost(Protocol):
     """What a ``KVReceiver`` needs from the decode worker (all calls take the worker's lock)."""
 
-    def begin_transfer(self, transfer_id: int, num_tokens: int) -> Transfer | None: ...
+    def begin_transfer(self, transfer_id: int, num_tokens: int, start: int = 0) -> Transfer | None: ...
 
     def write_layer(self, transfer: Transfer, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
-    def finish_transfer(self, transfer: Transfer) -> None: ...
+    def finish_transfer(self, transfer: Transfer) -> None:
+        """Every layer of the message group begun last is written (the whole prefix, or a chunk of it)."""
 
     def fail_link(self, link: int, why: str, transfers: list[Transfer]) -> None: ...
 
@@ -422,12 +437,12 @@ class KVReceiver:
                     raise TransferError(f"link {self.link} out of step (bad magic {magic:#x})")
                 if kind == KIND_CLOSE:
                     return
-                index = torch.zeros(num_transfers, 2, dtype=torch.long)
+                index = torch.zeros(num_transfers, 3, dtype=torch.long)
                 self.transport.recv(index, self.timeout_s)
                 rows = index.tolist()
-                transfers = [self.host.begin_transfer(tid, n) for tid, n in rows]
+                transfers = [self.host.begin_transfer(tid, n, start) for tid, start, n in rows]
                 offsets = [0]
-                for _, n in rows:
+                for _, _, n in rows:
                     offsets.append(offsets[-1] + n)
                 count = torch.zeros(1, dtype=torch.long)
                 layer = 0

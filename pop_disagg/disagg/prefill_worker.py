@@ -11,6 +11,14 @@ model is then built for the family's mildest plan and runs any deeper one). A st
 by plan and runs one forward pass per plan, mildest first; every pass is a batch of its own on
 the links, so the decode side sees nothing new.
 
+Chunked prefill (``enable_chunked_prefill``): a step takes at most ``max_num_batched_tokens``
+prompt tokens, so one long prompt no longer holds every short one back for its whole length. A
+task gets ``min(remaining, budget left)`` tokens; one that is not done goes to the back of the
+queue (round robin: the short prompts queued behind it get their turn in the next step). Its
+kept layers' K/V stay in a per-task buffer for its later chunks to attend to
+(``ChunkedPrefillAttention``); each chunk's K/V leave at once, naming their start position, and
+the decode worker writes them at that offset. ``on_done`` fires when the last chunk is sent.
+
 Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
 deadline passed while waiting (dropped before its batch is taken), or its link was re-created
 while it waited (``purge_link``). Fault hook for tests: ``pause_until`` holds waiting tasks back.
@@ -22,12 +30,12 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..models.attention import PrefillAttention
+from ..models.attention import ChunkedPrefillAttention, PrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from .kv_transfer import KVSender, SendBatch
@@ -56,6 +64,13 @@ class PrefillTask:
     submit_time: float = 0.0
     plan: PrunePlan | None = None  # None: the worker's default plan
     deadline: float | None = None  # wall clock: dropped unstarted once it passes
+    # Chunked prefill progress (worker-owned): tokens already sent, the kept layers' K/V of those
+    # tokens, when the first chunk started, prompt tokens of the steps that carried it, done flag.
+    num_done: int = 0
+    kv_buffer: dict = field(default_factory=dict)
+    start_time: float = 0.0
+    num_step_tokens: int = 0
+    is_reported: bool = False
 
 
 log = logging.getLogger("pop_disagg.prefill")
@@ -67,11 +82,13 @@ def _fail(task: PrefillTask, why: str) -> None:
 
 
 class PrefillWorker:
-    def __init__(self, model: CausalLM, plan: PrunePlan, senders: dict[int, KVSender], max_num_batched_tokens: int = 8192):
+    def __init__(self, model: CausalLM, plan: PrunePlan, senders: dict[int, KVSender], max_num_batched_tokens: int = 8192,
+                 enable_chunked_prefill: bool = False):
         if not plan.independent_kv or not plan.boundary_handling:
             raise ValueError("disaggregated prefill needs independent_kv and boundary_handling (the decode worker gets every layer's K/V and runs token N)")
         self.model, self.plan, self.senders = model, plan, senders
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[PrefillTask] = deque()
         self._cv = threading.Condition()
         self._num_waiting_tokens = 0
@@ -109,25 +126,41 @@ class PrefillWorker:
             doomed = [t for t in self.waiting if match(t)]
             for task in doomed:
                 self.waiting.remove(task)
-                self._num_waiting_tokens -= len(task.prefix_ids)
+                self._num_waiting_tokens -= len(task.prefix_ids) - task.num_done
+                task.is_reported = True
         for task in doomed:
             _fail(task, why)
         return len(doomed)
 
-    def _take_batch(self) -> list[PrefillTask]:
+    def _take_batch(self) -> list[tuple[PrefillTask, int, int]]:
+        """(task, first position, prompt tokens) this step; whole prefixes unless chunked prefill is on.
+        A task's ``num_done`` advances here, under the lock, so ``abort`` counts what is left."""
         batch, num_tokens = [], 0
         now = time.time()
+        budget = self.max_num_batched_tokens
         while self.waiting:
-            if (deadline := self.waiting[0].deadline) is not None and deadline <= now:
+            head = self.waiting[0]
+            if (deadline := head.deadline) is not None and deadline <= now and head.num_done == 0:
                 task = self.waiting.popleft()
                 self._num_waiting_tokens -= len(task.prefix_ids)
+                task.is_reported = True
                 log.info("request %s: deadline passed while waiting for prefill; dropped", task.request_id)
                 _fail(task, "deadline exceeded")
                 continue
-            n = len(self.waiting[0].prefix_ids)
-            if batch and num_tokens + n > self.max_num_batched_tokens:
-                break
-            batch.append(self.waiting.popleft())
+            remaining = len(head.prefix_ids) - head.num_done
+            if self.enable_chunked_prefill:
+                if num_tokens >= budget or any(t is head for t, _, _ in batch):  # budget spent, or back at a task of this step
+                    break
+                n = min(remaining, budget - num_tokens)
+            else:
+                n = remaining
+                if batch and num_tokens + n > budget:
+                    break
+            task = self.waiting.popleft()
+            if n < remaining:
+                self.waiting.append(task)  # round robin: its next chunk after the tasks queued behind it
+            batch.append((task, task.num_done, n))
+            task.num_done += n
             num_tokens += n
         self._num_waiting_tokens -= num_tokens
         return batch
@@ -142,28 +175,35 @@ class PrefillWorker:
             if batch:
                 self.step(batch)
 
-    def step(self, tasks: list[PrefillTask]) -> None:
-        """One forward pass per plan among ``tasks`` (mildest first)."""
-        by_plan: dict[tuple[int, ...], list[PrefillTask]] = {}
-        for t in tasks:
-            by_plan.setdefault((t.plan or self.plan).skip_layers, []).append(t)
+    def step(self, items: list[tuple[PrefillTask, int, int]]) -> None:
+        """One forward pass per plan among the (task, first position, tokens) items (mildest plan first)."""
+        by_plan: dict[tuple[int, ...], list[tuple[PrefillTask, int, int]]] = {}
+        for item in items:
+            by_plan.setdefault((item[0].plan or self.plan).skip_layers, []).append(item)
         for skip in sorted(by_plan, key=len):
             group = by_plan[skip]
-            self._run_plan(group, group[0].plan or self.plan)
+            self._run_plan(group, group[0][0].plan or self.plan)
 
     @torch.inference_mode()
-    def _run_plan(self, tasks: list[PrefillTask], plan: PrunePlan) -> None:
+    def _run_plan(self, items: list[tuple[PrefillTask, int, int]], plan: PrunePlan) -> None:
         start = time.time()
-        tasks = sorted(tasks, key=lambda t: t.link)  # each link's tokens form one contiguous slice
+        items = sorted(items, key=lambda item: item[0].link)  # each link's tokens form one contiguous slice
+        tasks = [t for t, _, _ in items]
+        starts = [a for _, a, _ in items]
         ids, pos, cu = [], [], [0]
+        for t, a, n in items:
+            ids += t.prefix_ids[a : a + n]
+            pos += range(a, a + n)
+            cu.append(cu[-1] + n)
+            t.start_time = t.start_time or start
         for t in tasks:
-            ids += t.prefix_ids
-            pos += range(len(t.prefix_ids))
-            cu.append(cu[-1] + len(t.prefix_ids))
+            t.num_step_tokens += cu[-1]
+        is_last = [a + n == len(t.prefix_ids) for t, a, n in items]
         groups: list[tuple[KVSender, SendBatch, int, int]] = []  # (sender, batch, token start, token end)
         for link in sorted({t.link for t in tasks}):
             mine = [i for i, t in enumerate(tasks) if t.link == link]
-            batch = SendBatch([tasks[i].transfer_id for i in mine], [len(tasks[i].prefix_ids) for i in mine], self._on_sent(tasks, mine, start, len(ids)))
+            batch = SendBatch([tasks[i].transfer_id for i in mine], [items[i][2] for i in mine], self._on_sent(tasks, mine, is_last),
+                              starts=[starts[i] for i in mine])
             self.senders[link].begin(batch)
             groups.append((self.senders[link], batch, cu[mine[0]], cu[mine[-1] + 1]))
 
@@ -176,18 +216,39 @@ class PrefillWorker:
                     batch.compute_end = time.time()  # all K/V exist; the rest of the pass is unused
                 sender.send_layer(batch, layer, k[a:b], v[a:b])
 
+        if all(a == 0 for a in starts) and all(is_last):  # whole prefixes: no buffers to keep
+            attn = PrefillAttention(cu, sink=sink, stream_kv=True)
+        else:
+            attn = ChunkedPrefillAttention(cu, sink=sink, stream_kv=True, buffers=[t.kv_buffer for t in tasks], keep=[not x for x in is_last])
         device = self.model.device
         try:
-            self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), PrefillAttention(cu, sink=sink, stream_kv=True), plan=plan)
+            self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), attn, plan=plan)
         except Exception as exc:  # e.g. out of memory: fail these requests, keep the links in step
             for sender, batch, _, _ in groups:
                 sender.abandon(batch, f"prefill failed: {exc!r}")
+        for t, last in zip(tasks, is_last):
+            if last:
+                t.kv_buffer = {}
 
-    def _on_sent(self, tasks: list[PrefillTask], mine: list[int], start: float, num_batch_tokens: int) -> Callable[[SendBatch], None]:
+    def _on_sent(self, tasks: list[PrefillTask], mine: list[int], is_last: list[bool]) -> Callable[[SendBatch], None]:
         def done(batch: SendBatch) -> None:
             compute_end = batch.compute_end or batch.finish_time
             for i in mine:
                 t = tasks[i]
-                t.on_done(PrefillOutcome(t.request_id, batch.error, start - t.submit_time, compute_end - start, compute_end, batch.finish_time, num_batch_tokens))
+                if batch.error is not None and not is_last[i]:
+                    # A chunk failed: drop the rest of the task (its transfer cannot complete).
+                    with self._cv:
+                        if t in self.waiting:
+                            self.waiting.remove(t)
+                            self._num_waiting_tokens -= len(t.prefix_ids) - t.num_done
+                elif not is_last[i]:
+                    continue  # more chunks follow
+                with self._cv:
+                    if t.is_reported:
+                        continue
+                    t.is_reported = True
+                t.kv_buffer = {}
+                t.on_done(PrefillOutcome(t.request_id, batch.error, t.start_time - t.submit_time, compute_end - t.start_time, compute_end, batch.finish_time,
+                                         t.num_step_tokens))
 
         return done

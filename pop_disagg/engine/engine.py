@@ -70,7 +70,8 @@ class LLMEngine:
             raise ValueError("KV cache budget is too small for a single block")
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.kv_cache = KVCache(self.arch, num_blocks, config.block_size, dtype, device)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.context_limit, prefill_covers_last=not self.plan.boundary_handling)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.context_limit, prefill_covers_last=not self.plan.boundary_handling,
+                                   enable_chunked_prefill=config.enable_chunked_prefill)
         decode_mode = None
         if config.use_compiled_decode:
             decode_mode = "cuda_graph" if device.type == "cuda" else "compile"
@@ -150,9 +151,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        if self.scheduler.enable_chunked_prefill:  # decode rows and prompt chunks in one forward
+            return self._update(*self.runner.mixed(batch.decode, batch.prefill, batch.num_prefill_tokens))
         if batch.prefill:
-            n = [self.scheduler.prefill_len(r) for r in batch.prefill]
-            sampled = self.runner.prefill(batch.prefill, n)
+            sampled = self.runner.prefill(batch.prefill, batch.num_prefill_tokens)
             if sampled is None:
                 return []
             return self._update(batch.prefill, sampled)

@@ -1,6 +1,6 @@
 """Model runner: turns scheduled requests into tensors, runs the model, samples.
 
-Owns the model, the KV cache tensors and the prune plan. Two kinds of step:
+Owns the model, the KV cache tensors and the prune plan. Three kinds of step:
 
 * ``prefill(reqs)``: the pruned pass over each prompt's first ``N-1`` tokens (all ``N`` without
   boundary handling, then it also samples the first token). K/V go straight into the requests'
@@ -9,6 +9,11 @@ Owns the model, the KV cache tensors and the prune plan. Two kinds of step:
   tensors (ids, positions, block tables -> slot table, slot mapping, masks) are built once per
   step for all layers, and the forward is eager or, per batch bucket, a CUDA graph / compiled
   function (``compiled_decode.py``).
+* ``mixed(decode_reqs, chunk_reqs, num_tokens)``: one chunked-prefill step (``enable_chunked_prefill``),
+  a single forward over the decode rows (one token each, full model) followed by the next prompt
+  chunk of each chunk request (positions ``num_computed_tokens..+n``, attending to the request's
+  earlier chunks in its blocks, the plan's layers skipped: POP per chunk). A step without chunks
+  is a plain ``decode``, compiled path included.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import weakref
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..models.attention import PagedAttention, PrefillAttention
+from ..models.attention import ExtendAttention, MixedAttention, PagedAttention, PrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from .compiled_decode import BucketedDecode
@@ -110,3 +115,56 @@ class ModelRunner:
     def decode(self, reqs: list[Request]) -> list[int]:
         logits = self.decode_logits(reqs)
         return sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+
+    def _slot_table(self, reqs: list[Request], context: int) -> torch.Tensor:
+        """(B, context) flat slot of every position ``< context`` of each request (padded rows are masked)."""
+        bs = self.blocks.block_size
+        table = self._block_tables(reqs, -(-context // bs))
+        offs = torch.arange(context, device=self.device)
+        return table[:, offs // bs] * bs + offs % bs  # (B, S)
+
+    def chunk_inputs(self, reqs: list[Request], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, ExtendAttention]:
+        """The next ``num_tokens[i]`` prompt tokens of each request, after its computed ones."""
+        ids, pos, seq, cu = [], [], [], [0]
+        for i, (req, n) in enumerate(zip(reqs, num_tokens)):
+            start = req.num_computed_tokens
+            ids += req.prompt_token_ids[start : start + n]
+            pos += range(start, start + n)
+            seq += [i] * n
+            cu.append(cu[-1] + n)
+        context_lens = [r.num_computed_tokens + n for r, n in zip(reqs, num_tokens)]
+        slot_table = self._slot_table(reqs, max(context_lens))  # (B, S)
+        pos_t = self._tensor(pos)  # (T,)
+        slot_mapping = slot_table[self._tensor(seq), pos_t]  # (T,) where the chunk's K/V go
+        attn = ExtendAttention(self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, self._tensor(context_lens), cu_seqlens=cu)
+        return self._tensor(ids), pos_t, attn
+
+    @torch.inference_mode()
+    def mixed(self, decode: list[Request], chunks: list[Request], num_tokens: list[int]) -> tuple[list[Request], list[int]]:
+        """One chunked-prefill step; returns the requests that got a token and their tokens.
+
+        Those are the decode rows and, only without boundary handling (the ablation), each request
+        whose chunk ends its prompt: the pruned pass then samples its first token, as ``prefill`` does.
+        """
+        if not chunks:
+            return decode, self.decode(decode)
+        ids, pos, attn = self.chunk_inputs(chunks, num_tokens)
+        d = len(decode)
+        if decode:
+            d_ids, d_pos, d_attn = self.decode_inputs(decode)
+            ids, pos, attn = torch.cat([d_ids, ids]), torch.cat([d_pos, pos]), MixedAttention(d_attn, attn)
+        hidden = self.model(ids, pos, attn, plan=self.plan, num_full_rows=d)  # (T, hidden)
+        rows, reqs = list(range(d)), list(decode)
+        end = d
+        for req, n in zip(chunks, num_tokens):
+            end += n
+            req.num_computed_tokens += n
+            if not self.plan.boundary_handling and req.num_computed_tokens == req.num_prompt_tokens:
+                rows.append(end - 1)
+                reqs.append(req)
+        for req in decode:
+            req.num_computed_tokens += 1
+        if not rows:
+            return [], []
+        logits = self.model.compute_logits(hidden[rows])
+        return reqs, sample(logits, [r.params for r in reqs], [r.generator for r in reqs])

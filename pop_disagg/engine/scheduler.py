@@ -6,12 +6,21 @@ one token each; under POP this includes new requests' boundary tokens). Prefill 
 requests join the decode batch as soon as possible. Blocks for a request's whole budget
 (prompt + max_new_tokens) are reserved at admission: nothing is ever preempted, and a decode
 worker that admits a request can always finish it.
+
+Chunked prefill (``enable_chunked_prefill``, vLLM's name) makes ``max_num_batched_tokens`` a
+budget for every step's tokens, and a step mixed: every running request whose prompt prefix is in
+its blocks decodes one token (these go first, so decode never waits behind a long prompt), then
+prompt chunks fill what is left of the budget, partially prefilled requests first (oldest first),
+then newly admitted ones; each gets ``min(remaining prefix, budget left)`` tokens. Progress is
+``num_computed_tokens``; a request whose prefix is complete decodes from the next step (under POP
+that step feeds the boundary token ``x_N`` through the full model, as without chunking). Blocks are
+still reserved for the whole budget at admission, so a half-prefilled request can always finish.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .kv_cache import BlockManager
 from .request import Request, RequestStatus
@@ -19,8 +28,10 @@ from .request import Request, RequestStatus
 
 @dataclass
 class SchedulerOutput:
-    prefill: list[Request]  # requests whose prompt prefix is encoded this step
+    prefill: list[Request]  # requests whose prompt prefix (chunked: next chunk) is encoded this step
     decode: list[Request]  # requests that advance by one token this step
+    # prompt tokens of each ``prefill`` request this step, from its ``num_computed_tokens`` on
+    num_prefill_tokens: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -28,8 +39,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, context_limit: int, prefill_covers_last: bool = False):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, context_limit: int, prefill_covers_last: bool = False,
+                 enable_chunked_prefill: bool = False):
         self.blocks = blocks
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.context_limit = context_limit
@@ -45,6 +58,10 @@ class Scheduler:
     def prefill_len(self, req: Request) -> int:
         return req.num_prompt_tokens if self.prefill_covers_last else req.num_prompt_tokens - 1
 
+    def is_prefilled(self, req: Request) -> bool:
+        """Its prompt prefix is in its blocks: it decodes (a one-token prompt is from admission)."""
+        return req.num_computed_tokens >= self.prefill_len(req)
+
     def _check_fits(self, req: Request) -> None:
         """A request whose budget exceeds the whole cache could never run: refuse it up front."""
         need = self.blocks.blocks_for(self.budget_tokens(req))
@@ -58,7 +75,15 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _admit(self, req: Request) -> None:
+        self.waiting.popleft()
+        req.block_table = self.blocks.allocate(self.budget_tokens(req))
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
     def schedule(self) -> SchedulerOutput:
+        if self.enable_chunked_prefill:
+            return self._schedule_chunked()
         prefill: list[Request] = []
         num_tokens = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -68,16 +93,40 @@ class Scheduler:
                 break
             if not self.blocks.can_allocate(self.budget_tokens(req)):
                 break
-            self.waiting.popleft()
-            req.block_table = self.blocks.allocate(self.budget_tokens(req))
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._admit(req)
             if n > 0:
                 prefill.append(req)
                 num_tokens += n
         if prefill:
-            return SchedulerOutput(prefill=prefill, decode=[])
+            return SchedulerOutput(prefill=prefill, decode=[], num_prefill_tokens=[self.prefill_len(r) for r in prefill])
         return SchedulerOutput(prefill=[], decode=list(self.running))
+
+    def _schedule_chunked(self) -> SchedulerOutput:
+        decode = [r for r in self.running if self.is_prefilled(r)]
+        budget = self.max_num_batched_tokens - len(decode)
+        prefill: list[Request] = []
+        num_tokens: list[int] = []
+        for req in self.running:  # partially prefilled first: they hold blocks already
+            if budget <= 0:
+                break
+            if not self.is_prefilled(req):
+                n = min(self.prefill_len(req) - req.num_computed_tokens, budget)
+                prefill.append(req)
+                num_tokens.append(n)
+                budget -= n
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            req = self.waiting[0]
+            if not self.blocks.can_allocate(self.budget_tokens(req)):
+                break
+            self._admit(req)
+            n = min(self.prefill_len(req), budget)
+            if n > 0:
+                prefill.append(req)
+                num_tokens.append(n)
+            else:  # one-token prompt: its boundary token decodes right away
+                decode.append(req)
+            budget -= max(n, 1)
+        return SchedulerOutput(prefill=prefill, decode=decode, num_prefill_tokens=num_tokens)
 
     # ---- disaggregated decode: prompt K/V written by another worker -----------------------------
     def reserve(self, req: Request) -> bool:

@@ -9,6 +9,12 @@ and stays ignorant of caches. Two backends cover every stage POP has:
   decode worker layer by layer; calibration passes no sink at all.
 * ``PagedAttention``: one-token decode steps over a paged KV cache (the decode worker's only kind of
   step under POP: the boundary token ``N`` and every generated token).
+
+Chunked prefill adds three: ``ChunkedPrefillAttention`` (prompt chunks whose earlier chunks' K/V
+sit in per-sequence buffers: the disaggregated prefill worker), ``ExtendAttention`` (several new
+tokens per sequence over the paged cache: a prompt chunk, or teacher-forced scoring) and
+``MixedAttention`` (an engine step of decode rows through ``PagedAttention``, then prompt-chunk rows
+through ``ExtendAttention``).
 """
 
 from __future__ import annotations
@@ -76,6 +82,43 @@ class PrefillAttention:
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
             out = _sdpa(q, k, v, mask, scale)
         return out.transpose(1, 2)
+
+
+@dataclass
+class ChunkedPrefillAttention(PrefillAttention):
+    """Prompt chunks of sequences whose earlier chunks' K/V sit in per-sequence buffers, not in a
+    paged cache (the disaggregated prefill worker has none; it ships K/V and keeps only these).
+
+    ``buffers[i]`` maps a layer to the (start, Hkv, D) K/V of sequence ``i``'s earlier positions
+    (its rows are positions ``start..``), and when ``keep[i]`` (more chunks follow) the layer's
+    buffer grows by this chunk. Only layers that attend (kept under the plan) are buffered: nobody
+    attends to a skipped layer during prefill.
+    """
+
+    buffers: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = None
+    keep: list[bool] = None
+
+    def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
+        outs = []
+        for i, (a, b) in enumerate(zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])):
+            keys, vals = k[a:b], v[a:b]  # (n, Hkv, D)
+            if layer in self.buffers[i]:
+                old_k, old_v = self.buffers[i][layer]
+                keys, vals = torch.cat([old_k, keys]), torch.cat([old_v, vals])  # (start + n, Hkv, D)
+            if self.keep[i]:
+                self.buffers[i][layer] = (keys, vals)
+            if keys.shape[0] == b - a:  # first chunk: plain causal attention
+                outs.append(self._attend_one(q[None, a:b], keys[None], vals[None], window, scale)[0])
+                continue
+            start = keys.shape[0] - (b - a)
+            i_q = torch.arange(start, keys.shape[0], device=q.device)[:, None]  # (n, 1) query positions
+            j_k = torch.arange(keys.shape[0], device=q.device)[None, :]  # (1, S) key positions
+            mask = j_k <= i_q
+            if window is not None:
+                mask = mask & (j_k > i_q - window)
+            out = _sdpa(q[a:b].transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None], mask, scale)  # (1, H, n, D)
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs, dim=0)
 
 
 @dataclass
@@ -171,3 +214,32 @@ class ExtendAttention(PagedAttention):
         qp[self._seq, self._offset] = q
         out = _sdpa(qp.transpose(1, 2), keys, vals, self._mask(layer, window), scale)
         return out.transpose(1, 2)[self._seq, self._offset]  # (T, H, D)
+
+
+@dataclass
+class MixedAttention:
+    """One chunked-prefill step: ``decode`` rows first (one token per running request), then the
+    prompt-chunk rows of ``chunk``, flattened in that order to ``T`` tokens.
+
+    Two backends rather than ``ExtendAttention`` for every row: that one pads each sequence's
+    queries to the longest chunk, so a batch of decode rows beside a 512-token chunk would attend
+    512 padded queries each. The decoder also needs the halves apart: under POP, chunk rows skip
+    the plan's layers while decode rows run them (``CausalLM.forward``'s ``num_full_rows``).
+    """
+
+    decode: PagedAttention
+    chunk: ExtendAttention
+
+    def __post_init__(self):
+        self.num_decode = self.decode.slot_mapping.shape[0]
+        self._slot_mapping = torch.cat([self.decode.slot_mapping, self.chunk.slot_mapping])  # (T,)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        write_slots(self.decode.k_cache, self.decode.v_cache, layer, self._slot_mapping, k, v)
+
+    def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
+        # q: (T, H, D); both halves read their context (incl. the rows just stored) from the cache.
+        d = self.num_decode
+        out_decode = self.decode.attend(layer, q[:d], k[:d], v[:d], window, scale)  # (D, H, D)
+        out_chunk = self.chunk.attend(layer, q[d:], k[d:], v[d:], window, scale)  # (T-D, H, D)
+        return torch.cat([out_decode, out_chunk])

@@ -219,16 +219,20 @@ class CausalLM(nn.Module):
         attn,
         plan: PrunePlan | None = None,
         gates: torch.Tensor | None = None,
+        num_full_rows: int = 0,
     ) -> torch.Tensor:
         """Run the stack over flattened tokens; return final hidden states (T, hidden), pre-norm.
 
         ``plan``: layers to skip (POP prefill). ``gates``: (L, T, 1) virtual gates for calibration.
+        ``num_full_rows``: the first rows are decode tokens of a chunked-prefill step (``attn`` is a
+        ``MixedAttention``): they run every layer, the plan skips layers only for the prompt-chunk
+        rows after them.
         """
         skip = frozenset(plan.skip_layers) if plan is not None else frozenset()
-        if self.is_prefill_only and not self.can_run(plan):
+        if self.is_prefill_only and (num_full_rows or not self.can_run(plan)):
             raise ValueError(
                 f"a prefill-only model built to skip {list(self.prefill_only_plan.skip_layers)} can only run plans skipping "
-                f"those layers and possibly more, not {list(plan.skip_layers) if plan is not None else 'the full model'}"
+                f"those layers and possibly more, not {list(plan.skip_layers) if plan is not None and not num_full_rows else 'the full model'}"
             )
         cos_sin = self._cos_sin(positions)
         h = self.model.embed_tokens(input_ids)
@@ -239,7 +243,9 @@ class CausalLM(nn.Module):
                 run = [l]
                 while run[-1] + 1 in skip:
                     run.append(run[-1] + 1)
-                if plan.independent_kv:
+                if num_full_rows:
+                    h = self._mixed_run(tuple(run), h, cos_sin, attn, plan, num_full_rows)
+                elif plan.independent_kv:
                     self._store_run_kv(tuple(run), h, cos_sin, attn)
                 l = run[-1] + 1  # residual stream unchanged across the run
                 continue
@@ -247,6 +253,24 @@ class CausalLM(nn.Module):
             h = layers[l](h, cos_sin, attn, gate)
             l += 1
         return h
+
+    def _mixed_run(self, run: tuple[int, ...], h: torch.Tensor, cos_sin: CosSin, attn, plan: PrunePlan, num_full_rows: int) -> torch.Tensor:
+        """A skipped run in a mixed step: decode rows through the run's layers, chunk rows skip it.
+
+        POP per chunk: a prompt chunk's rows leave the run with their residual stream unchanged and
+        only write the run's K/V (from their own hidden state, as a one-shot pruned prefill would),
+        while the decode rows in the same forward (boundary tokens, generated tokens) attend and
+        compute in these layers as the full model does.
+        """
+        d = num_full_rows
+        head = {kind: (cos[:d], sin[:d]) for kind, (cos, sin) in cos_sin.items()}
+        tail = {kind: (cos[d:], sin[d:]) for kind, (cos, sin) in cos_sin.items()}
+        if plan.independent_kv:
+            self._store_run_kv(run, h[d:], tail, attn.chunk)
+        h_decode = h[:d]
+        for l in run:
+            h_decode = self.model.layers[l](h_decode, head, attn.decode)
+        return torch.cat([h_decode, h[d:]])
 
     def _store_run_kv(self, run: tuple[int, ...], h: torch.Tensor, cos_sin: CosSin, attn) -> None:
         """Independent K/V for a run of skipped layers from one norm + one GEMM (shape (T, hidden))."""

@@ -112,7 +112,7 @@ class PrefillActor(_Shell):
         self.senders = {}  # decode index -> KVSender (shared with the worker)
         self._stores = {}  # decode index -> the rendezvous this end hosts for that link
         self._aborted = _Tombstones()
-        self.worker = PrefillWorker(self.model, spec.plan, self.senders, spec.engine.max_num_batched_tokens)
+        self.worker = PrefillWorker(self.model, spec.plan, self.senders, spec.engine.max_num_batched_tokens, spec.engine.enable_chunked_prefill)
         self._warm_up()
         self._start_loop(self.worker)
 
