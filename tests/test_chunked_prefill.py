@@ -88,8 +88,8 @@ def test_a_step_carries_decode_tokens_and_a_prompt_chunk(tiny_ckpt):
     eng = _engine(path, load_model(path), chunked=True, budget=8)
     short, long = _prompts()[2], _prompts()[4]  # 7 and 40 tokens
     eng.add_request(short, _greedy(12), request_id="short")
-    eng.step()  # its 6-token prefix
-    eng.step()  # boundary token: first output
+    outs = eng.step()  # its 6-token prefix and, as a decode row of the same forward, its boundary token
+    assert [o.request_id for o in outs] == ["short"] and eng._requests["short"].num_computed_tokens == 7
     eng.add_request(long, _greedy(4), request_id="long")
     batch = eng.scheduler.schedule()
     assert [r.request_id for r in batch.decode] == ["short"]
@@ -97,6 +97,28 @@ def test_a_step_carries_decode_tokens_and_a_prompt_chunk(tiny_ckpt):
     reqs, tokens = eng.runner.mixed(batch.decode, batch.prefill, batch.num_prefill_tokens)
     assert [r.request_id for r in reqs] == ["short"] and len(tokens) == 1
     assert batch.prefill[0].num_computed_tokens == 7 and batch.decode[0].num_computed_tokens == 8
+
+
+@pytest.mark.parametrize("plan", ["full", "pop"])
+def test_first_token_comes_in_the_step_that_completes_the_prefix(tiny_ckpt, plan):
+    """The boundary token x_N rides in the forward of the prompt's last chunk (a decode row: full
+    model), so the first token arrives with that step, and the tokens equal the unchunked engine's."""
+    path = tiny_ckpt("qwen3")
+    model = load_model(path)
+    prune = {"no_prune": True} if plan == "full" else {}
+    prompt = _prompts()[4]  # 40 tokens: prefix of 39 in chunks of at most 16
+    eng = _engine(path, model, chunked=True, budget=16, **prune)
+    eng.add_request(prompt, _greedy(3), request_id="r")
+    first_output_step, step = None, 0
+    while eng.has_unfinished():
+        step += 1
+        outs = eng.step()
+        if outs and first_output_step is None:
+            first_output_step = step
+    assert first_output_step == 3  # 16 + 16 + 7 prefix tokens; x_N rides in step 3 (1 token of budget left over)
+    expected = _engine(path, model, chunked=False, **prune).generate([prompt], _greedy(3))[0].token_ids
+    got = _engine(path, model, chunked=True, budget=16, **prune).generate([prompt], _greedy(3))[0].token_ids
+    assert got == expected
 
 
 def test_chunked_pop_kv_equals_one_shot_pruned_prefill(tiny_ckpt):
@@ -114,12 +136,13 @@ def test_chunked_pop_kv_equals_one_shot_pruned_prefill(tiny_ckpt):
     eng.add_request(other, _greedy(30), request_id="o")
     eng.step()
     eng.step()  # "o" decodes from now on
-    eng.add_request(prompt, _greedy(1), request_id="p")
+    eng.add_request(prompt, _greedy(2), request_id="p")
     req = eng._requests["p"]
     steps = _record_steps(eng)
     while req.num_computed_tokens < len(prompt) - 1:
         eng.step()
-    assert len(steps) >= 5 and all(d == 1 for d, _ in steps)  # mixed steps all along
+    # mixed steps all along; in the last one p's boundary token is a second decode row
+    assert len(steps) >= 5 and [d for d, _ in steps] == [1] * (len(steps) - 1) + [2]
     n = len(prompt) - 1
     slots = torch.tensor(eng.blocks.slots(req.block_table, 0, n))
     slots_ref = torch.tensor(one_shot.blocks.slots(req_ref.block_table, 0, n))
@@ -174,15 +197,17 @@ def test_chunked_schedule_budget_order_and_admission():
     out = s.schedule()  # r0 takes 10 of its 12; the budget is spent before r1 is admitted
     assert [(r.request_id, n) for r, n in zip(out.prefill, out.num_prefill_tokens)] == [("r0", 10)] and not out.decode
     run(out)
-    out = s.schedule()  # r0's last 2, then r1's 5, then the one-token r2 decodes at once; r3 waits (max_num_seqs)
+    # r0's last 2 and its boundary token, r1's 5 and its boundary token, then the one-token r2
+    # decodes at once: 10 tokens; r3 waits (max_num_seqs)
+    out = s.schedule()
     assert [(r.request_id, n) for r, n in zip(out.prefill, out.num_prefill_tokens)] == [("r0", 2), ("r1", 5)]
-    assert [r.request_id for r in out.decode] == ["r2"] and [r.request_id for r in s.waiting] == ["r3"]
+    assert [r.request_id for r in out.decode] == ["r0", "r1", "r2"] and [r.request_id for r in s.waiting] == ["r3"]
     run(out)
     out = s.schedule()  # everything admitted is prefilled: a decode step
     assert [r.request_id for r in out.decode] == ["r0", "r1", "r2"] and not out.prefill
     s.finish(reqs[2])
-    out = s.schedule()  # r3 is admitted into the freed seat, beside the two decodes
-    assert [r.request_id for r in out.decode] == ["r0", "r1"]
+    out = s.schedule()  # r3 is admitted into the freed seat, beside the two decodes; its boundary token rides along
+    assert [r.request_id for r in out.decode] == ["r0", "r1", "r3"]
     assert [(r.request_id, n) for r, n in zip(out.prefill, out.num_prefill_tokens)] == [("r3", 4)]
 
 

@@ -12,8 +12,9 @@ Owns the model, the KV cache tensors and the prune plan. Three kinds of step:
 * ``mixed(decode_reqs, chunk_reqs, num_tokens)``: one chunked-prefill step (``enable_chunked_prefill``),
   a single forward over the decode rows (one token each, full model) followed by the next prompt
   chunk of each chunk request (positions ``num_computed_tokens..+n``, attending to the request's
-  earlier chunks in its blocks, the plan's layers skipped: POP per chunk). A step without chunks
-  is a plain ``decode``, compiled path included.
+  earlier chunks in its blocks, the plan's layers skipped: POP per chunk); a request whose chunk
+  ends its prefix is also a decode row, its boundary token ``x_N``. A step without chunks is a
+  plain ``decode``, compiled path included.
 """
 
 from __future__ import annotations
@@ -149,6 +150,10 @@ class ModelRunner:
         if not chunks:
             return decode, self.decode(decode)
         ids, pos, attn = self.chunk_inputs(chunks, num_tokens)
+        for req, n in zip(chunks, num_tokens):
+            # Before the decode rows' inputs: a request whose chunk ends its prefix is also a decode
+            # row of this step (its boundary token at position N-1, see scheduler.py).
+            req.num_computed_tokens += n
         d = len(decode)
         if decode:
             d_ids, d_pos, d_attn = self.decode_inputs(decode)
@@ -158,7 +163,6 @@ class ModelRunner:
         end = d
         for req, n in zip(chunks, num_tokens):
             end += n
-            req.num_computed_tokens += n
             if not self.plan.boundary_handling and req.num_computed_tokens == req.num_prompt_tokens:
                 rows.append(end - 1)
                 reqs.append(req)

@@ -12,9 +12,12 @@ budget for every step's tokens, and a step mixed: every running request whose pr
 its blocks decodes one token (these go first, so decode never waits behind a long prompt), then
 prompt chunks fill what is left of the budget, partially prefilled requests first (oldest first),
 then newly admitted ones; each gets ``min(remaining prefix, budget left)`` tokens. Progress is
-``num_computed_tokens``; a request whose prefix is complete decodes from the next step (under POP
-that step feeds the boundary token ``x_N`` through the full model, as without chunking). Blocks are
-still reserved for the whole budget at admission, so a half-prefilled request can always finish.
+``num_computed_tokens``. A request whose chunk completes its prefix this step also feeds its
+boundary token ``x_N`` in the *same* step, as one more decode row (one more token of budget): the
+decode rows attend to the cache after the step's chunk K/V are written, so ``x_N`` sees its whole
+prefix, runs through the full model (POP: every layer) and yields the first token one step, i.e.
+one pass over the weights, sooner than a separate decode step would. Blocks are still reserved
+for the whole budget at admission, so a half-prefilled request can always finish.
 """
 
 from __future__ import annotations
@@ -110,10 +113,12 @@ class Scheduler:
             if budget <= 0:
                 break
             if not self.is_prefilled(req):
-                n = min(self.prefill_len(req) - req.num_computed_tokens, budget)
+                remaining = self.prefill_len(req) - req.num_computed_tokens
+                n = min(remaining, budget)
                 prefill.append(req)
                 num_tokens.append(n)
                 budget -= n
+                budget -= self._boundary_row(req, n == remaining, budget, decode)
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
             if not self.blocks.can_allocate(self.budget_tokens(req)):
@@ -123,10 +128,21 @@ class Scheduler:
             if n > 0:
                 prefill.append(req)
                 num_tokens.append(n)
+                budget -= n
+                budget -= self._boundary_row(req, n == self.prefill_len(req), budget, decode)
             else:  # one-token prompt: its boundary token decodes right away
                 decode.append(req)
-            budget -= max(n, 1)
+                budget -= 1
         return SchedulerOutput(prefill=prefill, decode=decode, num_prefill_tokens=num_tokens)
+
+    def _boundary_row(self, req: Request, prefix_done: bool, budget: int, decode: list[Request]) -> int:
+        """Add ``req``'s boundary token to this step's decode rows when its chunk ends the prefix
+        and a token of budget is left; returns the tokens used (0 or 1). Not in the no-boundary
+        ablation: there the last chunk's pruned pass samples the first token itself."""
+        if prefix_done and budget >= 1 and not self.prefill_covers_last:
+            decode.append(req)
+            return 1
+        return 0
 
     # ---- disaggregated decode: prompt K/V written by another worker -----------------------------
     def reserve(self, req: Request) -> bool:
