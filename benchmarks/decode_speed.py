@@ -48,7 +48,12 @@ from pop_disagg.models.presets import PRESETS, build_random_model, preset_config
 BLOCK_SIZE = 16
 
 
+DEVICE = torch.device("cpu")  # set by --device; on CUDA every clock reading waits for the GPU
+
+
 def clock(kind: str) -> float:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     return time.process_time() if kind == "cpu" else time.perf_counter()
 
 
@@ -64,15 +69,19 @@ def _best(f, n: int, kind: str) -> float:
 
 def machine_rates(kind: str, arch: ModelArch, batch: int, dtype: torch.dtype) -> dict:
     """Read bandwidth (bytes/s) and GEMM rates (FLOP/s) measured now, on this thread."""
-    big = torch.randn(64 * 2**20, dtype=torch.float32).to(dtype)  # 256 MiB in float32
+    dev = DEVICE
+    big = torch.randn(64 * 2**20, dtype=torch.float32, device=dev).to(dtype)  # 256 MiB in float32
+    if dev.type == "cuda":  # HBM: a bigger read so launch latency does not count
+        big = torch.randn(512 * 2**20, dtype=dtype, device=dev)
     bw = big.numel() * big.element_size() / _best(lambda: big.sum(), 3, kind)
     del big
-    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    peak = 2 * 1024**3 / _best(lambda: a @ b, 5, kind)
+    n = 8192 if dev.type == "cuda" else 1024
+    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+    peak = 2 * n**3 / _best(lambda: a @ b, 5, kind)
     # The model's own largest GEMM at M = batch, weights streamed from memory (not cache-resident).
     h, i = arch.hidden_size, arch.intermediate_size
-    ws = [torch.randn(h, 2 * i, dtype=dtype) for _ in range(max(2, (256 * 2**20) // (h * 2 * i * 4)))]
-    x = torch.randn(batch, h, dtype=dtype)
+    ws = [torch.randn(h, 2 * i, dtype=dtype, device=dev) for _ in range(max(2, (256 * 2**20) // (h * 2 * i * 4)))]
+    x = torch.randn(batch, h, dtype=dtype, device=dev)
     model_gemm = 2 * batch * h * 2 * i * len(ws) / _best(lambda: [x @ w for w in ws], 2, kind)
     return {"read_bw": bw, "gemm_peak": peak, "gemm_at_batch": model_gemm}
 
@@ -137,7 +146,7 @@ class _Stamps:
 
 
 def run_hf(peer, prompts: list[list[int]], new: int, kind: str) -> tuple[list[list[int]], list[float], float]:
-    ids = torch.tensor(prompts, dtype=torch.long)
+    ids = torch.tensor(prompts, dtype=torch.long, device=DEVICE)
     streamer = _Stamps(kind)
     t0 = clock(kind)
     with torch.inference_mode():
@@ -156,14 +165,14 @@ def rates_from(tokens: list[list[int]], stamps: list[float], t0: float, batch: i
 def build(name: str, dtype: torch.dtype):
     if name in PRESETS:
         raw = preset_config(name)
-        model = build_random_model(ModelArch.from_hf_dict(raw, source=f"preset {name}"), dtype, "cpu", seed=0)
+        model = build_random_model(ModelArch.from_hf_dict(raw, source=f"preset {name}"), dtype, DEVICE.type, seed=0)
         return model, transformers_config(raw), f"preset {name} (random weights)"
     from transformers import AutoConfig
 
     from pop_disagg.models.registry import resolve_model
 
     path = resolve_model(name)
-    return load_model(path, dtype), AutoConfig.from_pretrained(path), f"checkpoint {path}"
+    return load_model(path, dtype, DEVICE.type), AutoConfig.from_pretrained(path), f"checkpoint {path}"
 
 
 def bench_model(args, name: str) -> dict:
@@ -234,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="process CPU time (shared hosts; with --threads 1) or wall")
     p.add_argument("--enforce-eager", action="store_true", help="our engine without the compiled decode step")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: model, peer and rooflines on the GPU (HBM bandwidth; with --clock wall)")
     p.add_argument("--compile-cpu", action="store_true", help="our engine with torch.compile'd decode buckets on CPU (compiled in the warm-up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
@@ -247,6 +257,10 @@ def main(argv=None) -> int:
                 print_row(m["model"], r)
         return 0
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and args.clock == "cpu":
+        p.error("--device cuda needs --clock wall (the CPU clock does not see GPU time)")
     hw = hardware()
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
