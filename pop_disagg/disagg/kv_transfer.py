@@ -352,7 +352,7 @@ class KVSender:
         abandoned = False
         while batch.num_sent_layers < self.num_layers:
             items, abandoned = self._next_group(batch, abandoned)
-            group = torch.stack([torch.stack(kv) for kv in items])  # (n, 2, T, Hkv, D)
+            group = torch.stack([t for kv in items for t in kv]).view(len(items), 2, *items[0][0].shape)  # (n, 2, T, Hkv, D), one copy
             self.transport.send(torch.tensor([len(items)], dtype=torch.long), self.timeout_s)
             self.transport.send(group, self.timeout_s)
             batch.num_sent_layers += len(items)
