@@ -45,6 +45,15 @@ def _sdpa(q, k, v, mask, scale, is_causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
+def _causal_mask(num_keys: int, num_queries: int, window: int | None, device) -> torch.Tensor:
+    """(n, S) visibility of the last ``num_queries`` of ``num_keys`` positions: key j from query i
+    iff j <= i and, with a sliding window, i - w < j (as Transformers defines it)."""
+    i = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]  # (n, 1) query positions
+    j = torch.arange(num_keys, device=device)[None, :]  # (1, S) key positions
+    mask = j <= i
+    return mask & (j > i - window) if window is not None else mask
+
+
 @dataclass
 class PrefillAttention:
     """Causal attention within each sequence of a flattened batch; K/V handed to ``sink``."""
@@ -77,10 +86,7 @@ class PrefillAttention:
         if window is None or n <= window:
             out = _sdpa(q, k, v, None, scale, is_causal=True)
         else:
-            i = torch.arange(n, device=q.device)
-            # Sliding window as Transformers defines it: key j visible from query i iff i - w < j <= i.
-            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-            out = _sdpa(q, k, v, mask, scale)
+            out = _sdpa(q, k, v, _causal_mask(n, n, window, q.device), scale)
         return out.transpose(1, 2)
 
 
@@ -110,12 +116,7 @@ class ChunkedPrefillAttention(PrefillAttention):
             if keys.shape[0] == b - a:  # first chunk: plain causal attention
                 outs.append(self._attend_one(q[None, a:b], keys[None], vals[None], window, scale)[0])
                 continue
-            start = keys.shape[0] - (b - a)
-            i_q = torch.arange(start, keys.shape[0], device=q.device)[:, None]  # (n, 1) query positions
-            j_k = torch.arange(keys.shape[0], device=q.device)[None, :]  # (1, S) key positions
-            mask = j_k <= i_q
-            if window is not None:
-                mask = mask & (j_k > i_q - window)
+            mask = _causal_mask(keys.shape[0], b - a, window, q.device)  # this chunk's queries over all its keys
             out = _sdpa(q[a:b].transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None], mask, scale)  # (1, H, n, D)
             outs.append(out[0].transpose(0, 1))
         return torch.cat(outs, dim=0)
