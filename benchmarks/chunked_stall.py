@@ -20,22 +20,20 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from decode_speed import clock  # noqa: E402  (the benchmarks' one clock: CPU or wall)
 
 from pop_disagg.config import EngineConfig, PruneConfig  # noqa: E402
 from pop_disagg.engine.engine import LLMEngine  # noqa: E402
 from pop_disagg.engine.sampling import SamplingParams  # noqa: E402
 from pop_disagg.models.loader import load_model  # noqa: E402
 from pop_disagg.models.registry import resolve_model  # noqa: E402
-
-
-def clock(kind: str) -> float:
-    return time.process_time() if kind == "cpu" else time.perf_counter()
 
 
 def run(model, budget: int, args, streams: list[list[int]], long_prompt: list[int]) -> dict:

@@ -29,12 +29,14 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from decode_speed import clock  # noqa: E402  (the benchmarks' one clock: CPU or wall)
 
 from pop_disagg.config import EngineConfig, PruneConfig  # noqa: E402
 from pop_disagg.engine.engine import LLMEngine  # noqa: E402
@@ -44,10 +46,6 @@ from pop_disagg.models.registry import resolve_model  # noqa: E402
 
 BUILD_HINT = ("llama-cpp-python is not installed; build it (CPU; 35 min at nice 19 with one compile job on a shared 2-core host):\n"
               "  CMAKE_ARGS='-DGGML_NATIVE=ON' pip install llama-cpp-python")
-
-
-def clock(kind: str) -> float:
-    return time.process_time() if kind == "cpu" else time.perf_counter()
 
 
 def decode_rate(stamps: list[float]) -> float:
