@@ -330,8 +330,11 @@ class KVSender:
         """The layers to send next: the next one (waiting for it) plus every one already queued.
         After the producer gave up (``None`` in the queue) the rest of the batch is zeros."""
         remaining = self.num_layers - batch.num_sent_layers
+        # A pending stall (fault hook) pauses after the first layer, so it must go alone: a group
+        # of every layer would leave nothing for the receiver to wait for.
+        limit = 1 if self.stall_s else remaining
         items = [] if abandoned else [batch.layers.get()]
-        while not abandoned and items[-1] is not None and len(items) < remaining:
+        while not abandoned and items[-1] is not None and len(items) < limit:
             try:
                 items.append(batch.layers.get_nowait())
             except queue.Empty:
