@@ -149,3 +149,76 @@ def test_streamed_skipped_run_kv_equals_one_gemm(tiny_ckpt):
     for (_, k1, v1), (_, k2, v2) in zip(got[False], got[True]):
         torch.testing.assert_close(k2, k1, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(v2, v1, atol=1e-5, rtol=1e-5)
+
+
+def test_lean_decode_ops_are_bitwise_the_reference_formulas():
+    """The decode step's trimmed ops (fewer calls per layer) compute bit for bit what the textbook
+    formulas do, so nothing downstream (parity with Transformers, greedy tokens) can move."""
+    import torch.nn.functional as F
+
+    from pop_disagg.models.arch import RopeSpec
+    from pop_disagg.models.attention import PagedAttention
+    from pop_disagg.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+    g = torch.Generator().manual_seed(0)
+    for gemma in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            for dim, rows in ((64, 1), (576, 7), (4096, 3)):
+                norm = RMSNorm(dim, 1e-6, gemma)
+                norm.weight.data = torch.randn(dim, generator=g).to(dtype)
+                x = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
+                xf = x.float()
+                ref_n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+                ref = (ref_n * (1.0 + norm.weight.float())).type_as(x) if gemma else norm.weight * ref_n.to(dtype)
+                with torch.inference_mode():
+                    assert torch.equal(norm(x), ref) and torch.equal(norm.normalize(x), ref_n)
+                assert torch.equal(norm(x), ref)  # the differentiable path (calibration) too
+
+    spec = RopeSpec(theta=10000.0)
+    pos = torch.tensor([0, 5, 77, 1000])
+    cos, sin_signed = rope_cos_sin(rope_inv_freq(spec, 64), pos, torch.float32)
+    freqs = pos.float()[:, None] * rope_inv_freq(spec, 64)[None, :]
+    emb = torch.cat((freqs, freqs), -1)[:, None, :]
+    x = torch.randn(4, 12, 64, generator=g)
+    rotate_half = torch.cat((-x[..., 32:], x[..., :32]), -1)
+    assert torch.equal(apply_rope(x, cos, sin_signed), x * emb.cos() + rotate_half * emb.sin())
+
+    # Additive float masks made once per step (or none when nothing is masked) == SDPA's boolean one.
+    cache_k = torch.randn(2, 8, 4, 3, 16, generator=g)
+    cache_v = torch.randn(2, 8, 4, 3, 16, generator=g)
+    for lens, window, dense in (([13], None, True), ([13], 8, True), ([13, 5, 9], None, False), ([13, 5, 9], 4, False)):
+        s = max(lens)
+        table = torch.stack([torch.randperm(32, generator=g)[:s] for _ in lens])
+        ctx = torch.tensor(lens)
+        attn = PagedAttention(cache_k, cache_v, table[:, 0], table, ctx, dense=dense)
+        q = torch.randn(len(lens), 9, 16, generator=g)
+        keys, vals = attn._gather(1)
+        key_pos, query_pos = torch.arange(s)[None, :], (ctx - 1)[:, None]
+        visible = key_pos <= query_pos
+        if window is not None:
+            visible &= key_pos > query_pos - window
+        ref = F.scaled_dot_product_attention(q[:, :, None], keys, vals, attn_mask=visible[:, None, None], scale=0.25, enable_gqa=True)[:, :, 0]
+        assert torch.equal(attn.attend(1, q, None, None, window, 0.25), ref)
+        assert (attn._mask(1, window, q.dtype) is None) == (dense and (window is None or s <= window))
+
+
+def test_one_row_logits_use_a_head_copy_that_follows_edits(tiny_ckpt):
+    """Batch-1 steps on a CPU read a (hidden, vocab) copy of the LM head: same logits as the
+    checkpoint layout, and rebuilt when the (tied) weight is edited in place."""
+    import torch.nn.functional as F
+
+    model = load_model(tiny_ckpt("llama"))
+    h = torch.randn(1, model.arch.hidden_size)
+    weight = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
+
+    def reference():
+        return F.linear(model.model.norm(h), weight).float()
+
+    with torch.inference_mode():
+        torch.testing.assert_close(model.compute_logits(h), reference(), atol=1e-5, rtol=1e-5)
+        assert model._head_t is not None  # the one-row path really ran
+        torch.testing.assert_close(model.compute_logits(h.repeat(3, 1))[1], reference()[0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        weight.mul_(-1.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.compute_logits(h), reference(), atol=1e-5, rtol=1e-5)

@@ -99,7 +99,8 @@ class ModelRunner:
             masked_layers = frozenset(self.plan.skip_layers)
             n_pruned = [r.num_prompt_tokens - (1 if self.plan.boundary_handling else 0) for r in reqs]
             masked_prefix = self._tensor(n_pruned)
-        attn = PagedAttention(self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, pos + 1, masked_prefix, masked_layers)
+        dense = all(r.num_computed_tokens + 1 == max_ctx for r in reqs)  # e.g. batch 1: no padding to mask
+        attn = PagedAttention(self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, pos + 1, masked_prefix, masked_layers, dense)
         return ids, pos, attn
 
     @torch.inference_mode()

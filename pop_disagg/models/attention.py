@@ -140,6 +140,7 @@ class PagedAttention:
     context_lens: torch.Tensor
     masked_prefix: torch.Tensor | None = None
     masked_layers: frozenset[int] = frozenset()
+    dense: bool = False  # every row sees all S columns of slot_table (no padding): no mask needed
 
     def __post_init__(self):
         # Positions as (B, M, 1) queries x (1, 1, S) keys; here M = 1 query per sequence.
@@ -148,29 +149,43 @@ class PagedAttention:
         self._query_pos = (self.context_lens - 1)[:, None, None]  # (B, 1, 1)
         self._valid = self._key_pos <= self._query_pos  # (B, 1, S)
         self._masks: dict = {}
+        # Per-step views and the flat slot list, made once for every layer. Per-op dispatch is
+        # most of a small decode step's cost on a CPU (benchmarks/README.md, "Decode speed").
+        nl, nb, bs = self.k_cache.shape[:3]
+        self._k_flat = self.k_cache.view(nl, nb * bs, *self.k_cache.shape[3:])
+        self._v_flat = self.v_cache.view(nl, nb * bs, *self.v_cache.shape[3:])
+        self._flat_slots = self.slot_table.reshape(-1)
 
-    def _mask(self, layer: int, window: int | None) -> torch.Tensor:
-        key = (window, layer in self.masked_layers)
+    def _mask(self, layer: int, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive float mask (B, 1, M, S), made once per step per kind of layer; None when nothing is masked.
+
+        Float, not boolean: SDPA turns a boolean mask into this very tensor on every call (bitwise
+        the same result), i.e. once per layer per step instead of once per step.
+        """
+        key = (window, layer in self.masked_layers, dtype)
         if key not in self._masks:
+            if self.dense and (window is None or self.slot_table.shape[1] <= window) and not (key[1] and self.masked_prefix is not None):
+                self._masks[key] = None
+                return None
             m = self._valid
             if window is not None:
                 m = m & (self._key_pos > self._query_pos - window)
             if key[1] and self.masked_prefix is not None:
                 m = m & (self._key_pos >= self.masked_prefix[:, None, None])
-            self._masks[key] = m[:, None]  # (B, 1, M, S)
+            self._masks[key] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))[:, None]
         return self._masks[key]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        write_slots(self.k_cache, self.v_cache, layer, self.slot_mapping, k, v)
+        dt = self.k_cache.dtype
+        self._k_flat[layer].index_copy_(0, self.slot_mapping, k if k.dtype == dt else k.to(dt))
+        self._v_flat[layer].index_copy_(0, self.slot_mapping, v if v.dtype == dt else v.to(dt))
 
     def _gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence's context K/V from its blocks -> two (B, Hkv, S, D) tensors."""
-        nb, bs, hkv, d = self.k_cache.shape[1:]
         b, s = self.slot_table.shape
         # index_select, not advanced indexing: the latter is ~100x slower on CPU for this gather.
-        flat = self.slot_table.reshape(-1)
-        keys = self.k_cache[layer].view(nb * bs, hkv, d).index_select(0, flat).view(b, s, hkv, d)
-        vals = self.v_cache[layer].view(nb * bs, hkv, d).index_select(0, flat).view(b, s, hkv, d)
+        keys = self._k_flat[layer].index_select(0, self._flat_slots).view(b, s, *self.k_cache.shape[3:])
+        vals = self._v_flat[layer].index_select(0, self._flat_slots).view(b, s, *self.v_cache.shape[3:])
         return keys.transpose(1, 2), vals.transpose(1, 2)
 
     def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
@@ -179,9 +194,9 @@ class PagedAttention:
         # (B, Hkv, S, D) context is read as is, instead of a repeat_interleave copy of K and V
         # per layer per step (3x the context for SmolLM2, 4x for Llama-3; see benchmarks/README.md).
         keys, vals = self._gather(layer)
-        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=self._mask(layer, window), scale=scale,
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=self._mask(layer, window, q.dtype), scale=scale,
                                              enable_gqa=keys.shape[1] != q.shape[1])
-        return out[:, :, 0, :]  # (B, H, D)
+        return out.squeeze(2)  # (B, H, D)
 
 
 @dataclass
@@ -213,7 +228,7 @@ class ExtendAttention(PagedAttention):
         keys, vals = self._gather(layer)
         qp = q.new_zeros(self.slot_table.shape[0], self._query_pos.shape[1], *q.shape[1:])
         qp[self._seq, self._offset] = q
-        out = _sdpa(qp.transpose(1, 2), keys, vals, self._mask(layer, window), scale)
+        out = _sdpa(qp.transpose(1, 2), keys, vals, self._mask(layer, window, q.dtype), scale)
         return out.transpose(1, 2)[self._seq, self._offset]  # (T, H, D)
 
 

@@ -60,25 +60,38 @@ class Attention(KVProjection):
         self.window = arch.window_for_layer(layer)
         self.scale = arch.attn_scale
         self.qkv: FusedLinear | None = None  # set by ``fuse()`` once the weights are real
+        self.o: FusedLinear | None = None  # o_proj alone in the (in, out) layout, also by ``fuse()``
 
     def fuse(self) -> None:
         self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        # A one-row GEMM streams (in, out) faster here (16-17 vs 13-14 GB/s; benchmarks/README.md).
+        self.o = fuse_linears([self.o_proj])
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, attn) -> torch.Tensor:
         t = x.shape[0]
-        if self.qkv is not None and self.qkv.is_current():
-            q, k, v = self.qkv(x)  # one GEMM for q, k and v
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, self.num_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
         cos, sin = cos_sin[self.rope_kind]
-        q = apply_rope(q, cos, sin)
-        k, v = self.finish_kv(k, v, cos_sin)
+        fused = self.qkv is not None and self.qkv.is_current()
+        if fused and self.q_norm is None:
+            # One GEMM for q, k and v, and one RoPE over q's and k's heads together: they sit side
+            # by side in the GEMM's output, so (T, H + Hkv, D) is a view (half the RoPE ops per layer).
+            h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+            qk, v = self.qkv.project(x).split_with_sizes([(h + hkv) * d, hkv * d], dim=-1)
+            q, k = apply_rope(qk.view(t, h + hkv, d), cos, sin).split_with_sizes([h, hkv], dim=1)
+            v = v.view(t, hkv, d)
+        else:
+            if fused:
+                q, k, v = self.qkv(x)  # one GEMM for q, k and v
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(t, self.num_heads, self.head_dim)
+            if self.q_norm is not None:
+                q = self.q_norm(q)
+            q = apply_rope(q, cos, sin)
+            k, v = self.finish_kv(k, v, cos_sin)
         attn.store(self.layer, k, v)
         out = attn.attend(self.layer, q, k, v, self.window, self.scale)  # (T, H, D)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        out = out.reshape(t, self.num_heads * self.head_dim)
+        return self.o.project(out) if self.o is not None and self.o.is_current() else self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
@@ -157,6 +170,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False) if has_head else None
         self._inv_freq: dict[str, torch.Tensor] = {}
         self._fused: dict[tuple[int, ...], tuple] = {}
+        self._head_t: tuple | None = None  # (key, (hidden, vocab) copy of the LM head), see compute_logits
 
     def fuse_weights(self) -> None:
         """One GEMM for q/k/v and one for gate/up in every full layer (after the weights are real).
@@ -170,6 +184,7 @@ class CausalLM(nn.Module):
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
         self._fused.clear()
+        self._head_t = None
 
     def _apply(self, fn, recurse=True):
         # ``.to()``/``.half()`` replace parameter storage: the fused views would go stale, so fuse again.
@@ -321,8 +336,28 @@ class CausalLM(nn.Module):
             raise RuntimeError("a prefill-only model has no final norm or LM head")
         h = self.model.norm(hidden)
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        logits = F.linear(h, weight).float()
+        if h.shape[0] == 1 and h.device.type == "cpu" and not torch.compiler.is_compiling():
+            logits = (h @ self._row_head(weight)).float()
+        else:
+            logits = F.linear(h, weight).float()
         cap = self.arch.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _row_head(self, weight: torch.Tensor) -> torch.Tensor:
+        """The LM head as a (hidden, vocab) copy, for one-row steps on a CPU (batch-1 decode).
+
+        MKL reads a one-row GEMM over that layout at ~22 GB/s here against ~12 GB/s over the
+        checkpoint's (vocab, hidden) one (SmolLM2's tied head: 5 vs 9-10 ms of a ~50 ms step),
+        while from 4 rows up the checkpoint layout is the faster one, so both are kept: the copy
+        costs ``vocab x hidden`` more memory (113 MB for SmolLM2), made the first time a batch-1
+        step runs and rebuilt if the weight changes (benchmarks/README.md, "Decode speed").
+        """
+        try:
+            key = (weight.data_ptr(), weight._version)
+        except RuntimeError:  # an inference tensor has no version counter: it cannot be edited in place
+            key = (weight.data_ptr(), None)
+        if self._head_t is None or self._head_t[0] != key:
+            self._head_t = (key, weight.t().contiguous())
+        return self._head_t[1]

@@ -27,11 +27,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
         self.gemma = gemma
+        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The weight-free part, in float32 (shared with the fused skipped-run projection)."""
         x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * self._inv_rms(x)
+
+    def _inv_rms(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / sqrt(mean(x^2) + eps) of float32 ``x`` over its last dim, (..., 1)."""
+        if torch.is_grad_enabled():  # calibration differentiates through the norm
+            return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # The same arithmetic in four calls on one temporary, bitwise equal to the line above
+        # (tests/test_speed_paths.py): with ~60 norms in a decode step, per-op dispatch is what a
+        # norm costs on a CPU (torch's own rms_norm makes ~12 calls here, two of them copies).
+        # The divisor and eps as float32 0-dim tensors: a Python number becomes a fresh tensor and
+        # a dtype conversion inside every in-place call (bitwise the same value either way).
+        consts = self._consts.get(x.device)
+        if consts is None:
+            consts = self._consts[x.device] = (torch.tensor(float(x.shape[-1]), device=x.device), torch.tensor(self.eps, device=x.device))
+        return (x * x).sum(-1, keepdim=True).div_(consts[0]).add_(consts[1]).rsqrt_()
 
     def effective_weight(self) -> torch.Tensor:
         """The per-channel scale actually applied, in float32."""
@@ -39,8 +54,11 @@ class RMSNorm(nn.Module):
         return 1.0 + w if self.gemma else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemma:
+        if self.gemma:  # scale in float32, then cast
             return (self.normalize(x) * (1.0 + self.weight.float())).type_as(x)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return (x * self._inv_rms(x)).mul_(self.weight) if not torch.is_grad_enabled() else self.weight * (x * self._inv_rms(x))
+        # Llama casts the normalised value back *before* the weight multiply.
         return self.weight * self.normalize(x).to(x.dtype)
 
 
@@ -64,17 +82,22 @@ def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for ``positions`` (T,) -> two (T, 1, head_dim) tensors in ``dtype``."""
+    """RoPE tables for ``positions`` (T,) -> (cos, signed sin), two (T, 1, head_dim) tensors in ``dtype``.
+
+    The sine's first half is negated once here, so ``apply_rope`` needs no negation per call
+    (``-x2 * s == x2 * -s`` exactly, so the result is bitwise the rotate-half formula).
+    """
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = freqs.sin()[:, None, :]
+    return emb.cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, heads, head_dim), rotate-half convention (as every supported family uses)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x: (T, heads, head_dim), rotate-half convention (as every supported family uses);
+    ``cos``/``sin_signed`` from ``rope_cos_sin``."""
+    x1, x2 = x.chunk(2, dim=-1)  # one call for both halves: per-op dispatch is a decode step's cost
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin_signed
 
 
 class FusedLinear:
@@ -108,13 +131,20 @@ class FusedLinear:
 
     def is_current(self) -> bool:
         # A member whose weight was replaced (``.to()``, ``load_state_dict(assign=True)``) or that
-        # carries a forward hook (the hook expects its own call) must not be bypassed.
-        return all(lin.weight is w and not lin._forward_hooks and not lin._forward_pre_hooks for lin, w in self._members)
+        # carries a forward hook (the hook expects its own call) must not be bypassed. A plain loop
+        # over the modules' own dicts: this runs twice per layer per decode step.
+        for lin, w in self._members:
+            if lin._parameters["weight"] is not w or lin._forward_hooks or lin._forward_pre_hooks:
+                return False
+        return True
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, in) -> (T, sum of outs), the members' outputs side by side."""
+        return torch.addmm(self.bias, x, self.weight_t) if self.bias is not None else x @ self.weight_t
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         # x: (T, in) -> one (T, out_i) slice per member.
-        y = torch.addmm(self.bias, x, self.weight_t) if self.bias is not None else x @ self.weight_t
-        return list(y.split(self.sizes, dim=-1))
+        return self.project(x).split_with_sizes(self.sizes, dim=-1)
 
 
 def fuse_linears(linears: list[nn.Linear]) -> FusedLinear | None:
