@@ -65,6 +65,8 @@ class EngineConfig(BaseModel):
     seed: int = 0
     enforce_eager: bool = Field(False, description="vLLM's flag: never compile or graph-capture the decode step")
     compile_decode_on_cpu: bool = Field(False, description="torch.compile the decode step on CPU too (slow to start; off by default)")
+    cpu_blas: Literal["auto", "torch", "openblas"] = Field(
+        "auto", description="CPU float32 GEMMs: torch's (MKL) or numpy's OpenBLAS; auto = OpenBLAS on AMD CPUs (models/cpu_blas.py)")
 
     @property
     def use_compiled_decode(self) -> bool:

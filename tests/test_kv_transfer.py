@@ -125,7 +125,10 @@ def test_received_kv_equals_computed_kv(tiny_ckpt):
         assert transfer.state == TransferState.RECEIVED
         expected: dict[int, tuple] = {}
         full = load_model(path)
-        full(torch.tensor(prompt[:-1]), torch.arange(n), PrefillAttention([0, n], sink=lambda l, k, v: expected.__setitem__(l, (k.clone(), v.clone()))), plan=pair.plan)
+        # As the prefill worker computes: without autograd (which takes other CPU GEMMs, models/cpu_blas.py)
+        # and one skipped-layer GEMM per layer (a streaming sink; equal to one GEMM per run to rounding).
+        with torch.inference_mode():
+            full(torch.tensor(prompt[:-1]), torch.arange(n), PrefillAttention([0, n], sink=lambda l, k, v: expected.__setitem__(l, (k.clone(), v.clone())), stream_kv=True), plan=pair.plan)
         assert sorted(expected) == list(range(full.arch.num_layers))
         for layer, (k, v) in expected.items():
             got_k, got_v = pair.engine.kv_cache.read(layer, slots)

@@ -83,7 +83,7 @@ def serve_config(args: argparse.Namespace):
     if prune.plan_file is not None and PlanFamily.is_family_file(prune.plan_file):
         prune, prune_family = prune.model_copy(update={"plan_file": None}), prune.plan_file
     engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune, kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len,
-                          enforce_eager=args.enforce_eager, compile_decode_on_cpu=args.compile_decode,
+                          enforce_eager=args.enforce_eager, compile_decode_on_cpu=args.compile_decode, cpu_blas=args.cpu_blas,
                           max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill)
     depth = dict(prune_ratios=getattr(args, "prune_ratios", None), prune_family=prune_family, adaptive_depth=getattr(args, "adaptive_depth", False), ttft_slo_ms=getattr(args, "ttft_slo_ms", None))
     return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout,

@@ -15,6 +15,7 @@ import torch
 from ..config import EngineConfig
 from ..models.arch import ModelArch
 from ..models.decoder import CausalLM
+from ..models import cpu_blas
 from ..models.loader import load_model, resolve_dtype
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .kv_cache import BlockManager, KVCache, num_blocks_for_budget
@@ -48,6 +49,8 @@ def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: CausalLM | None = None, tokenizer=None, model_path: str | None = None):
         self.config = config
+        if config.device == "cpu":
+            cpu_blas.configure(config.cpu_blas)  # process-wide, like the thread count
         if model is None:
             from ..models.registry import resolve_model
 

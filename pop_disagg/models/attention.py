@@ -36,8 +36,12 @@ def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, slots:
 
 
 def _sdpa(q, k, v, mask, scale, is_causal=False):
-    # q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). GQA is expanded here rather than with enable_gqa
-    # because the math backend on CPU must support masks + grads for calibration.
+    # q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). Without autograd, grouped-query attention reads K/V
+    # as they are (``enable_gqa``, as Transformers does for an unmasked prefill) instead of a
+    # repeat_interleave copy of both per layer; calibration differentiates through here, and the
+    # math backend that needs masks + grads on CPU takes the expanded K/V.
+    if k.shape[1] != q.shape[1] and not torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)

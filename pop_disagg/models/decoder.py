@@ -18,12 +18,12 @@ own): that is how one prefill worker serves a nested plan family.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..pop.plan import PrunePlan
+from . import cpu_blas
 from .arch import ModelArch
-from .layers import MLP, FusedLinear, RMSNorm, apply_rope, fuse_linears, rope_cos_sin, rope_inv_freq
+from .layers import MLP, FusedLinear, RMSNorm, apply_rope, fuse_linears, linear, rope_cos_sin, rope_inv_freq
 
 CosSin = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -91,7 +91,7 @@ class Attention(KVProjection):
         attn.store(self.layer, k, v)
         out = attn.attend(self.layer, q, k, v, self.window, self.scale)  # (T, H, D)
         out = out.reshape(t, self.num_heads * self.head_dim)
-        return self.o.project(out) if self.o is not None and self.o.is_current() else self.o_proj(out)
+        return self.o.project(out) if self.o is not None and self.o.is_current() else linear(self.o_proj, out)
 
 
 class DecoderLayer(nn.Module):
@@ -298,13 +298,13 @@ class CausalLM(nn.Module):
         # of the run's K/V leaving after one big GEMM (the transfer tail of issue 14); the FLOPs
         # are the same. Otherwise one GEMM for the whole run.
         per_layer = getattr(attn, "stream_kv", False)
-        kv = None if per_layer else F.linear(x, weight, bias)  # (T, len(run) * 2 * kv_size)
+        kv = None if per_layer else cpu_blas.linear(x, weight.t(), bias)  # (T, len(run) * 2 * kv_size)
         for i, l in enumerate(run):
             proj = self.model.layers[l].self_attn
             base = 2 * i * kv_size
             if per_layer:
                 rows = slice(base, base + 2 * kv_size)
-                kv_l, base_l = F.linear(x, weight[rows], bias[rows] if bias is not None else None), 0
+                kv_l, base_l = cpu_blas.linear(x, weight[rows].t(), bias[rows] if bias is not None else None), 0
             else:
                 kv_l, base_l = kv, base
             k, v = proj.finish_kv(kv_l[:, base_l : base_l + kv_size], kv_l[:, base_l + kv_size : base_l + 2 * kv_size], cos_sin)
@@ -337,9 +337,9 @@ class CausalLM(nn.Module):
         h = self.model.norm(hidden)
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
         if h.shape[0] == 1 and h.device.type == "cpu" and not torch.compiler.is_compiling():
-            logits = (h @ self._row_head(weight)).float()
+            logits = cpu_blas.linear(h, self._row_head(weight)).float()
         else:
-            logits = F.linear(h, weight).float()
+            logits = cpu_blas.linear(h, weight.t()).float()
         cap = self.arch.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_blas
 from .arch import RopeSpec
 
 
@@ -140,7 +141,7 @@ class FusedLinear:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, in) -> (T, sum of outs), the members' outputs side by side."""
-        return torch.addmm(self.bias, x, self.weight_t) if self.bias is not None else x @ self.weight_t
+        return cpu_blas.linear(x, self.weight_t, self.bias)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         # x: (T, in) -> one (T, out_i) slice per member.
@@ -173,5 +174,17 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x)  # one GEMM for both
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.activation != "gelu_tanh" and not torch.is_grad_enabled() and self.gate_up is not None and self.gate_up.is_current():
+            # In place on the fused GEMM's output (no two fresh (T, inter) tensors per layer; the down
+            # GEMM reads the strided half as it is). Calibration differentiates: out of place there.
+            return linear(self.down_proj, F.silu(gate, inplace=True).mul_(up))
         gate = F.gelu(gate, approximate="tanh") if self.activation == "gelu_tanh" else F.silu(gate)
-        return self.down_proj(gate * up)
+        return linear(self.down_proj, gate * up)
+
+
+def linear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` through ``cpu_blas`` (the process's CPU GEMM), or the module's own call when it
+    carries a hook (a hook expects its call to happen)."""
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        return mod(x)
+    return cpu_blas.linear(x, mod.weight.t(), mod.bias)

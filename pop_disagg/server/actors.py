@@ -50,6 +50,10 @@ def _setup(spec: WorkerSpec):
     device = spec.engine.device
     if device == "cuda":
         torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
+    else:
+        from ..models import cpu_blas
+
+        cpu_blas.configure(spec.engine.cpu_blas)  # the prefill worker builds no engine
     return str(resolve_model(spec.engine.model)), load_model
 
 
