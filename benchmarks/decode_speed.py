@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     hw = hardware()
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
-    print(f"hardware: {hw.get('cpu')}, {hw.get('cpu_count')} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads); "
+    print(f"hardware: {hw.get('cpu')}, {hw.get('cpu_count')} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads), CPU GEMMs {hw['cpu_blas']}; "
           f"clock {args.clock}; load average {' '.join(load_before)}")
     print(HEAD)
     print("|---" * (HEAD.count("|") - 1) + "|")

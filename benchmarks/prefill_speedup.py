@@ -296,8 +296,10 @@ def build(args):
 
 
 def hardware() -> dict:
+    from pop_disagg.models import cpu_blas
+
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "cpu_blas": cpu_blas.active()}
     try:
         import transformers
 
@@ -409,7 +411,7 @@ def main(argv=None) -> int:
     print(f"model: {source}; {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
           f"{arch.num_heads}/{arch.num_kv_heads} heads, {args.dtype} on {args.device} (built in {time.perf_counter() - t_build:.1f}s)")
     print(f"plan: {plan.describe()}; clock: {args.clock}")
-    print(f"hardware: {hw.get('gpu') or hw.get('cpu')}, {hw.get('cpu_count')} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads)")
+    print(f"hardware: {hw.get('gpu') or hw.get('cpu')}, {hw.get('cpu_count')} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads), CPU GEMMs: {hw['cpu_blas']}")
     result = {"model": args.model, "source": source, "arch": arch.model_dump(mode="json"), "plan": plan.model_dump(),
               "plan_description": plan.describe(), "dtype": args.dtype, "device": args.device, "hardware": hw,
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -1,14 +1,15 @@
 """Which BLAS runs the model's float32 GEMMs on a CPU: torch's own (MKL in the x86 wheels) or the
 OpenBLAS that numpy's wheels bundle.
 
-On the AMD EPYC (AVX2) this project is benchmarked on, OpenBLAS ran the decoder's GEMMs in 0.6-0.77x
-of MKL's time at every shape that matters (batch-16 decode to 2048-token prefill; MKL does not take
-its tuned kernels on non-Intel CPUs), and one-row decode GEMVs ~10-25% faster
-(benchmarks/README.md, "CPU BLAS"). Transformers on the same machine runs on torch's MKL.
+On the AMD EPYC (AVX2) this project is benchmarked on (MKL does not take its tuned kernels on
+non-Intel CPUs), OpenBLAS ran SmolLM2's M = 16 gate/up GEMM ~1.4x faster than MKL and the other
+shapes 0-15% faster in interleaved runs, and whole batch-16 decode steps 17% faster (201 vs 243 ms,
+in-process A/B); prefill-sized GEMMs were within a few percent of each other (benchmarks/README.md,
+"Decode speed"). Transformers on the same machine runs on torch's MKL.
 
 ``linear(x, w_t, bias)`` is the one entry point the decoder uses (``x @ w_t + bias``). OpenBLAS is
-called through numpy on the tensors' own memory (no copies), only where that is valid: CPU float32,
-2-D, no autograd (calibration differentiates through the model and keeps torch's GEMM). Anything
+called through numpy on the tensors' own memory (no copies), only where that is valid and paid:
+CPU float32, 2-D, at least ``MIN_ROWS`` rows, no autograd (calibration differentiates through the model and keeps torch's GEMM). Anything
 else, and every GEMM under ``backend="torch"``, is torch's ``addmm``/``mm``.
 
 The choice is process-wide, like ``torch.set_num_threads``, and made once: ``"auto"`` (the default,
@@ -68,6 +69,10 @@ def resolve(backend: str) -> str:
     return backend
 
 
+# One-row GEMMs (batch-1 decode) stay with torch's: OpenBLAS's GEMV streamed the weights 10-25%
+# faster in isolation, but whole batch-1 steps were no faster (in-process A/B: 57.6 vs 55.1 ms per
+# step; benchmark runs 1.46x vs 1.67x Transformers), the numpy round trip costing what it gained.
+MIN_ROWS = 2
 _choice: str | None = None  # resolved on first use
 _threads: int | None = None  # OpenBLAS's thread count as last set
 
@@ -105,7 +110,7 @@ def _array(t: torch.Tensor) -> np.ndarray:
 
 def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w_t (+ bias)`` for x (M, K) and w_t (K, N) (any strides, e.g. ``weight.t()``)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and w_t.dtype == torch.float32 and x.dim() == 2
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w_t.dtype == torch.float32 and x.dim() == 2 and x.shape[0] >= MIN_ROWS
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and active() == "openblas"):
         _match_torch_threads()
         out = torch.empty(x.shape[0], w_t.shape[1], dtype=torch.float32)
