@@ -31,8 +31,14 @@ KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Write (T, Hkv, D) K/V at flat slots (T,) of a (L, num_blocks, block_size, Hkv, D) cache."""
     flat = (-1,) + tuple(k_cache.shape[3:])
-    k_cache[layer].view(flat).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache[layer].view(flat).index_copy_(0, slots, v.to(v_cache.dtype))
+    _write_flat(k_cache[layer].view(flat), v_cache[layer].view(flat), slots, k, v)
+
+
+def _write_flat(k_dst: torch.Tensor, v_dst: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write (T, Hkv, D) K/V at ``slots`` of one layer's flat (num_slots, Hkv, D) cache views."""
+    dt = k_dst.dtype
+    k_dst.index_copy_(0, slots, k if k.dtype == dt else k.to(dt))
+    v_dst.index_copy_(0, slots, v if v.dtype == dt else v.to(dt))
 
 
 def _sdpa(q, k, v, mask, scale, is_causal=False):
@@ -180,9 +186,7 @@ class PagedAttention:
         return self._masks[key]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        dt = self.k_cache.dtype
-        self._k_flat[layer].index_copy_(0, self.slot_mapping, k if k.dtype == dt else k.to(dt))
-        self._v_flat[layer].index_copy_(0, self.slot_mapping, v if v.dtype == dt else v.to(dt))
+        _write_flat(self._k_flat[layer], self._v_flat[layer], self.slot_mapping, k, v)
 
     def _gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence's context K/V from its blocks -> two (B, Hkv, S, D) tensors."""
@@ -255,7 +259,7 @@ class MixedAttention:
         self._slot_mapping = torch.cat([self.decode.slot_mapping, self.chunk.slot_mapping])  # (T,)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        write_slots(self.decode.k_cache, self.decode.v_cache, layer, self._slot_mapping, k, v)
+        _write_flat(self.decode._k_flat[layer], self.decode._v_flat[layer], self._slot_mapping, k, v)
 
     def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
         # q: (T, H, D); both halves read their context (incl. the rows just stored) from the cache.

@@ -57,8 +57,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemma:  # scale in float32, then cast
             return (self.normalize(x) * (1.0 + self.weight.float())).type_as(x)
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return (x * self._inv_rms(x)).mul_(self.weight) if not torch.is_grad_enabled() else self.weight * (x * self._inv_rms(x))
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            return (x * self._inv_rms(x)).mul_(self.weight)  # in place on the fresh product
         # Llama casts the normalised value back *before* the weight multiply.
         return self.weight * self.normalize(x).to(x.dtype)
 
@@ -170,11 +170,12 @@ class MLP(nn.Module):
         self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None and self.gate_up.is_current():
+        fused = self.gate_up is not None and self.gate_up.is_current()
+        if fused:
             gate, up = self.gate_up(x)  # one GEMM for both
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.activation != "gelu_tanh" and not torch.is_grad_enabled() and self.gate_up is not None and self.gate_up.is_current():
+        if fused and self.activation != "gelu_tanh" and not torch.is_grad_enabled():
             # In place on the fused GEMM's output (no two fresh (T, inter) tensors per layer; the down
             # GEMM reads the strided half as it is). Calibration differentiates: out of place there.
             return linear(self.down_proj, F.silu(gate, inplace=True).mul_(up))
