@@ -222,3 +222,22 @@ def test_one_row_logits_use_a_head_copy_that_follows_edits(tiny_ckpt):
         weight.mul_(-1.5)
     with torch.inference_mode():
         torch.testing.assert_close(model.compute_logits(h), reference(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fused_cuda_rms_norm_is_the_reference_formula_on_gpu():
+    """Not run in CI (no GPU): the one-kernel norm of inference on CUDA == the op-by-op reference
+    (the path autograd takes), to bfloat16 rounding."""
+    from pop_disagg.models.layers import RMSNorm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for gemma in (False, True):
+        for dtype in (torch.bfloat16, torch.float32):
+            norm = RMSNorm(576, 1e-5, gemma).cuda()
+            norm.weight.data = torch.randn(576, generator=g, device="cuda").to(dtype)
+            x = (torch.randn(7, 576, generator=g, device="cuda") * 3).to(dtype)
+            ref = norm(x)  # grad mode: the reference ops
+            with torch.inference_mode():
+                got = norm(x)
+            tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(got, ref, atol=tol, rtol=tol)

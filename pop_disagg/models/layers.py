@@ -55,6 +55,14 @@ class RMSNorm(nn.Module):
         return 1.0 + w if self.gemma else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not torch.is_grad_enabled():
+            # On a GPU each of the ~9 ops above is its own kernel, and ~65 norms of them were a
+            # fifth of an 8B decode step's graph (benchmarks/README.md, "Decode step on an H200").
+            # torch's fused rms_norm reduces in float32 whatever the input and rounds once to the
+            # input's dtype, the value ``normalize(x).to(x.dtype)`` gives, in one kernel.
+            if self.gemma:
+                return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         if self.gemma:  # scale in float32, then cast
             return (self.normalize(x) * (1.0 + self.weight.float())).type_as(x)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
