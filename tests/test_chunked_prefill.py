@@ -236,3 +236,22 @@ def test_cli_flags_reach_the_engine_config():
     add_serve_args(p)
     cfg = serve_config(p.parse_args(["--topology", "colocated", "--enable-chunked-prefill", "--max-num-batched-tokens", "64", "--threads", "1"]))
     assert cfg.engine.enable_chunked_prefill and cfg.engine.max_num_batched_tokens == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_chunked_engine_equals_whole_prompt_prefill_on_gpu(tiny_ckpt, family):
+    """Not run in CI (no GPU): on CUDA, chunk steps of one prompt take the mask-free lower-right
+    causal path (and decode steps CUDA graphs); greedy tokens == whole-prompt prefill, eager."""
+    path = tiny_ckpt(family)
+    model = load_model(path, device="cuda")
+    prompts = _prompts()
+
+    def run(chunked, budget, eager):
+        cfg = EngineConfig(model=path, device="cuda", kv_cache_memory_mb=8, block_size=4, max_num_seqs=1, enforce_eager=eager,
+                           max_num_batched_tokens=budget, enable_chunked_prefill=chunked)
+        return [o.token_ids for o in LLMEngine(cfg, model=model, model_path=path).generate(prompts, _greedy())]
+
+    expected = run(False, 64, True)
+    assert run(True, 8, True) == expected  # max_num_seqs=1: every chunk step holds one sequence
+    assert run(True, 8, False) == expected

@@ -241,3 +241,26 @@ def test_fused_cuda_rms_norm_is_the_reference_formula_on_gpu():
                 got = norm(x)
             tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
             torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+
+
+def test_one_sequence_chunk_attention_lower_right_causal_equals_the_mask():
+    """The GPU's mask-free path for a one-sequence prompt chunk (causal aligned at the lower right)
+    attends exactly as the explicit (M, S) mask does; forced on here, since CPU keeps the mask."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from pop_disagg.models.attention import ExtendAttention
+
+    g = torch.Generator().manual_seed(0)
+    layers, blocks, bs, hkv, heads, d = 2, 6, 4, 2, 4, 8
+    k_cache, v_cache = (torch.randn(layers, blocks, bs, hkv, d, generator=g) for _ in range(2))
+    for s, m in ((21, 6), (8, 8), (13, 1)):  # a later chunk, a first chunk, a one-token chunk
+        slot_table = torch.randperm(blocks * bs, generator=g)[:s][None]
+        attn = ExtendAttention(k_cache, v_cache, slot_table[0, s - m:], slot_table, torch.tensor([s]), cu_seqlens=[0, m])
+        assert attn._lower_right is None  # a CPU tensor: the mask path
+        q = torch.randn(m, heads, d, generator=g)
+        with torch.inference_mode():
+            want = attn.attend(1, q, None, None, None, 0.3)
+            attn._lower_right = causal_lower_right(m, s)
+            got = attn.attend(1, q, None, None, None, 0.3)
+            attn._lower_right = None
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

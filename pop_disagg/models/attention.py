@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -230,10 +231,20 @@ class ExtendAttention(PagedAttention):
         # Padding queries (j >= num_new) reuse the last position so that no row is fully masked.
         self._query_pos = torch.minimum(first + j, (self.context_lens - 1)[:, None])[:, :, None]  # (B, M, 1)
         self._valid = self._key_pos <= self._query_pos  # (B, M, S)
+        # One sequence on a GPU (a chunked prefill's usual step): its M new tokens are the last M
+        # of its S keys, i.e. causal attention aligned at the lower right, which the flash kernels
+        # take without a mask. With an (M, S) mask tensor the H200 picked a backend that cost
+        # ~250 ms per chunk step at S = 8k, a new plan for every new S (benchmarks/README.md,
+        # "Chunked prefill on an H200"). CPU keeps the mask (tests compare the two).
+        self._lower_right = None
+        if self.slot_table.shape[0] == 1 and self.masked_prefix is None and self.slot_table.is_cuda:
+            self._lower_right = causal_lower_right(self.cu_seqlens[1] - self.cu_seqlens[0], self.slot_table.shape[1])
 
     def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
         # q: (T, H, D) -> padded (B, H, M, D); keys gathered once per sequence.
         keys, vals = self._gather(layer)
+        if self._lower_right is not None and (window is None or self.slot_table.shape[1] <= window):
+            return _sdpa(q.transpose(0, 1)[None], keys, vals, self._lower_right, scale)[0].transpose(0, 1)
         qp = q.new_zeros(self.slot_table.shape[0], self._query_pos.shape[1], *q.shape[1:])
         qp[self._seq, self._offset] = q
         out = _sdpa(qp.transpose(1, 2), keys, vals, self._mask(layer, window, q.dtype), scale)
