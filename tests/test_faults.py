@@ -8,6 +8,7 @@ test runs last: it replaces the decode worker. Everything is stopped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -89,6 +90,17 @@ def _prefill(server):
     return server.deployment.prefill[0]
 
 
+@contextlib.contextmanager
+def _slow_decode(server, seconds=0.01):
+    """Every decode step takes at least ``seconds``: a LONG generation outlives the test's deadlines
+    and cancels however fast the engine is (CI once finished all of it inside a 1 s deadline)."""
+    ray.get(_decode(server).inject_fault.remote("slow_decode", seconds), timeout=30)
+    try:
+        yield
+    finally:
+        ray.get(_decode(server).inject_fault.remote("slow_decode", 0.0), timeout=30)
+
+
 def _stats(server):
     return ray.get(_decode(server).stats.remote(), timeout=30)
 
@@ -124,6 +136,7 @@ def test_workers_drop_expired_requests_without_an_abort(model_path):
         total = worker.num_free_blocks
         events = {"reserved": [], "decoding": []}
         params = SamplingParams(max_new_tokens=LONG, ignore_eos=True)
+        worker.step_delay_s = 0.01  # "decoding" outlives its deadline however fast the engine is
         worker.reserve("reserved", list(range(3, 30)), params, 0, events["reserved"].append, deadline=time.time() + 0.3)  # K/V never come
         worker.add_local("decoding", list(range(3, 30)), params, events["decoding"].append, deadline=time.time() + 0.5)
         # The blocks are freed just before the failure event is emitted: wait for both.
@@ -147,7 +160,7 @@ def test_workers_drop_expired_requests_without_an_abort(model_path):
 def test_deadline_exceeded_mid_generation_frees_blocks_within_2s(server, stub):
     total = _idle(server)["num_blocks"]
     received = 0
-    with pytest.raises(grpc.RpcError) as err:
+    with _slow_decode(server), pytest.raises(grpc.RpcError) as err:
         for chunk in stub.GenerateStream(_msg(_prompts(1)[0], LONG), timeout=1.0):
             received += len(chunk.token_ids)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -177,8 +190,9 @@ def test_cancel_in_every_phase_frees_blocks(server, stub, reference, phase):
         ray.get(_prefill(server).inject_fault.remote("pause_prefill", 10.0))
     elif phase == "in_transfer":
         ray.get(_prefill(server).inject_fault.remote("stall_transfer", TRANSFER_TIMEOUT_S / 2))
-    call = stub.GenerateStream(_msg(prompt, LONG), timeout=60)
     try:
+        ray.get(_decode(server).inject_fault.remote("slow_decode", 0.01), timeout=30)  # still decoding at the cancel
+        call = stub.GenerateStream(_msg(prompt, LONG), timeout=60)
         if phase == "queued_for_prefill":
             _until(lambda: ray.get(_prefill(server).load.remote()) > 0, 10, "request queued for prefill")
         elif phase == "in_transfer":
@@ -191,6 +205,7 @@ def test_cancel_in_every_phase_frees_blocks(server, stub, reference, phase):
         _until(lambda: ray.get(_prefill(server).load.remote()) == 0, 2.0, "nothing left queued for prefill")
     finally:
         ray.get(_prefill(server).inject_fault.remote("pause_prefill", 0.0))
+        ray.get(_decode(server).inject_fault.remote("slow_decode", 0.0), timeout=30)
     # The link is still in step: the next request runs first time, with the right tokens.
     got = stub.Generate(_msg(prompt, 6), timeout=60)
     assert list(got.token_ids) == reference([prompt], 6)[0]

@@ -15,7 +15,8 @@ Every way a request can end frees its blocks here, in whatever phase it is (rese
 decoding): finish, ``abort`` (the router's cancel), a failed transfer or broken link (``Failed``
 with ``kind="kv_transfer"``: the router may re-run the prefill), and the request's own deadline,
 checked before every engine step, so an expired request is gone within one step even when the
-router's abort never arrives (``kind="deadline"``).
+router's abort never arrives (``kind="deadline"``). Fault hook for tests: ``step_delay_s`` slows
+every step, so a generation outlives a deadline however fast the engine is.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class DecodeWorker:
         self._deadlines: dict[str, float] = {}  # request id -> wall clock after which it is dropped
         self._lock = threading.Lock()  # engine state, the transfer table, the sinks
         self._work = threading.Event()  # set when there may be something to step
+        self.step_delay_s = 0.0  # fault hook: pause after every step that ran (outside the lock)
 
     # ---- links ---------------------------------------------------------------------------------
     def attach_link(self, link: int, transport: Transport) -> None:
@@ -240,3 +242,5 @@ class DecodeWorker:
                 self.expire()
             if not self.step():
                 self._work.wait(timeout=0.1)
+            elif self.step_delay_s:
+                time.sleep(self.step_delay_s)

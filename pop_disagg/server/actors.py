@@ -213,6 +213,12 @@ class DecodeActor(_Shell):
         self._aborted = _Tombstones()
         self._start_loop(self.worker)
 
+    async def inject_fault(self, kind: str, seconds: float) -> None:
+        """Test hook. ``slow_decode``: sleep ``seconds`` after every engine step (0 turns it off)."""
+        if kind != "slow_decode":
+            raise ValueError(f"unknown fault {kind!r}")
+        self.worker.step_delay_s = seconds
+
     async def connect(self, link: int, address: tuple[str, int], backend: str) -> None:
         """Join the process group of the link from prefill worker ``link`` (re-creating it if any)."""
         from ..disagg.kv_transfer import DECODE_RANK, connect_pair
