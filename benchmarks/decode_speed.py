@@ -1,6 +1,10 @@
 """Decode speed (issue 14): greedy tokens/s of our engine against Transformers ``generate`` on the
 same weights in the same run, next to the machine's roofline for one decode step.
 
+On a CPU it also times a step's GEMMs alone, on the model's own weights, with torch's BLAS and with
+numpy's OpenBLAS (``model_gemms_s``): Transformers' step over the fastest of those is the most any
+step built on that GEMM could reach against it, whatever the rest of the step costs.
+
 For each model and batch size both sides decode the same random prompts greedily (EOS ignored).
 What is timed is the steady-state decode: the clock is read after every generated token (our
 ``LLMEngine.step``; a ``streamer`` callback inside Transformers ``generate``), and decode tok/s is
@@ -42,6 +46,7 @@ from pop_disagg.config import EngineConfig, PruneConfig  # noqa: E402
 from pop_disagg.engine.engine import LLMEngine  # noqa: E402
 from pop_disagg.engine.sampling import SamplingParams  # noqa: E402
 from pop_disagg.models.arch import ModelArch  # noqa: E402
+from pop_disagg.models.decoder import DecoderLayer  # noqa: E402
 from pop_disagg.models.loader import load_model, resolve_dtype  # noqa: E402
 from pop_disagg.models.presets import PRESETS, build_random_model, preset_config, transformers_config, transformers_peer  # noqa: E402
 
@@ -84,6 +89,39 @@ def machine_rates(kind: str, arch: ModelArch, batch: int, dtype: torch.dtype) ->
     x = torch.randn(batch, h, dtype=dtype, device=dev)
     model_gemm = 2 * batch * h * 2 * i * len(ws) / _best(lambda: [x @ w for w in ws], 2, kind)
     return {"read_bw": bw, "gemm_peak": peak, "gemm_at_batch": model_gemm}
+
+
+def model_gemms_s(model, batch: int, kind: str) -> dict:
+    """Seconds of one decode step's GEMMs alone at ``M = batch``, per CPU BLAS: every layer's fused
+    q/k/v, o, gate/up and down projections and the LM head, on the model's own weights in the
+    engine's layouts, in layer order (so weights stream from memory as in a step, not from cache),
+    best of 3. Nothing else of a step runs, so ``Transformers' step / this`` bounds the ratio any
+    step built on that GEMM could reach."""
+    from pop_disagg.models import cpu_blas
+
+    gemms = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for fused, k in ((attn.qkv, None), (attn.o, None), (mlp.gate_up, None), (None, mlp.down_proj)):
+            w_t = fused.weight_t if fused is not None else k.weight.t()
+            gemms.append((torch.randn(batch, w_t.shape[0], dtype=model.dtype, device=model.device), w_t))
+    head = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
+    x_head = torch.randn(batch, head.shape[1], dtype=model.dtype, device=model.device)
+    before = cpu_blas.active()
+    # One-row GEMMs stay with torch's under either setting (cpu_blas.MIN_ROWS): one column then.
+    backends = ["torch"] + (["openblas"] if batch >= cpu_blas.MIN_ROWS and cpu_blas.numpy_has_openblas() else [])
+    out = {}
+    try:
+        with torch.inference_mode():
+            for backend in backends:
+                cpu_blas.configure(backend)
+                # The head in the layout compute_logits picks for this backend and batch.
+                row_copy = batch == 1 or cpu_blas.takes(x_head)
+                step = gemms + [(x_head, model._row_head(head) if row_copy else head.t())]
+                out[backend] = _best(lambda: [cpu_blas.linear(x, w_t) for x, w_t in step], 3, kind)
+    finally:
+        cpu_blas.configure(before)
+    return out
 
 
 def step_roofline(model, batch: int, context: float, rates: dict) -> dict:
@@ -209,6 +247,8 @@ def bench_model(args, name: str) -> dict:
                "ours_e2e_tok_s": med(ours, "e2e_tok_s"), "hf_e2e_tok_s": med(theirs, "e2e_tok_s"),
                "all_ours": ours, "all_hf": theirs, "tokens_agree": f"{agree}/{b * args.new_tokens}",
                "rates": rates, "roofline": roof}
+        if model.device.type == "cpu" and all(isinstance(layer, DecoderLayer) for layer in model.model.layers):
+            row["gemms_only_s"] = model_gemms_s(model, b, args.clock)
         row["ratio"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
         row["x_of_limit"] = row["ours_step_ms"] / 1e3 / roof["t_limit_s"]
         rows.append(row)
@@ -217,14 +257,24 @@ def bench_model(args, name: str) -> dict:
 
 
 HEAD = ("| model | batch | ours tok/s | Transformers tok/s | ours / Transformers | ours step ms | limit ms (mem / FLOPs) "
-        "| ours / limit | e2e ours / Transformers tok/s | tokens agree |")
+        "| ours / limit | e2e ours / Transformers tok/s | tokens agree | GEMMs alone ms (torch / OpenBLAS) | ceiling / Transformers |")
 
 
 def print_row(name: str, r: dict, flush: bool = False) -> None:
     roof = r["roofline"]
     print(f"| {name} | {r['batch_size']} | {r['ours_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | {r['ratio']:.2f} | "
           f"{r['ours_step_ms']:.1f} | {roof['t_limit_s'] * 1e3:.1f} ({roof['t_mem_s'] * 1e3:.1f} / {roof['t_flop_s'] * 1e3:.1f}) | "
-          f"{r['x_of_limit']:.2f}x | {r['ours_e2e_tok_s']:.1f} / {r['hf_e2e_tok_s']:.1f} | {r['tokens_agree']} |", flush=flush)
+          f"{r['x_of_limit']:.2f}x | {r['ours_e2e_tok_s']:.1f} / {r['hf_e2e_tok_s']:.1f} | {r['tokens_agree']} | {_gemm_cells(r)} |", flush=flush)
+
+
+def _gemm_cells(r: dict) -> str:
+    """The GEMMs-alone times and the ratio a step made of nothing but the fastest of them would
+    reach against Transformers' measured step (the ceiling for that GEMM)."""
+    g = r.get("gemms_only_s")
+    if not g:
+        return "- | -"
+    times = " / ".join(f"{g[k] * 1e3:.1f}" if k in g else "-" for k in ("torch", "openblas"))
+    return f"{times} | {r['hf_step_ms'] / 1e3 / min(g.values()):.2f}x"
 
 
 def _ints(s: str) -> list[int]:

@@ -224,6 +224,32 @@ def test_one_row_logits_use_a_head_copy_that_follows_edits(tiny_ckpt):
         torch.testing.assert_close(model.compute_logits(h), reference(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "openblas"])
+def test_multi_row_logits_take_the_head_copy_only_under_openblas(tiny_ckpt, backend):
+    """From two rows up the copy serves OpenBLAS (faster over it at every M measured) and not
+    torch's MKL (faster over the checkpoint layout from 4 rows up); logits agree either way and
+    follow an in-place edit of the weight."""
+    import torch.nn.functional as F
+
+    from pop_disagg.models import cpu_blas
+
+    before = cpu_blas.active()
+    cpu_blas.configure(backend)
+    try:
+        model = load_model(tiny_ckpt("llama"))
+        h = torch.randn(5, model.arch.hidden_size)
+        weight = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
+        with torch.inference_mode():
+            torch.testing.assert_close(model.compute_logits(h), F.linear(model.model.norm(h), weight).float(), atol=1e-5, rtol=1e-5)
+            assert (model._head_t is not None) == (backend == "openblas")
+        with torch.no_grad():
+            weight.mul_(0.5)
+        with torch.inference_mode():
+            torch.testing.assert_close(model.compute_logits(h), F.linear(model.model.norm(h), weight).float(), atol=1e-5, rtol=1e-5)
+    finally:
+        cpu_blas.configure(before)
+
+
 @pytest.mark.gpu
 def test_fused_cuda_rms_norm_is_the_reference_formula_on_gpu():
     """Not run in CI (no GPU): the one-kernel norm of inference on CUDA == the op-by-op reference

@@ -108,10 +108,15 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return (t.detach() if t.requires_grad else t).numpy()  # a parameter under no_grad still requires grad
 
 
+def takes(x: torch.Tensor) -> bool:
+    """Whether ``linear`` sends a GEMM over input ``x`` (with float32 weights) to OpenBLAS."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] >= MIN_ROWS
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and active() == "openblas")
+
+
 def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w_t (+ bias)`` for x (M, K) and w_t (K, N) (any strides, e.g. ``weight.t()``)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and w_t.dtype == torch.float32 and x.dim() == 2 and x.shape[0] >= MIN_ROWS
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and active() == "openblas"):
+    if w_t.dtype == torch.float32 and takes(x):
         _match_torch_threads()
         out = torch.empty(x.shape[0], w_t.shape[1], dtype=torch.float32)
         np.matmul(_array(x), _array(w_t), out=out.numpy())

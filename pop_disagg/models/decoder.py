@@ -336,7 +336,7 @@ class CausalLM(nn.Module):
             raise RuntimeError("a prefill-only model has no final norm or LM head")
         h = self.model.norm(hidden)
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        if h.shape[0] == 1 and h.device.type == "cpu" and not torch.compiler.is_compiling():
+        if h.device.type == "cpu" and not torch.compiler.is_compiling() and (h.shape[0] == 1 or cpu_blas.takes(h)):
             logits = cpu_blas.linear(h, self._row_head(weight)).float()
         else:
             logits = cpu_blas.linear(h, weight.t()).float()
@@ -346,13 +346,16 @@ class CausalLM(nn.Module):
         return logits
 
     def _row_head(self, weight: torch.Tensor) -> torch.Tensor:
-        """The LM head as a (hidden, vocab) copy, for one-row steps on a CPU (batch-1 decode).
+        """The LM head as a (hidden, vocab) copy, for one-row CPU steps and every step whose GEMM
+        goes to OpenBLAS.
 
         MKL reads a one-row GEMM over that layout at ~22 GB/s here against ~12 GB/s over the
         checkpoint's (vocab, hidden) one (SmolLM2's tied head: 5 vs 9-10 ms of a ~50 ms step),
-        while from 4 rows up the checkpoint layout is the faster one, so both are kept: the copy
-        costs ``vocab x hidden`` more memory (113 MB for SmolLM2), made the first time a batch-1
-        step runs and rebuilt if the weight changes (benchmarks/README.md, "Decode speed").
+        while from 4 rows up MKL is faster over the checkpoint layout. OpenBLAS is faster over the
+        copy at every row count measured (SmolLM2's head, one thread: 12 vs 23 ms at M = 2, 17 vs
+        29 ms at M = 16, 48 vs 57 ms at M = 64). So both are kept: the copy costs ``vocab x
+        hidden`` more memory (113 MB for SmolLM2), made the first time a step needs it and rebuilt
+        if the weight changes (benchmarks/README.md, "Decode speed").
         """
         try:
             key = (weight.data_ptr(), weight._version)
