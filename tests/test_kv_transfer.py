@@ -239,6 +239,38 @@ def test_abort_between_chunks_reports_once_and_frees_blocks(tiny_ckpt):
         pair.close()
 
 
+def test_deadline_between_chunks_stops_the_prefill_and_frees_blocks(tiny_ckpt):
+    """A chunked prompt whose deadline passes after its first chunk gets no more chunks: the
+    prefill side drops it (one "deadline exceeded" outcome, its K/V buffer released, nothing left
+    queued) and the decode side frees its blocks at the same deadline."""
+    path = tiny_ckpt("llama")
+    pair = Pair(path, chunk_tokens=8)
+    try:
+        pair.prefill.pause_until = float("inf")  # the worker loop takes nothing; this test steps by hand
+        prompt = _prompts()[4]
+        free0 = pair.decode.num_free_blocks
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        deadline = time.time() + 60
+        tid = pair.decode.reserve("r", prompt, params, 0, pair.events.setdefault("r", []).append, deadline=deadline)
+        task = PrefillTask("r", tid, 0, prompt[:-1], lambda o: pair.outcomes.__setitem__(o.request_id, o), deadline=deadline)
+        pair.prefill.submit(task)
+        with pair.prefill._cv:
+            items = pair.prefill._take_batch()
+        assert [(t.request_id, a, n) for t, a, n in items] == [("r", 0, 8)]
+        pair.prefill.step(items)
+        assert task.kv_buffer and pair.prefill.num_waiting_tokens == len(prompt) - 1 - 8
+        task.deadline = time.time() - 1  # it passes between the chunks
+        with pair.prefill._cv:
+            assert pair.prefill._take_batch() == []
+        assert pair.outcomes["r"].error == "deadline exceeded" and not task.kv_buffer
+        assert pair.prefill.num_waiting_tokens == 0 and not pair.prefill.waiting
+        assert pair.decode.expire(now=deadline) == ["r"]
+        assert isinstance(pair.events["r"][-1], Failed) and pair.events["r"][-1].kind == "deadline"
+        assert pair.decode.num_free_blocks == free0
+    finally:
+        pair.close()
+
+
 def test_lost_message_times_out_and_frees_blocks(tiny_ckpt):
     path = tiny_ckpt("llama")
     pair = Pair(path, timeout_s=0.3, drop_after=3)  # header, index, the first layer group's count, then silence

@@ -20,8 +20,8 @@ kept layers' K/V stay in a per-task buffer for its later chunks to attend to
 the decode worker writes them at that offset. ``on_done`` fires when the last chunk is sent.
 
 Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
-deadline passed while waiting (dropped before its batch is taken), or its link was re-created
-while it waited (``purge_link``). Fault hook for tests: ``pause_until`` holds waiting tasks back.
+deadline passed while waiting (dropped before its batch is taken; a chunked prompt also between
+its chunks), or its link was re-created while it waited (``purge_link``). Fault hook for tests: ``pause_until`` holds waiting tasks back.
 """
 
 from __future__ import annotations
@@ -140,11 +140,15 @@ class PrefillWorker:
         budget = self.max_num_batched_tokens
         while self.waiting:
             head = self.waiting[0]
-            if (deadline := head.deadline) is not None and deadline <= now and head.num_done == 0:
+            if (deadline := head.deadline) is not None and deadline <= now:
+                # Also between the chunks of a started prompt: the decode worker drops the request
+                # at the same deadline, so the rest of its prefill would be sent to be discarded.
                 task = self.waiting.popleft()
-                self._num_waiting_tokens -= len(task.prefix_ids)
+                self._num_waiting_tokens -= len(task.prefix_ids) - task.num_done
                 task.is_reported = True
-                log.info("request %s: deadline passed while waiting for prefill; dropped", task.request_id)
+                task.kv_buffer = {}  # its earlier chunks' kept-layer K/V
+                log.info("request %s: deadline passed while waiting for prefill%s; dropped", task.request_id,
+                         f" ({task.num_done} of {len(task.prefix_ids)} tokens sent)" if task.num_done else "")
                 _fail(task, "deadline exceeded")
                 continue
             remaining = len(head.prefix_ids) - head.num_done
