@@ -444,6 +444,44 @@ def _gloo_peer(rank, address, q):
     link.close()
 
 
+def test_link_ends_compare_signatures_before_linking():
+    """Both ends publish their signature in the link's store: equal ones link, a mismatch (another
+    wire version or K/V geometry) fails both ends with both signatures named, and a peer that never
+    publishes one (an older version) fails at the store's timeout instead of hanging."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pop_disagg.disagg.kv_transfer import DECODE_RANK, PREFILL_RANK, TransferError, check_peer_signature, host_pair_store, link_signature
+
+    ours = link_signature(30, (3, 64), torch.float32)
+    assert "wire v" in ours and "30 layers" in ours and "3x64 float32" in ours
+    for decode_sig, ok in ((ours, True), (link_signature(30, (3, 64), torch.bfloat16), False), (ours.replace("wire v", "wire v9"), False)):
+        host = host_pair_store("127.0.0.1", timeout_s=10)
+        client = dist.TCPStore("127.0.0.1", host.port, 2, False, timeout=timedelta(seconds=10))
+        errors: dict[int, Exception] = {}
+
+        def end(store, rank, sig):
+            try:
+                check_peer_signature(store, rank, sig)
+            except TransferError as exc:
+                errors[rank] = exc
+
+        threads = [threading.Thread(target=end, args=a) for a in ((host, PREFILL_RANK, ours), (client, DECODE_RANK, decode_sig))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        if ok:
+            assert errors == {}
+        else:
+            assert set(errors) == {PREFILL_RANK, DECODE_RANK}
+            assert all(ours in str(e) and decode_sig in str(e) for e in errors.values()), errors
+    lonely = host_pair_store("127.0.0.1", timeout_s=1)
+    with pytest.raises(TransferError, match="published no signature"):
+        check_peer_signature(lonely, PREFILL_RANK, ours)
+
+
 def test_gloo_transport_between_processes():
     ctx = mp.get_context("spawn")
     q, address = ctx.Queue(), ctx.Queue()

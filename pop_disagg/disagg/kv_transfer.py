@@ -41,7 +41,9 @@ the link (and discarded) so the link stays in step. A timeout or a transport err
 leaves the link's position in the stream unknown, so the link is marked *broken*: every transfer
 in flight on it fails, later submissions to it fail at once, and the router stops choosing that
 pair until the supervisor re-creates it. The header's magic number catches a stream that is out of
-step anyway.
+step anyway. Before a link carries anything, its two ends compare signatures in the rendezvous
+store (``link_signature``: ``WIRE_VERSION`` and the K/V geometry and dtype): workers of different
+pop-disagg versions or models refuse to link, naming both, instead of misreading each other.
 
 Each link is its own two-rank process group with its own rendezvous (``host_pair_store`` on the
 prefill end, a fresh port every time; prefill is rank 0, decode rank 1), not a subgroup of one
@@ -70,6 +72,10 @@ from typing import Callable, Protocol
 import torch
 
 MAGIC = 0x504F50  # "POP"
+# The message layout below, as a number both ends of a link compare when they connect: bump it on
+# any change, so that workers of two pop-disagg versions (e.g. nodes built from different images)
+# refuse to link with a clear error instead of misreading each other's messages.
+WIRE_VERSION = 3  # 1: per-layer K/V; 2: layer groups; 3: index rows carry the chunk start
 KIND_DATA, KIND_CLOSE = 1, 2
 HEADER_LEN = 4
 
@@ -202,12 +208,33 @@ def host_pair_store(host: str, timeout_s: float = 60.0):
     return dist.TCPStore(host, 0, 2, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def connect_pair(store_or_address, rank: int, backend: str, timeout_s: float = 60.0) -> TorchDistTransport:
+def link_signature(num_layers: int, kv_shape: tuple[int, int], dtype: torch.dtype) -> str:
+    """What both ends of a link must agree on: the wire format and the K/V each layer carries."""
+    return f"wire v{WIRE_VERSION}, {num_layers} layers of K/V {kv_shape[0]}x{kv_shape[1]} {str(dtype).removeprefix('torch.')}"
+
+
+def check_peer_signature(store, rank: int, signature: str) -> None:
+    """Publish this end's ``signature`` in the link's rendezvous store and compare the peer's
+    (waiting for it up to the store's timeout); a mismatch fails both ends before any data moves."""
+    store.set(f"pop_disagg/link_signature/{rank}", signature)
+    try:
+        peer = store.get(f"pop_disagg/link_signature/{1 - rank}").decode()
+    except Exception as exc:  # the store's timeout (DistStoreError), or the peer's store went away
+        raise TransferError(f"the peer of this link published no signature ({exc}): it did not connect, or it runs a "
+                            f"pop-disagg from before wire v{WIRE_VERSION}") from exc
+    if peer != signature:
+        role, peer_role = ("prefill", "decode") if rank == PREFILL_RANK else ("decode", "prefill")
+        raise TransferError(f"the {peer_role} end of this link speaks [{peer}], this {role} end [{signature}]: "
+                            "both ends must run the same pop-disagg version and model")
+
+
+def connect_pair(store_or_address, rank: int, backend: str, timeout_s: float = 60.0, signature: str | None = None) -> TorchDistTransport:
     """Create this end of a link's two-rank process group; blocks until the peer joins.
 
     ``store_or_address``: the store from ``host_pair_store`` (prefill end, rank 0) or its
     ``(host, port)`` (decode end, rank 1). No world group is involved, so a link can be rebuilt
-    while every other link keeps running.
+    while every other link keeps running. ``signature`` (``link_signature``; default: the wire
+    version alone) is compared with the peer's first (``check_peer_signature``).
     """
     import torch.distributed as dist
 
@@ -216,6 +243,7 @@ def connect_pair(store_or_address, rank: int, backend: str, timeout_s: float = 6
         store = dist.TCPStore(host, port, 2, False, timeout=timedelta(seconds=timeout_s))
     else:
         store = store_or_address
+    check_peer_signature(store, rank, signature or f"wire v{WIRE_VERSION}")
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = PROCESS_GROUP_TIMEOUT
