@@ -55,13 +55,25 @@ class Pair:
         self.events: dict[str, list] = {}
         self.outcomes: dict[str, object] = {}
 
-    def submit(self, request_id, prompt, params):
+    def submit(self, request_id, prompt, params, deadline=None):
         events = self.events.setdefault(request_id, [])
-        tid = self.decode.reserve(request_id, prompt, params, 0, events.append)
+        tid = self.decode.reserve(request_id, prompt, params, 0, events.append, deadline=deadline)
         assert tid is not None
         if len(prompt) > 1:
-            self.prefill.submit(PrefillTask(request_id, tid, 0, prompt[:-1], lambda o: self.outcomes.__setitem__(o.request_id, o)))
+            self.prefill.submit(PrefillTask(request_id, tid, 0, prompt[:-1], lambda o: self.outcomes.__setitem__(o.request_id, o), deadline=deadline))
         return tid
+
+    def first_chunk_by_hand(self, request_id, prompt, deadline=None):
+        """Submit ``prompt`` with the worker loop held back and run its first 8-token chunk in this
+        thread; returns its ``PrefillTask`` (queued again for its next chunk)."""
+        self.prefill.pause_until = float("inf")  # the worker loop takes nothing
+        self.submit(request_id, prompt, SamplingParams(max_new_tokens=4, ignore_eos=True), deadline)
+        with self.prefill._cv:
+            items = self.prefill._take_batch()
+        assert [(t.request_id, a, n) for t, a, n in items] == [(request_id, 0, 8)]
+        self.prefill.step(items)
+        assert self.prefill.num_waiting_tokens == len(prompt) - 1 - 8
+        return items[0][0]
 
     def wait_done(self, request_ids, timeout=30.0):
         deadline = time.monotonic() + timeout
@@ -218,20 +230,14 @@ def test_abort_between_chunks_reports_once_and_frees_blocks(tiny_ckpt):
     path = tiny_ckpt("llama")
     pair = Pair(path, chunk_tokens=8)
     try:
-        pair.prefill.pause_until = float("inf")  # the worker loop takes nothing; this test steps by hand
         prompt = _prompts()[4]
         free0 = pair.decode.num_free_blocks
-        pair.submit("r", prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
-        with pair.prefill._cv:
-            items = pair.prefill._take_batch()
-        assert [(t.request_id, a, n) for t, a, n in items] == [("r", 0, 8)]
-        pair.prefill.step(items)
+        pair.first_chunk_by_hand("r", prompt)
         deadline = time.monotonic() + 10
         transfer = next(iter(pair.decode.table.transfers.values()))
         while transfer.num_received < 8 and time.monotonic() < deadline:
             time.sleep(0.005)
         assert transfer.state == TransferState.SENDING and transfer.num_received == 8
-        assert pair.prefill.num_waiting_tokens == len(prompt) - 1 - 8
         assert pair.prefill.abort("r") and pair.decode.abort("r")
         assert pair.outcomes["r"].error == "aborted" and pair.prefill.num_waiting_tokens == 0 and not pair.prefill.waiting
         assert pair.decode.num_free_blocks == free0
@@ -246,19 +252,11 @@ def test_deadline_between_chunks_stops_the_prefill_and_frees_blocks(tiny_ckpt):
     path = tiny_ckpt("llama")
     pair = Pair(path, chunk_tokens=8)
     try:
-        pair.prefill.pause_until = float("inf")  # the worker loop takes nothing; this test steps by hand
         prompt = _prompts()[4]
         free0 = pair.decode.num_free_blocks
-        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
         deadline = time.time() + 60
-        tid = pair.decode.reserve("r", prompt, params, 0, pair.events.setdefault("r", []).append, deadline=deadline)
-        task = PrefillTask("r", tid, 0, prompt[:-1], lambda o: pair.outcomes.__setitem__(o.request_id, o), deadline=deadline)
-        pair.prefill.submit(task)
-        with pair.prefill._cv:
-            items = pair.prefill._take_batch()
-        assert [(t.request_id, a, n) for t, a, n in items] == [("r", 0, 8)]
-        pair.prefill.step(items)
-        assert task.kv_buffer and pair.prefill.num_waiting_tokens == len(prompt) - 1 - 8
+        task = pair.first_chunk_by_hand("r", prompt, deadline)
+        assert task.kv_buffer
         task.deadline = time.time() - 1  # it passes between the chunks
         with pair.prefill._cv:
             assert pair.prefill._take_batch() == []
