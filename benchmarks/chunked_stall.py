@@ -58,7 +58,10 @@ def run(model, budget: int, args, streams: list[list[int]], long_prompt: list[in
         if step == args.arrive_after:  # the streams are decoding: the long prompt arrives now
             long_id = engine.add_request(long_prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
             long_start = clock(args.clock)
-        outs = engine.step()
+        if budget and args.profile_chunk_step and step == args.arrive_after + args.profile_chunk_step:
+            outs = profiled_step(engine, args, budget)
+        else:
+            outs = engine.step()
         now = clock(args.clock)
         step += 1
         for o in outs:
@@ -73,6 +76,31 @@ def run(model, budget: int, args, streams: list[list[int]], long_prompt: list[in
     return {"budget": budget, "max_gap_ms": max(gaps) * 1e3, "window_mean_gap_ms": sum(window) / len(window) * 1e3 if window else None,
             "median_gap_ms": sorted(gaps)[len(gaps) // 2] * 1e3, "tpot_max_ms": tpots[-1] * 1e3, "long_ttft_ms": (long_first - long_start) * 1e3,
             "tokens": [tokens[i] for i in ids]}
+
+
+def profiled_step(engine: LLMEngine, args, budget: int):
+    """One engine step under ``torch.profiler`` (CPU, and CUDA on a GPU): its time and the ops that
+    took it, printed and written to ``--profile-out``. Chunk steps on an H200 cost ~5x what their
+    FLOPs and bytes should (benchmarks/README.md, "Chunked prefill on an H200"); this is the split
+    a GPU session needs to find out why."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.config.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = clock(args.clock)
+        outs = engine.step()
+        elapsed = clock(args.clock) - t0
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    head = (f"chunk step {args.profile_chunk_step} after the long prompt arrived (budget {budget} tokens/step, "
+            f"{args.streams} decode rows): {elapsed * 1e3:.1f} ms on the {args.clock} clock under the profiler")
+    print(head + "\n" + table, flush=True)
+    if args.profile_out:
+        args.profile_out.parent.mkdir(parents=True, exist_ok=True)
+        with args.profile_out.open("a") as f:
+            f.write(head + "\n" + table + "\n")
+    return outs
 
 
 def main() -> int:
@@ -90,6 +118,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--profile-chunk-step", type=int, default=0,
+                   help="with chunking on: profile the K-th step after the long prompt arrives (0: none)")
+    p.add_argument("--profile-out", type=Path, default=None, help="append the profile tables to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and args.clock == "cpu":
@@ -122,7 +153,7 @@ def main() -> int:
         print(f"| {name} | {r['max_gap_ms']:.0f} | {r['window_mean_gap_ms']:.0f} | {r['median_gap_ms']:.0f} | {r['tpot_max_ms']:.1f} | {r['long_ttft_ms']:.0f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows],
+        args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows],
                                          "tokens_identical": same}, indent=2))
     return 0 if same else 1
 
