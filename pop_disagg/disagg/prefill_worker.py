@@ -21,7 +21,8 @@ the decode worker writes them at that offset. ``on_done`` fires when the last ch
 
 Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
 deadline passed while waiting (dropped before its batch is taken; a chunked prompt also between
-its chunks), or its link was re-created while it waited (``purge_link``). Fault hook for tests: ``pause_until`` holds waiting tasks back.
+its chunks), or its link was re-created while it waited (``purge_link``). Fault hook for tests:
+``pause_until`` holds waiting tasks back.
 """
 
 from __future__ import annotations
