@@ -14,7 +14,7 @@ from pop_disagg.config import EngineConfig, PruneConfig
 from pop_disagg.engine.detokenizer import IncrementalDetokenizer
 from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.kv_cache import BlockManager
-from pop_disagg.engine.sampling import SamplingParams, make_generator, sample
+from pop_disagg.engine.sampling import SamplingParams, greedy_tokens, make_generator, sample
 from pop_disagg.models.loader import load_model
 from pop_disagg.pop.plan import PlanError, PrunePlan
 
@@ -133,6 +133,21 @@ def test_sampling_reproducible_and_filters():
     for _ in range(20):
         s = sample(logits, [SamplingParams(temperature=5.0, top_k=3)] * 4, gens)
         assert all(s[i] in top3[i].tolist() for i in range(4))
+
+
+def test_greedy_tokens_are_torch_argmax_with_ties_nan_and_strides():
+    """The CPU fast path (numpy's argmax) picks what ``torch.argmax`` picks: the first maximum,
+    NaN as the maximum, all -inf -> 0, on contiguous and strided rows alike."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 4, (64, 301), generator=g).float()  # many ties
+    logits[1, 7] = logits[2, 0] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 5:9] = float("inf")
+    for x in (logits, logits[::2], logits[:, 1:], logits.t().contiguous().t()):
+        got = greedy_tokens(x)
+        assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
+    with torch.inference_mode():
+        assert torch.equal(greedy_tokens(logits.clone()), logits.argmax(dim=-1))
 
 
 def test_batched_seeded_sample_equals_the_request_sampled_alone():

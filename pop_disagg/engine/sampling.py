@@ -6,6 +6,7 @@ the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -48,6 +49,15 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of (B, V) logits: the first maximum, NaN counting as the maximum (torch's
+    and numpy's rule alike). On a CPU numpy's SIMD argmax is ~9x faster than torch's here
+    (SmolLM2's 49152-token vocabulary, one thread: 0.09 vs 0.8 ms at batch 16, 0.34 vs 3.3 ms at 64)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and not logits.requires_grad:
+        return torch.from_numpy(np.argmax(logits.numpy(), axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
     """logits: (B, V) float32 -> one token id per row.
 
@@ -56,7 +66,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     from its own generator and inverts its row's CDF with it, so a seeded request gets the same
     token whatever else shares the batch (tested).
     """
-    greedy = logits.argmax(dim=-1)
+    greedy = greedy_tokens(logits)
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if not rows:
         return greedy.tolist()
