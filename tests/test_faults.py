@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import ray
 import torch
 
@@ -77,7 +78,8 @@ def reference(model_path):
 @pytest.fixture(scope="module")
 def server(ray_instance, model_path):
     config = ServeConfig(engine=_engine_config(model_path), transfer_timeout_s=TRANSFER_TIMEOUT_S, worker_timeout_s=WORKER_TIMEOUT_S)
-    srv = BackgroundServer(config)
+    # No periodic health refresh: grpc.health.v1 must follow the supervisor's state changes alone.
+    srv = BackgroundServer(config, health_interval_s=3600)
     yield srv
     srv.stop()
 
@@ -271,9 +273,26 @@ def test_killed_prefill_worker_requests_all_complete_with_fault_free_tokens(serv
     assert _idle(server)["num_free_blocks"] == total
 
 
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _collect_statuses(watch, statuses: list[int]) -> None:
+    try:
+        for response in watch:
+            statuses.append(response.status)
+    except grpc.RpcError:  # cancelled at the end of the test
+        pass
+
+
 def test_killed_decode_worker_fails_fast_then_serves_again(server, stub, reference):
     _idle(server)
     pid = ray.get(_decode(server).pid.remote())
+    channel = grpc.insecure_channel(server.address)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+    statuses: list[int] = []
+    watcher = threading.Thread(target=_collect_statuses, args=(watch, statuses), daemon=True)
+    watcher.start()
+    _until(lambda: statuses == [SERVING], 10, "grpc.health.v1 watch started")
     call = stub.GenerateStream(_msg(_prompts(1, seed=31)[0], LONG), timeout=120)
     next(call)
     os.kill(pid, signal.SIGKILL)
@@ -285,6 +304,15 @@ def test_killed_decode_worker_fails_fast_then_serves_again(server, stub, referen
     assert time.monotonic() - killed < WORKER_TIMEOUT_S
     assert not stub.Health(pb.HealthRequest(), timeout=10).is_serving  # the replacement is still loading
     health = _serving(stub)
+    # The standard health service (what a load balancer or Kubernetes reads) went NOT_SERVING and
+    # back with the supervisor's state, although this server never refreshes it on a timer.
+    try:
+        _until(lambda: NOT_SERVING in statuses and statuses[-1] == SERVING, 10, f"grpc.health.v1 NOT_SERVING, then SERVING: {statuses}")
+        assert statuses[0] == SERVING
+    finally:
+        watch.cancel()
+        watcher.join(10)
+        channel.close()
     assert [w.num_restarts for w in health.workers if w.role == "decode"] == [1]
     prompts = _prompts(2, seed=32)
     with ThreadPoolExecutor(2) as pool:

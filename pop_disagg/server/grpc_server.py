@@ -262,19 +262,26 @@ class Server:
         for service in ("", GENERATION_SERVICE):
             await self._health.set(service, status)
 
-    async def _check_workers(self) -> None:
+    def _workers_up(self) -> bool:
         """SERVING needs a serving decode worker and, disaggregated, a serving prefill worker too
         (the supervisor's view, which its health probes keep current)."""
         sup = self.supervisor
-        has_workers = any(s.is_serving for s in sup.decode) and (not self.config.is_disaggregated or any(s.is_serving for s in sup.prefill))
+        return any(s.is_serving for s in sup.decode) and (not self.config.is_disaggregated or any(s.is_serving for s in sup.prefill))
+
+    async def _check_workers(self) -> None:
+        has_workers = self._workers_up()
         if has_workers != self._has_workers:
             log.warning("workers %s: %s", "back" if has_workers else "lost", "SERVING" if has_workers else "NOT_SERVING")
         self._has_workers = has_workers
         await self._publish_health()
 
     async def _watch_workers(self) -> None:
+        # Woken by every supervisor state change (a worker lost, replaced or dead), so
+        # grpc.health.v1 and /health flip as soon as the supervisor's probe sees it, not up to an
+        # interval later (a load balancer would keep sending to a server with no decode worker);
+        # the interval is only a backstop.
         while True:
-            await asyncio.sleep(self.health_interval_s)
+            await self.supervisor.wait_for(lambda: self._workers_up() != self._has_workers, self.health_interval_s)
             await self._check_workers()
 
     async def model_info(self) -> dict:
