@@ -192,6 +192,14 @@ class Deployment:
         num_p = self.config.num_prefill if self.config.is_disaggregated else 0
         return pair_backend(self.locations[p], self.locations[num_p + d])
 
+    def same_node(self, p: int, d: int) -> bool:
+        """Do prefill worker ``p`` and decode worker ``d`` run on one node (their K/V cross no network)?
+        From the start-up locations: a replacement lands in its predecessor's bundle, hence node."""
+        num_p = self.config.num_prefill if self.config.is_disaggregated else 0
+        if len(self.locations) < num_p + d + 1:
+            return False
+        return self.locations[p].node_id == self.locations[num_p + d].node_id
+
     def link_calls(self, p: int, d: int) -> list:
         """Create the link between prefill worker ``p`` and decode worker ``d`` on a fresh
         rendezvous port; returns the two object refs to wait on (both ends join together).

@@ -113,6 +113,12 @@ class _Attempt:
     prefill_died: bool = False
 
 
+def least_loaded_prefill(choices: list, loads: list[int], same_node) -> object:
+    """The prefill worker (slot) with the fewest prompt tokens queued; among equally loaded ones
+    (an idle server: all zero), one on the decode worker's node, whose K/V then cross no network."""
+    return min(choices, key=lambda s: (loads[s.index], not same_node(s.index)))
+
+
 class Router:
     def __init__(self, supervisor, tokenizer, is_disaggregated: bool, kv_failure_policy: str = "recompute", worker_timeout_s: float = 30.0,
                  observer: RequestObserver | None = None, depth: DepthController | None = None):
@@ -300,9 +306,9 @@ class Router:
         return min(serving, key=lambda s: self._decode_load[s.index])
 
     async def _pick_prefill(self, req: _Request, dslot):
-        """The least-loaded prefill worker whose link to ``dslot`` is up. Waits for one while a
-        prefill worker is being replaced or a link re-created (bounded by the deadline), else
-        at most ``worker_timeout_s``."""
+        """The least-loaded prefill worker whose link to ``dslot`` is up (ties: the same node).
+        Waits for one while a prefill worker is being replaced or a link re-created (bounded by the
+        deadline), else at most ``worker_timeout_s``."""
         d = dslot.index
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -320,7 +326,7 @@ class Router:
             if waited >= (self.sup.START_TIMEOUT_S if self.sup.is_recovering(d) else self.worker_timeout_s):
                 raise WorkerUnavailable(f"no prefill worker has a live link to decode worker {d} (waited {waited:.0f}s)")
             await self.sup.wait_for(lambda: bool(live()) or not dslot.is_serving, min(1.0, remaining if remaining is not None else 1.0))
-        return min(choices, key=lambda s: self._prefill_load[s.index])
+        return least_loaded_prefill(choices, self._prefill_load, lambda p: self.sup.dep.same_node(p, d))
 
     async def _events(self, gen, down: asyncio.Future, req: _Request):
         """The decode stream's items, each raced against the worker's loss and the deadline."""
