@@ -99,14 +99,10 @@ def model_gemms_s(model, batch: int, kind: str) -> dict:
     step built on that GEMM could reach."""
     from pop_disagg.models import cpu_blas
 
-    gemms = []
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for fused, k in ((attn.qkv, None), (attn.o, None), (mlp.gate_up, None), (None, mlp.down_proj)):
-            w_t = fused.weight_t if fused is not None else k.weight.t()
-            gemms.append((torch.randn(batch, w_t.shape[0], dtype=model.dtype, device=model.device), w_t))
-    head = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
-    x_head = torch.randn(batch, head.shape[1], dtype=model.dtype, device=model.device)
+    weights = [w_t for layer in model.model.layers
+               for w_t in (layer.self_attn.qkv.weight_t, layer.self_attn.o.weight_t, layer.mlp.gate_up.weight_t, layer.mlp.down_proj.weight.t())]
+    gemms = [(torch.randn(batch, w_t.shape[0], dtype=model.dtype, device=model.device), w_t) for w_t in weights]
+    x_head = torch.randn(batch, model.arch.hidden_size, dtype=model.dtype, device=model.device)
     before = cpu_blas.active()
     # One-row GEMMs stay with torch's under either setting (cpu_blas.MIN_ROWS): one column then.
     backends = ["torch"] + (["openblas"] if batch >= cpu_blas.MIN_ROWS and cpu_blas.numpy_has_openblas() else [])
@@ -115,9 +111,7 @@ def model_gemms_s(model, batch: int, kind: str) -> dict:
         with torch.inference_mode():
             for backend in backends:
                 cpu_blas.configure(backend)
-                # The head in the layout compute_logits picks for this backend and batch.
-                row_copy = batch == 1 or cpu_blas.takes(x_head)
-                step = gemms + [(x_head, model._row_head(head) if row_copy else head.t())]
+                step = gemms + [(x_head, model.head_t(x_head))]  # the layout compute_logits picks for this backend
                 out[backend] = _best(lambda: [cpu_blas.linear(x, w_t) for x, w_t in step], 3, kind)
     finally:
         cpu_blas.configure(before)

@@ -335,15 +335,19 @@ class CausalLM(nn.Module):
         if self.is_prefill_only:
             raise RuntimeError("a prefill-only model has no final norm or LM head")
         h = self.model.norm(hidden)
-        weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        if h.device.type == "cpu" and not torch.compiler.is_compiling() and (h.shape[0] == 1 or cpu_blas.takes(h)):
-            logits = cpu_blas.linear(h, self._row_head(weight)).float()
-        else:
-            logits = cpu_blas.linear(h, weight.t()).float()
+        logits = cpu_blas.linear(h, self.head_t(h)).float()
         cap = self.arch.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def head_t(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head as (hidden, vocab) for a GEMM over ``h``: the contiguous copy (``_row_head``)
+        where that layout is the faster one, else a transposed view of the checkpoint's weight."""
+        weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
+        if h.device.type == "cpu" and not torch.compiler.is_compiling() and (h.shape[0] == 1 or cpu_blas.takes(h)):
+            return self._row_head(weight)
+        return weight.t()
 
     def _row_head(self, weight: torch.Tensor) -> torch.Tensor:
         """The LM head as a (hidden, vocab) copy, for one-row CPU steps and every step whose GEMM
