@@ -154,14 +154,15 @@ def test_router_prefers_a_same_node_prefill_worker_only_between_equal_loads():
     # 2P2D: prefill 0 on node a, prefill 1 on node b; decode 0 on b, decode 1 on a.
     locs = [WorkerLocation("prefill", 0, "a", "10.0.0.1"), WorkerLocation("prefill", 1, "b", "10.0.0.2"),
             WorkerLocation("decode", 0, "b", "10.0.0.2"), WorkerLocation("decode", 1, "a", "10.0.0.1")]
-    dep = types.SimpleNamespace(config=types.SimpleNamespace(num_prefill=2, is_disaggregated=True), locations=locs)
-    assert [[Deployment.same_node(dep, p, d) for d in (0, 1)] for p in (0, 1)] == [[False, True], [True, False]]
+    config = types.SimpleNamespace(num_prefill=2, is_disaggregated=True)
+    dep = Deployment(config, plan=None, prefill=[], decode=[], tokenizer=None, arch=None, locations=locs)
+    assert [[dep.same_node(p, d) for d in (0, 1)] for p in (0, 1)] == [[False, True], [True, False]]
     slots = [types.SimpleNamespace(index=0), types.SimpleNamespace(index=1)]
     for d, near in ((0, 1), (1, 0)):
-        same = lambda p, d=d: Deployment.same_node(dep, p, d)  # noqa: E731
+        same = lambda p, d=d: dep.same_node(p, d)  # noqa: E731
         assert least_loaded_prefill(slots, [0, 0], same).index == near
         assert least_loaded_prefill(slots, [5, 5], same).index == near
         loads = [0, 0]
         loads[near] = 1  # the near one has one queued token more: the far one wins
         assert least_loaded_prefill(slots, loads, same).index == 1 - near
-    assert not Deployment.same_node(types.SimpleNamespace(config=dep.config, locations=[]), 0, 0)  # locations unknown
+    assert not Deployment(config, plan=None, prefill=[], decode=[], tokenizer=None, arch=None).same_node(0, 0)  # locations unknown

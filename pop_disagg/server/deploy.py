@@ -189,16 +189,22 @@ class Deployment:
         """NCCL when both ends of the pair hold a GPU of their own, gloo otherwise."""
         from .placement import pair_backend
 
-        num_p = self.config.num_prefill if self.config.is_disaggregated else 0
-        return pair_backend(self.locations[p], self.locations[num_p + d])
+        return pair_backend(*self._pair_locations(p, d))
 
     def same_node(self, p: int, d: int) -> bool:
         """Do prefill worker ``p`` and decode worker ``d`` run on one node (their K/V cross no network)?
-        From the start-up locations: a replacement lands in its predecessor's bundle, hence node."""
-        num_p = self.config.num_prefill if self.config.is_disaggregated else 0
-        if len(self.locations) < num_p + d + 1:
+        From the start-up locations (False before they are known): a replacement lands in its
+        predecessor's bundle, hence node."""
+        try:
+            a, b = self._pair_locations(p, d)
+        except IndexError:
             return False
-        return self.locations[p].node_id == self.locations[num_p + d].node_id
+        return a.node_id == b.node_id
+
+    def _pair_locations(self, p: int, d: int) -> tuple:
+        """The ``WorkerLocation`` of prefill worker ``p`` and of decode worker ``d`` (prefill ranks first)."""
+        num_p = self.config.num_prefill if self.config.is_disaggregated else 0
+        return self.locations[p], self.locations[num_p + d]
 
     def link_calls(self, p: int, d: int) -> list:
         """Create the link between prefill worker ``p`` and decode worker ``d`` on a fresh
