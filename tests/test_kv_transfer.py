@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -452,9 +453,10 @@ def test_link_ends_compare_signatures_before_linking():
 
     from pop_disagg.disagg.kv_transfer import DECODE_RANK, PREFILL_RANK, TransferError, check_peer_signature, host_pair_store, link_signature
 
-    ours = link_signature(30, (3, 64), torch.float32)
+    arch = types.SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)
+    ours = link_signature(arch, torch.float32)
     assert "wire v" in ours and "30 layers" in ours and "3x64 float32" in ours
-    for decode_sig, ok in ((ours, True), (link_signature(30, (3, 64), torch.bfloat16), False), (ours.replace("wire v", "wire v9"), False)):
+    for decode_sig, ok in ((ours, True), (link_signature(arch, torch.bfloat16), False), (ours.replace("wire v", "wire v9"), False)):
         host = host_pair_store("127.0.0.1", timeout_s=10)
         client = dist.TCPStore("127.0.0.1", host.port, 2, False, timeout=timedelta(seconds=10))
         errors: dict[int, Exception] = {}

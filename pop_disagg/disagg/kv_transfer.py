@@ -208,9 +208,10 @@ def host_pair_store(host: str, timeout_s: float = 60.0):
     return dist.TCPStore(host, 0, 2, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def link_signature(num_layers: int, kv_shape: tuple[int, int], dtype: torch.dtype) -> str:
-    """What both ends of a link must agree on: the wire format and the K/V each layer carries."""
-    return f"wire v{WIRE_VERSION}, {num_layers} layers of K/V {kv_shape[0]}x{kv_shape[1]} {str(dtype).removeprefix('torch.')}"
+def link_signature(arch, dtype: torch.dtype) -> str:
+    """What both ends of a link must agree on: the wire format and the K/V each layer of ``arch``
+    (a ``ModelArch``) carries in ``dtype``."""
+    return f"wire v{WIRE_VERSION}, {arch.num_layers} layers of K/V {arch.num_kv_heads}x{arch.head_dim} {str(dtype).removeprefix('torch.')}"
 
 
 def check_peer_signature(store, rank: int, signature: str) -> None:

@@ -143,8 +143,7 @@ class PrefillActor(_Shell):
         from ..disagg.kv_transfer import PREFILL_RANK, KVSender, connect_pair, link_signature
 
         arch = self.model.arch
-        signature = link_signature(arch.num_layers, (arch.num_kv_heads, arch.head_dim), self.model.dtype)
-        transport = await asyncio.to_thread(connect_pair, self._stores[link], PREFILL_RANK, backend, signature=signature)
+        transport = await asyncio.to_thread(connect_pair, self._stores[link], PREFILL_RANK, backend, signature=link_signature(arch, self.model.dtype))
         old = self.senders.get(link)
         self.senders[link] = KVSender(transport, arch.num_layers, (arch.num_kv_heads, arch.head_dim), self.model.dtype, self.spec.transfer_timeout_s, name=f"kv-sender-{link}")
         if old is not None:
@@ -224,9 +223,8 @@ class DecodeActor(_Shell):
         """Join the process group of the link from prefill worker ``link`` (re-creating it if any)."""
         from ..disagg.kv_transfer import DECODE_RANK, connect_pair, link_signature
 
-        arch = self.worker.engine.arch
-        signature = link_signature(arch.num_layers, (arch.num_kv_heads, arch.head_dim), self.worker.engine.kv_cache.k.dtype)
-        transport = await asyncio.to_thread(connect_pair, tuple(address), DECODE_RANK, backend, signature=signature)
+        engine = self.worker.engine
+        transport = await asyncio.to_thread(connect_pair, tuple(address), DECODE_RANK, backend, signature=link_signature(engine.arch, engine.kv_cache.k.dtype))
         self.worker.attach_link(link, transport)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params, link: int | None, deadline: float | None = None):
