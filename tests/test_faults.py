@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 import ray
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pop_disagg._proto import generation_pb2 as pb
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc
@@ -193,21 +193,20 @@ def test_cancel_in_every_phase_frees_blocks(server, stub, reference, phase):
     elif phase == "in_transfer":
         ray.get(_prefill(server).inject_fault.remote("stall_transfer", TRANSFER_TIMEOUT_S / 2))
     try:
-        ray.get(_decode(server).inject_fault.remote("slow_decode", 0.01), timeout=30)  # still decoding at the cancel
-        call = stub.GenerateStream(_msg(prompt, LONG), timeout=60)
-        if phase == "queued_for_prefill":
-            _until(lambda: ray.get(_prefill(server).load.remote()) > 0, 10, "request queued for prefill")
-        elif phase == "in_transfer":
-            _until(lambda: _stats(server)["num_receiving"] == 1, 10, "K/V arriving")
-        else:
-            next(call)
-        assert _stats(server)["num_free_blocks"] < total
-        call.cancel()
-        _blocks_back(server, total, 2.0, f"after a cancel while {phase}")
-        _until(lambda: ray.get(_prefill(server).load.remote()) == 0, 2.0, "nothing left queued for prefill")
+        with _slow_decode(server):  # still decoding at the cancel
+            call = stub.GenerateStream(_msg(prompt, LONG), timeout=60)
+            if phase == "queued_for_prefill":
+                _until(lambda: ray.get(_prefill(server).load.remote()) > 0, 10, "request queued for prefill")
+            elif phase == "in_transfer":
+                _until(lambda: _stats(server)["num_receiving"] == 1, 10, "K/V arriving")
+            else:
+                next(call)
+            assert _stats(server)["num_free_blocks"] < total
+            call.cancel()
+            _blocks_back(server, total, 2.0, f"after a cancel while {phase}")
+            _until(lambda: ray.get(_prefill(server).load.remote()) == 0, 2.0, "nothing left queued for prefill")
     finally:
         ray.get(_prefill(server).inject_fault.remote("pause_prefill", 0.0))
-        ray.get(_decode(server).inject_fault.remote("slow_decode", 0.0), timeout=30)
     # The link is still in step: the next request runs first time, with the right tokens.
     got = stub.Generate(_msg(prompt, 6), timeout=60)
     assert list(got.token_ids) == reference([prompt], 6)[0]
