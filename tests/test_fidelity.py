@@ -16,7 +16,7 @@ from pop_disagg.config import EngineConfig, PruneConfig
 from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.eval import metrics
-from pop_disagg.pop.kv_correction import KVCorrection, apply_to_prefill_model, fit_kv_correction
+from pop_disagg.calib.kv_correction import KVCorrection, apply_to_prefill_model, fit_kv_correction
 from pop_disagg.eval.scorer import CachedScorer, Method
 from pop_disagg.eval.static_prune import block_influence, matched_static_count, static_plan_from_influence
 from pop_disagg.models.attention import PrefillAttention

@@ -1,4 +1,4 @@
-"""K/V refit variants (``pop_disagg/pop/kv_correction.py``): each method recovers the full model's
+"""K/V refit variants (``pop_disagg/calib/kv_correction.py``): each method recovers the full model's
 K/V exactly where the skipped layers are exactly linear in the kept state, and serving code never
 imports the evaluation package."""
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from pop_disagg.models.attention import PrefillAttention
 from pop_disagg.models.loader import load_model
-from pop_disagg.pop.kv_correction import METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
+from pop_disagg.calib.kv_correction import METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
 from pop_disagg.pop.plan import PrunePlan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_serving_never_imports_the_evaluation_package():
         bad = sorted(m for m in _imported_modules(py) if m == "pop_disagg.eval" or m.startswith("pop_disagg.eval."))
         assert not bad, f"{py.relative_to(ROOT)} imports {bad}"
     # The resolver sees the eval package where it is imported (a check that could fail).
-    assert "pop_disagg.pop.kv_correction" in _imported_modules(ROOT / "pop_disagg" / "eval" / "fidelity.py")
+    assert "pop_disagg.calib.kv_correction" in _imported_modules(ROOT / "pop_disagg" / "eval" / "fidelity.py")
 
 
 def test_refit_variant_specs():

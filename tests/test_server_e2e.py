@@ -220,7 +220,7 @@ def test_router_stats_count_what_was_served(server, stub):
 def test_served_kv_correction_is_what_the_decode_worker_attends_to(ray_instance, model_path, tmp_path):
     """`serve --kv-correction`: the prefill worker ships the corrected K/V. Output equals an engine
     whose cache was filled by the corrected prefill-only model, and differs from plain POP."""
-    from pop_disagg.pop.kv_correction import fit_kv_correction, load_corrected_prefill_model
+    from pop_disagg.calib.kv_correction import fit_kv_correction, load_corrected_prefill_model
     from pop_disagg.models.attention import PrefillAttention
     from pop_disagg.pop.plan import PrunePlan
 

@@ -34,7 +34,7 @@ def register(sub) -> None:
     f.add_argument("--static-ratios", type=_ratios, default=None, help="ratios that get a FLOPs-matched static (Block Influence) baseline (default 1/3)")
     f.add_argument("--num-calib-texts", type=int, default=32, help="calibration texts (256 tokens each) for Block Influence and the K/V fit")
     f.add_argument("--kv-correction-method", default=None, choices=["kv", "state"],
-                   help="how the +kvfit methods fit skipped layers' K/V: kv = K/V after the norm, state = each layer's pre-norm input, then its own norm and K/V (default: see pop_disagg/pop/kv_correction.py)")
+                   help="how the +kvfit methods fit skipped layers' K/V: kv = K/V after the norm, state = each layer's pre-norm input, then its own norm and K/V (default: see pop_disagg/calib/kv_correction.py)")
     f.add_argument("--kv-fit-variants", default="", help="extra refit variants per --kv-fit-ratios, e.g. state,kv-chat,kv-4x (<method>[-chat|-prose][-<N>x])")
     f.add_argument("--only", help="comma-separated method names to run (besides full)")
     f.add_argument("--seed", type=int, default=0)
@@ -77,7 +77,7 @@ def _config(args: argparse.Namespace):
 
 def run_fidelity_command(args: argparse.Namespace) -> int:
     from ..eval.fidelity import run_fidelity
-    from ..pop.kv_correction import FILE_NAME as KV_FILE_NAME
+    from ..calib.kv_correction import FILE_NAME as KV_FILE_NAME
     from ..eval.report import markdown_report, plot_layer_curves, plot_quality_vs_ratio
 
     if args.threads:

@@ -42,3 +42,46 @@ def find_stop(text: str, stops: tuple[str, ...], new_len: int) -> int | None:
         if i != -1 and (best is None or i < best):
             best = i
     return best
+
+
+class OutputText:
+    """One request's output text as its tokens arrive: the one place stop strings are applied.
+
+    Incremental detokenization; the earliest stop string ends the text where it begins (the stop
+    string is not part of it); and until the request finishes, ``take`` holds back a tail that could
+    still turn out to be the start of a stop string, so streamed text never includes what the final
+    text cuts. The engine (library use) and the server's router (the workers get no stop strings)
+    both use it.
+    """
+
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = tuple(stops)
+        self._hold = max(map(len, self.stops), default=1) - 1
+        self.cut: int | None = None  # where the stop string begins, once one matched
+        self.emitted = 0  # characters already handed out by take()
+
+    @property
+    def is_stopped(self) -> bool:
+        return self.cut is not None
+
+    @property
+    def text(self) -> str:
+        """The text so far, ending before the stop string once one matched."""
+        return self.detok.text if self.cut is None else self.detok.text[: self.cut]
+
+    def add(self, token_id: int) -> bool:
+        """Append one token; True when it completes a stop string (the output ends here)."""
+        new_text = self.detok.add(token_id)
+        if self.stops and new_text and self.cut is None:
+            self.cut = find_stop(self.detok.text, self.stops, len(new_text))
+        return self.cut is not None
+
+    def take(self, is_finished: bool) -> str:
+        """The text not handed out yet; while unfinished, less what a stop string could still claim."""
+        visible = self.text
+        if not is_finished and self.cut is None and self.stops:
+            visible = visible[: max(self.emitted, len(visible) - self._hold)]
+        new = visible[self.emitted :]
+        self.emitted = len(visible)
+        return new

@@ -29,6 +29,12 @@ from .kv_cache import BlockManager
 from .request import Request, RequestStatus
 
 
+def reserved_tokens(num_prompt_tokens: int, max_new_tokens: int, context_limit: int) -> int:
+    """KV slots a request holds from admission: its prompt plus ``max_new_tokens``, capped by the
+    context (the server's admission control sizes requests by the same rule)."""
+    return min(num_prompt_tokens + max_new_tokens, context_limit)
+
+
 @dataclass
 class SchedulerOutput:
     prefill: list[Request]  # requests whose prompt prefix (chunked: next chunk) is encoded this step
@@ -56,7 +62,7 @@ class Scheduler:
         self.reserved: list[Request] = []  # disaggregated decode: blocks held, K/V in transit
 
     def budget_tokens(self, req: Request) -> int:
-        return min(req.num_prompt_tokens + req.params.max_new_tokens, self.context_limit)
+        return reserved_tokens(req.num_prompt_tokens, req.params.max_new_tokens, self.context_limit)
 
     def prefill_len(self, req: Request) -> int:
         return req.num_prompt_tokens if self.prefill_covers_last else req.num_prompt_tokens - 1

@@ -11,7 +11,7 @@ For one model, every method in one run (the paper's Tables 1, 3 and 4, at small 
 * ``static-*``: ShortGPT-style static pruning (same layers gone in both stages): the layers with the
   lowest Block Influence, as many as save POP's prefill FLOPs (``static-bi``), and POP's own
   layers (``static-same``).
-* ``*+kvfit``: POP with least-squares-corrected skipped-layer K/V (``pop_disagg/pop/kv_correction.py``),
+* ``*+kvfit``: POP with least-squares-corrected skipped-layer K/V (``pop_disagg/calib/kv_correction.py``),
   fitted with ``kv_correction_method``; ``*+kvfit:<variant>`` the refit variants compared in
   benchmarks/README.md (``<method>[-chat|-prose][-<N>x]``: the fit method, the calibration source
   and N times the calibration texts).
@@ -40,7 +40,7 @@ from ..models.attention import PrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from . import metrics
-from ..pop.kv_correction import DEFAULT_METHOD, METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
+from ..calib.kv_correction import DEFAULT_METHOD, METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
 from .data import BIGBENCH_TASKS, TEXT_SOURCES, ChoiceExample, DataNotInstalledError, TextWindow, bigbench_task, split_encode, text_windows
 from .scorer import CachedScorer, Method
 from .static_prune import block_influence, matched_static_count, prefill_flops_saving, static_plan_from_influence

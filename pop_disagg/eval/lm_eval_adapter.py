@@ -69,7 +69,7 @@ class POPLM(LM):
         plan: PrunePlan = prune.resolve(self.model.arch.num_layers)
         prefill_models = {}
         if kv_correction:
-            from ..pop.kv_correction import KVCorrection, load_corrected_prefill_model
+            from ..calib.kv_correction import KVCorrection, load_corrected_prefill_model
 
             corr = KVCorrection.load(kv_correction)
             if corr.plan.skip_layers != plan.skip_layers:

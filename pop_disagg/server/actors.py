@@ -110,7 +110,7 @@ class PrefillActor(_Shell):
         self.spec = spec
         self.model = load_model(path, spec.engine.dtype, spec.engine.device, prefill_only_plan=spec.family.union_plan if spec.family else spec.plan)
         if spec.kv_correction is not None:
-            from ..pop.kv_correction import KVCorrection, apply_to_prefill_model
+            from ..calib.kv_correction import KVCorrection, apply_to_prefill_model
 
             apply_to_prefill_model(self.model, KVCorrection.load(spec.kv_correction))
         self.senders = {}  # decode index -> KVSender (shared with the worker)

@@ -148,7 +148,7 @@ class Deployment:
             raise ValueError("the disaggregated topology needs independent_kv and boundary_handling (ablation plans run colocated)")
         eos = tuple(sorted(set(arch.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())))
         if config.kv_correction is not None:
-            from ..pop.kv_correction import KVCorrection
+            from ..calib.kv_correction import KVCorrection
 
             fitted = KVCorrection.load(config.kv_correction).plan
             if fitted.skip_layers != plan.skip_layers:

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 from ..models.attention import PrefillAttention
 from ..models.decoder import CausalLM
-from .plan import PlanError, PrunePlan
+from ..pop.plan import PlanError, PrunePlan
 
 FILE_NAME = "kv_correction.safetensors"
 METHODS = ("kv", "state")
