@@ -36,10 +36,10 @@ import numpy as np  # noqa: E402
 
 from pop_disagg._proto import generation_pb2 as pb  # noqa: E402
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc  # noqa: E402
-from pop_disagg.server.grpc_server import GenerationServicer  # noqa: E402
-from pop_disagg.server.http_api import HttpFrontEnd  # noqa: E402
-from pop_disagg.server.protocol import GenerateResult  # noqa: E402
-from pop_disagg.server.router import Delta  # noqa: E402
+from pop_disagg.limits import ModelLimits  # noqa: E402
+from pop_disagg.server.frontend.grpc_api import GenerationServicer  # noqa: E402
+from pop_disagg.server.frontend.http_api import HttpFrontEnd  # noqa: E402
+from pop_disagg.server.control.calls import Delta, GenerateResult  # noqa: E402
 
 
 class InstantRouter:
@@ -62,16 +62,16 @@ class InstantRouter:
 
 def fake_server(num_chunks: int):
     arch = types.SimpleNamespace(vocab_size=1000, family="fake", num_layers=1, eos_token_ids=[2])
-    engine = types.SimpleNamespace(context_limit=lambda arch: 4096)
-    config = types.SimpleNamespace(worker_engine=engine, engine=types.SimpleNamespace(model="fake"), topology="fake", prefill="none")
+    config = types.SimpleNamespace(engine=types.SimpleNamespace(model="fake"), topology="fake", prefill="none")
     dep = types.SimpleNamespace(config=config, arch=arch, tokenizer=None, plan=None, prefill=[], decode=[])
     router = InstantRouter(num_chunks)
 
     async def model_info():
         return {"model": "fake"}
 
-    return types.SimpleNamespace(deployment=dep, router=router, served_model_name="fake", is_serving=True,
-                                 started_at=time.time(), model_info=model_info), dep, router
+    limits = ModelLimits(arch.vocab_size, 4096)
+    return types.SimpleNamespace(deployment=dep, router=router, limits=limits, metrics=None, served_model_name="fake",
+                                 is_serving=True, started_at=time.time(), model_info=model_info), dep, router
 
 
 def serve_forever(num_chunks: int, conn) -> None:
@@ -80,7 +80,7 @@ def serve_forever(num_chunks: int, conn) -> None:
 
     async def run():
         g = grpc.aio.server()
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(dep, router), g)
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(server), g)
         port = g.add_insecure_port("127.0.0.1:0")
         await g.start()
         http_port = await HttpFrontEnd(server).start("127.0.0.1", 0)

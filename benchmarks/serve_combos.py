@@ -25,8 +25,8 @@ import torch
 from pop_disagg._proto import generation_pb2 as pb
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc
 from pop_disagg.config import EngineConfig
-from pop_disagg.server.deploy import ServeConfig
-from pop_disagg.server.grpc_server import BackgroundServer
+from pop_disagg.config import ServeConfig
+from pop_disagg.server.app import BackgroundServer
 
 COMBOS = [("disaggregated", "pop"), ("disaggregated", "full"), ("colocated", "pop"), ("colocated", "full")]
 

@@ -49,8 +49,8 @@ import ray
 from pop_disagg._proto import generation_pb2 as pb
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc
 from pop_disagg.config import EngineConfig
-from pop_disagg.server.deploy import ServeConfig
-from pop_disagg.server.grpc_server import BackgroundServer
+from pop_disagg.config import ServeConfig
+from pop_disagg.server.app import BackgroundServer
 
 NORMAL_DEADLINE_S = 60.0
 HANG_MARGIN_S = 10.0

@@ -1,7 +1,8 @@
 """The configuration tree: frozen, validated once at the boundary (CLI, server, tests).
 
 ``EngineConfig`` says what model to run and how (dtype, device, KV budget, batching limits, prune
-plan). Values that depend on the checkpoint (the resolved plan, the context limit) are computed
+plan); ``ServeConfig`` wraps it with how the server deploys it (topology, worker counts, timeouts,
+placement, the served plan family). Values that depend on the checkpoint (the resolved plan, the context limit) are computed
 from it by methods that take the ``ModelArch``; nothing mutates a config after construction.
 """
 
@@ -12,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .models.arch import ModelArch
-from .pop.plan import PlanError, PrunePlan
+from .pop.plan import PlanError, PlanFamily, PrunePlan
 
 
 class PruneConfig(BaseModel):
@@ -80,3 +81,95 @@ class EngineConfig(BaseModel):
 
     def plan(self, arch: ModelArch) -> PrunePlan:
         return self.prune.resolve(arch.num_layers)
+
+
+Strategy = Literal["pack", "spread"]
+
+
+class PlacementConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    strategy: Strategy = Field("pack", description="pack: prefill/decode pairs share a node; spread: roles on different nodes")
+    timeout_s: float = Field(120.0, gt=0, description="start-up fails if the placement group is not ready by then")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPU in each bundle; default: 1 per GPU worker (an equal share when the cluster has fewer CPUs), a token share per CPU worker")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: EngineConfig = EngineConfig()
+    topology: Literal["disaggregated", "colocated"] = "disaggregated"
+    prefill: Literal["pop", "full"] = "pop"
+    num_prefill: int = Field(1, ge=1)
+    num_decode: int = Field(1, ge=1)
+    transfer_timeout_s: float = Field(30.0, gt=0, description="a KV transfer that stalls this long fails its request")
+    worker_timeout_s: float = Field(30.0, gt=0, description="a worker that answers no health probe this long is declared dead and restarted")
+    kv_failure_policy: Literal["recompute", "fail"] = Field("recompute", description="a request whose KV transfer failed is re-prefilled (recompute) or failed with UNAVAILABLE")
+    num_threads: int = Field(1, ge=1, description="torch threads per worker actor")
+    kv_correction: str | None = Field(None, description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)")
+    placement: PlacementConfig = PlacementConfig()
+    prune_ratios: tuple[float, ...] | None = Field(None, description="a last-layers plan family; the first ratio is the default")
+    prune_family: str | None = Field(None, description="a plan family JSON from `pop-disagg plan --ratios`")
+    adaptive_depth: bool = Field(False, description="requests without prune_ratio get the mildest plan predicted to meet the TTFT SLO")
+    ttft_slo_ms: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_depth(self) -> "ServeConfig":
+        if self.has_family:
+            if self.prune_ratios is not None and self.prune_family is not None:
+                raise ValueError("choose one of --prune-ratios and a family --prune-plan")
+            if self.engine.prune != PruneConfig():
+                raise ValueError("a plan family (--prune-ratios / family --prune-plan) replaces --prune-ratio / --skip-layers / --no-prune")
+            if not (self.is_disaggregated and self.prefill == "pop"):
+                raise ValueError("a plan family needs --topology disaggregated --prefill pop (the prefill worker picks the plan per request)")
+            if self.kv_correction is not None:
+                raise ValueError("kv_correction: not supported with a plan family yet (it is fitted for one plan's skipped layers); serve one plan with --prune-ratio / --prune-plan")
+        if self.adaptive_depth and (self.ttft_slo_ms is None or not self.has_family or (self.prune_ratios is not None and len(self.prune_ratios) < 2)):
+            raise ValueError("--adaptive-depth needs --ttft-slo-ms and a plan family of two or more plans (--prune-ratios 0.2,0.33,0.5)")
+        if self.ttft_slo_ms is not None and not self.adaptive_depth:
+            raise ValueError("--ttft-slo-ms is the target of --adaptive-depth; give both")
+        return self
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.prefill == "full" and not self.engine.prune.no_prune and self.engine.prune != PruneConfig():
+            raise ValueError("--prefill full runs every layer; drop --prune-ratio / --prune-plan")
+        if self.kv_correction is not None and not (self.is_disaggregated and self.prefill == "pop"):
+            # Only a prefill-only instance can swap in the fitted K/V weights: a colocated engine
+            # shares them with decode, which must keep the originals.
+            raise ValueError("kv_correction: needs --topology disaggregated --prefill pop")
+        return self
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return self.topology == "disaggregated"
+
+    @property
+    def has_family(self) -> bool:
+        return self.prune_ratios is not None or self.prune_family is not None
+
+    @property
+    def worker_engine(self) -> EngineConfig:
+        """The engine config every worker runs: ``full`` means the empty plan; a family, its default plan."""
+        if self.prefill == "full":
+            return self.engine.model_copy(update={"prune": PruneConfig(no_prune=True)})
+        if self.prune_ratios is not None:
+            return self.engine.model_copy(update={"prune": PruneConfig(ratio=self.prune_ratios[0])})
+        if self.prune_family is not None:
+            return self.engine.model_copy(update={"prune": PruneConfig(skip_layers=PlanFamily.load(self.prune_family).default_plan.skip_layers)})
+        return self.engine
+
+    def family(self, arch) -> PlanFamily:
+        """The plans the server offers (mildest first); one plan is a family of one."""
+        if self.prune_ratios is not None:
+            return PlanFamily.from_ratios(arch.num_layers, list(self.prune_ratios))
+        if self.prune_family is not None:
+            return PlanFamily.load(self.prune_family, arch.num_layers)
+        plan = self.worker_engine.plan(arch)
+        nominal = self.worker_engine.prune.ratio if self.worker_engine.prune.ratio is not None else round(plan.ratio, 4)
+        return PlanFamily(ratios=(nominal,), plans=(plan,), default_ratio=nominal)
+
+    @property
+    def label(self) -> str:
+        size = f"{self.num_prefill}P{self.num_decode}D" if self.is_disaggregated else f"{self.num_decode}x"
+        return f"{self.topology}+{self.prefill} ({size})"

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from pop_disagg._proto import generation_pb2 as pb
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc
 from pop_disagg.config import EngineConfig
-from pop_disagg.server.deploy import ServeConfig
-from pop_disagg.server.grpc_server import BackgroundServer
+from pop_disagg.config import ServeConfig
+from pop_disagg.server.app import BackgroundServer
 
 CONTEXT = 512
 INT32 = st.integers(-(2**31), 2**31 - 1)
@@ -50,14 +50,14 @@ def _wait_idle(server, timeout=20.0):
 
 def _call(n, m):
     from pop_disagg.engine.sampling import SamplingParams
-    from pop_disagg.server.protocol import GenerateCall
+    from pop_disagg.server.control.calls import GenerateCall
 
     return GenerateCall(list(range(n)), SamplingParams(max_new_tokens=m), None)
 
 
 def test_admission_order_and_default_bound():
     """Plain Python: draining beats everything, never-fits beats a full queue, the bound counts waiting only."""
-    from pop_disagg.server.admission import Admission, KVLimits, default_max_queued_requests
+    from pop_disagg.server.control.admission import Admission, KVLimits, default_max_queued_requests
     from pop_disagg.server.errors import Draining, Overloaded
 
     assert default_max_queued_requests([85, 85], 64) == 128 and default_max_queued_requests([10], 64) == 10

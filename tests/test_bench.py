@@ -284,8 +284,8 @@ def tiny_server(tmp_path_factory):
     import ray
     from pop_disagg.config import EngineConfig
     from pop_disagg.models.tiny import make_tiny_model
-    from pop_disagg.server.deploy import ServeConfig
-    from pop_disagg.server.grpc_server import BackgroundServer
+    from pop_disagg.config import ServeConfig
+    from pop_disagg.server.app import BackgroundServer
 
     path = str(make_tiny_model(tmp_path_factory.mktemp("bench-tiny"), "llama", seed=5))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

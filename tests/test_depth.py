@@ -29,7 +29,7 @@ from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.models.attention import PrefillAttention
 from pop_disagg.models.loader import load_model
 from pop_disagg.pop.plan import PlanError, PlanFamily, PrunePlan
-from pop_disagg.server.depth import DepthController, kv_share, plan_costs
+from pop_disagg.server.control.depth import DepthController, kv_share, plan_costs
 
 # Tiny checkpoints have 6 layers: these ratios skip 1, 2 and 3 of them.
 RATIOS = (0.17, 0.34, 0.5)
@@ -256,7 +256,7 @@ def test_controller_goes_deeper_as_the_queue_grows_and_back_as_it_drains(caplog)
     assert counts[names[3]] == chosen.count(3) + drained.count(3)
     with caplog.at_level(logging.INFO, logger="pop_disagg.serve"):
         clock.t += 5.0
-        ctl.choose(0, 100, requested_ratio=0.5)  # an explicit ratio bypasses the controller and is counted
+        ctl.choose(0, 100, requested_index=ctl.family.index_of(0.5))  # an explicit ratio bypasses the controller and is counted
     assert registry.get_sample_value("pop_disagg:prefill_plan_total", {"ratio": "0.5"}) == counts["0.5"] + 1
     assert any("prefill depth mix" in r.getMessage() and "0.5" in r.getMessage() for r in caplog.records)
 
@@ -282,7 +282,7 @@ def test_fixed_default_without_adaptive_and_overhead_counts():
 # ---- configuration ---------------------------------------------------------------------------------
 def test_serve_config_validates_depth_options(tmp_path):
     from pop_disagg.commands.serve import add_serve_args, serve_config
-    from pop_disagg.server.deploy import ServeConfig
+    from pop_disagg.config import ServeConfig
 
     import argparse
 
@@ -314,8 +314,8 @@ def test_served_family_per_request_depth_equals_engine(tmp_path_factory):
     from pop_disagg._proto import generation_pb2 as pb
     from pop_disagg._proto import generation_pb2_grpc as pb_grpc
     from pop_disagg.models.tiny import make_tiny_model
-    from pop_disagg.server.deploy import ServeConfig
-    from pop_disagg.server.grpc_server import BackgroundServer
+    from pop_disagg.config import ServeConfig
+    from pop_disagg.server.app import BackgroundServer
 
     path = str(make_tiny_model(tmp_path_factory.mktemp("depth-tiny"), "qwen2", seed=3))
     engine_cfg = EngineConfig(model=path, kv_cache_memory_mb=2, block_size=4, max_model_len=256)

@@ -30,8 +30,8 @@ from pop_disagg.disagg.prefill_worker import PrefillTask, PrefillWorker
 from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.models.loader import load_model
-from pop_disagg.server.deploy import ServeConfig
-from pop_disagg.server.grpc_server import BackgroundServer
+from pop_disagg.config import ServeConfig
+from pop_disagg.server.app import BackgroundServer
 
 TRANSFER_TIMEOUT_S = 4.0
 WORKER_TIMEOUT_S = 5.0

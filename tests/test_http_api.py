@@ -24,8 +24,8 @@ import ray  # noqa: E402
 from pop_disagg._proto import generation_pb2 as pb  # noqa: E402
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc  # noqa: E402
 from pop_disagg.config import EngineConfig  # noqa: E402
-from pop_disagg.server.deploy import ServeConfig  # noqa: E402
-from pop_disagg.server.grpc_server import BackgroundServer  # noqa: E402
+from pop_disagg.config import ServeConfig  # noqa: E402
+from pop_disagg.server.app import BackgroundServer  # noqa: E402
 
 MODEL = "smollm2"
 PROMPT = "The three primary colors are"

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pop_disagg._proto import generation_pb2 as pb
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc
 from pop_disagg.config import EngineConfig
-from pop_disagg.server.deploy import ServeConfig
-from pop_disagg.server.grpc_server import BackgroundServer
-from pop_disagg.server.metrics import ServerMetrics
+from pop_disagg.config import ServeConfig
+from pop_disagg.server.app import BackgroundServer
+from pop_disagg.server.control.metrics import ServerMetrics
 
 SERIES = [
     "num_requests_running", "num_requests_waiting", "request_success_total", "request_failure_total",

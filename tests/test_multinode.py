@@ -34,9 +34,10 @@ from pop_disagg.config import EngineConfig
 from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.models.loader import load_model
-from pop_disagg.server.deploy import ServeConfig
-from pop_disagg.server.grpc_server import BackgroundServer
-from pop_disagg.server.placement import PlacementConfig, PlacementError
+from pop_disagg.config import ServeConfig
+from pop_disagg.server.app import BackgroundServer
+from pop_disagg.config import PlacementConfig
+from pop_disagg.server.workers.placement import PlacementError
 
 PROMPT_LENS = (2, 9, 23)
 MAX_NEW = 6

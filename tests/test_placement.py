@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 
-from pop_disagg.server.placement import NodeInfo, PlacementConfig, WorkerLocation, bundle_for, default_cpus, gpus_per_worker, pair_backend, plan
-from pop_disagg.server.placement import TOKEN_CPUS, PlacementError
+from pop_disagg.config import PlacementConfig
+from pop_disagg.server.workers.placement import NodeInfo, WorkerLocation, bundle_for, default_cpus, gpus_per_worker, pair_backend, plan
+from pop_disagg.server.workers.placement import TOKEN_CPUS, PlacementError
 
 GPU = {"GPU": 1.0, "CPU": 1.0}
 CPU = {"CPU": 1.0}
@@ -148,8 +149,8 @@ def test_router_prefers_a_same_node_prefill_worker_only_between_equal_loads():
     K/V cross no network; otherwise the least-loaded one does, wherever it runs."""
     import types
 
-    from pop_disagg.server.deploy import Deployment
-    from pop_disagg.server.router import least_loaded_prefill
+    from pop_disagg.server.workers.deploy import Deployment
+    from pop_disagg.server.control.router import least_loaded_prefill
 
     # 2P2D: prefill 0 on node a, prefill 1 on node b; decode 0 on b, decode 1 on a.
     locs = [WorkerLocation("prefill", 0, "a", "10.0.0.1"), WorkerLocation("prefill", 1, "b", "10.0.0.2"),

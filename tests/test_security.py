@@ -23,9 +23,9 @@ from pop_disagg.bench.backends import GrpcBackend
 from pop_disagg.bench.runner import RunSettings, ServerUnreachable, check_server, run_requests
 from pop_disagg.bench.workloads import BenchRequest
 from pop_disagg.config import EngineConfig
-from pop_disagg.server.auth import TOKEN_ENV, is_authorized, token_from_env
-from pop_disagg.server.deploy import ServeConfig
-from pop_disagg.server.grpc_server import BackgroundServer
+from pop_disagg.server.frontend.auth import TOKEN_ENV, is_authorized, token_from_env
+from pop_disagg.config import ServeConfig
+from pop_disagg.server.app import BackgroundServer
 
 TOKEN = "s3cret-token-0123456789"
 MSG = pb.GenerateRequest(prompt_token_ids=[5, 6, 7, 8], max_new_tokens=4, ignore_eos=True)
@@ -87,7 +87,7 @@ def test_token_checks_and_env():
 
 
 def test_token_must_be_printable_ascii():
-    from pop_disagg.server.auth import BearerAuthInterceptor
+    from pop_disagg.server.frontend.auth import BearerAuthInterceptor
 
     for bad in ("", "caf\u00e9", "two words", "tab\t"):
         with pytest.raises(ValueError, match="auth token"):

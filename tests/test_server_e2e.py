@@ -23,8 +23,8 @@ from pop_disagg.config import EngineConfig  # noqa: E402
 from pop_disagg.engine.engine import LLMEngine  # noqa: E402
 from pop_disagg.engine.sampling import SamplingParams  # noqa: E402
 from pop_disagg.models.loader import load_model  # noqa: E402
-from pop_disagg.server.deploy import ServeConfig  # noqa: E402
-from pop_disagg.server.grpc_server import BackgroundServer  # noqa: E402
+from pop_disagg.config import ServeConfig  # noqa: E402
+from pop_disagg.server.app import BackgroundServer  # noqa: E402
 
 PROMPT_LENS = (1, 3, 9, 17, 40)
 MAX_NEW = (5, 9, 3, 12, 7)

@@ -46,7 +46,7 @@ class GrpcBackend:
     @contextlib.asynccontextmanager
     async def connect(self):
         from .._proto.generation_pb2_grpc import GenerationStub
-        from ..server.auth import bearer_metadata
+        from ..server.frontend.auth import bearer_metadata
 
         md = bearer_metadata(self.auth_token)
         async with _channel(self.target, self.tls_ca) as channel:

@@ -38,7 +38,7 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receiv
 def _channel(target: str, tls_ca: str | None):
     import grpc
 
-    from ..server.auth import channel_credentials
+    from ..server.frontend.auth import channel_credentials
 
     creds = channel_credentials(tls_ca)
     if creds is None:
@@ -105,7 +105,7 @@ async def check_server(target: str, connect_timeout_s: float = 10.0, auth_token:
 
     from .._proto import generation_pb2 as pb
     from .._proto.generation_pb2_grpc import GenerationStub
-    from ..server.auth import bearer_metadata
+    from ..server.frontend.auth import bearer_metadata
 
     md = bearer_metadata(auth_token)
     async with _channel(target, tls_ca) as channel:

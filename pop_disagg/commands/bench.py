@@ -148,7 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
     target = args.base_url or args.server
     if not target:
         raise ValueError("--server HOST:PORT (grpc) or --base-url URL (openai backends) is required")
-    from ..server.auth import token_from_env
+    from ..server.frontend.auth import token_from_env
 
     api_key = token_from_env(args.auth_token) or (os.environ.get("OPENAI_API_KEY") if args.backend != "grpc" else None)
     backend = make_backend(args.backend, target, model=args.model, api_key=api_key, tls_ca=args.tls_ca)

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .._proto import generation_pb2 as pb
     from .._proto import generation_pb2_grpc as pb_grpc
-    from ..server.auth import bearer_metadata, channel_credentials, token_from_env
+    from ..server.frontend.auth import bearer_metadata, channel_credentials, token_from_env
 
     creds = channel_credentials(args.tls_ca)
     md = bearer_metadata(token_from_env(args.auth_token))

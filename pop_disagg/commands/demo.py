@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .._proto import generation_pb2 as pb
     from .._proto import generation_pb2_grpc as pb_grpc
-    from ..server.grpc_server import BackgroundServer
+    from ..server.app import BackgroundServer
     from .client import _summary
     from .serve import init_ray, serve_config
 

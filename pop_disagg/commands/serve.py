@@ -72,8 +72,7 @@ def serve_config(args: argparse.Namespace):
     import os
 
     from ..config import EngineConfig
-    from ..server.deploy import ServeConfig
-    from ..server.placement import PlacementConfig
+    from ..config import PlacementConfig, ServeConfig
 
     num_workers = args.num_decode + (args.num_prefill if args.topology == "disaggregated" else 0)
     threads = args.threads or max(1, (os.cpu_count() or 1) // num_workers)
@@ -108,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     config = serve_config(args)  # validate before starting anything
     import ray
 
-    from ..server.auth import token_from_env
-    from ..server.grpc_server import Server
+    from ..server.frontend.auth import token_from_env
+    from ..server.app import Server
 
     server = Server(config, args.host, args.port, metrics_port=args.metrics_port, max_queued_requests=args.max_queued_requests,
                     auth_token=token_from_env(args.auth_token), tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -41,9 +41,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .._proto import generation_pb2 as pb
+from ..._proto import generation_pb2 as pb
+from ...limits import InvalidRequest, ModelLimits
+from ..control.calls import GenerateCall, GenerateResult
+from ..errors import ServingError, Unauthenticated
 from . import protocol
-from .errors import ServingError, Unauthenticated
 
 log = logging.getLogger("pop_disagg.serve")
 
@@ -143,7 +145,7 @@ def error_of(exc: Exception) -> tuple[int, dict]:
     """(HTTP status, OpenAI error object) for anything a request can raise."""
     if isinstance(exc, OpenAIError):
         return exc.status, error_body(str(exc), exc.type, exc.param, exc.code)
-    if isinstance(exc, protocol.InvalidRequest):
+    if isinstance(exc, InvalidRequest):
         return 400, error_body(str(exc), "invalid_request_error", exc.field_name)
     if isinstance(exc, ValueError):
         return 400, error_body(str(exc), "invalid_request_error")
@@ -195,7 +197,7 @@ def _unsupported(req: _SamplingRequest) -> None:
                    ("top_logprobs", req.top_logprobs is not None, "logprobs are not supported yet")]
     for param, is_bad, why in checks:
         if is_bad:
-            raise protocol.InvalidRequest(param, why)
+            raise InvalidRequest(param, why)
 
 
 def _set(msg: pb.GenerateRequest, field: str, value, param: str) -> None:
@@ -205,7 +207,7 @@ def _set(msg: pb.GenerateRequest, field: str, value, param: str) -> None:
         else:
             setattr(msg, field, value)
     except (ValueError, TypeError) as exc:  # out of the wire type's range (int32, int64)
-        raise protocol.InvalidRequest(param, f"value out of range ({exc})") from None
+        raise InvalidRequest(param, f"value out of range ({exc})") from None
 
 
 def to_generate_request(req: _SamplingRequest, prompt: str | None, prompt_ids: list[int] | None) -> tuple[pb.GenerateRequest, dict[str, str]]:
@@ -237,7 +239,7 @@ def to_generate_request(req: _SamplingRequest, prompt: str | None, prompt_ids: l
     return msg, {"max_new_tokens": max_param, "prompt": prompt_param, "prompt_token_ids": prompt_param}
 
 
-def parse_call(req: _SamplingRequest, tokenizer, limits: protocol.ModelLimits) -> protocol.GenerateCall:
+def parse_call(req: _SamplingRequest, tokenizer, limits: ModelLimits) -> GenerateCall:
     """Validate with the gRPC API's rules (``protocol.parse_generate``), naming OpenAI's parameters."""
     _unsupported(req)
     if isinstance(req, ChatCompletionRequest):
@@ -246,29 +248,29 @@ def parse_call(req: _SamplingRequest, tokenizer, limits: protocol.ModelLimits) -
         prompt, prompt_ids = req.prompt, None
     elif req.prompt and isinstance(req.prompt[0], str):
         if len(req.prompt) != 1:
-            raise protocol.InvalidRequest("prompt", "a batch of prompts is not supported: send one prompt per request")
+            raise InvalidRequest("prompt", "a batch of prompts is not supported: send one prompt per request")
         prompt, prompt_ids = req.prompt[0], None
     else:
         prompt, prompt_ids = None, list(req.prompt)
     msg, rename = to_generate_request(req, prompt, prompt_ids)
     try:
         return protocol.parse_generate(msg, tokenizer, limits)
-    except protocol.InvalidRequest as exc:
+    except InvalidRequest as exc:
         param = rename.get(exc.field_name, exc.field_name)
-        raise protocol.InvalidRequest(param, str(exc).split(": ", 1)[1]) from None
+        raise InvalidRequest(param, str(exc).split(": ", 1)[1]) from None
 
 
 def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
     """Prompt token ids of the conversation, with the assistant's turn opened (the chat template)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise protocol.InvalidRequest("messages", "the served model has no chat template: use /v1/completions")
+        raise InvalidRequest("messages", "the served model has no chat template: use /v1/completions")
     text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text} for m in messages], add_generation_prompt=True, tokenize=False)
     # The rendered text already holds the special tokens; adding them again would double BOS.
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 # ---- responses -----------------------------------------------------------------------------------
-def _usage(r: protocol.GenerateResult) -> dict:
+def _usage(r: GenerateResult) -> dict:
     return {"prompt_tokens": r.num_prompt_tokens, "completion_tokens": r.num_output_tokens, "total_tokens": r.num_prompt_tokens + r.num_output_tokens}
 
 
@@ -296,12 +298,12 @@ class _Render:
             choice["token_ids"] = list(token_ids)
         return choice
 
-    def body(self, r: protocol.GenerateResult) -> dict:
+    def body(self, r: GenerateResult) -> dict:
         out = self._head("chat.completion" if self.is_chat else "text_completion")
         return {**out, "choices": [self._choice(r.text, r.token_ids, r.finish_reason, is_delta=False)], "usage": _usage(r)}
 
     def chunk(self, item, is_first: bool) -> dict | None:
-        finish = item.finish_reason if isinstance(item, protocol.GenerateResult) else None
+        finish = item.finish_reason if isinstance(item, GenerateResult) else None
         if not (item.text or finish or is_first or (self.return_token_ids and item.token_ids)):
             return None  # held back text (a possible stop string) with nothing to show
         out = self._head("chat.completion.chunk" if self.is_chat else "text_completion")
@@ -310,7 +312,7 @@ class _Render:
             out["usage"] = None
         return out
 
-    def usage_chunk(self, r: protocol.GenerateResult) -> dict:
+    def usage_chunk(self, r: GenerateResult) -> dict:
         out = self._head("chat.completion.chunk" if self.is_chat else "text_completion")
         return {**out, "choices": [], "usage": _usage(r)}
 
@@ -338,7 +340,7 @@ async def _events(agen, first, render: _Render):
             if chunk is not None:
                 yield _sse(chunk)
                 is_first = False
-            if isinstance(item, protocol.GenerateResult):
+            if isinstance(item, GenerateResult):
                 break
             item = await agen.__anext__()
         if render.include_usage:
@@ -411,8 +413,7 @@ class _Guard:
 def create_app(server) -> FastAPI:
     """The FastAPI app over a started ``Server`` (its router, tokenizer, limits and serving state)."""
     app = FastAPI(title="pop-disagg", docs_url=None, redoc_url=None, openapi_url=None)
-    dep = server.deployment
-    limits = protocol.ModelLimits(dep.arch.vocab_size, dep.config.worker_engine.context_limit(dep.arch), dep.family.ratios)
+    dep, limits = server.deployment, server.limits
     model_name = server.served_model_name
 
     @app.exception_handler(RequestValidationError)

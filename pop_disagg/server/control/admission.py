@@ -20,8 +20,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .errors import Draining, Overloaded
-from .protocol import GenerateCall, InvalidRequest
+from ...engine.scheduler import reserved_tokens
+from ...limits import InvalidRequest
+from ..errors import Draining, Overloaded
+from .calls import GenerateCall
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,8 @@ class KVLimits:
     context_limit: int
 
     def blocks_for(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
-        # The decode worker reserves prompt + max_new_tokens, capped by the context (Scheduler.budget_tokens).
-        return -(-min(num_prompt_tokens + max_new_tokens, self.context_limit) // self.block_size)
+        # What the decode worker's scheduler will reserve for it (the same rule).
+        return -(-reserved_tokens(num_prompt_tokens, max_new_tokens, self.context_limit) // self.block_size)
 
 
 def default_max_queued_requests(num_blocks_per_worker: list[int], max_num_seqs: int) -> int:

@@ -29,7 +29,7 @@ from collections import Counter as Tally
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..pop.plan import PlanFamily
+from ...pop.plan import PlanFamily
 
 log = logging.getLogger("pop_disagg.serve")
 
@@ -121,14 +121,12 @@ class DepthController:
         return self.queued_s(worker) + num_tokens * s + self.overhead_s
 
     # ---- the decision -------------------------------------------------------------------------
-    def choose(self, worker: int | None, num_tokens: int, requested_ratio: float | None = None) -> int:
+    def choose(self, worker: int | None, num_tokens: int, requested_index: int | None = None) -> int:
         """Index into the family of the plan for a request of ``num_tokens`` prefill tokens bound
-        for prefill worker ``worker`` (None: colocated, the engine's own plan); ``requested_ratio``
-        was validated by the protocol."""
-        if requested_ratio is not None:
-            index = self.family.index_of(requested_ratio)
-            if index is None:
-                raise ValueError(f"prune_ratio: {requested_ratio:g} is not served; allowed: {', '.join(self.family.names)}")
+        for prefill worker ``worker`` (None: colocated, the engine's own plan); ``requested_index``
+        is the plan the request's ``prune_ratio`` named, resolved at the edge (``ModelLimits.plan_index``)."""
+        if requested_index is not None:
+            index = requested_index
         elif not self.adaptive or worker is None:
             index = self.default_index
         else:

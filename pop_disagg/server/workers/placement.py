@@ -34,25 +34,16 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from ...config import PlacementConfig, Strategy
 
 log = logging.getLogger("pop_disagg.serve")
 
-Strategy = Literal["pack", "spread"]
 NODE_ID_LABEL = "ray.io/node-id"  # set by Ray on every node
 _EPS = 1e-9  # Ray resources are fixed-point (1e-4); fractional bundles must not fail on rounding
 
 
 class PlacementError(RuntimeError):
     """The cluster cannot hold the workers asked for (now, or within the timeout)."""
-
-
-class PlacementConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    strategy: Strategy = Field("pack", description="pack: prefill/decode pairs share a node; spread: roles on different nodes")
-    timeout_s: float = Field(120.0, gt=0, description="start-up fails if the placement group is not ready by then")
-    cpus_per_worker: float | None = Field(None, gt=0, description="CPU in each bundle; default: 1 per GPU worker (an equal share when the cluster has fewer CPUs), a token share per CPU worker")
 
 
 @dataclass(frozen=True)

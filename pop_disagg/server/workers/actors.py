@@ -20,38 +20,23 @@ import asyncio
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 import ray
 import torch
 
-from ..config import EngineConfig
-from ..pop.plan import PlanFamily, PrunePlan
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What every worker actor is built from (picklable)."""
-
-    engine: EngineConfig
-    plan: PrunePlan  # the prefill plan (empty for --prefill full)
-    num_threads: int  # torch intra-op threads in this actor
-    transfer_timeout_s: float
-    eos_token_ids: tuple[int, ...] = ()
-    kv_correction: str | None = None  # fitted K/V weights for the prefill worker's skipped layers
-    family: PlanFamily | None = None  # plans a request may pick (``plan`` is its default); the prefill model is built for the mildest
+from .spec import WorkerSpec
 
 
 def _setup(spec: WorkerSpec):
-    from ..models.loader import load_model
-    from ..models.registry import resolve_model
+    from ...models.loader import load_model
+    from ...models.registry import resolve_model
 
     torch.set_num_threads(spec.num_threads)
     device = spec.engine.device
     if device == "cuda":
         torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
     else:
-        from ..models import cpu_blas
+        from ...models import cpu_blas
 
         cpu_blas.configure(spec.engine.cpu_blas)  # the prefill worker builds no engine
     return str(resolve_model(spec.engine.model)), load_model
@@ -104,13 +89,13 @@ _ACTOR_OPTIONS = dict(num_cpus=0, max_concurrency=1000, concurrency_groups={"hea
 @ray.remote(**_ACTOR_OPTIONS)
 class PrefillActor(_Shell):
     def __init__(self, spec: WorkerSpec):
-        from ..disagg.prefill_worker import PrefillWorker
+        from ...disagg.prefill_worker import PrefillWorker
 
         path, load_model = _setup(spec)
         self.spec = spec
         self.model = load_model(path, spec.engine.dtype, spec.engine.device, prefill_only_plan=spec.family.union_plan if spec.family else spec.plan)
         if spec.kv_correction is not None:
-            from ..calib.kv_correction import KVCorrection, apply_to_prefill_model
+            from ...calib.kv_correction import KVCorrection, apply_to_prefill_model
 
             apply_to_prefill_model(self.model, KVCorrection.load(spec.kv_correction))
         self.senders = {}  # decode index -> KVSender (shared with the worker)
@@ -124,7 +109,7 @@ class PrefillActor(_Shell):
     def _warm_up(self) -> None:
         """One small pass before serving: a cold process's first layer can take longer than the
         receiver's per-layer timeout once the header is on the wire (seen on a loaded host)."""
-        from ..models.attention import PrefillAttention
+        from ...models.attention import PrefillAttention
 
         n = 8
         ids = torch.arange(n, device=self.model.device) % self.model.arch.vocab_size
@@ -132,7 +117,7 @@ class PrefillActor(_Shell):
 
     async def listen(self, link: int) -> tuple[str, int]:
         """Host the rendezvous of the link to decode worker ``link``; returns its address."""
-        from ..disagg.kv_transfer import host_pair_store
+        from ...disagg.kv_transfer import host_pair_store
 
         store = await asyncio.to_thread(host_pair_store, self.node_address())
         self._stores[link] = store
@@ -140,7 +125,7 @@ class PrefillActor(_Shell):
 
     async def connect(self, link: int, backend: str) -> None:
         """Join the link's process group (after ``listen``; the decode end joins at the same time)."""
-        from ..disagg.kv_transfer import PREFILL_RANK, KVSender, connect_pair, link_signature
+        from ...disagg.kv_transfer import PREFILL_RANK, KVSender, connect_pair, link_signature
 
         arch = self.model.arch
         transport = await asyncio.to_thread(connect_pair, self._stores[link], PREFILL_RANK, backend, signature=link_signature(arch, self.model.dtype))
@@ -152,17 +137,18 @@ class PrefillActor(_Shell):
             self.worker.purge_link(link, why)
 
     async def prefill(self, request_id: str, transfer_id: int, link: int, prefix_ids: list[int], deadline: float | None = None,
-                      prune_ratio: float | None = None):
-        """Prefill ``prefix_ids`` (with the family plan ``prune_ratio`` names; None: the default) and send its K/V to decode worker ``link``; returns the outcome
-        once the last layer is on the wire (``outcome.error`` set if it failed)."""
-        from ..disagg.prefill_worker import PrefillOutcome, PrefillTask
+                      plan_index: int | None = None):
+        """Prefill ``prefix_ids`` with the family's plan ``plan_index`` (None: the default) and send its
+        K/V to decode worker ``link``; returns the outcome once the last layer is on the wire
+        (``outcome.error`` set if it failed)."""
+        from ...disagg.prefill_worker import PrefillOutcome, PrefillTask
 
         if request_id in self._aborted:
             now = time.time()
             return PrefillOutcome(request_id, "aborted", 0.0, 0.0, now, now)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        plan = self.spec.family.plan_for(prune_ratio) if prune_ratio is not None and self.spec.family else None
+        plan = self.spec.family.plans[plan_index] if plan_index is not None and self.spec.family else None
         self.worker.submit(PrefillTask(request_id, transfer_id, link, prefix_ids, lambda o: loop.call_soon_threadsafe(done.set_result, o), deadline=deadline, plan=plan))
         return await done
 
@@ -203,8 +189,8 @@ class DecodeActor(_Shell):
     """Decode worker (disaggregated) or the whole engine (colocated)."""
 
     def __init__(self, spec: WorkerSpec):
-        from ..disagg.decode_worker import DecodeWorker
-        from ..engine.engine import LLMEngine
+        from ...disagg.decode_worker import DecodeWorker
+        from ...engine.engine import LLMEngine
 
         path, load_model = _setup(spec)
         engine = LLMEngine(spec.engine, model=load_model(path, spec.engine.dtype, spec.engine.device))
@@ -221,7 +207,7 @@ class DecodeActor(_Shell):
 
     async def connect(self, link: int, address: tuple[str, int], backend: str) -> None:
         """Join the process group of the link from prefill worker ``link`` (re-creating it if any)."""
-        from ..disagg.kv_transfer import DECODE_RANK, connect_pair, link_signature
+        from ...disagg.kv_transfer import DECODE_RANK, connect_pair, link_signature
 
         engine = self.worker.engine
         transport = await asyncio.to_thread(connect_pair, tuple(address), DECODE_RANK, backend, signature=link_signature(engine.arch, engine.kv_cache.k.dtype))
@@ -230,7 +216,7 @@ class DecodeActor(_Shell):
     async def generate(self, request_id: str, prompt_token_ids: list[int], params, link: int | None, deadline: float | None = None):
         """Stream a request. ``link``: the prefill worker that sends its K/V; None = colocated.
         ``deadline`` (wall clock): past it the request ends with ``Failed(kind="deadline")``."""
-        from ..disagg.decode_worker import Failed, Tokens
+        from ...disagg.decode_worker import Failed, Tokens
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

@@ -1,22 +1,16 @@
-"""The gRPC servicer (thin: parse, call the router, convert) and the server's life cycle.
+"""The composition root: one ``Server`` builds the workers, the request plane and the front ends.
 
-Status codes: a request the server will not run -> ``INVALID_ARGUMENT`` naming the field; a dead
-worker, broken link or timed-out transfer -> ``UNAVAILABLE``; the client's deadline passed ->
-``DEADLINE_EXCEEDED`` (the deadline travels with the request to the router and the workers);
-anything unexpected -> ``INTERNAL``. A client that cancels or disconnects cancels the handler's
-task, which the router turns into aborts on both workers. ``Health`` reports the supervisor's
-view of every worker.
+``Server.start`` brings up the ``Deployment`` (workers on Ray), the ``Supervisor`` (health probes,
+replacement), admission control, metrics, the depth controller and the ``Router``, then the gRPC
+front end (``frontend/grpc_api.py``) and, with ``http_port``, the OpenAI-compatible HTTP front end
+(``frontend/http_api.py``) on the same loop and router. The request rules are built once here
+(``limits``: ``ModelLimits`` of the served model) and applied by both front ends.
 
-``Server`` also owns what makes it operable (see docs/serving.md, "Operating"): admission control
-(``admission.py``: queue bound, never-fits check, draining), Prometheus metrics (``metrics.py``,
-``server.metrics.registry``), bearer-token auth (``auth.py``, ``server.auth_token``), TLS, a maximum
-request size enforced by gRPC before a message is parsed, and ``drain``: stop admitting, let the
-requests in flight finish within a timeout, fail the rest with ``UNAVAILABLE``.
-
-Beside our own ``Generation`` service the server carries the standard ``grpc.health.v1.Health``
-(SERVING / NOT_SERVING for ``""`` and ``pop_disagg.v1.Generation``, from a periodic worker check
-and ``Server.set_serving``) and server reflection (``grpcurl list``); with ``http_port`` it also
-serves the OpenAI-compatible HTTP API (``http_api.py``) on the same loop and router.
+It also owns what makes the server operable (docs/serving.md, "Operating"): bearer-token auth
+(``auth_token``), TLS, the serving state that ``grpc.health.v1`` and ``GET /health`` publish (a
+serving decode worker, and prefill worker when disaggregated, and not draining), the periodic stats
+line, KV-block gauges, and ``drain``: stop admitting, let the requests in flight finish within a
+timeout, fail the rest with ``UNAVAILABLE``. ``BackgroundServer`` runs one on its own loop thread.
 """
 
 from __future__ import annotations
@@ -27,119 +21,20 @@ import logging
 import threading
 import time
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from .._proto import generation_pb2 as pb
-from .._proto import generation_pb2_grpc as pb_grpc
-from . import protocol
-from .admission import Admission, KVLimits, default_max_queued_requests
-from .auth import BearerAuthInterceptor, check_token, server_credentials
-from .deploy import Deployment, ServeConfig
-from .depth import DepthController, kv_share, plan_costs
-from .errors import ServingError
-from .metrics import ServerMetrics
-from .observer import ServerObserver
-from .router import Router
-from .supervisor import Supervisor, WorkerState
+from ..limits import ModelLimits
+from .control.admission import Admission, KVLimits, default_max_queued_requests
+from .frontend.auth import BearerAuthInterceptor, check_token, server_credentials
+from ..config import ServeConfig
+from .workers.deploy import Deployment
+from .control.depth import DepthController, kv_share, plan_costs
+from .control.metrics import ServerMetrics
+from .control.observer import ServerObserver
+from .control.router import Router
+from .frontend.grpc_api import GrpcFrontEnd
+from .workers.supervisor import Supervisor
 
 log = logging.getLogger("pop_disagg.serve")
-
-GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # pop_disagg.v1.Generation
-
-MIN_MAX_REQUEST_BYTES = 4 << 20  # gRPC's own default
-BYTES_PER_CONTEXT_TOKEN = 32  # an id is <= 5 bytes on the wire; 32 leaves room for text prompts
-
-
-def _status_of(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, ServingError):
-        return getattr(grpc.StatusCode, exc.grpc_code)
-    return grpc.StatusCode.INTERNAL
-
-
-_WORKER_STATES = {WorkerState.SERVING: pb.WORKER_STATE_SERVING, WorkerState.RESTARTING: pb.WORKER_STATE_RESTARTING, WorkerState.DEAD: pb.WORKER_STATE_DEAD}
-
-
-class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, deployment: Deployment, router: Router, supervisor: Supervisor, metrics: ServerMetrics | None = None, admission: Admission | None = None):
-        self.dep, self.router, self.supervisor = deployment, router, supervisor
-        self.metrics, self.admission = metrics, admission
-        engine = deployment.config.worker_engine
-        self.limits = protocol.ModelLimits(deployment.arch.vocab_size, engine.context_limit(deployment.arch), deployment.family.ratios)
-
-    async def _parse(self, request, context) -> protocol.GenerateCall:
-        try:
-            call = protocol.parse_generate(request, self.dep.tokenizer, self.limits)
-        except protocol.InvalidRequest as exc:
-            if self.metrics is not None:
-                self.metrics.count_failure("INVALID_ARGUMENT")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        remaining = context.time_remaining()
-        if remaining is not None:
-            call = dataclasses.replace(call, deadline=time.time() + remaining)
-        return call
-
-    async def _fail(self, context, exc: Exception) -> None:
-        if not isinstance(exc, (ValueError, ServingError)):
-            log.exception("request failed")
-        await context.abort(_status_of(exc), f"{exc.__class__.__name__}: {exc}" if _status_of(exc) == grpc.StatusCode.INTERNAL else str(exc))
-
-    async def Generate(self, request, context):
-        call = await self._parse(request, context)
-        try:
-            result = await self.router.generate(call)
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:
-            await self._fail(context, exc)
-        return protocol.to_response(result)
-
-    async def GenerateStream(self, request, context):
-        call = await self._parse(request, context)
-        try:
-            async for item in self.router.stream(call):
-                if isinstance(item, protocol.GenerateResult):
-                    yield protocol.to_last_chunk(item)
-                else:
-                    yield protocol.to_stream_chunk(item.request_id, item.text, item.token_ids)
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:
-            await self._fail(context, exc)
-
-    async def Health(self, request, context):
-        sup = self.supervisor
-        counts = dict(num_prefill_workers=len(sup.prefill), num_decode_workers=len(sup.decode), placements=self._placements())
-        if self.admission is not None and self.admission.is_draining:  # load balancers stop sending here
-            return pb.HealthResponse(is_serving=False, message="draining", **counts)
-        slots = sup.snapshot()
-        down = [f"{s.name} {s.state.value}: {s.message}" for s in slots if not s.is_serving]
-        msg = "serving" if not down else "; ".join(down)
-        workers = [pb.WorkerHealth(role=s.role, index=s.index, state=_WORKER_STATES[s.state], num_restarts=s.num_restarts, message=s.message) for s in slots]
-        return pb.HealthResponse(is_serving=sup.is_serving, message=msg, workers=workers, **counts)
-
-    def _placements(self) -> list:
-        """Where each worker runs, as reported when the deployment started (rank order; a
-        replacement runs in the bundle, so on the node, of the worker it replaced)."""
-        return [
-            pb.WorkerPlacement(role=w.role, index=w.index, node_id=w.node_id, node_ip=w.node_ip, device=w.device, gpu_ids=list(w.gpu_ids), owns_gpu=w.owns_gpu)
-            for w in self.dep.locations
-        ]
-
-    async def GetModelInfo(self, request, context):
-        cfg, arch, plan = self.dep.config, self.dep.arch, self.dep.plan
-        return pb.ModelInfoResponse(
-            model=cfg.engine.model, family=arch.family, num_layers=arch.num_layers, vocab_size=arch.vocab_size,
-            context_limit=self.limits.context_limit, topology=cfg.topology, prefill=cfg.prefill,
-            skip_layers=list(plan.skip_layers), plan=plan.describe(), eos_token_ids=sorted(set(arch.eos_token_ids)),
-            placements=self._placements(),
-            prune_ratios=list(self.dep.family.ratios), default_prune_ratio=self.dep.family.default_ratio,
-            prefill_weight_bytes=self.dep.prefill_weight_bytes, adaptive_depth=cfg.adaptive_depth, ttft_slo_ms=cfg.ttft_slo_ms or 0.0,
-        )
-
 
 def make_depth_controller(dep: Deployment, registry=None) -> DepthController:
     """The router's depth controller for this deployment. ``registry``: where its counter goes
@@ -178,14 +73,14 @@ class Server:
         self.admission: Admission | None = None
         self.deployment: Deployment | None = None
         self.supervisor: Supervisor | None = None
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: GrpcFrontEnd | None = None
+        self.limits: ModelLimits | None = None
         self._tasks: list[asyncio.Task] = []
         # HTTP front end (off when http_port is None) and the standard health service's state.
         self.http_port, self.health_interval_s = http_port, health_interval_s
         self.served_model_name = served_model_name or config.engine.model
         self.started_at = time.time()
         self._http = None
-        self._health: health.aio.HealthServicer | None = None
         self._is_admitting = True  # set_serving(False) while draining
         self._has_workers = True  # the periodic check: a decode worker (and a prefill worker) answers
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -197,6 +92,7 @@ class Server:
         dep = self.deployment
         engine = self.config.worker_engine
         context_limit = engine.context_limit(dep.arch)
+        self.limits = ModelLimits(dep.arch.vocab_size, context_limit, dep.family.ratios)
         # Asked once: every decode worker has the same budget, the smallest cache decides what fits.
         num_blocks = [s["num_blocks"] for s in await asyncio.gather(*[a.stats.remote() for a in dep.decode])]
         max_queued = self.max_queued_requests or default_max_queued_requests(num_blocks, engine.max_num_seqs)
@@ -208,24 +104,10 @@ class Server:
         self.router = router = Router(self.supervisor, dep.tokenizer, cfg.is_disaggregated, cfg.kv_failure_policy, cfg.worker_timeout_s,
                                       observer=ServerObserver(self.admission, self.metrics), depth=make_depth_controller(dep, self.metrics.registry))
         interceptors = [BearerAuthInterceptor(self.auth_token, lambda: self.metrics.count_failure("UNAUTHENTICATED"))] if self.auth_token else []
-        # Refused by gRPC (RESOURCE_EXHAUSTED) before the message is parsed: nothing valid is this big.
-        max_bytes = max(MIN_MAX_REQUEST_BYTES, BYTES_PER_CONTEXT_TOKEN * context_limit)
-        self._grpc = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", max_bytes)])
-        self.servicer = GenerationServicer(dep, router, self.supervisor, self.metrics, self.admission)
-        pb_grpc.add_GenerationServicer_to_server(self.servicer, self._grpc)
+        self._grpc = GrpcFrontEnd(self, interceptors)
         self._loop = asyncio.get_running_loop()
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection([GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc)
         await self._check_workers()
-        address = f"{self.host}:{self.port}"
-        if self._tls is not None:
-            self.port = self._grpc.add_secure_port(address, self._tls)
-        else:
-            self.port = self._grpc.add_insecure_port(address)
-        if self.port == 0:
-            raise RuntimeError(f"cannot bind {address}")
-        await self._grpc.start()
+        self.port = await self._grpc.start(self.host, self.port, self._tls)
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
         await self._poll_kv_blocks()
@@ -237,7 +119,7 @@ class Server:
         self._tasks = [asyncio.create_task(self._log_stats(router)), asyncio.create_task(self._poll_kv_loop()),
                        asyncio.create_task(self._watch_workers())]
         if self.http_port is not None:
-            from .http_api import HttpFrontEnd
+            from .frontend.http_api import HttpFrontEnd
 
             self._http = HttpFrontEnd(self)
             self.http_port = await self._http.start(self.host, self.http_port)
@@ -256,11 +138,8 @@ class Server:
             self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish_health()))
 
     async def _publish_health(self) -> None:
-        if self._health is None:
-            return
-        status = health_pb2.HealthCheckResponse.SERVING if self.is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", GENERATION_SERVICE):
-            await self._health.set(service, status)
+        if self._grpc is not None:
+            await self._grpc.set_health(self.is_serving)
 
     def _workers_up(self) -> bool:
         """SERVING needs a serving decode worker and, disaggregated, a serving prefill worker too
@@ -288,7 +167,7 @@ class Server:
         """``GetModelInfo`` as a dict (the HTTP API's model card carries it)."""
         from google.protobuf.json_format import MessageToDict
 
-        msg = await self.servicer.GetModelInfo(pb.ModelInfoRequest(), None)
+        msg = await self._grpc.servicer.GetModelInfo(pb.ModelInfoRequest(), None)
         return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
     async def _poll_kv_blocks(self) -> None:
@@ -322,7 +201,7 @@ class Server:
             prev, prev_t = cur, now
 
     async def wait(self) -> None:
-        await self._grpc.wait_for_termination()
+        await self._grpc.wait()
 
     async def drain(self, timeout_s: float = 30.0) -> list[str]:
         """Admit nothing new (``UNAVAILABLE``), wait up to ``timeout_s`` for the requests in flight,
@@ -346,8 +225,8 @@ class Server:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()  # probes see NOT_SERVING from here on
+        if self._grpc is not None:
+            await self._grpc.close_health()
         if self._http is not None:
             await self._http.stop()
             self._http = None

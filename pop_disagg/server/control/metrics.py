@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .errors import ServingError
+from ..errors import ServingError
 
 PREFIX = "pop_disagg:"
 FINISH_REASONS = ("stop", "length", "abort")

@@ -12,8 +12,8 @@ router share them.
 from __future__ import annotations
 
 from .admission import Admission
+from .calls import GenerateCall, GenerateResult
 from .metrics import ServerMetrics
-from .protocol import GenerateCall, GenerateResult
 
 
 class RequestObserver:

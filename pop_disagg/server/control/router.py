@@ -41,27 +41,18 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ..disagg.decode_worker import Failed, KVReceived
-from ..engine.detokenizer import IncrementalDetokenizer, find_stop
+from ...disagg.decode_worker import Failed, KVReceived
+from ...engine.detokenizer import OutputText
+from ..errors import DeadlineExceeded, ServingError, WorkerUnavailable
+from .calls import Delta, GenerateCall, GenerateResult, Timings
 from .depth import DepthController
-from .errors import DeadlineExceeded, ServingError, WorkerUnavailable
 from .observer import RequestObserver
-from .protocol import GenerateCall, GenerateResult, Timings
 
 __all__ = ["Delta", "Router", "RouterStats", "WorkerUnavailable"]
 
 log = logging.getLogger("pop_disagg.serve")
 
 MAX_ATTEMPTS = 4  # tries of one request's prefill + transfer before it fails
-
-
-@dataclass
-class Delta:
-    """New text and tokens of a streaming request."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
 
 
 @dataclass
@@ -91,10 +82,8 @@ class _Request:
     rid: str
     call: GenerateCall
     arrival: float
-    detok: IncrementalDetokenizer
+    out: OutputText  # detokenized text, stop strings, what has been streamed
     tokens: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of text already yielded
-    cut: int | None = None
     finish: str | None = None
     kv_time: float | None = None
     first_time: float | None = None
@@ -107,10 +96,23 @@ class _Request:
 
 @dataclass
 class _Attempt:
+    """One try at a request's prefill + decode: the workers it holds and what it has started."""
+
     wid: str  # the request id the workers know this attempt by
-    decode: int
-    prefill: int | None
+    dslot: object  # the decode worker's supervisor slot
+    dactor: object  # its actor at the start of the attempt (a replacement is another attempt)
+    down: asyncio.Future  # resolves when the supervisor declares that decode worker lost
+    pslot: object | None  # the prefill worker's slot; None: colocated, or a one-token prompt
     prefill_died: bool = False
+    prefill_task: asyncio.Task | None = None
+
+    @property
+    def decode(self) -> int:
+        return self.dslot.index
+
+    @property
+    def prefill(self) -> int | None:
+        return None if self.pslot is None else self.pslot.index
 
 
 def least_loaded_prefill(choices: list, loads: list[int], same_node) -> object:
@@ -153,7 +155,7 @@ class Router:
             raise ValueError(f"request_id: {rid!r} is already in flight")
         self.observer.admit(rid, call)  # raises to refuse: draining, queue full, never fits
         self._active.add(rid)
-        req = _Request(rid, call, time.time(), IncrementalDetokenizer(self.tokenizer))
+        req = _Request(rid, call, time.time(), OutputText(self.tokenizer, call.params.stop))
         try:
             attempt = 0
             while True:
@@ -196,107 +198,131 @@ class Router:
 
     # ---- one attempt ----------------------------------------------------------------------------
     async def _attempt(self, req: _Request, attempt: int) -> AsyncIterator[Delta | GenerateResult]:
+        """Pick the workers, open the decode stream, stream its tokens, then the result."""
         import ray
 
-        ids, n = req.call.prompt_token_ids, len(req.call.prompt_token_ids)
-        dslot = self._pick_decode()
-        d = dslot.index
-        pslot = await self._pick_prefill(req, dslot) if self.is_disaggregated and n > 1 else None
-        att = _Attempt(req.rid if attempt == 0 else f"{req.rid}#{attempt}", d, pslot and pslot.index)
-        if pslot is not None and self.depth is not None:
-            if attempt == 0:
-                req.plan_index = self.depth.choose(pslot.index, n - 1, req.call.prune_ratio)
-            self.depth.on_submit(pslot.index, att.wid, n - 1, req.plan_index)
-        dactor, down = dslot.actor, dslot.down
-        self._decode_load[d] += 1
-        if pslot is not None:
-            self._prefill_load[pslot.index] += n - 1
-        worker_params = req.call.params.model_copy(update={"stop": ()})  # stop strings are checked here
-        stops = req.call.params.stop
-        prefill_task: asyncio.Task | None = None
-        delta = Delta(req.rid, "", [])
+        att = await self._begin(req, attempt)
         try:
-            gen = dactor.generate.remote(att.wid, ids, worker_params, att.prefill if self.is_disaggregated else None, req.call.deadline)
-            async with contextlib.aclosing(self._events(gen, down, req)) as events:
+            # Stop strings are applied here (``req.out``), not on the workers.
+            params = req.call.params.model_copy(update={"stop": ()})
+            link = att.prefill if self.is_disaggregated else None
+            gen = att.dactor.generate.remote(att.wid, req.call.prompt_token_ids, params, link, req.call.deadline)
+            delta = Delta(req.rid, "", [])
+            async with contextlib.aclosing(self._events(gen, att.down, req)) as events:
                 async for kind, payload in events:
-                    if kind == "reserved":
-                        if pslot is not None:
-                            prefill_task = asyncio.create_task(self._prefill(att, pslot, dactor, payload, ids[:-1], req.call.deadline, req.plan_index))
+                    if kind == "reserved":  # the decode worker holds the blocks: start the prefill
+                        self._start_prefill(req, att, transfer_id=payload)
                         continue
-                    new_ids: list[int] = []
-                    for ev in payload:
-                        if isinstance(ev, Failed):
-                            if ev.kind == "kv_transfer" and pslot is not None and not req.tokens:
-                                raise _KVFailed(ev.message, pslot.index, d, pslot.actor, att.prefill_died)
-                            if ev.kind == "deadline":
-                                raise DeadlineExceeded(f"request {req.rid}: deadline exceeded")
-                            raise WorkerUnavailable(ev.message)
-                        if isinstance(ev, KVReceived):
-                            req.kv_time = ev.time
-                            continue
-                        for tok in ev.token_ids:
-                            if req.finish is not None:
-                                break  # a stop string ended it; the worker may have run ahead
-                            req.tokens.append(tok)
-                            new_ids.append(tok)
-                            new_text = req.detok.add(tok)
-                            if stops and new_text:
-                                req.cut = find_stop(req.detok.text, stops, len(new_text))
-                                if req.cut is not None:
-                                    req.finish = "stop"
-                        if ev.is_finished and req.finish is None:
-                            req.finish = ev.finish_reason
-                    now = time.time()
-                    if new_ids:
-                        if req.first_time is None:  # the prompt has been processed
-                            req.first_time = now
-                            self.stats.num_prompt_tokens += n
-                        self.stats.num_generated_tokens += len(new_ids)
-                        self.observer.tokens(req.rid, len(new_ids))
-                        req.last_time = now
-                    visible = req.detok.text if req.cut is None else req.detok.text[: req.cut]
-                    if req.finish is None and stops:
-                        # Hold back what could still turn out to be the start of a stop string, so the
-                        # streamed text never includes what the final text cuts.
-                        visible = visible[: max(req.emitted, len(visible) - max(map(len, stops)) + 1)]
-                    delta = Delta(req.rid, visible[req.emitted :], new_ids)
-                    req.emitted = len(visible)
+                    delta = self._delta(req, self._take_events(req, att, payload))
                     if req.finish is not None:
                         break
                     if delta.token_ids or delta.text:
                         yield delta
                 else:
-                    raise WorkerUnavailable(f"decode worker {d} ended request {req.rid} without finishing it")
-            first, last = req.first_time or req.arrival, req.last_time or req.arrival
-            timings = Timings(ttft_s=first - req.arrival, decode_s=last - first)
-            if req.plan_index is not None:
-                timings.prune_ratio = self.depth.family.ratios[req.plan_index]
-                timings.num_skipped_layers = len(self.depth.family.plans[req.plan_index].skip_layers)
-            if prefill_task is not None:
-                outcome = await asyncio.wait_for(prefill_task, timeout=10)
-                if outcome is not None:
-                    timings.queue_s, timings.prefill_s = outcome.queue_s, outcome.prefill_s
-                    if req.kv_time is not None:
-                        timings.transfer_s = max(0.0, req.kv_time - outcome.compute_end)
-                    if self.depth is not None:
-                        self.depth.observe_ttft(timings.ttft_s, outcome.queue_s, outcome.prefill_s)
-            self.stats.num_finished += 1
-            self.stats.ttft_s_sum += timings.ttft_s
-            result = GenerateResult(req.rid, delta.text, delta.token_ids, req.finish, n, len(req.tokens), timings)
-            self.observer.finished(req.rid, result, is_transferred=prefill_task is not None)
-            yield result
+                    raise WorkerUnavailable(f"decode worker {att.decode} ended request {req.rid} without finishing it")
+            yield await self._result(req, att, delta)
         except ray.exceptions.RayActorError as exc:
-            self.sup.report_failure(dslot, dactor, f"process died ({exc.__class__.__name__})")
-            raise WorkerUnavailable(f"decode worker {d} is unavailable: {exc.__class__.__name__}") from exc
+            self.sup.report_failure(att.dslot, att.dactor, f"process died ({exc.__class__.__name__})")
+            raise WorkerUnavailable(f"decode worker {att.decode} is unavailable: {exc.__class__.__name__}") from exc
         finally:
-            self._decode_load[d] -= 1
-            if pslot is not None and self.depth is not None:
-                self.depth.on_done(pslot.index, att.wid)  # no-op once the prefill reported; frees a task never submitted
-            if req.finish is None or req.finish == "stop":
-                # Cancelled, failed, or stopped here by a stop string: release both sides.
-                self._abort(dactor, pslot and pslot.actor, att.wid)
-            if prefill_task is not None and not prefill_task.done():
-                prefill_task.cancel()
+            self._release(req, att)
+
+    async def _begin(self, req: _Request, attempt: int) -> _Attempt:
+        """Choose the decode worker and (disaggregated, more than one prompt token) the prefill
+        worker and its plan; count the work against both."""
+        n = len(req.call.prompt_token_ids)
+        dslot = self._pick_decode()
+        pslot = await self._pick_prefill(req, dslot) if self.is_disaggregated and n > 1 else None
+        att = _Attempt(req.rid if attempt == 0 else f"{req.rid}#{attempt}", dslot, dslot.actor, dslot.down, pslot)
+        if pslot is not None and self.depth is not None:
+            if attempt == 0:  # chosen once, kept across re-runs
+                req.plan_index = self.depth.choose(pslot.index, n - 1, req.call.plan_index)
+            self.depth.on_submit(pslot.index, att.wid, n - 1, req.plan_index)
+        self._decode_load[att.decode] += 1
+        if pslot is not None:
+            self._prefill_load[pslot.index] += n - 1
+        return att
+
+    def _start_prefill(self, req: _Request, att: _Attempt, transfer_id: int) -> None:
+        if att.pslot is not None:
+            prefix = req.call.prompt_token_ids[:-1]
+            att.prefill_task = asyncio.create_task(
+                self._prefill(att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index)
+            )
+
+    def _take_events(self, req: _Request, att: _Attempt, events: list) -> list[int]:
+        """Apply one batch of decode-worker events to the request; returns the new token ids.
+        A failure event raises: a KV failure before any token as ``_KVFailed`` (re-run), else the
+        serving error it maps to."""
+        new_ids: list[int] = []
+        for ev in events:
+            if isinstance(ev, Failed):
+                if ev.kind == "kv_transfer" and att.pslot is not None and not req.tokens:
+                    raise _KVFailed(ev.message, att.pslot.index, att.decode, att.pslot.actor, att.prefill_died)
+                if ev.kind == "deadline":
+                    raise DeadlineExceeded(f"request {req.rid}: deadline exceeded")
+                raise WorkerUnavailable(ev.message)
+            if isinstance(ev, KVReceived):
+                req.kv_time = ev.time
+                continue
+            for tok in ev.token_ids:
+                if req.finish is not None:
+                    break  # a stop string ended it; the worker may have run ahead
+                req.tokens.append(tok)
+                new_ids.append(tok)
+                if req.out.add(tok):
+                    req.finish = "stop"
+            if ev.is_finished and req.finish is None:
+                req.finish = ev.finish_reason
+        if new_ids:
+            self._count_tokens(req, new_ids)
+        return new_ids
+
+    def _count_tokens(self, req: _Request, new_ids: list[int]) -> None:
+        now = time.time()
+        if req.first_time is None:  # the prompt has been processed
+            req.first_time = now
+            self.stats.num_prompt_tokens += len(req.call.prompt_token_ids)
+        self.stats.num_generated_tokens += len(new_ids)
+        self.observer.tokens(req.rid, len(new_ids))
+        req.last_time = now
+
+    @staticmethod
+    def _delta(req: _Request, new_ids: list[int]) -> Delta:
+        return Delta(req.rid, req.out.take(is_finished=req.finish is not None), new_ids)
+
+    async def _result(self, req: _Request, att: _Attempt, last: Delta) -> GenerateResult:
+        """The finished request's totals and timings (waits for the prefill's own report)."""
+        first, end = req.first_time or req.arrival, req.last_time or req.arrival
+        timings = Timings(ttft_s=first - req.arrival, decode_s=end - first)
+        if req.plan_index is not None:
+            timings.prune_ratio = self.depth.family.ratios[req.plan_index]
+            timings.num_skipped_layers = len(self.depth.family.plans[req.plan_index].skip_layers)
+        if att.prefill_task is not None:
+            outcome = await asyncio.wait_for(att.prefill_task, timeout=10)
+            if outcome is not None:
+                timings.queue_s, timings.prefill_s = outcome.queue_s, outcome.prefill_s
+                if req.kv_time is not None:
+                    timings.transfer_s = max(0.0, req.kv_time - outcome.compute_end)
+                if self.depth is not None:
+                    self.depth.observe_ttft(timings.ttft_s, outcome.queue_s, outcome.prefill_s)
+        self.stats.num_finished += 1
+        self.stats.ttft_s_sum += timings.ttft_s
+        n = len(req.call.prompt_token_ids)
+        result = GenerateResult(req.rid, last.text, last.token_ids, req.finish, n, len(req.tokens), timings)
+        self.observer.finished(req.rid, result, is_transferred=att.prefill_task is not None)
+        return result
+
+    def _release(self, req: _Request, att: _Attempt) -> None:
+        """Give back what the attempt counted and, unless the workers finished it, abort it on both."""
+        self._decode_load[att.decode] -= 1
+        if att.pslot is not None and self.depth is not None:
+            self.depth.on_done(att.pslot.index, att.wid)  # no-op once the prefill reported; frees a task never submitted
+        if req.finish is None or req.finish == "stop":
+            # Cancelled, failed, or stopped here by a stop string: release both sides.
+            self._abort(att.dactor, att.pslot and att.pslot.actor, att.wid)
+        if att.prefill_task is not None and not att.prefill_task.done():
+            att.prefill_task.cancel()
 
     def _pick_decode(self):
         serving = [s for s in self.sup.decode if s.is_serving]
@@ -354,14 +380,14 @@ class Router:
             if not task.done():
                 task.cancel()
 
-    async def _prefill(self, att: _Attempt, pslot, dactor, transfer_id: int, prefix_ids: list[int], deadline: float | None, plan_index: int | None = None):
+    async def _prefill(self, att: _Attempt, pslot, dactor, transfer_id: int, prefix_ids: list[int], deadline: float | None,
+                       plan_index: int | None = None):
         import ray
 
         p, pactor = pslot.index, pslot.actor
-        ratio = self.depth.family.ratios[plan_index] if plan_index is not None else None
         outcome = None
         try:
-            outcome = await pactor.prefill.remote(att.wid, transfer_id, att.decode, prefix_ids, deadline, ratio)
+            outcome = await pactor.prefill.remote(att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index)
         except ray.exceptions.RayActorError as exc:
             att.prefill_died = True
             self.sup.report_failure(pslot, pactor, f"process died ({exc.__class__.__name__})")
