@@ -25,7 +25,8 @@ import socket
 import time
 
 from .metrics import RequestRecord
-from .runner import RunSettings, ServerUnreachable, _channel, _send, check_server, make_message
+from .grpc_client import check_server, make_message, open_channel, send_stream
+from .settings import RunSettings, ServerUnreachable
 from .workloads import BenchRequest
 
 BACKENDS = ("grpc", "openai", "openai-chat")
@@ -49,11 +50,11 @@ class GrpcBackend:
         from ..server.frontend.auth import bearer_metadata
 
         md = bearer_metadata(self.auth_token)
-        async with _channel(self.target, self.tls_ca) as channel:
+        async with open_channel(self.target, self.tls_ca) as channel:
             stub = GenerationStub(channel)
 
             async def send(req: BenchRequest, settings: RunSettings, rec: RequestRecord) -> None:
-                await _send(stub, make_message(req, settings, rec.index), rec, settings.request_timeout_s, md)
+                await send_stream(stub, make_message(req, settings, rec.index), rec, settings.request_timeout_s, md)
 
             yield send
 
@@ -107,9 +108,9 @@ class OpenAIBackend:
     def prepare(self, info: dict, tokenizer_name: str | None = None) -> None:
         """Chat sends text: token-id prompts are decoded with the served model's tokenizer."""
         if self.is_chat:
-            from ..commands.bench import _tokenizer
+            from .workloads import load_tokenizer
 
-            self._tokenizer = _tokenizer(tokenizer_name or info["model"])
+            self._tokenizer = load_tokenizer(tokenizer_name or info["model"])
 
     def body(self, req: BenchRequest, settings: RunSettings, index: int) -> dict:
         body = {"model": self.model, "max_tokens": req.max_new_tokens, "temperature": settings.temperature,
@@ -135,11 +136,11 @@ class OpenAIBackend:
         async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers(), transport=transport, timeout=None) as client:
 
             async def send(req: BenchRequest, settings: RunSettings, rec: RequestRecord) -> None:
-                await self._send(client, self.body(req, settings, rec.index), rec, settings.request_timeout_s)
+                await self.send(client, self.body(req, settings, rec.index), rec, settings.request_timeout_s)
 
             yield send
 
-    async def _send(self, client, body: dict, rec: RequestRecord, timeout_s: float | None) -> None:
+    async def send(self, client, body: dict, rec: RequestRecord, timeout_s: float | None) -> None:
         import httpx
 
         t0 = time.perf_counter()

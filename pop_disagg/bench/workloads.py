@@ -245,3 +245,12 @@ def sharegpt_requests(pairs: list[tuple[str, str]], num: int, tokenizer, context
         if len(out) == num:
             return out
     raise ValueError(f"only {len(out)} of {num} ShareGPT requests pass the length filters (prompt <= {max_prompt_len}, prompt + output <= {context_limit})")
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a registry name or checkpoint folder (the served model's, for text prompts)."""
+    from transformers import AutoTokenizer
+
+    from ..models.registry import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(name))

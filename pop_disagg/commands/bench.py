@@ -16,7 +16,7 @@ import math
 import sys
 
 from ..bench.report import sweep_path
-from ..bench.workloads import LengthSpec
+from ..bench.workloads import LengthSpec, load_tokenizer
 
 DEFAULT_NUM_REQUESTS = 100
 POOL_FOR_DURATION = 500  # distinct requests cycled through when only --duration bounds a run
@@ -80,21 +80,13 @@ def register(sub) -> None:
     pl.set_defaults(func=run_plot)
 
 
-def _tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    from ..models.registry import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(name))
-
-
 def build_workload(args, info: dict, num: int):
     from ..bench import workloads as wl
 
     if not info.get("context_limit"):
         raise ValueError("the server does not say its context limit: cannot fit the workload")
     # An OpenAI server other than pop-disagg does not say its vocabulary: the tokenizer does.
-    vocab = int(info.get("vocab_size") or len(_tokenizer(args.tokenizer or info["model"])))
+    vocab = int(info.get("vocab_size") or len(load_tokenizer(args.tokenizer or info["model"])))
     context = int(info["context_limit"])
     if args.workload == "random":
         return wl.random_requests(num, LengthSpec.parse(args.input_len), LengthSpec.parse(args.output_len or "128"),
@@ -106,7 +98,7 @@ def build_workload(args, info: dict, num: int):
         if not args.dataset_path:
             raise ValueError("--workload file needs --dataset-path FILE.jsonl")
         try:  # optional here: without a tokenizer, text prompts are counted by the server only
-            tok = _tokenizer(args.tokenizer or info["model"])
+            tok = load_tokenizer(args.tokenizer or info["model"])
         except Exception:
             if args.tokenizer:
                 raise
@@ -114,7 +106,7 @@ def build_workload(args, info: dict, num: int):
         return wl.file_requests(args.dataset_path, num, fixed_out or 128, context, tok, seed=args.seed)
     path = args.dataset_path or wl.default_sharegpt_path()
     try:
-        tok = _tokenizer(args.tokenizer or info["model"])
+        tok = load_tokenizer(args.tokenizer or info["model"])
     except Exception as exc:
         raise ValueError(f"the sharegpt workload counts tokens locally and cannot load a tokenizer for {args.tokenizer or info['model']!r} ({exc}); pass --tokenizer") from None
     return wl.sharegpt_requests(wl.sharegpt_pairs(path), num, tok, context, seed=args.seed,

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig
+from ..limits import ModelLimits
 from ..models.arch import ModelArch
 from ..models.decoder import CausalLM
 from ..models import cpu_blas
 from ..models.loader import load_model, resolve_dtype
-from .detokenizer import IncrementalDetokenizer, find_stop
+from .detokenizer import OutputText
 from .kv_cache import BlockManager, KVCache, num_blocks_for_budget
 from .model_runner import ModelRunner
-from .request import FinishReason, Request, RequestStatus
+from .request import FinishReason, Request
 from .sampling import SamplingParams, make_generator
 from .scheduler import Scheduler
 
@@ -66,6 +67,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.plan = config.plan(self.arch)
         self.context_limit = config.context_limit(self.arch)
+        self.limits = ModelLimits(self.arch.vocab_size, self.context_limit)
         device = model.device
         dtype = resolve_dtype(config.dtype)
         num_blocks = num_blocks_for_budget(self.arch, dtype, config.block_size, kv_budget_bytes(config, device))
@@ -78,8 +80,9 @@ class LLMEngine:
         decode_mode = None
         if config.use_compiled_decode:
             decode_mode = "cuda_graph" if device.type == "cuda" else "compile"
-        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.plan, decode_mode, config.max_num_seqs)
-        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.plan, decode_mode, config.max_num_seqs,
+                                  is_chunked=config.enable_chunked_prefill)
+        self._out: dict[str, OutputText] = {}  # per request: text and its stop strings
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.eos_token_ids = set(self.arch.eos_token_ids)
@@ -88,17 +91,9 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the field for a request this engine cannot serve."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt: empty prompt")
-        if n >= self.context_limit:
-            raise ValueError(f"prompt: {n} tokens exceeds the context limit of {self.context_limit} (room is needed for at least one new token)")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids: ids {bad[:5]} outside the vocabulary [0, {self.arch.vocab_size})")
-        if params.max_new_tokens > self.context_limit - 1:
-            raise ValueError(f"max_new_tokens: {params.max_new_tokens} exceeds the context limit of {self.context_limit}")
+        """Raise ``InvalidRequest`` (a ValueError naming the field) for a request this engine cannot
+        serve: the same rules the server applies at its edge (``pop_disagg/limits.py``)."""
+        self.limits.check(list(prompt_token_ids), params)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
         params = params or SamplingParams()
@@ -110,7 +105,7 @@ class LLMEngine:
         self.scheduler.add(req)
         self._requests[request_id] = req
         if self.tokenizer is not None:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
+            self._out[request_id] = OutputText(self.tokenizer, params.stop)
         return request_id
 
     # ---- disaggregated decode hooks (the decode worker's prompt K/V arrives from a prefill worker) --
@@ -128,7 +123,7 @@ class LLMEngine:
             return None
         self._requests[request_id] = req
         if self.tokenizer is not None:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer)
+            self._out[request_id] = OutputText(self.tokenizer, params.stop)
         return req
 
     def admit_prefilled(self, request_id: str, num_computed_tokens: int) -> None:
@@ -143,7 +138,7 @@ class LLMEngine:
             return False
         req.finish_reason = FinishReason.ABORT
         self.scheduler.finish(req)
-        self._detok.pop(request_id, None)
+        self._out.pop(request_id, None)
         return True
 
     def has_unfinished(self) -> bool:
@@ -154,14 +149,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        if self.scheduler.enable_chunked_prefill:  # decode rows and prompt chunks in one forward
-            return self._update(*self.runner.mixed(batch.decode, batch.prefill, batch.num_prefill_tokens))
-        if batch.prefill:
-            sampled = self.runner.prefill(batch.prefill, batch.num_prefill_tokens)
-            if sampled is None:
-                return []
-            return self._update(batch.prefill, sampled)
-        return self._update(batch.decode, self.runner.decode(batch.decode))
+        return self._update(*self.runner.run(batch))
 
     def _update(self, reqs: list[Request], tokens: list[int]) -> list[RequestOutput]:
         outputs = []
@@ -169,33 +157,25 @@ class LLMEngine:
         for req, tok in zip(reqs, tokens):
             req.output_token_ids.append(tok)
             req.first_token_time = req.first_token_time or now
-            new_text = ""
-            detok = self._detok.get(req.request_id)
-            if detok is not None:
-                new_text = detok.add(tok)
-            reason = self._check_stop(req, tok, detok, new_text)
+            out = self._out.get(req.request_id)
+            is_stopped = out is not None and out.add(tok)  # a stop string ended the text
+            reason = FinishReason.STOP if is_stopped else self._check_stop(req, tok)
             if reason is not None:
                 req.finish_reason = reason
                 req.finish_time = now
                 self.scheduler.finish(req)
                 self._requests.pop(req.request_id, None)
-                self._detok.pop(req.request_id, None)
-            text = detok.text if detok is not None else ""
-            if req.stop_text_len is not None:
-                new_text = new_text[: max(0, len(new_text) - (len(text) - req.stop_text_len))]
-                text = text[: req.stop_text_len]
-            outputs.append(RequestOutput(req.request_id, req.prompt_token_ids, list(req.output_token_ids), text, [tok], new_text, req.is_finished, req.finish_reason.value if req.finish_reason else None))
+                self._out.pop(req.request_id, None)
+            new_text = out.take(req.is_finished) if out is not None else ""
+            text = out.text if out is not None else ""
+            outputs.append(RequestOutput(req.request_id, req.prompt_token_ids, list(req.output_token_ids), text, [tok], new_text,
+                                         req.is_finished, req.finish_reason.value if req.finish_reason else None))
         return outputs
 
-    def _check_stop(self, req: Request, tok: int, detok, new_text: str) -> FinishReason | None:
+    def _check_stop(self, req: Request, tok: int) -> FinishReason | None:
         p = req.params
         if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
             return FinishReason.STOP
-        if p.stop and detok is not None and new_text:
-            cut = find_stop(detok.text, p.stop, len(new_text))
-            if cut is not None:
-                req.stop_text_len = cut
-                return FinishReason.STOP
         if req.num_output_tokens >= p.max_new_tokens or req.num_tokens >= self.context_limit:
             return FinishReason.LENGTH
         return None

@@ -35,8 +35,10 @@ from .sampling import sample
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: KVCache, blocks: BlockManager, plan: PrunePlan,
-                 decode_mode: str | None = None, max_num_seqs: int = 64):
+                 decode_mode: str | None = None, max_num_seqs: int = 64, is_chunked: bool = False):
         # decode_mode: None = eager; "cuda_graph" / "compile" / "padded": see compiled_decode.py.
+        # is_chunked: the scheduler mixes decode rows and prompt chunks in a step (chunked prefill).
+        self.is_chunked = is_chunked
         self.bucketed = BucketedDecode(model, kv_cache, max_num_seqs, decode_mode) if decode_mode else None
         self.model = model
         self.kv_cache = kv_cache
@@ -47,6 +49,18 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def run(self, batch) -> tuple[list[Request], list[int]]:
+        """One forward for a scheduled step (``SchedulerOutput``); returns the requests that got a
+        token and those tokens. With chunked prefill the decode rows and prompt chunks share one
+        forward; otherwise a step is a prefill batch (no tokens unless the plan samples from the
+        pruned pass) or a decode batch."""
+        if self.is_chunked:
+            return self.mixed(batch.decode, batch.prefill, batch.num_prefill_tokens)
+        if batch.prefill:
+            sampled = self.prefill(batch.prefill, batch.num_prefill_tokens)
+            return ([], []) if sampled is None else (batch.prefill, sampled)
+        return batch.decode, self.decode(batch.decode)
 
     @torch.inference_mode()
     def prefill(self, reqs: list[Request], num_tokens: list[int]) -> list[int] | None:

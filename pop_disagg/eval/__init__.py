@@ -1,1 +1,1 @@
-"""Fidelity evaluation: what POP costs in quality (see docs/modules.md, issue 6)."""
+"""Fidelity evaluation: what POP costs in quality (see docs/modules.md)."""

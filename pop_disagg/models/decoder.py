@@ -295,7 +295,7 @@ class CausalLM(nn.Module):
         kv_size = self.arch.kv_size
         # A streaming sink (the disaggregated prefill worker ships each layer as it arrives) gets
         # one GEMM per layer, so layer l's K/V leave while layer l+1's are computed instead of all
-        # of the run's K/V leaving after one big GEMM (the transfer tail of issue 14); the FLOPs
+        # of the run's K/V leaving after one big GEMM (the transfer tail); the FLOPs
         # are the same. Otherwise one GEMM for the whole run.
         per_layer = getattr(attn, "stream_kv", False)
         kv = None if per_layer else cpu_blas.linear(x, weight.t(), bias)  # (T, len(run) * 2 * kv_size)
