@@ -28,7 +28,7 @@ from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.models.attention import PrefillAttention
 from pop_disagg.models.loader import load_model
-from pop_disagg.pop.plan import PlanError, PlanFamily, PrunePlan
+from pop_disagg.pop.plan import PlanError, PlanFamily, PrunePlan, read_plan_file
 from pop_disagg.server.control.depth import DepthController, kv_share, plan_costs
 
 # Tiny checkpoints have 6 layers: these ratios skip 1, 2 and 3 of them.
@@ -50,7 +50,7 @@ def test_family_plans_are_nested_and_round_trip(tmp_path):
     assert fam.union_plan == fam.plans[0] and fam.default_plan == fam.plans[1]
     assert fam.plan_for(0.4000001) == fam.plans[2]
     fam.save(tmp_path / "f.json")
-    assert PlanFamily.is_family_file(tmp_path / "f.json") and PlanFamily.load(tmp_path / "f.json", 30) == fam
+    assert isinstance(read_plan_file(tmp_path / "f.json"), PlanFamily) and PlanFamily.load(tmp_path / "f.json", 30) == fam
     with pytest.raises(PlanError, match="30-layer"):
         PlanFamily.load(tmp_path / "f.json", 6)
     with pytest.raises(PlanError, match="not nested"):

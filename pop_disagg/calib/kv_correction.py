@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -109,47 +110,59 @@ class KVCorrection:
         return cls(plan, weights, residuals, int(meta.get("num_calibration_tokens", 0)), method, maps, float(meta.get("fit_seconds", 0.0)))
 
 
-@torch.inference_mode()
-def fit_kv_correction(model: CausalLM, plan: PrunePlan, texts: list[list[int]], ridge: float = DEFAULT_RIDGE,
-                      method: str = DEFAULT_METHOD) -> KVCorrection:
-    """Least-squares correction of ``plan``'s skipped layers from calibration ``texts`` (see the
-    module docstring for the two methods)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown K/V correction method {method!r} (known: {', '.join(METHODS)})")
-    if plan.is_empty:
-        raise PlanError("a K/V correction needs a plan that skips layers")
-    if model.is_prefill_only:
-        raise ValueError("fit the correction on the full model (it needs the skipped layers' full-model K/V)")
-    t0 = time.perf_counter()
+@dataclass
+class _Moments:
+    """Sufficient statistics of the least-squares fits, accumulated over calibration tokens: per
+    skipped run (keyed by its first layer) ``X^T X`` of the normalised entry state, and per skipped
+    layer ``X^T Y`` and the per-column energy of its target ``Y``."""
+
+    run_of: dict[int, tuple[int, ...]]
+    xtx: dict[int, torch.Tensor]
+    xty: dict[int, torch.Tensor]
+    yty: dict[int, torch.Tensor]
+    num_tokens: int = 0
+
+    def solve(self, l: int, ridge: float) -> torch.Tensor:
+        """``W = (X^T X + lambda I)^{-1} X^T Y`` for skipped layer ``l``, (hidden, width) float64."""
+        a = self.xtx[self.run_of[l][0]]
+        a = a + ridge * a.diagonal().mean() * torch.eye(a.shape[0], dtype=torch.float64)
+        return torch.linalg.solve(a, self.xty[l])
+
+    def residual(self, l: int, w: torch.Tensor, cols: slice = slice(None)) -> float:
+        """Fraction of the target's energy (columns ``cols``) that the map ``w`` leaves unexplained."""
+        # ||XW - Y||^2 = tr(W^T X^T X W) - 2 tr(W^T X^T Y) + ||Y||^2, from the accumulated moments.
+        xtx, xty, yty = self.xtx[self.run_of[l][0]], self.xty[l][:, cols], float(self.yty[l][cols].sum())
+        err = float((w * (xtx @ w)).sum() - 2 * (w * xty).sum() + yty)
+        return max(err, 0.0) / yty
+
+
+def _accumulate(model: CausalLM, plan: PrunePlan, texts: list[list[int]], width: int, watch, target) -> _Moments:
+    """Run calibration ``texts`` and accumulate the fit's moments. ``watch(layer, l, captured)``
+    installs the hooks that capture what the method's target needs from the full pass and returns
+    their handles; ``target(layer, l, captured, scale)`` reads the target (T, width) float64 from
+    them, ``scale`` being 1 / RMS of the pruned entry state."""
     layers = model.model.layers
-    run_of = {l: run for run in plan.skipped_runs for l in run}
-    hidden, kv_size = model.arch.hidden_size, model.arch.kv_size
-    width = 2 * kv_size if method == "kv" else hidden  # target columns per skipped layer
-    xtx = {run[0]: torch.zeros(hidden, hidden, dtype=torch.float64) for run in plan.skipped_runs}
-    xty = {l: torch.zeros(hidden, width, dtype=torch.float64) for l in plan.skip_layers}
-    yty = {l: torch.zeros(width, dtype=torch.float64) for l in plan.skip_layers}  # per target column
+    hidden = model.arch.hidden_size
+    m = _Moments(
+        run_of={l: run for run in plan.skipped_runs for l in run},
+        xtx={run[0]: torch.zeros(hidden, hidden, dtype=torch.float64) for run in plan.skipped_runs},
+        xty={l: torch.zeros(hidden, width, dtype=torch.float64) for l in plan.skip_layers},
+        yty={l: torch.zeros(width, dtype=torch.float64) for l in plan.skip_layers},
+    )
     captured: dict[str, torch.Tensor] = {}
 
-    def keep(name):
-        def fn(module, args, output):
-            captured[name] = output
-        return fn
-
-    def keep_input(name):
-        def fn(module, args):
-            captured[name] = args[0]
-        return fn
+    def keep_output(module, args, output, name):
+        captured[name] = output
 
     # The pruned state entering run r is the output of the kept layer before it (or the embedding).
-    pruned_hooks = [(layers[run[0] - 1] if run[0] > 0 else model.model.embed_tokens).register_forward_hook(keep(f"x{run[0]}")) for run in plan.skipped_runs]
-    full_hooks = []
+    hooks = [
+        (layers[run[0] - 1] if run[0] > 0 else model.model.embed_tokens).register_forward_hook(
+            partial(keep_output, name=f"x{run[0]}")
+        )
+        for run in plan.skipped_runs
+    ]
     for l in plan.skip_layers:
-        if method == "kv":
-            full_hooks.append(layers[l].self_attn.k_proj.register_forward_hook(keep(f"k{l}")))
-            full_hooks.append(layers[l].self_attn.v_proj.register_forward_hook(keep(f"v{l}")))
-        else:
-            full_hooks.append(layers[l].register_forward_pre_hook(keep_input(f"h{l}")))
-    num_tokens = 0
+        hooks += watch(layers[l], l, captured)
     try:
         for ids in texts:
             n = len(ids)
@@ -171,58 +184,100 @@ def fit_kv_correction(model: CausalLM, plan: PrunePlan, texts: list[list[int]], 
                 norm = layers[r0].input_layernorm
                 xs[r0] = norm.normalize(h).double().cpu()
                 scales[r0] = torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + norm.eps).cpu()  # 1 / RMS(h)
-                xtx[r0] += xs[r0].T @ xs[r0]
+                m.xtx[r0] += xs[r0].T @ xs[r0]
             for l in plan.skip_layers:
-                r0 = run_of[l][0]
-                y = _kv_target(layers[l], captured, l) if method == "kv" else captured[f"h{l}"].double().cpu() * scales[r0]
-                xty[l] += xs[r0].T @ y
-                yty[l] += (y * y).sum(0)
-            num_tokens += n
+                r0 = m.run_of[l][0]
+                y = target(layers[l], l, captured, scales[r0])
+                m.xty[l] += xs[r0].T @ y
+                m.yty[l] += (y * y).sum(0)
+            m.num_tokens += n
     finally:
-        for h in pruned_hooks + full_hooks:
+        for h in hooks:
             h.remove()
+    return m
 
-    weights, maps, residuals = {}, {}, {}
+
+def _fit_kv(model: CausalLM, plan: PrunePlan, texts: list[list[int]], ridge: float) -> KVCorrection:
+    """Method ``kv``: fit each skipped layer's K/V weights on the normalised pruned state."""
+    kv_size = model.arch.kv_size
+
+    def watch(layer, l, captured):
+        def keep(module, args, output, name):
+            captured[name] = output
+
+        return [
+            layer.self_attn.k_proj.register_forward_hook(partial(keep, name=f"k{l}")),
+            layer.self_attn.v_proj.register_forward_hook(partial(keep, name=f"v{l}")),
+        ]
+
+    def target(layer, l, captured, scale):
+        # The full model's K and V less the projection bias, (T, 2 * kv_size).
+        parts = []
+        for name, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj)):
+            y = captured[f"{name}{l}"].double().cpu()
+            parts.append(y - proj.bias.double().cpu() if proj.bias is not None else y)
+        return torch.cat(parts, dim=1)
+
+    m = _accumulate(model, plan, texts, 2 * kv_size, watch, target)
+    weights, residuals = {}, {}
     for l in plan.skip_layers:
-        r0 = run_of[l][0]
-        a = xtx[r0]
-        a = a + ridge * a.diagonal().mean() * torch.eye(hidden, dtype=torch.float64)
-        solved = torch.linalg.solve(a, xty[l])  # (hidden, width)
-        if method == "kv":
-            wk, wv = solved.split(kv_size, dim=1)
-            weights[l] = (wk.T.float().contiguous(), wv.T.float().contiguous())
-            # POP's own map: the layer's projection with its norm weight folded in.
-            proj = layers[l].self_attn
-            g = layers[l].input_layernorm.effective_weight().double().cpu()
-            res = {}
-            for i, (name, w_orig) in enumerate((("k", proj.k_proj.weight), ("v", proj.v_proj.weight))):
-                cols = slice(i * kv_size, (i + 1) * kv_size)
-                w0 = (w_orig.double().cpu() * g[None, :]).T  # (hidden, kv)
-                res[name] = tuple(_relative_residual(xtx[r0], xty[l][:, cols], float(yty[l][cols].sum()), w) for w in (w0, solved[:, cols]))
-            residuals[l] = res
-        else:
-            maps[l] = solved.float().contiguous()
-            # POP's own map is the identity: the layer sees the normalised entry state itself.
-            eye = torch.eye(hidden, dtype=torch.float64)
-            residuals[l] = {"state": tuple(_relative_residual(xtx[r0], xty[l], float(yty[l].sum()), w) for w in (eye, solved))}
-    return KVCorrection(plan, weights, residuals, num_tokens, method, maps, time.perf_counter() - t0)
+        solved = m.solve(l, ridge)
+        wk, wv = solved.split(kv_size, dim=1)
+        weights[l] = (wk.T.float().contiguous(), wv.T.float().contiguous())
+        # POP's own map: the layer's projection with its norm weight folded in.
+        layer = model.model.layers[l]
+        g = layer.input_layernorm.effective_weight().double().cpu()
+        residuals[l] = {}
+        for i, (name, w_orig) in enumerate((("k", layer.self_attn.k_proj.weight), ("v", layer.self_attn.v_proj.weight))):
+            cols = slice(i * kv_size, (i + 1) * kv_size)
+            w0 = (w_orig.double().cpu() * g[None, :]).T  # (hidden, kv)
+            residuals[l][name] = (m.residual(l, w0, cols), m.residual(l, solved[:, cols], cols))
+    return KVCorrection(plan, weights, residuals, m.num_tokens, "kv")
 
 
-def _kv_target(layer, captured: dict, l: int) -> torch.Tensor:
-    """The full model's K and V of layer ``l`` less the projection bias, (T, 2 * kv_size) float64."""
-    parts = []
-    for name, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj)):
-        y = captured[f"{name}{l}"].double().cpu()
-        if proj.bias is not None:
-            y = y - proj.bias.double().cpu()
-        parts.append(y)
-    return torch.cat(parts, dim=1)
+def _fit_state(model: CausalLM, plan: PrunePlan, texts: list[list[int]], ridge: float) -> KVCorrection:
+    """Method ``state``: fit a map from the normalised pruned state to each skipped layer's own
+    (RMS-scaled) input."""
+    hidden = model.arch.hidden_size
+
+    def watch(layer, l, captured):
+        def keep(module, args, name):
+            captured[name] = args[0]
+
+        return [layer.register_forward_pre_hook(partial(keep, name=f"h{l}"))]
+
+    def target(layer, l, captured, scale):
+        return captured[f"h{l}"].double().cpu() * scale
+
+    m = _accumulate(model, plan, texts, hidden, watch, target)
+    maps, residuals = {}, {}
+    eye = torch.eye(hidden, dtype=torch.float64)  # POP's own map: the layer sees the entry state itself
+    for l in plan.skip_layers:
+        solved = m.solve(l, ridge)
+        maps[l] = solved.float().contiguous()
+        residuals[l] = {"state": (m.residual(l, eye), m.residual(l, solved))}
+    return KVCorrection(plan, {}, residuals, m.num_tokens, "state", maps)
 
 
-def _relative_residual(xtx, xty, yty, w) -> float:
-    # ||XW - Y||^2 = tr(W^T X^T X W) - 2 tr(W^T X^T Y) + ||Y||^2, from the accumulated moments.
-    err = float((w * (xtx @ w)).sum() - 2 * (w * xty).sum() + yty)
-    return max(err, 0.0) / yty
+_FITS = {"kv": _fit_kv, "state": _fit_state}
+
+
+@torch.inference_mode()
+def fit_kv_correction(
+    model: CausalLM, plan: PrunePlan, texts: list[list[int]], ridge: float = DEFAULT_RIDGE, method: str = DEFAULT_METHOD
+) -> KVCorrection:
+    """Least-squares correction of ``plan``'s skipped layers from calibration ``texts`` (see the
+    module docstring for the two methods)."""
+    if method not in _FITS:
+        raise ValueError(f"unknown K/V correction method {method!r} (known: {', '.join(METHODS)})")
+    if plan.is_empty:
+        raise PlanError("a K/V correction needs a plan that skips layers")
+    if model.is_prefill_only:
+        raise ValueError("fit the correction on the full model (it needs the skipped layers' full-model K/V)")
+    t0 = time.perf_counter()
+    correction = _FITS[method](model, plan, texts, ridge)
+    correction.fit_seconds = time.perf_counter() - t0
+    return correction
 
 
 @torch.no_grad()

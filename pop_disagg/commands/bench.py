@@ -17,6 +17,7 @@ import sys
 
 from ..bench.report import sweep_path
 from ..bench.workloads import LengthSpec, load_tokenizer
+from .common import add_sampling_args
 
 DEFAULT_NUM_REQUESTS = 100
 POOL_FOR_DURATION = 500  # distinct requests cycled through when only --duration bounds a run
@@ -48,8 +49,7 @@ def register(sub) -> None:
     w.add_argument("--output-len", "--random-output-len", help="random: output length spec (default 128); file/sharegpt: fixed output length (default: the file's / the reply's)")
     w.add_argument("--sharegpt-max-prompt-len", type=int, default=1024)
     w.add_argument("--tokenizer", help="for text workloads: model name or folder (default: the model the server reports)")
-    w.add_argument("--ignore-eos", action="store_true", help="generate exactly the requested output lengths")
-    w.add_argument("--temperature", type=float, default=0.0)
+    add_sampling_args(w, ("ignore_eos", "temperature"))
     a = s.add_argument_group("arrivals")
     a.add_argument("--request-rate", type=_rate, default=math.inf, help="requests/s (inf: all at once)")
     a.add_argument("--sweep-rates", type=lambda t: [_rate(x) for x in t.split(",") if x], help="comma-separated rates, one run each")

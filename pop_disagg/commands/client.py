@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .common import add_sampling_args, sampling_fields
+
 
 def register(sub) -> None:
     p = sub.add_parser("client", help="send a request to a pop-disagg server over gRPC")
@@ -14,13 +16,7 @@ def register(sub) -> None:
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    add_sampling_args(p)
     p.add_argument("--info", action="store_true", help="print the server's model info and health instead")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds")
@@ -32,13 +28,15 @@ def register(sub) -> None:
 def build_request(args: argparse.Namespace):
     from .._proto import generation_pb2 as pb
 
-    msg = pb.GenerateRequest(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos)
+    fields = sampling_fields(args)
+    seed = fields.pop("seed")
+    msg = pb.GenerateRequest(**fields)
     if args.prompt is not None:
         msg.prompt = args.prompt
     if args.prompt_ids:
         msg.prompt_token_ids.extend(args.prompt_ids)
-    if args.seed is not None:
-        msg.seed = args.seed
+    if seed is not None:
+        msg.seed = seed
     return msg
 
 

@@ -1,4 +1,5 @@
-"""Arguments shared by the commands that run a model: model, dtype, device, prune plan; the engine's step batching."""
+"""Arguments shared by the commands: model, dtype, device, prune plan; the engine's step batching; the
+sampling flags of one request (written once, so ``generate``, ``client`` and ``bench`` agree)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,29 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens per prefill step; with --enable-chunked-prefill, tokens per step (decode + prompt chunks)")
     p.add_argument("--enable-chunked-prefill", action="store_true",
                    help="mix decode tokens and prompt chunks in one step, so decoding never waits behind a whole prompt (a disaggregated prefill worker chunks long prompts)")
+
+
+# flag -> argparse keywords; names and defaults match SamplingParams and the gRPC GenerateRequest.
+_SAMPLING_FLAGS = {
+    "max_new_tokens": dict(type=int, default=64, help="tokens to generate at most"),
+    "temperature": dict(type=float, default=0.0, help="0 = greedy"),
+    "top_k": dict(type=int, default=0, help="0 = all tokens"),
+    "top_p": dict(type=float, default=1.0),
+    "seed": dict(type=int, default=None, help="per-request sampling seed"),
+    "stop": dict(action="append", default=[], help="stop string (repeatable)"),
+    "ignore_eos": dict(action="store_true", help="generate exactly max_new_tokens (do not stop at EOS)"),
+}
+
+
+def add_sampling_args(p, names: tuple[str, ...] = tuple(_SAMPLING_FLAGS)) -> None:
+    """Add the sampling flags ``names`` (all by default) to parser or group ``p``."""
+    for name in names:
+        p.add_argument("--" + name.replace("_", "-"), **_SAMPLING_FLAGS[name])
+
+
+def sampling_fields(args: argparse.Namespace) -> dict:
+    """The sampling flags' values as keyword arguments of SamplingParams / GenerateRequest."""
+    return {name: getattr(args, name) for name in _SAMPLING_FLAGS if hasattr(args, name)}
 
 
 def add_prune_args(p: argparse.ArgumentParser) -> None:

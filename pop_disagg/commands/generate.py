@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .common import add_batching_args, add_model_args, add_prune_args, engine_config
+from .common import add_batching_args, add_model_args, add_prune_args, add_sampling_args, engine_config, sampling_fields
 
 
 def register(sub) -> None:
@@ -19,13 +19,7 @@ def register(sub) -> None:
     src.add_argument("--prompt-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids")
     add_prune_args(p)
     p.add_argument("--chat", action="store_true", help="render the prompt with the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    add_sampling_args(p)
     p.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."} (generated tokens only)')
     p.set_defaults(func=run)
 
@@ -34,10 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.engine import LLMEngine
     from ..engine.sampling import SamplingParams
 
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-    )
+    params = SamplingParams(**{**sampling_fields(args), "stop": tuple(args.stop)})
     engine = LLMEngine(engine_config(args))
     if args.prompt_ids is not None:
         ids = args.prompt_ids

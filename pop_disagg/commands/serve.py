@@ -76,10 +76,10 @@ def serve_config(args: argparse.Namespace):
 
     num_workers = args.num_decode + (args.num_prefill if args.topology == "disaggregated" else 0)
     threads = args.threads or max(1, (os.cpu_count() or 1) // num_workers)
-    from ..pop.plan import PlanFamily
+    from ..pop.plan import PlanFamily, read_plan_file
 
     prune, prune_family = prune_config(args), None
-    if prune.plan_file is not None and PlanFamily.is_family_file(prune.plan_file):
+    if prune.plan_file is not None and isinstance(read_plan_file(prune.plan_file), PlanFamily):
         prune, prune_family = prune.model_copy(update={"plan_file": None}), prune.plan_file
     engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune, kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len,
                           enforce_eager=args.enforce_eager, compile_decode_on_cpu=args.compile_decode, cpu_blas=args.cpu_blas,

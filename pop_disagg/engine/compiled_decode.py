@@ -89,7 +89,7 @@ class BucketedDecode:
             try:
                 self._capture(b, s, padded)
             except Exception as exc:  # noqa: BLE001 - a capture failure must cost speed, never the server
-                # Captures cleanly on an H200 (stop 20); should an op that syncs with the host (or any other
+                # Captures cleanly on an H200; should an op that syncs with the host (or any other
                 # capture error) appear, this engine decodes eagerly from then on instead of failing requests.
                 log.warning("CUDA graph capture failed (%s: %s); decoding eagerly from now on (as --enforce-eager)", exc.__class__.__name__, exc)
                 self.mode = "padded"

@@ -25,11 +25,31 @@ class PlanError(ValueError):
     """An invalid prune plan, or a plan file that does not match the model."""
 
 
-def _read_json(path: Path, what: str):
+def read_plan_file(path: str | Path, num_layers: int | None = None) -> "PrunePlan | PlanFamily":
+    """The one reader of plan JSON: a file with a ``plans`` list is a :class:`PlanFamily`, any
+    other a :class:`PrunePlan`. ``num_layers`` (the model's depth) refuses a file made for another
+    model, naming both."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise PlanError(f"cannot read {what} {path}: {exc}") from exc
+        raise PlanError(f"cannot read plan file {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PlanError(f"{path}: a plan file holds a JSON object, got {type(raw).__name__}")
+    try:
+        if "plans" in raw:
+            what, obj = "family", PlanFamily(**{**raw, "plans": tuple(PrunePlan(**p) for p in raw["plans"])})
+        else:
+            what, obj = "plan", PrunePlan(**raw)
+    except (PlanError, TypeError) as exc:
+        raise PlanError(f"{path}: invalid plan file: {exc}") from None
+    _check_num_layers(path, what, obj.num_layers, num_layers, obj.model)
+    return obj
+
+
+def write_plan_file(obj: "PrunePlan | PlanFamily", path: str | Path) -> None:
+    """The one writer: what :func:`read_plan_file` reads back equal."""
+    Path(path).write_text(json.dumps(obj.model_dump(), indent=2) + "\n")
 
 
 def _check_num_layers(path: Path, what: str, have: int, want: int | None, model: str | None) -> None:
@@ -100,19 +120,13 @@ class PrunePlan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None) -> "PrunePlan":
-        path = Path(path)
-        raw = _read_json(path, "prune plan")
-        try:
-            plan = cls(**raw)
-        except PlanError:
-            raise
-        except Exception as exc:  # pydantic ValidationError: report the file
-            raise PlanError(f"{path}: invalid prune plan: {exc}") from exc
-        _check_num_layers(path, "plan", plan.num_layers, num_layers, plan.model)
+        plan = read_plan_file(path, num_layers)
+        if not isinstance(plan, PrunePlan):
+            raise PlanError(f"{path}: a plan family, not a single plan (serve it with `serve --prune-plan`)")
         return plan
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+        write_plan_file(self, path)
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -208,30 +222,15 @@ class PlanFamily(BaseModel):
         """Last-layers family (the POP default, at several depths): ratio r skips the deepest floor(L*r)."""
         return cls.build(ratios, lambda r: PrunePlan.from_ratio(num_layers, r), strategy="last", **kw)
 
-    @staticmethod
-    def is_family_file(path: str | Path) -> bool:
-        try:
-            return "plans" in json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError, TypeError):
-            return False
-
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None) -> "PlanFamily":
-        path = Path(path)
-        raw = _read_json(path, "plan family")
-        if not isinstance(raw, dict) or "plans" not in raw:
+        family = read_plan_file(path, num_layers)
+        if not isinstance(family, PlanFamily):
             raise PlanError(f"{path}: not a plan family (no 'plans' list); a single plan goes to --prune-plan of generate")
-        try:
-            family = cls(**{**raw, "plans": tuple(PrunePlan(**p) for p in raw["plans"])})
-        except TypeError as exc:
-            raise PlanError(f"{path}: invalid plan family: {exc}") from exc
-        except PlanError as exc:
-            raise PlanError(f"{path}: {exc}") from None
-        _check_num_layers(path, "family", family.num_layers, num_layers, family.model)
         return family
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+        write_plan_file(self, path)
 
     # ---- derived ------------------------------------------------------------------------------
     @property
