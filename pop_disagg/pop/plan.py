@@ -25,10 +25,16 @@ class PlanError(ValueError):
     """An invalid prune plan, or a plan file that does not match the model."""
 
 
-def read_plan_file(path: str | Path, num_layers: int | None = None) -> "PrunePlan | PlanFamily":
+_WRONG_KIND = {
+    "PrunePlan": "a plan family, not a single plan (serve it with `serve --prune-plan`)",
+    "PlanFamily": "not a plan family (no 'plans' list); a single plan goes to --prune-plan of generate",
+}
+
+
+def read_plan_file(path: str | Path, num_layers: int | None = None, expect: type | None = None) -> "PrunePlan | PlanFamily":
     """The one reader of plan JSON: a file with a ``plans`` list is a :class:`PlanFamily`, any
     other a :class:`PrunePlan`. ``num_layers`` (the model's depth) refuses a file made for another
-    model, naming both."""
+    model, naming both; ``expect`` refuses the other kind."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -43,6 +49,8 @@ def read_plan_file(path: str | Path, num_layers: int | None = None) -> "PrunePla
             what, obj = "plan", PrunePlan(**raw)
     except (PlanError, TypeError) as exc:
         raise PlanError(f"{path}: invalid plan file: {exc}") from None
+    if expect is not None and not isinstance(obj, expect):
+        raise PlanError(f"{path}: {_WRONG_KIND[expect.__name__]}")
     _check_num_layers(path, what, obj.num_layers, num_layers, obj.model)
     return obj
 
@@ -58,7 +66,25 @@ def _check_num_layers(path: Path, what: str, have: int, want: int | None, model:
         raise PlanError(f"{path}: {what} is for a {have}-layer model, this model has {want} layers" + (f" ({what} made for {model})" if model else ""))
 
 
-class PrunePlan(BaseModel):
+class _PlanFile:
+    """What a plan and a family share: problems surface as PlanError with one clear line (not
+    pydantic's report), and ``load`` / ``save`` go through the one reader and writer."""
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise PlanError(format_validation_error(exc)) from None
+
+    @classmethod
+    def load(cls, path: str | Path, num_layers: int | None = None):
+        return read_plan_file(path, num_layers, expect=cls)
+
+    def save(self, path: str | Path) -> None:
+        write_plan_file(self, path)
+
+
+class PrunePlan(_PlanFile, BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     num_layers: int
@@ -67,13 +93,6 @@ class PrunePlan(BaseModel):
     boundary_handling: bool = True
     # Optional provenance: the model the plan was made for (checked when loaded from a file).
     model: str | None = None
-
-    def __init__(self, **data):
-        # Surface plan problems as PlanError with one clear line, not pydantic's report.
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise PlanError(format_validation_error(exc)) from None
 
     @field_validator("skip_layers")
     @classmethod
@@ -118,16 +137,6 @@ class PrunePlan(BaseModel):
     def every_third(cls, num_layers: int, **kw) -> "PrunePlan":
         return cls(num_layers=num_layers, skip_layers=tuple(l for l in range(num_layers) if l % 3 == 2), **kw)
 
-    @classmethod
-    def load(cls, path: str | Path, num_layers: int | None = None) -> "PrunePlan":
-        plan = read_plan_file(path, num_layers)
-        if not isinstance(plan, PrunePlan):
-            raise PlanError(f"{path}: a plan family, not a single plan (serve it with `serve --prune-plan`)")
-        return plan
-
-    def save(self, path: str | Path) -> None:
-        write_plan_file(self, path)
-
     # ---- derived ------------------------------------------------------------------------------
     @property
     def is_empty(self) -> bool:
@@ -165,7 +174,7 @@ def _ratio_name(ratio: float) -> str:
     return f"{ratio:g}"
 
 
-class PlanFamily(BaseModel):
+class PlanFamily(_PlanFile, BaseModel):
     """Nested plans one prefill worker can serve (``serve --prune-ratios`` / a family JSON).
 
     ``ratios[i]`` is the nominal ratio clients ask for and ``plans[i]`` the plan it names; both are
@@ -182,12 +191,6 @@ class PlanFamily(BaseModel):
     default_ratio: float
     strategy: str = "last"
     model: str | None = None
-
-    def __init__(self, **data):
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise PlanError(format_validation_error(exc)) from None
 
     @model_validator(mode="after")
     def _check(self) -> "PlanFamily":
@@ -221,16 +224,6 @@ class PlanFamily(BaseModel):
     def from_ratios(cls, num_layers: int, ratios: list[float], **kw) -> "PlanFamily":
         """Last-layers family (the POP default, at several depths): ratio r skips the deepest floor(L*r)."""
         return cls.build(ratios, lambda r: PrunePlan.from_ratio(num_layers, r), strategy="last", **kw)
-
-    @classmethod
-    def load(cls, path: str | Path, num_layers: int | None = None) -> "PlanFamily":
-        family = read_plan_file(path, num_layers)
-        if not isinstance(family, PlanFamily):
-            raise PlanError(f"{path}: not a plan family (no 'plans' list); a single plan goes to --prune-plan of generate")
-        return family
-
-    def save(self, path: str | Path) -> None:
-        write_plan_file(self, path)
 
     # ---- derived ------------------------------------------------------------------------------
     @property
