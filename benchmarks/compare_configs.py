@@ -1,4 +1,4 @@
-"""End-to-end serving comparison (issue 5): the four server configurations under the same load.
+"""End-to-end serving comparison: the four server configurations under the same load.
 
 For each of topology in {disaggregated, colocated} x prefill in {pop, full} this script starts
 ``pop-disagg serve`` on 127.0.0.1 (a free port, its own process group, log under
@@ -12,7 +12,7 @@ tokens with EOS ignored, a few rates around the box's capacity. A server that do
 fails the script with its log's tail.
 
 A configuration may carry a third part, ``chunked`` (``colocated/pop/chunked``): that server runs
-with ``--enable-chunked-prefill --max-num-batched-tokens CHUNK_TOKENS`` (issue 14), so the same
+with ``--enable-chunked-prefill --max-num-batched-tokens CHUNK_TOKENS``, so the same
 arrivals measure colocated serving with chunked prefill on vs off:
 
     python benchmarks/compare_configs.py --configs colocated/pop,colocated/pop/chunked \
@@ -52,10 +52,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, topology: str, prefill: str, port: int, log_path: Path, chunked: bool = False) -> subprocess.Popen:
+def start_server(
+    args, topology: str, prefill: str, port: int, log_path: Path, chunked: bool = False
+) -> subprocess.Popen:
     chunking = ["--enable-chunked-prefill", "--max-num-batched-tokens", str(args.chunk_tokens)] if chunked else []
-    cmd = [sys.executable, "-m", "pop_disagg.cli", "serve", "--model", args.model, "--topology", topology,
-           "--prefill", prefill, "--host", "127.0.0.1", "--port", str(port), *chunking, *shlex.split(args.serve_args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pop_disagg.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--topology",
+        topology,
+        "--prefill",
+        prefill,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *chunking,
+        *shlex.split(args.serve_args),
+    ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(cmd)}", flush=True)
     with open(log_path, "w") as log:
@@ -99,8 +117,17 @@ def stop_server(proc: subprocess.Popen) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--configs", default=",".join(f"{t}/{f}" for t, f in CONFIGS), help="topology/prefill pairs, comma-separated; topology/prefill/chunked for chunked prefill")
-    p.add_argument("--chunk-tokens", type=int, default=128, help="--max-num-batched-tokens of the chunked configurations (tokens per engine step)")
+    p.add_argument(
+        "--configs",
+        default=",".join(f"{t}/{f}" for t, f in CONFIGS),
+        help="topology/prefill pairs, comma-separated; topology/prefill/chunked for chunked prefill",
+    )
+    p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=128,
+        help="--max-num-batched-tokens of the chunked configurations (tokens per engine step)",
+    )
     p.add_argument("--rates", default="0.1,0.2,0.4", help="request rates of the sweep (req/s)")
     p.add_argument("--num-requests", type=int, default=5)
     p.add_argument("--input-len", default="384", help="prompt length spec (see `bench serve --input-len`)")
@@ -110,7 +137,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-args", default="", help="extra `pop-disagg serve` arguments, one string")
     p.add_argument("--start-timeout", type=float, default=300.0)
-    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results" / "e2e"))
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results" / "serving" / "e2e"))
     args = p.parse_args()
 
     out = Path(args.out_dir)
@@ -127,9 +154,32 @@ def main() -> int:
         try:
             ready_s = wait_ready(proc, f"127.0.0.1:{port}", log_path, args.start_timeout)
             print(f"{name}: ready after {ready_s:.0f}s", flush=True)
-            argv = ["bench", "serve", "--server", f"127.0.0.1:{port}", "--input-len", args.input_len, "--output-len", args.output_len,
-                    "--ignore-eos", "--num-requests", str(args.num_requests), "--sweep-rates", args.rates, "--burstiness", str(args.burstiness),
-                    "--seed", str(args.seed), "--num-warmup", "2", "--slo", *args.slo, "--output", str(out / f"{name}.json"), "--no-progress"]
+            argv = [
+                "bench",
+                "serve",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--input-len",
+                args.input_len,
+                "--output-len",
+                args.output_len,
+                "--ignore-eos",
+                "--num-requests",
+                str(args.num_requests),
+                "--sweep-rates",
+                args.rates,
+                "--burstiness",
+                str(args.burstiness),
+                "--seed",
+                str(args.seed),
+                "--num-warmup",
+                "2",
+                "--slo",
+                *args.slo,
+                "--output",
+                str(out / f"{name}.json"),
+                "--no-progress",
+            ]
             if chunked:  # the server reports topology/prefill only
                 argv += ["--label", f"{topology}/{prefill}/chunked-{args.chunk_tokens}"]
             print(f"$ pop-disagg {shlex.join(argv)}", flush=True)
@@ -144,7 +194,11 @@ def main() -> int:
     results = [load_result(f) for f in files if f.is_file()]
     table = format_sweep_table(results, markdown=True)
     (out / "e2e_serving.md").write_text(table + "\n")
-    plot = plot_sweeps(results, out / "e2e_serving.png", title=f"{args.model}: input {args.input_len}, output {args.output_len}, SLO {' '.join(args.slo)}")
+    plot = plot_sweeps(
+        results,
+        out / "e2e_serving.png",
+        title=f"{args.model}: input {args.input_len}, output {args.output_len}, SLO {' '.join(args.slo)}",
+    )
     print(table)
     print(f"wrote {out / 'e2e_serving.md'} and {plot} in {time.time() - t_start:.0f}s")
     return 0 if len(results) == len(files) else 1

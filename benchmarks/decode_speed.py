@@ -1,4 +1,4 @@
-"""Decode speed (issue 14): greedy tokens/s of our engine against Transformers ``generate`` on the
+"""Decode speed: greedy tokens/s of our engine against Transformers ``generate`` on the
 same weights in the same run, next to the machine's roofline for one decode step.
 
 On a CPU it also times a step's GEMMs alone, on the model's own weights, with torch's BLAS and with
@@ -21,8 +21,8 @@ at start-up: read bandwidth (sum over a 256 MiB tensor) and GEMM throughput, bot
 own shape (the fused gate/up GEMM at ``M = B``) and a 1024^3 peak. "x of limit" = measured step
 time / max(bytes / bandwidth, FLOPs / peak GEMM rate).
 
-    python benchmarks/decode_speed.py --threads 1 --clock cpu --models smollm2-135m-instruct,cpu \\
-        --batch-sizes 1,16,64 --json benchmarks/results/decode_speed.json
+    python benchmarks/decode_speed.py --threads 1 --clock cpu --models smollm2-135m-instruct \\
+        --batch-sizes 1,16,64 --json benchmarks/results/decode/smollm2-135m-instruct.json
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
@@ -78,8 +77,8 @@ def machine_rates(kind: str, arch: ModelArch, batch: int, dtype: torch.dtype) ->
     big = torch.randn(64 * 2**20, dtype=torch.float32, device=dev).to(dtype)  # 256 MiB in float32
     if dev.type == "cuda":  # HBM: a bigger read so launch latency does not count
         big = torch.randn(512 * 2**20, dtype=dtype, device=dev)
-    bw = big.numel() * big.element_size() / _best(lambda: big.sum(), 3, kind)
-    del big
+    bw = big.numel() * big.element_size() / _best(big.sum, 3, kind)
+    big = None  # free the buffer before the GEMM operands are allocated
     n = 8192 if dev.type == "cuda" else 1024
     a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
     peak = 2 * n**3 / _best(lambda: a @ b, 5, kind)
@@ -99,8 +98,16 @@ def model_gemms_s(model, batch: int, kind: str) -> dict:
     step built on that GEMM could reach."""
     from pop_disagg.models import cpu_blas
 
-    weights = [w_t for layer in model.model.layers
-               for w_t in (layer.self_attn.qkv.weight_t, layer.self_attn.o.weight_t, layer.mlp.gate_up.weight_t, layer.mlp.down_proj.weight.t())]
+    weights = [
+        w_t
+        for layer in model.model.layers
+        for w_t in (
+            layer.self_attn.qkv.weight_t,
+            layer.self_attn.o.weight_t,
+            layer.mlp.gate_up.weight_t,
+            layer.mlp.down_proj.weight.t(),
+        )
+    ]
     gemms = [(torch.randn(batch, w_t.shape[0], dtype=model.dtype, device=model.device), w_t) for w_t in weights]
     x_head = torch.randn(batch, model.arch.hidden_size, dtype=model.dtype, device=model.device)
     before = cpu_blas.active()
@@ -126,14 +133,23 @@ def step_roofline(model, batch: int, context: float, rates: dict) -> dict:
     flops = batch * decode_step_flops(arch, int(context))
     t_mem = (weight_bytes + kv_bytes) / rates["read_bw"]
     t_flop = flops / rates["gemm_peak"]
-    return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "flops": flops, "t_mem_s": t_mem, "t_flop_s": t_flop,
-            "t_flop_at_batch_s": flops / rates["gemm_at_batch"], "t_limit_s": max(t_mem, t_flop)}
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_bytes": kv_bytes,
+        "flops": flops,
+        "t_mem_s": t_mem,
+        "t_flop_s": t_flop,
+        "t_flop_at_batch_s": flops / rates["gemm_at_batch"],
+        "t_limit_s": max(t_mem, t_flop),
+    }
 
 
 _ENGINES: dict[tuple, LLMEngine] = {}
 
 
-def run_ours(model, prompts: list[list[int]], new: int, kind: str, enforce_eager: bool, compile_cpu: bool = False) -> tuple[list[list[int]], list[float], float]:
+def run_ours(
+    model, prompts: list[list[int]], new: int, kind: str, enforce_eager: bool, compile_cpu: bool = False
+) -> tuple[list[list[int]], list[float], float]:
     """(tokens, clock after each generated token, clock at start).
 
     One engine per (model, batch) for the whole run: a compiled decode step (``compile_cpu``) is
@@ -145,9 +161,18 @@ def run_ours(model, prompts: list[list[int]], new: int, kind: str, enforce_eager
     engine = _ENGINES.get(key)
     if engine is None:
         kv_mb = b * (per_seq + BLOCK_SIZE) * model.arch.kv_bytes_per_token(model.dtype.itemsize) / 2**20 + 1
-        config = EngineConfig(model="benchmark", dtype=str(model.dtype).removeprefix("torch."), device=model.device.type,
-                              block_size=BLOCK_SIZE, kv_cache_memory_mb=kv_mb, max_num_seqs=b, max_num_batched_tokens=b * per_seq,
-                              prune=PruneConfig(no_prune=True), enforce_eager=enforce_eager, compile_decode_on_cpu=compile_cpu)
+        config = EngineConfig(
+            model="benchmark",
+            dtype=str(model.dtype).removeprefix("torch."),
+            device=model.device.type,
+            block_size=BLOCK_SIZE,
+            kv_cache_memory_mb=kv_mb,
+            max_num_seqs=b,
+            max_num_batched_tokens=b * per_seq,
+            prune=PruneConfig(no_prune=True),
+            enforce_eager=enforce_eager,
+            compile_decode_on_cpu=compile_cpu,
+        )
         engine = _ENGINES[key] = LLMEngine(config, model=model, tokenizer=None)
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     t0 = clock(kind)
@@ -182,16 +207,26 @@ def run_hf(peer, prompts: list[list[int]], new: int, kind: str) -> tuple[list[li
     streamer = _Stamps(kind)
     t0 = clock(kind)
     with torch.inference_mode():
-        out = peer.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                            min_new_tokens=new, pad_token_id=0, streamer=streamer)
-    return out[:, ids.shape[1]:].tolist(), streamer.stamps, t0
+        out = peer.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+            streamer=streamer,
+        )
+    return out[:, ids.shape[1] :].tolist(), streamer.stamps, t0
 
 
 def rates_from(tokens: list[list[int]], stamps: list[float], t0: float, batch: int) -> dict:
     new = len(tokens[0])
     decode_s = stamps[-1] - stamps[0]
-    return {"decode_tok_s": batch * (new - 1) / decode_s, "step_s": decode_s / (new - 1),
-            "e2e_tok_s": batch * new / (stamps[-1] - t0)}
+    return {
+        "decode_tok_s": batch * (new - 1) / decode_s,
+        "step_s": decode_s / (new - 1),
+        "e2e_tok_s": batch * new / (stamps[-1] - t0),
+    }
 
 
 def build(name: str, dtype: torch.dtype):
@@ -224,9 +259,14 @@ def bench_model(args, name: str) -> dict:
             for side in order:
                 if side == "ours":
                     t_run = time.perf_counter()
-                    got[side] = run_ours(model, prompts, args.new_tokens, args.clock, args.enforce_eager, args.compile_cpu)
+                    got[side] = run_ours(
+                        model, prompts, args.new_tokens, args.clock, args.enforce_eager, args.compile_cpu
+                    )
                     if i == 0 and args.compile_cpu:
-                        print(f"batch {b}: first run (incl. torch.compile of its buckets) {time.perf_counter() - t_run:.1f} s wall", flush=True)
+                        print(
+                            f"batch {b}: first run (incl. torch.compile of its buckets) {time.perf_counter() - t_run:.1f} s wall",
+                            flush=True,
+                        )
                 else:
                     got[side] = run_hf(peer, prompts, args.new_tokens, args.clock)
             if i >= args.warmup:
@@ -235,12 +275,23 @@ def bench_model(args, name: str) -> dict:
             agree = sum(x == y for s, t in zip(got["ours"][0], got["hf"][0]) for x, y in zip(s, t))
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         roof = step_roofline(model, b, args.prompt_len + args.new_tokens / 2, rates)
-        row = {"batch_size": b, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-               "ours_decode_tok_s": med(ours, "decode_tok_s"), "hf_decode_tok_s": med(theirs, "decode_tok_s"),
-               "ours_step_ms": med(ours, "step_s") * 1e3, "hf_step_ms": med(theirs, "step_s") * 1e3,
-               "ours_e2e_tok_s": med(ours, "e2e_tok_s"), "hf_e2e_tok_s": med(theirs, "e2e_tok_s"),
-               "all_ours": ours, "all_hf": theirs, "tokens_agree": f"{agree}/{b * args.new_tokens}",
-               "rates": rates, "roofline": roof}
+        row = {
+            "batch_size": b,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "ours_decode_tok_s": med(ours, "decode_tok_s"),
+            "hf_decode_tok_s": med(theirs, "decode_tok_s"),
+            "ours_step_ms": med(ours, "step_s") * 1e3,
+            "hf_step_ms": med(theirs, "step_s") * 1e3,
+            "ours_e2e_tok_s": med(ours, "e2e_tok_s"),
+            "hf_e2e_tok_s": med(theirs, "e2e_tok_s"),
+            "all_ours": ours,
+            "all_hf": theirs,
+            "tokens_agree": f"{agree}/{b * args.new_tokens}",
+            "rates": rates,
+            "roofline": roof,
+        }
         if model.device.type == "cpu" and all(isinstance(layer, DecoderLayer) for layer in model.model.layers):
             row["gemms_only_s"] = model_gemms_s(model, b, args.clock)
         row["ratio"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
@@ -250,15 +301,20 @@ def bench_model(args, name: str) -> dict:
     return {"model": name, "source": source, "rows": rows}
 
 
-HEAD = ("| model | batch | ours tok/s | Transformers tok/s | ours / Transformers | ours step ms | limit ms (mem / FLOPs) "
-        "| ours / limit | e2e ours / Transformers tok/s | tokens agree | GEMMs alone ms (torch / OpenBLAS) | ceiling / Transformers |")
+HEAD = (
+    "| model | batch | ours tok/s | Transformers tok/s | ours / Transformers | ours step ms | limit ms (mem / FLOPs) "
+    "| ours / limit | e2e ours / Transformers tok/s | tokens agree | GEMMs alone ms (torch / OpenBLAS) | ceiling / Transformers |"
+)
 
 
 def print_row(name: str, r: dict, flush: bool = False) -> None:
     roof = r["roofline"]
-    print(f"| {name} | {r['batch_size']} | {r['ours_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | {r['ratio']:.2f} | "
-          f"{r['ours_step_ms']:.1f} | {roof['t_limit_s'] * 1e3:.1f} ({roof['t_mem_s'] * 1e3:.1f} / {roof['t_flop_s'] * 1e3:.1f}) | "
-          f"{r['x_of_limit']:.2f}x | {r['ours_e2e_tok_s']:.1f} / {r['hf_e2e_tok_s']:.1f} | {r['tokens_agree']} | {_gemm_cells(r)} |", flush=flush)
+    print(
+        f"| {name} | {r['batch_size']} | {r['ours_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | {r['ratio']:.2f} | "
+        f"{r['ours_step_ms']:.1f} | {roof['t_limit_s'] * 1e3:.1f} ({roof['t_mem_s'] * 1e3:.1f} / {roof['t_flop_s'] * 1e3:.1f}) | "
+        f"{r['x_of_limit']:.2f}x | {r['ours_e2e_tok_s']:.1f} / {r['hf_e2e_tok_s']:.1f} | {r['tokens_agree']} | {_gemm_cells(r)} |",
+        flush=flush,
+    )
 
 
 def _gemm_cells(r: dict) -> str:
@@ -276,8 +332,12 @@ def _ints(s: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="smollm2-135m-instruct,cpu", help="registry names, presets or folders, comma separated")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--models", default="smollm2-135m-instruct,cpu", help="registry names, presets or folders, comma separated"
+    )
     p.add_argument("--batch-sizes", type=_ints, default=[1, 16, 64])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -285,10 +345,23 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="process CPU time (shared hosts; with --threads 1) or wall")
+    p.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="process CPU time (shared hosts; with --threads 1) or wall",
+    )
     p.add_argument("--enforce-eager", action="store_true", help="our engine without the compiled decode step")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda: model, peer and rooflines on the GPU (HBM bandwidth; with --clock wall)")
-    p.add_argument("--compile-cpu", action="store_true", help="our engine with torch.compile'd decode buckets on CPU (compiled in the warm-up)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda: model, peer and rooflines on the GPU (HBM bandwidth; with --clock wall)",
+    )
+    p.add_argument(
+        "--compile-cpu",
+        action="store_true",
+        help="our engine with torch.compile'd decode buckets on CPU (compiled in the warm-up)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--report", type=Path, default=None, help="only print the table of a saved --json")
@@ -308,11 +381,18 @@ def main(argv=None) -> int:
     hw = hardware()
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
-    print(f"hardware: {hw.get('cpu')}, {hw.get('cpu_count')} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads), CPU GEMMs {hw['cpu_blas']}; "
-          f"clock {args.clock}; load average {' '.join(load_before)}")
+    print(
+        f"hardware: {hw.get('cpu')}, {hw.get('cpu_count')} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads), CPU GEMMs {hw['cpu_blas']}; "
+        f"clock {args.clock}; load average {' '.join(load_before)}"
+    )
     print(HEAD)
     print("|---" * (HEAD.count("|") - 1) + "|")
-    result = {"hardware": hw, "load_before": load_before, "args": {k: str(v) for k, v in vars(args).items()}, "models": []}
+    result = {
+        "hardware": hw,
+        "load_before": load_before,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "models": [],
+    }
     for name in args.models.split(","):
         result["models"].append(bench_model(args, name))
         if args.json:

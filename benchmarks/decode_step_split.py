@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
+import decode_speed  # noqa: E402
 from decode_speed import BLOCK_SIZE, build, machine_rates, step_roofline  # noqa: E402
 
-import decode_speed  # noqa: E402
 from pop_disagg.config import EngineConfig, PruneConfig  # noqa: E402
 from pop_disagg.engine.engine import LLMEngine  # noqa: E402
 from pop_disagg.engine.sampling import SamplingParams  # noqa: E402
@@ -57,9 +57,16 @@ def bench(model, batch: int, prompt_len: int, new: int) -> dict:
     dev = decode_speed.DEVICE
     per_seq = prompt_len + new
     kv_mb = batch * (per_seq + BLOCK_SIZE) * model.arch.kv_bytes_per_token(model.dtype.itemsize) / 2**20 + 1
-    cfg = EngineConfig(model="benchmark", dtype=str(model.dtype).removeprefix("torch."), device=dev.type, block_size=BLOCK_SIZE,
-                       kv_cache_memory_mb=kv_mb, max_num_seqs=batch, max_num_batched_tokens=batch * per_seq,
-                       prune=PruneConfig(no_prune=True))
+    cfg = EngineConfig(
+        model="benchmark",
+        dtype=str(model.dtype).removeprefix("torch."),
+        device=dev.type,
+        block_size=BLOCK_SIZE,
+        kv_cache_memory_mb=kv_mb,
+        max_num_seqs=batch,
+        max_num_batched_tokens=batch * per_seq,
+        prune=PruneConfig(no_prune=True),
+    )
     engine = LLMEngine(cfg, model=model, tokenizer=None)
     if dev.type != "cuda":  # the script's own check on a CPU: the padded path, nothing captured
         from pop_disagg.engine.compiled_decode import BucketedDecode
@@ -105,9 +112,13 @@ def bench(model, batch: int, prompt_len: int, new: int) -> dict:
                 us = e.device_time / 5  # per replay
                 groups[kernel_group(e.name)] += us
                 kernels[e.name[:90]] += us
-        row.update(bucket=[b, s], replay_ms=replay, host_ms=step * 1e3 - replay,
-                   kernel_ms={k: v / 1e3 for k, v in groups.items()},
-                   top_kernels=sorted(((v / 1e3, k) for k, v in kernels.items()), reverse=True)[:8])
+        row.update(
+            bucket=[b, s],
+            replay_ms=replay,
+            host_ms=step * 1e3 - replay,
+            kernel_ms={k: v / 1e3 for k, v in groups.items()},
+            top_kernels=sorted(((v / 1e3, k) for k, v in kernels.items()), reverse=True)[:8],
+        )
     return row
 
 
@@ -124,8 +135,12 @@ def main(argv=None) -> int:
     decode_speed.DEVICE = torch.device(args.device)
     dtype = resolve_dtype(args.dtype)
     gpu = torch.cuda.get_device_name() if decode_speed.DEVICE.type == "cuda" else "none"
-    print(f"device {args.device} ({gpu}), torch {torch.__version__}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-    print("| model | batch | step ms | replay ms (GPU) | host ms | GEMM / attention / index / other kernel ms | HBM limit ms | step, replay % of limit |")
+    print(
+        f"device {args.device} ({gpu}), torch {torch.__version__}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens"
+    )
+    print(
+        "| model | batch | step ms | replay ms (GPU) | host ms | GEMM / attention / index / other kernel ms | HBM limit ms | step, replay % of limit |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for name in args.models.split(","):
@@ -137,11 +152,20 @@ def main(argv=None) -> int:
             row.update(model=name, limit_ms=roof["t_limit_s"] * 1e3, read_bw=rates["read_bw"])
             results.append(row)
             km = row.get("kernel_ms", {})
-            kern = " / ".join(f"{km.get(g, 0.0):.2f}" for g in ("gemm", "attention", "index/gather", "other")) if km else "-"
+            kern = (
+                " / ".join(f"{km.get(g, 0.0):.2f}" for g in ("gemm", "attention", "index/gather", "other"))
+                if km
+                else "-"
+            )
             replay = f"{row['replay_ms']:.2f}" if "replay_ms" in row else "-"
             host = f"{row['host_ms']:.2f}" if "host_ms" in row else "-"
-            pct = f"{100 * row['limit_ms'] / row['step_ms']:.0f}%, " + (f"{100 * row['limit_ms'] / row['replay_ms']:.0f}%" if "replay_ms" in row else "-")
-            print(f"| {name} | {b} | {row['step_ms']:.2f} | {replay} | {host} | {kern} | {row['limit_ms']:.2f} | {pct} |", flush=True)
+            pct = f"{100 * row['limit_ms'] / row['step_ms']:.0f}%, " + (
+                f"{100 * row['limit_ms'] / row['replay_ms']:.0f}%" if "replay_ms" in row else "-"
+            )
+            print(
+                f"| {name} | {b} | {row['step_ms']:.2f} | {replay} | {host} | {kern} | {row['limit_ms']:.2f} | {pct} |",
+                flush=True,
+            )
             for ms, k in row.get("top_kernels", []):
                 print(f"    {ms:7.3f} ms  {k}")
         del model

@@ -1,4 +1,4 @@
-"""Mixed-plan prefill steps (issue 15): what splitting a step into one pass per plan costs.
+"""Mixed-plan prefill steps: what splitting a step into one pass per plan costs.
 
 The prefill worker runs a step whose tasks ask for different plans of the family as one forward
 pass per plan (``PrefillWorker.step``), on the family's one prefill-only instance. The
@@ -74,9 +74,19 @@ def main() -> int:
     g_med = statistics.median(grouped)
     s_med = {i: statistics.median(v) for i, v in single.items()}
     unsplit = statistics.mean(s_med.values())
-    res = {"model": args.model, "batch": args.batch, "len": args.len, "ratios": list(fam.ratios), "repeats": args.repeats,
-           "grouped_cpu_s": g_med, "single_plan_cpu_s": {fam.names[i]: s for i, s in s_med.items()}, "unsplit_cpu_s": unsplit,
-           "grouped_over_unsplit": g_med / unsplit, "torch_threads": 1, "clock": "process_time"}
+    res = {
+        "model": args.model,
+        "batch": args.batch,
+        "len": args.len,
+        "ratios": list(fam.ratios),
+        "repeats": args.repeats,
+        "grouped_cpu_s": g_med,
+        "single_plan_cpu_s": {fam.names[i]: s for i, s in s_med.items()},
+        "unsplit_cpu_s": unsplit,
+        "grouped_over_unsplit": g_med / unsplit,
+        "torch_threads": 1,
+        "clock": "process_time",
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

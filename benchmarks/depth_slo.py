@@ -1,4 +1,4 @@
-"""Depth as a serving knob (issue 15): fixed prefill depths against the SLO controller, one load.
+"""Depth as a serving knob: fixed prefill depths against the SLO controller, one load.
 
 Starts one ``pop-disagg serve`` (1P1D, disaggregated POP) with a plan family
 ``--prune-ratios 0,0.2,0.34,0.5 --adaptive-depth --ttft-slo-ms T`` and, for every rate of a
@@ -12,7 +12,7 @@ request, fixed ones too), as on a server that has been up for a while.
 Reported per (rate, mode): goodput under the TTFT SLO (requests meeting it per second of the run),
 SLO attainment, TTFT p50/p99, the plan mix (from each response's ``timings.prune_ratio``), and the
 traffic-weighted quality cost: the mean over served requests of the perplexity ratio of the plan
-that request got, from benchmarks/README.md's fidelity section (SmolLM2-135M, 30 layers: 1.02 at 6
+that request got, from benchmarks/results/fidelity/README.md (SmolLM2-135M, 30 layers: 1.02 at 6
 skipped layers, 1.17 at 10, 1.28 at 12, 1.89 at 15; 1.00 for full). ``0.34`` is the ratio that
 skips 10 of SmolLM2's 30 layers, the fidelity table's "33%" row (``0.33`` would floor to 9).
 
@@ -42,15 +42,22 @@ from pop_disagg.bench.metrics import summarize  # noqa: E402
 from pop_disagg.bench.runner import RunSettings, run_requests  # noqa: E402
 from pop_disagg.bench.workloads import LengthSpec, random_requests  # noqa: E402
 
-# Perplexity / full, SmolLM2-135M-Instruct, by layers skipped (benchmarks/README.md, "Fidelity").
+# Perplexity / full, SmolLM2-135M-Instruct, by layers skipped (benchmarks/results/fidelity/README.md).
 PPL_RATIO_SMOLLM2 = {0: 1.00, 6: 1.02, 10: 1.17, 12: 1.28, 15: 1.89}
 FAMILY = (0.0, 0.2, 0.34, 0.5)
 MODES = [("full", 0.0), ("20%", 0.2), ("33%", 0.34), ("50%", 0.5), ("adaptive", None)]
 
 
 def run_mode(address: str, rate: float, ratio: float | None, requests, warmup, args) -> dict:
-    settings = RunSettings(request_rate=rate, num_requests=len(requests), num_warmup=len(warmup), seed=args.seed,
-                           ignore_eos=True, prune_ratio=ratio, request_timeout_s=600)
+    settings = RunSettings(
+        request_rate=rate,
+        num_requests=len(requests),
+        num_warmup=len(warmup),
+        seed=args.seed,
+        ignore_eos=True,
+        prune_ratio=ratio,
+        request_timeout_s=600,
+    )
     run = asyncio.run(run_requests(address, settings, requests, warmup, show_progress=False))
     if run.is_interrupted:  # Ctrl-C: the runner kept what it had; stop the sweep (and the server)
         raise KeyboardInterrupt
@@ -59,18 +66,28 @@ def run_mode(address: str, rate: float, ratio: float | None, requests, warmup, a
     layers = [r.server_timings["num_skipped_layers"] for r in served]
     mix = {f"{n}": layers.count(n) for n in sorted(set(layers))}
     cost = float(np.mean([PPL_RATIO_SMOLLM2[n] for n in layers])) if layers else None
-    return {"rate": rate, "prune_ratio": ratio, "summary": summary, "mix_by_skipped_layers": mix, "ppl_ratio_mean": cost,
-            "records": [r.to_json() for r in run.records]}
+    return {
+        "rate": rate,
+        "prune_ratio": ratio,
+        "summary": summary,
+        "mix_by_skipped_layers": mix,
+        "ppl_ratio_mean": cost,
+        "records": [r.to_json() for r in run.records],
+    }
 
 
 def format_table(results: list[dict], slo_ms: float) -> str:
-    lines = [f"| rate (req/s) | mode | goodput (req/s, TTFT <= {slo_ms:g} ms) | SLO attainment | TTFT p50 (ms) | TTFT p99 (ms) | plan mix (skipped layers: requests) | ppl / full (traffic-weighted) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| rate (req/s) | mode | goodput (req/s, TTFT <= {slo_ms:g} ms) | SLO attainment | TTFT p50 (ms) | TTFT p99 (ms) | plan mix (skipped layers: requests) | ppl / full (traffic-weighted) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         s = r["summary"]
         mix = ", ".join(f"{k}: {v}" for k, v in r["mix_by_skipped_layers"].items())
-        lines.append(f"| {r['rate']:g} | {r['mode']} | {s['goodput']:.3f} | {s['slo_attainment']:.2f} | {s['ttft_ms']['median'] or float('nan'):.0f} | "
-                     f"{s['ttft_ms']['p99'] or float('nan'):.0f} | {mix} | {r['ppl_ratio_mean'] or float('nan'):.3f} |")
+        lines.append(
+            f"| {r['rate']:g} | {r['mode']} | {s['goodput']:.3f} | {s['slo_attainment']:.2f} | {s['ttft_ms']['median'] or float('nan'):.0f} | "
+            f"{s['ttft_ms']['p99'] or float('nan'):.0f} | {mix} | {r['ppl_ratio_mean'] or float('nan'):.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -96,9 +113,26 @@ def main() -> int:
     port = free_port()
     address = f"127.0.0.1:{port}"
     log_path = out / "serve-depth.log"
-    cmd = [sys.executable, "-m", "pop_disagg.cli", "serve", "--model", args.model, "--prune-ratios", ",".join(f"{r:g}" for r in FAMILY),
-           "--adaptive-depth", "--ttft-slo-ms", f"{args.slo_ms:g}", "--threads", str(args.threads), "--host", "127.0.0.1", "--port", str(port),
-           *shlex.split(args.serve_args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pop_disagg.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--prune-ratios",
+        ",".join(f"{r:g}" for r in FAMILY),
+        "--adaptive-depth",
+        "--ttft-slo-ms",
+        f"{args.slo_ms:g}",
+        "--threads",
+        str(args.threads),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *shlex.split(args.serve_args),
+    ]
     print(f"$ {shlex.join(cmd)}", flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -110,8 +144,14 @@ def main() -> int:
         from pop_disagg.bench.runner import check_server
 
         _, info = asyncio.run(check_server(address))
-        pool = random_requests(args.num_requests + 2, LengthSpec.parse(args.input_len), LengthSpec.parse(args.output_len),
-                               int(info["vocab_size"]), int(info["context_limit"]), seed=args.seed)
+        pool = random_requests(
+            args.num_requests + 2,
+            LengthSpec.parse(args.input_len),
+            LengthSpec.parse(args.output_len),
+            int(info["vocab_size"]),
+            int(info["context_limit"]),
+            seed=args.seed,
+        )
         warmup, requests = pool[:2], pool[2:]
         for rate in [float(r) for r in args.rates.split(",") if r]:
             for mode, ratio in modes:
@@ -119,10 +159,15 @@ def main() -> int:
                 res = {"mode": mode, **run_mode(address, rate, ratio, requests, warmup, args)}
                 results.append(res)
                 s = res["summary"]
-                print(f"rate {rate:g} {mode:>8}: goodput {s['goodput']:.3f} req/s, attainment {s['slo_attainment']:.2f}, "
-                      f"TTFT p50 {s['ttft_ms']['median'] or float('nan'):.0f} ms p99 {s['ttft_ms']['p99'] or float('nan'):.0f} ms, "
-                      f"mix {res['mix_by_skipped_layers']}, ppl x{res['ppl_ratio_mean'] or float('nan'):.3f} ({time.time() - t:.0f}s)", flush=True)
-                (out / "depth_slo.json").write_text(json.dumps({"args": vars(args), "model_info": info, "results": results}, indent=1))
+                print(
+                    f"rate {rate:g} {mode:>8}: goodput {s['goodput']:.3f} req/s, attainment {s['slo_attainment']:.2f}, "
+                    f"TTFT p50 {s['ttft_ms']['median'] or float('nan'):.0f} ms p99 {s['ttft_ms']['p99'] or float('nan'):.0f} ms, "
+                    f"mix {res['mix_by_skipped_layers']}, ppl x{res['ppl_ratio_mean'] or float('nan'):.3f} ({time.time() - t:.0f}s)",
+                    flush=True,
+                )
+                (out / "depth_slo.json").write_text(
+                    json.dumps({"args": vars(args), "model_info": info, "results": results}, indent=1)
+                )
     finally:
         stop_server(proc)
     table = format_table(results, args.slo_ms)

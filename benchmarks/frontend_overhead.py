@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 from pop_disagg._proto import generation_pb2 as pb  # noqa: E402
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc  # noqa: E402
 from pop_disagg.limits import ModelLimits  # noqa: E402
+from pop_disagg.server.control.calls import Delta, GenerateResult  # noqa: E402
 from pop_disagg.server.frontend.grpc_api import GenerationServicer  # noqa: E402
 from pop_disagg.server.frontend.http_api import HttpFrontEnd  # noqa: E402
-from pop_disagg.server.control.calls import Delta, GenerateResult  # noqa: E402
 
 
 class InstantRouter:
@@ -70,8 +70,20 @@ def fake_server(num_chunks: int):
         return {"model": "fake"}
 
     limits = ModelLimits(arch.vocab_size, 4096)
-    return types.SimpleNamespace(deployment=dep, router=router, limits=limits, metrics=None, served_model_name="fake",
-                                 is_serving=True, started_at=time.time(), model_info=model_info), dep, router
+    return (
+        types.SimpleNamespace(
+            deployment=dep,
+            router=router,
+            limits=limits,
+            metrics=None,
+            served_model_name="fake",
+            is_serving=True,
+            started_at=time.time(),
+            model_info=model_info,
+        ),
+        dep,
+        router,
+    )
 
 
 def serve_forever(num_chunks: int, conn) -> None:
@@ -102,11 +114,13 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--block", type=int, default=25, help="requests per protocol before switching")
     p.add_argument("--nagle", action="store_true", help="leave the HTTP client's socket as httpx opens it (Nagle on)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "frontend_overhead.json"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "frontend" / "overhead.json"))
     args = p.parse_args()
 
     parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("spawn").Process(target=serve_forever, args=(args.num_chunks, child), daemon=True)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=serve_forever, args=(args.num_chunks, child), daemon=True
+    )
     proc.start()
     try:
         port, http_port = parent.recv()
@@ -115,15 +129,24 @@ def main() -> int:
         proc.kill()
         proc.join(10)
 
-    summary = {name: {k: {"median": statistics.median(v), "p99": float(np.percentile(v, 99)), "mean": statistics.fmean(v)} for k, v in s.items()}
-               for name, s in samples.items()}
+    summary = {
+        name: {
+            k: {"median": statistics.median(v), "p99": float(np.percentile(v, 99)), "mean": statistics.fmean(v)}
+            for k, v in s.items()
+        }
+        for name, s in samples.items()
+    }
     result = {"settings": vars(args), "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("| protocol | first chunk p50 (ms) | first chunk p99 (ms) | whole stream p50 (ms) | whole stream p99 (ms) | server CPU per request (ms) | client CPU per request (ms) |")
+    print(
+        "| protocol | first chunk p50 (ms) | first chunk p99 (ms) | whole stream p50 (ms) | whole stream p99 (ms) | server CPU per request (ms) | client CPU per request (ms) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, s in summary.items():
-        print(f"| {name} | {s['ttft_ms']['median']:.2f} | {s['ttft_ms']['p99']:.2f} | {s['e2e_ms']['median']:.2f} | {s['e2e_ms']['p99']:.2f} | {s['server_cpu_ms']['mean']:.2f} | {s['client_cpu_ms']['mean']:.2f} |")
+        print(
+            f"| {name} | {s['ttft_ms']['median']:.2f} | {s['ttft_ms']['p99']:.2f} | {s['e2e_ms']['median']:.2f} | {s['e2e_ms']['p99']:.2f} | {s['server_cpu_ms']['mean']:.2f} | {s['client_cpu_ms']['mean']:.2f} |"
+        )
     print(f"wrote {args.out}")
     return 0
 
@@ -136,11 +159,20 @@ def measure(args, port: int, http_port: int, pid: int) -> dict:
     # delayed ACK: ~40 ms on Linux), which measures the client's socket, not the server.
     transport = httpx.HTTPTransport(socket_options=[] if args.nagle else [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     client = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=30, transport=transport)
-    body = {"model": "fake", "prompt": prompt, "max_tokens": args.num_chunks, "temperature": 0, "stream": True, "return_token_ids": True}
+    body = {
+        "model": "fake",
+        "prompt": prompt,
+        "max_tokens": args.num_chunks,
+        "temperature": 0,
+        "stream": True,
+        "return_token_ids": True,
+    }
 
     def grpc_once():
         first = None
-        for chunk in stub.GenerateStream(pb.GenerateRequest(prompt_token_ids=prompt, max_new_tokens=args.num_chunks), timeout=30):
+        for chunk in stub.GenerateStream(
+            pb.GenerateRequest(prompt_token_ids=prompt, max_new_tokens=args.num_chunks), timeout=30
+        ):
             if first is None and chunk.token_ids:
                 first = time.perf_counter()
         return first

@@ -1,4 +1,4 @@
-"""Overhead of the OpenAI HTTP front end against gRPC (issue 12): one server, the same load, both protocols.
+"""Overhead of the OpenAI HTTP front end against gRPC: one server, the same load, both protocols.
 
 Starts one ``pop-disagg serve --http-port`` on 127.0.0.1 (disaggregated + POP, SmolLM2 by default),
 then runs the same ``pop-disagg bench serve`` (same random token-id prompts, same seed, so the same
@@ -33,12 +33,16 @@ def _fmt(v) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| backend | rate (req/s) | run | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) | E2E p50 (ms) | done/failed |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| backend | rate (req/s) | run | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) | E2E p50 (ms) | done/failed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         s = r["summary"]
-        rows.append(f"| {r['backend']} | {r['settings']['request_rate']} | {r['run']} | {_fmt(s['ttft_ms']['median'])} | {_fmt(s['ttft_ms']['p99'])} | "
-                    f"{_fmt(s['tpot_ms']['median'])} | {_fmt(s['tpot_ms']['p99'])} | {_fmt(s['e2el_ms']['median'])} | {s['num_completed']}/{s['num_failed']} |")
+        rows.append(
+            f"| {r['backend']} | {r['settings']['request_rate']} | {r['run']} | {_fmt(s['ttft_ms']['median'])} | {_fmt(s['ttft_ms']['p99'])} | "
+            f"{_fmt(s['tpot_ms']['median'])} | {_fmt(s['tpot_ms']['p99'])} | {_fmt(s['e2el_ms']['median'])} | {s['num_completed']}/{s['num_failed']} |"
+        )
     return "\n".join(rows)
 
 
@@ -53,7 +57,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-args", default="", help="extra `pop-disagg serve` arguments, one string")
     p.add_argument("--start-timeout", type=float, default=300.0)
-    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results" / "http_vs_grpc"))
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results" / "frontend" / "http_vs_grpc"))
     args = p.parse_args()
 
     out = Path(args.out_dir)
@@ -70,10 +74,31 @@ def main() -> int:
             for run in range(args.repeats):
                 for backend in ("grpc", "openai") if run % 2 == 0 else ("openai", "grpc"):
                     path = out / f"{backend}-rate{rate}-run{run}.json"
-                    argv = ["bench", "serve", "--backend", backend, *targets[backend], "--random-input-len", args.input_len,
-                            "--random-output-len", args.output_len, "--ignore-eos", "--num-prompts", str(args.num_requests),
-                            "--request-rate", rate, "--seed", str(args.seed), "--num-warmup", "2", "--metric-percentiles", "50,99",
-                            "--output", str(path), "--no-progress"]
+                    argv = [
+                        "bench",
+                        "serve",
+                        "--backend",
+                        backend,
+                        *targets[backend],
+                        "--random-input-len",
+                        args.input_len,
+                        "--random-output-len",
+                        args.output_len,
+                        "--ignore-eos",
+                        "--num-prompts",
+                        str(args.num_requests),
+                        "--request-rate",
+                        rate,
+                        "--seed",
+                        str(args.seed),
+                        "--num-warmup",
+                        "2",
+                        "--metric-percentiles",
+                        "50,99",
+                        "--output",
+                        str(path),
+                        "--no-progress",
+                    ]
                     print(f"$ pop-disagg {shlex.join(argv)}", flush=True)
                     if cli_main(argv) != 0:
                         print(f"{backend} at {rate} req/s failed", file=sys.stderr)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The K/V refit comparison of benchmarks/README.md ("Choosing the refit"): POP at the default plan
+# The K/V refit comparison of benchmarks/results/kv_refit/README.md: POP at the default plan
 # (last third) with each refit variant, on the same held-out texts, one CPU thread.
 # Usage: [VARIANTS=state,kv-chat-4x] benchmarks/kv_refit_study.sh [MODEL ...]
 #        (default: smollm2-135m-instruct gemma-3-270m and the variants below)
@@ -16,6 +16,6 @@ for model in "${@:-smollm2-135m-instruct gemma-3-270m}"; do
     esac
     "$py" -m pop_disagg.cli eval fidelity --model "$m" "${texts[@]}" --tasks '' --kv-fit-ratios 0.3333334 \
       --kv-fit-variants "$variants" --only "$only" --threads 1 --no-plots --no-progress \
-      --output "benchmarks/results/kv_refit/kv_refit_${m%%-*}.json"
+      --output "benchmarks/results/kv_refit/${m}.json"
   done
 done

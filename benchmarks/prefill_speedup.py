@@ -1,4 +1,4 @@
-"""POP prefill speedup benchmark (issue 2, section 6): POP vs full prefill in our engine, next to the
+"""POP prefill speedup benchmark: POP vs full prefill in our engine, next to the
 FLOPs-ideal ratio, the paper's Table 2, and Transformers as a peer; plus decode throughput.
 
 What is timed (``torch.inference_mode``, warm-up, median of repeats, CUDA synchronised):
@@ -81,7 +81,11 @@ def layer_flops(arch: ModelArch, layer: int, n: int) -> tuple[float, float]:
 def decode_step_flops(arch: ModelArch, context: int) -> float:
     """One full-model token over ``context`` keys, plus the LM head (the boundary step)."""
     h, q, kv, inter = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
-    per_layer = [2 * (2 * h * q + 2 * h * kv + 3 * h * inter) + 4 * arch.num_heads * arch.head_dim * min(context, arch.window_for_layer(l) or context) for l in range(arch.num_layers)]
+    per_layer = [
+        2 * (2 * h * q + 2 * h * kv + 3 * h * inter)
+        + 4 * arch.num_heads * arch.head_dim * min(context, arch.window_for_layer(l) or context)
+        for l in range(arch.num_layers)
+    ]
     return sum(per_layer) + 2 * h * arch.vocab_size
 
 
@@ -208,7 +212,14 @@ def bench_prefill(args, model, peer, plan, vocab_size: int, on_row=lambda rows: 
                 for k, v in sample.items():
                     times[k].append(v)
         ideal = ideal_ratios(arch, plan, n)
-        row = {"num_prompt_tokens": n, "batch_size": b, "repeats": repeats, "warmup": warmup, "clock": args.clock, **ideal}
+        row = {
+            "num_prompt_tokens": n,
+            "batch_size": b,
+            "repeats": repeats,
+            "warmup": warmup,
+            "clock": args.clock,
+            **ideal,
+        }
         for k, v in times.items():
             if v:
                 for clock, i_clock in CLOCKS.items():
@@ -241,9 +252,16 @@ def bench_decode(args, model, peer, vocab_size: int) -> list[dict]:
         kv_mb = math.ceil(b * (per_seq + BLOCK_SIZE) * arch.kv_bytes_per_token(model.dtype.itemsize) / 2**20) + 1
         # Full plan: the decode path is the same under POP, and it keeps the outputs comparable
         # token for token with Transformers.
-        config = EngineConfig(model="benchmark", dtype=str(model.dtype).removeprefix("torch."), device=model.device.type,
-                              block_size=BLOCK_SIZE, kv_cache_memory_mb=kv_mb, max_num_seqs=b,
-                              max_num_batched_tokens=b * per_seq, prune=PruneConfig(no_prune=True))
+        config = EngineConfig(
+            model="benchmark",
+            dtype=str(model.dtype).removeprefix("torch."),
+            device=model.device.type,
+            block_size=BLOCK_SIZE,
+            kv_cache_memory_mb=kv_mb,
+            max_num_seqs=b,
+            max_num_batched_tokens=b * per_seq,
+            prune=PruneConfig(no_prune=True),
+        )
         engine = LLMEngine(config, model=model, tokenizer=None)
         params = SamplingParams(max_new_tokens=args.decode_new_tokens, ignore_eos=True)
         ours, theirs = [], []
@@ -259,16 +277,27 @@ def bench_decode(args, model, peer, vocab_size: int) -> list[dict]:
                 ids = torch.tensor(prompts, dtype=torch.long, device=model.device)
                 t0 = _now(model.device)
                 with torch.inference_mode():
-                    out = peer.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                        max_new_tokens=args.decode_new_tokens, min_new_tokens=args.decode_new_tokens,
-                                        pad_token_id=0)
+                    out = peer.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        do_sample=False,
+                        max_new_tokens=args.decode_new_tokens,
+                        min_new_tokens=args.decode_new_tokens,
+                        pad_token_id=0,
+                    )
                 if i >= args.warmup:
                     theirs.append(_since(t0, _now(model.device))[i_clock])
-                hf_tokens = out[:, ids.shape[1]:].tolist()
+                hf_tokens = out[:, ids.shape[1] :].tolist()
         num_new = b * args.decode_new_tokens
-        row = {"batch_size": b, "prompt_len": args.decode_prompt_len, "new_tokens": args.decode_new_tokens,
-               "repeats": args.decode_repeats, "clock": args.clock, "ours_s": statistics.median(ours),
-               "ours_tok_s": num_new / statistics.median(ours)}
+        row = {
+            "batch_size": b,
+            "prompt_len": args.decode_prompt_len,
+            "new_tokens": args.decode_new_tokens,
+            "repeats": args.decode_repeats,
+            "clock": args.clock,
+            "ours_s": statistics.median(ours),
+            "ours_tok_s": num_new / statistics.median(ours),
+        }
         if peer is not None:
             row["hf_s"] = statistics.median(theirs)
             row["hf_tok_s"] = num_new / row["hf_s"]
@@ -285,7 +314,9 @@ def build(args):
     dtype, device = resolve_dtype(args.dtype), torch.device(args.device)
     if args.model in PRESETS:
         raw = preset_config(args.model)
-        model = build_random_model(ModelArch.from_hf_dict(raw, source=f"preset {args.model}"), dtype, device, seed=args.seed)
+        model = build_random_model(
+            ModelArch.from_hf_dict(raw, source=f"preset {args.model}"), dtype, device, seed=args.seed
+        )
         return model, transformers_config(raw), f"preset {args.model} (random weights)"
     from transformers import AutoConfig
 
@@ -298,8 +329,13 @@ def build(args):
 def hardware() -> dict:
     from pop_disagg.models import cpu_blas
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cpu_blas": cpu_blas.active()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_blas": cpu_blas.active(),
+    }
     try:
         import transformers
 
@@ -311,7 +347,9 @@ def hardware() -> dict:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
-        info["cpu_count"] = len([l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("processor")])
+        info["cpu_count"] = len(
+            [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("processor")]
+        )
     except OSError:
         info["cpu"] = platform.processor()
     if torch.cuda.is_available():
@@ -326,29 +364,65 @@ def _fmt(x, spec=".2f") -> str:
 def print_report(prefill: list[dict], decode: list[dict], has_peer: bool) -> None:
     print("\n### Prefill: POP vs full (TTFT = pruned prefill of tokens 1..N-1 + boundary step for N)\n")
     # "% of ideal": measured ratio / ideal ratio (the issue's target); "% of gain": (ratio - 1) / (ideal - 1).
-    head = ["N", "batch", "TTFT full ms", "TTFT POP ms", "ratio", "ideal", "% of ideal", "% of gain", "paper",
-            "prefill full ms", "prefill POP ms", "ratio", "ideal", "% of ideal", "% of gain", "f (K/V share)"]
+    head = [
+        "N",
+        "batch",
+        "TTFT full ms",
+        "TTFT POP ms",
+        "ratio",
+        "ideal",
+        "% of ideal",
+        "% of gain",
+        "paper",
+        "prefill full ms",
+        "prefill POP ms",
+        "ratio",
+        "ideal",
+        "% of ideal",
+        "% of gain",
+        "f (K/V share)",
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in prefill:
-        print("| " + " | ".join([
-            str(r["num_prompt_tokens"]), str(r["batch_size"]), _fmt(r["full_ttft_ms"], ".1f"), _fmt(r["pop_ttft_ms"], ".1f"),
-            _fmt(r["ttft_ratio"], ".3f"), _fmt(r["ideal_ttft"], ".3f"), _fmt(100 * r["ttft_ratio"] / r["ideal_ttft"], ".0f"),
-            _fmt(100 * (r["ttft_ratio"] - 1) / (r["ideal_ttft"] - 1), ".0f"), _fmt(r["paper_ttft_ratio"]),
-            _fmt(r["full_prefill_ms"], ".1f"), _fmt(r["pop_prefill_ms"], ".1f"), _fmt(r["prefill_ratio"], ".3f"),
-            _fmt(r["ideal_prefill"], ".3f"), _fmt(100 * r["prefill_ratio"] / r["ideal_prefill"], ".0f"),
-            _fmt(100 * (r["prefill_ratio"] - 1) / (r["ideal_prefill"] - 1), ".0f"), _fmt(r["f"] * 100, ".1f") + "%",
-        ]) + " |")
+        print(
+            "| "
+            + " | ".join(
+                [
+                    str(r["num_prompt_tokens"]),
+                    str(r["batch_size"]),
+                    _fmt(r["full_ttft_ms"], ".1f"),
+                    _fmt(r["pop_ttft_ms"], ".1f"),
+                    _fmt(r["ttft_ratio"], ".3f"),
+                    _fmt(r["ideal_ttft"], ".3f"),
+                    _fmt(100 * r["ttft_ratio"] / r["ideal_ttft"], ".0f"),
+                    _fmt(100 * (r["ttft_ratio"] - 1) / (r["ideal_ttft"] - 1), ".0f"),
+                    _fmt(r["paper_ttft_ratio"]),
+                    _fmt(r["full_prefill_ms"], ".1f"),
+                    _fmt(r["pop_prefill_ms"], ".1f"),
+                    _fmt(r["prefill_ratio"], ".3f"),
+                    _fmt(r["ideal_prefill"], ".3f"),
+                    _fmt(100 * r["prefill_ratio"] / r["ideal_prefill"], ".0f"),
+                    _fmt(100 * (r["prefill_ratio"] - 1) / (r["ideal_prefill"] - 1), ".0f"),
+                    _fmt(r["f"] * 100, ".1f") + "%",
+                ]
+            )
+            + " |"
+        )
     if has_peer:
         print("\n### Full prefill (TTFT path) vs Transformers forward over the same N tokens, same weights\n")
         print("| N | batch | ours full ms | Transformers ms | Transformers / ours | first tokens agree |")
         print("|---|---|---|---|---|---|")
         for r in prefill:
-            print(f"| {r['num_prompt_tokens']} | {r['batch_size']} | {r['full_ttft_ms']:.1f} | {r['hf_ms']:.1f} | "
-                  f"{r['hf_over_ours_full']:.2f} | {r['first_tokens_agree_with_hf']}/{r['batch_size']} |")
+            print(
+                f"| {r['num_prompt_tokens']} | {r['batch_size']} | {r['full_ttft_ms']:.1f} | {r['hf_ms']:.1f} | "
+                f"{r['hf_over_ours_full']:.2f} | {r['first_tokens_agree_with_hf']}/{r['batch_size']} |"
+            )
     if decode:
         print("\n### Greedy decoding (full plan, EOS ignored; includes the prompt's prefill)\n")
-        cols = "| batch | prompt | new | ours tok/s |" + (" Transformers tok/s | ours / Transformers | tokens agree |" if has_peer else "")
+        cols = "| batch | prompt | new | ours tok/s |" + (
+            " Transformers tok/s | ours / Transformers | tokens agree |" if has_peer else ""
+        )
         print(cols)
         print("|" + "---|" * (cols.count("|") - 1))
         for r in decode:
@@ -363,18 +437,41 @@ def _ints(s: str) -> list[int]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="cpu", help=f"preset ({', '.join(PRESETS)}; random weights), registry name or checkpoint folder")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default="cpu",
+        help=f"preset ({', '.join(PRESETS)}; random weights), registry name or checkpoint folder",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lengths", type=_ints, default=[32, 128, 512, 2048], help="prompt lengths N, comma separated")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8])
-    p.add_argument("--max-tokens", type=int, default=1 << 62, help="skip (N, batch) configurations with more than batch*N prompt tokens")
-    p.add_argument("--prune-ratio", type=float, default=None, help="skip the deepest floor(L*ratio) layers (default: POP's floor(L/3))")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1 << 62,
+        help="skip (N, batch) configurations with more than batch*N prompt tokens",
+    )
+    p.add_argument(
+        "--prune-ratio",
+        type=float,
+        default=None,
+        help="skip the deepest floor(L*ratio) layers (default: POP's floor(L/3))",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
-    p.add_argument("--token-budget", type=int, default=None, help="cap repeats so repeats*batch*N stays under this (long CPU sweeps)")
+    p.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        help="cap repeats so repeats*batch*N stays under this (long CPU sweeps)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per configuration")
-    p.add_argument("--warmup-max-tokens", type=int, default=1 << 62, help="skip the per-configuration warm-up above batch*N tokens")
+    p.add_argument(
+        "--warmup-max-tokens", type=int, default=1 << 62, help="skip the per-configuration warm-up above batch*N tokens"
+    )
     p.add_argument("--no-hf", action="store_true", help="do not time Transformers as a peer")
     p.add_argument("--no-decode", action="store_true", help="skip the decoding benchmark")
     p.add_argument("--decode-batch-sizes", type=_ints, default=[1, 16])
@@ -382,8 +479,12 @@ def parse_args(argv=None):
     p.add_argument("--decode-new-tokens", type=int, default=64)
     p.add_argument("--decode-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                   help="wall time (default), or process CPU time for shared CPU hosts (use with --threads 1); both land in --json")
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall time (default), or process CPU time for shared CPU hosts (use with --threads 1); both land in --json",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--no-progress", action="store_true")
@@ -396,7 +497,9 @@ def main(argv=None) -> int:
     if args.report:
         for path in args.report:
             saved = json.loads(path.read_text())
-            print(f"\n## {path.name}: {saved['source']}, {saved['dtype']} on {saved['device']}, {saved['plan_description']}")
+            print(
+                f"\n## {path.name}: {saved['source']}, {saved['dtype']} on {saved['device']}, {saved['plan_description']}"
+            )
             print_report(saved["prefill"], saved["decode"], any("hf_ms" in r for r in saved["prefill"]))
         return 0
     if args.threads:
@@ -404,18 +507,36 @@ def main(argv=None) -> int:
     t_build = time.perf_counter()
     model, hf_config, source = build(args)
     arch = model.arch
-    plan = PrunePlan.from_ratio(arch.num_layers, args.prune_ratio) if args.prune_ratio is not None else PrunePlan.default(arch.num_layers)
+    plan = (
+        PrunePlan.from_ratio(arch.num_layers, args.prune_ratio)
+        if args.prune_ratio is not None
+        else PrunePlan.default(arch.num_layers)
+    )
     # Contiguous copies for the peer: Transformers timed in its own layout, not our fused views.
     peer = None if args.no_hf else transformers_peer(model, hf_config, contiguous=True)
     hw = hardware()
-    print(f"model: {source}; {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
-          f"{arch.num_heads}/{arch.num_kv_heads} heads, {args.dtype} on {args.device} (built in {time.perf_counter() - t_build:.1f}s)")
+    print(
+        f"model: {source}; {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
+        f"{arch.num_heads}/{arch.num_kv_heads} heads, {args.dtype} on {args.device} (built in {time.perf_counter() - t_build:.1f}s)"
+    )
     print(f"plan: {plan.describe()}; clock: {args.clock}")
-    print(f"hardware: {hw.get('gpu') or hw.get('cpu')}, {hw.get('cpu_count')} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads), CPU GEMMs: {hw['cpu_blas']}")
-    result = {"model": args.model, "source": source, "arch": arch.model_dump(mode="json"), "plan": plan.model_dump(),
-              "plan_description": plan.describe(), "dtype": args.dtype, "device": args.device, "hardware": hw,
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "complete": False, "prefill": [], "decode": []}
+    print(
+        f"hardware: {hw.get('gpu') or hw.get('cpu')}, {hw.get('cpu_count')} CPUs, torch {hw['torch']} ({hw['torch_threads']} threads), CPU GEMMs: {hw['cpu_blas']}"
+    )
+    result = {
+        "model": args.model,
+        "source": source,
+        "arch": arch.model_dump(mode="json"),
+        "plan": plan.model_dump(),
+        "plan_description": plan.describe(),
+        "dtype": args.dtype,
+        "device": args.device,
+        "hardware": hw,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "complete": False,
+        "prefill": [],
+        "decode": [],
+    }
 
     def save(prefill_rows: list[dict] | None = None) -> None:
         if prefill_rows is not None:

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import grpc
 import ray
@@ -24,8 +23,7 @@ import torch
 
 from pop_disagg._proto import generation_pb2 as pb
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc
-from pop_disagg.config import EngineConfig
-from pop_disagg.config import ServeConfig
+from pop_disagg.config import EngineConfig, ServeConfig
 from pop_disagg.server.app import BackgroundServer
 
 COMBOS = [("disaggregated", "pop"), ("disaggregated", "full"), ("colocated", "pop"), ("colocated", "full")]
@@ -38,7 +36,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--combos", default=",".join(f"{t}/{f}" for t, f in COMBOS), help="topology/prefill pairs, comma separated")
+    p.add_argument(
+        "--combos", default=",".join(f"{t}/{f}" for t, f in COMBOS), help="topology/prefill pairs, comma separated"
+    )
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -49,18 +49,33 @@ def main() -> None:
     try:
         for topology, prefill in [tuple(c.split("/")) for c in args.combos.split(",")]:
             engine = EngineConfig(model=args.model, kv_cache_memory_mb=256)
-            srv = BackgroundServer(ServeConfig(engine=engine, topology=topology, prefill=prefill, num_threads=args.threads))
+            srv = BackgroundServer(
+                ServeConfig(engine=engine, topology=topology, prefill=prefill, num_threads=args.threads)
+            )
             try:
                 with grpc.insecure_channel(srv.address) as channel:
                     stub = pb_grpc.GenerationStub(channel)
-                    stub.Generate(pb.GenerateRequest(prompt_token_ids=prompts[lengths[0]], max_new_tokens=4, ignore_eos=True))  # warm-up
+                    stub.Generate(
+                        pb.GenerateRequest(prompt_token_ids=prompts[lengths[0]], max_new_tokens=4, ignore_eos=True)
+                    )  # warm-up
                     for n in lengths:
-                        runs = [stub.Generate(pb.GenerateRequest(prompt_token_ids=prompts[n], max_new_tokens=args.new_tokens, ignore_eos=True)) for _ in range(args.reps)]
+                        runs = [
+                            stub.Generate(
+                                pb.GenerateRequest(
+                                    prompt_token_ids=prompts[n], max_new_tokens=args.new_tokens, ignore_eos=True
+                                )
+                            )
+                            for _ in range(args.reps)
+                        ]
                         med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
                         row = dict(
-                            topology=topology, prefill=prefill, prompt_len=n,
-                            ttft_ms=med(lambda r: r.timings.ttft_s) * 1e3, queue_ms=med(lambda r: r.timings.queue_s) * 1e3,
-                            prefill_ms=med(lambda r: r.timings.prefill_s) * 1e3, transfer_ms=med(lambda r: r.timings.transfer_s) * 1e3,
+                            topology=topology,
+                            prefill=prefill,
+                            prompt_len=n,
+                            ttft_ms=med(lambda r: r.timings.ttft_s) * 1e3,
+                            queue_ms=med(lambda r: r.timings.queue_s) * 1e3,
+                            prefill_ms=med(lambda r: r.timings.prefill_s) * 1e3,
+                            transfer_ms=med(lambda r: r.timings.transfer_s) * 1e3,
                             decode_tok_s=med(lambda r: (r.usage.completion_tokens - 1) / r.timings.decode_s),
                         )
                         rows.append(row)
@@ -69,11 +84,15 @@ def main() -> None:
                 srv.stop()
     finally:
         ray.shutdown()
-    print(f"\nmodel {args.model}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch threads per worker {args.threads}, {args.new_tokens} new tokens, median of {args.reps}")
+    print(
+        f"\nmodel {args.model}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch threads per worker {args.threads}, {args.new_tokens} new tokens, median of {args.reps}"
+    )
     print("| topology | prefill | prompt | TTFT ms | queue ms | prefill ms | transfer ms | decode tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['topology']} | {r['prefill']} | {r['prompt_len']} | {r['ttft_ms']:.0f} | {r['queue_ms']:.1f} | {r['prefill_ms']:.0f} | {r['transfer_ms']:.0f} | {r['decode_tok_s']:.1f} |")
+        print(
+            f"| {r['topology']} | {r['prefill']} | {r['prompt_len']} | {r['ttft_ms']:.0f} | {r['queue_ms']:.1f} | {r['prefill_ms']:.0f} | {r['transfer_ms']:.0f} | {r['decode_tok_s']:.1f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -48,14 +48,21 @@ import ray
 
 from pop_disagg._proto import generation_pb2 as pb
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc
-from pop_disagg.config import EngineConfig
-from pop_disagg.config import ServeConfig
+from pop_disagg.config import EngineConfig, ServeConfig
 from pop_disagg.server.app import BackgroundServer
 
 NORMAL_DEADLINE_S = 60.0
 HANG_MARGIN_S = 10.0
 # (share of the arrival span, fault): each fires once at that point of the run.
-FAULTS = [(0.12, "kill_prefill"), (0.26, "stall_transfer"), (0.40, "kill_decode"), (0.54, "cancel_storm"), (0.66, "stall_transfer"), (0.80, "kill_prefill"), (0.90, "kill_decode")]
+FAULTS = [
+    (0.12, "kill_prefill"),
+    (0.26, "stall_transfer"),
+    (0.40, "kill_decode"),
+    (0.54, "cancel_storm"),
+    (0.66, "stall_transfer"),
+    (0.80, "kill_prefill"),
+    (0.90, "kill_decode"),
+]
 MIX = {"normal": 0.70, "cancel": 0.10, "short_deadline": 0.10, "bad": 0.10}
 BAD = [
     dict(max_new_tokens=4),  # no prompt
@@ -100,17 +107,29 @@ class Soak:
     def start(self):
         a = self.args
         engine = EngineConfig(model=a.model, kv_cache_memory_mb=a.kv_cache_mb)
-        self.config = ServeConfig(engine=engine, topology="disaggregated", prefill="pop", transfer_timeout_s=a.transfer_timeout, worker_timeout_s=a.worker_timeout, num_threads=a.threads)
+        self.config = ServeConfig(
+            engine=engine,
+            topology="disaggregated",
+            prefill="pop",
+            transfer_timeout_s=a.transfer_timeout,
+            worker_timeout_s=a.worker_timeout,
+            num_threads=a.threads,
+        )
         t = time.monotonic()
         self.server = BackgroundServer(self.config)
         print(f"server up in {time.monotonic() - t:.0f}s at {self.server.address}", flush=True)
         self.channel = grpc.insecure_channel(self.server.address)
         self.stub = pb_grpc.GenerationStub(self.channel)
         vocab = self.server.deployment.arch.vocab_size
-        self.prompts = [[self.rng.randrange(min(100, vocab // 4), min(20000, vocab)) for _ in range(self.rng.randint(6, 20))] for _ in range(self.args.num_prompts)]
+        self.prompts = [
+            [self.rng.randrange(min(100, vocab // 4), min(20000, vocab)) for _ in range(self.rng.randint(6, 20))]
+            for _ in range(self.args.num_prompts)
+        ]
 
     def msg(self, prompt_index: int, **kw) -> pb.GenerateRequest:
-        return pb.GenerateRequest(prompt_token_ids=self.prompts[prompt_index], max_new_tokens=self.args.new_tokens, ignore_eos=True, **kw)
+        return pb.GenerateRequest(
+            prompt_token_ids=self.prompts[prompt_index], max_new_tokens=self.args.new_tokens, ignore_eos=True, **kw
+        )
 
     def health(self):
         return self.stub.Health(pb.HealthRequest(), timeout=10)
@@ -134,7 +153,16 @@ class Soak:
         """Per request, drawn up front (seeded): kind, prompt, bad request, deadline, cancel delay."""
         r = self.rng
         kinds = r.choices(list(MIX), weights=list(MIX.values()), k=n)
-        return [(k, r.randrange(len(self.prompts)), r.randrange(len(BAD)), r.uniform(0.2, 1.5) if k == "short_deadline" else NORMAL_DEADLINE_S, r.uniform(0.0, 1.5)) for k in kinds]
+        return [
+            (
+                k,
+                r.randrange(len(self.prompts)),
+                r.randrange(len(BAD)),
+                r.uniform(0.2, 1.5) if k == "short_deadline" else NORMAL_DEADLINE_S,
+                r.uniform(0.0, 1.5),
+            )
+            for k in kinds
+        ]
 
     def one(self, index: int, spec: tuple) -> Record:
         kind, prompt_index, bad, deadline_s, cancel_after_s = spec
@@ -187,6 +215,7 @@ class Soak:
             ray.get(dep.prefill[0].inject_fault.remote("stall_transfer", 2.5 * self.args.transfer_timeout))
             time.sleep(2.5 * self.args.transfer_timeout)  # the next transfer stalls, times out, is re-run
         elif kind == "cancel_storm":  # a burst of streams cancelled after their first token
+
             def cancel_one(i):
                 call = self.stub.GenerateStream(self.msg(i % len(self.prompts)), timeout=NORMAL_DEADLINE_S)
                 try:
@@ -214,7 +243,7 @@ class Soak:
             time.sleep(0.1)
 
     def _burst_past_queue_limit(self) -> str:
-        """Bursts of concurrent requests past ``--max-queued-requests`` (PART B of issue 11)."""
+        """Bursts of concurrent requests past ``--max-queued-requests`` (the admission-control part of the soak)."""
         if not self.args.bursts:
             return "off (--bursts)"
         # The limit holds for the burst only, so the rest of the run measures faults, not refusals.
@@ -222,7 +251,12 @@ class Soak:
         default, admission.max_queued_requests = admission.max_queued_requests, self.args.max_queued
         try:
             with ThreadPoolExecutor(4 * self.args.max_queued) as pool:
-                recs = list(pool.map(lambda i: self.one(10**6 + i, ("burst", i % len(self.prompts), 0, NORMAL_DEADLINE_S, 0.0)), range(4 * self.args.max_queued)))
+                recs = list(
+                    pool.map(
+                        lambda i: self.one(10**6 + i, ("burst", i % len(self.prompts), 0, NORMAL_DEADLINE_S, 0.0)),
+                        range(4 * self.args.max_queued),
+                    )
+                )
         finally:
             admission.max_queued_requests = default
         self.records += recs
@@ -241,7 +275,10 @@ class Soak:
             for _ in range(a.requests - 1):
                 arrivals.append(arrivals[-1] + self.rng.expovariate(a.rate))
             started = time.time()
-            threads = [threading.Thread(target=self.watchdog, daemon=True), threading.Thread(target=self.fault_driver, args=(started, arrivals[-1]), daemon=True)]
+            threads = [
+                threading.Thread(target=self.watchdog, daemon=True),
+                threading.Thread(target=self.fault_driver, args=(started, arrivals[-1]), daemon=True),
+            ]
             for t in threads:
                 t.start()
             with ThreadPoolExecutor(a.max_clients) as pool:
@@ -267,7 +304,11 @@ class Soak:
         while True:
             decode = [ray.get(a.stats.remote(), timeout=30) for a in dep.decode]
             queued = [ray.get(a.load.remote(), timeout=30) for a in dep.prefill]
-            if all(s["num_free_blocks"] == s["num_blocks"] for s in decode) and not any(queued) or time.monotonic() > end:
+            if (
+                all(s["num_free_blocks"] == s["num_blocks"] for s in decode)
+                and not any(queued)
+                or time.monotonic() > end
+            ):
                 break
             time.sleep(0.5)
         return {
@@ -296,18 +337,37 @@ class Soak:
                 ttft["during_faults" if in_window(r) else "outside_faults"].append(r.ttft_s)
         health = self.health()
         result = {
-            "model": self.args.model, "topology": "disaggregated+pop (1P1D)", "requests": len(recs),
+            "model": self.args.model,
+            "topology": "disaggregated+pop (1P1D)",
+            "requests": len(recs),
             "accounted_for": sum(1 for r in recs if r.outcome) == len(recs),
-            "wall_s": round(wall), "outcomes": outcomes,
-            "hangs": len(self.hangs), "token_mismatches": sum(r.mismatch for r in recs),
-            "bad_requests_not_invalid_argument": sum(1 for r in recs if r.kind == "bad" and r.outcome != "INVALID_ARGUMENT"),
+            "wall_s": round(wall),
+            "outcomes": outcomes,
+            "hangs": len(self.hangs),
+            "token_mismatches": sum(r.mismatch for r in recs),
+            "bad_requests_not_invalid_argument": sum(
+                1 for r in recs if r.kind == "bad" and r.outcome != "INVALID_ARGUMENT"
+            ),
             **leaks,
             "restarts": {w.role: w.num_restarts for w in health.workers},
             "kv_retries": self.server.server.router.stats.num_kv_retries,
-            "faults": self.faults_done, "bursts": bursts,
-            "ttft_ms": {k: {"n": len(v), "p50": pct(v, 0.5), "p99": pct(v, 0.99), "mean": round(statistics.mean(v) * 1e3) if v else None} for k, v in ttft.items()},
+            "faults": self.faults_done,
+            "bursts": bursts,
+            "ttft_ms": {
+                k: {
+                    "n": len(v),
+                    "p50": pct(v, 0.5),
+                    "p99": pct(v, 0.99),
+                    "mean": round(statistics.mean(v) * 1e3) if v else None,
+                }
+                for k, v in ttft.items()
+            },
             "config": {k: v for k, v in vars(self.args).items() if k != "json"},
-            "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "load_avg": os.getloadavg()},
+            "host": {
+                "cpu": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(),
+                "load_avg": os.getloadavg(),
+            },
             "records": [asdict(r) for r in recs],
         }
         return result
@@ -315,7 +375,9 @@ class Soak:
 
 def markdown(r: dict) -> str:
     """The README table of one run."""
-    kinds = ["normal", "cancel", "short_deadline", "bad"] + [k for k in r["outcomes"] if k not in ("normal", "cancel", "short_deadline", "bad")]
+    kinds = ["normal", "cancel", "short_deadline", "bad"] + [
+        k for k in r["outcomes"] if k not in ("normal", "cancel", "short_deadline", "bad")
+    ]
     codes = sorted({c for k in r["outcomes"].values() for c in k})
     rows = ["| request kind | " + " | ".join(codes) + " | total |", "|---|" + "---|" * (len(codes) + 1)]
     for k in kinds:
@@ -353,10 +415,14 @@ def main() -> None:
     p.add_argument("--transfer-timeout", type=float, default=5.0)
     p.add_argument("--worker-timeout", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--bursts", action="store_true", help="end with a burst of 4 x --max-queued concurrent requests while the queue limit is --max-queued")
+    p.add_argument(
+        "--bursts",
+        action="store_true",
+        help="end with a burst of 4 x --max-queued concurrent requests while the queue limit is --max-queued",
+    )
     p.add_argument("--max-queued", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="benchmarks/results/soak_smollm2.json")
+    p.add_argument("--json", default="benchmarks/results/soak/smollm2-135m-instruct.json")
     p.add_argument("--report", metavar="FILE", help="print the markdown table of a saved run and exit")
     args = p.parse_args()
     if args.report:
@@ -375,7 +441,12 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    ok = result["hangs"] == 0 and not any(result["decode_leaked_blocks"]) and not any(result["prefill_queued_tokens"]) and result["accounted_for"]
+    ok = (
+        result["hangs"] == 0
+        and not any(result["decode_leaked_blocks"])
+        and not any(result["prefill_queued_tokens"])
+        and result["accounted_for"]
+    )
     print("ACCEPTANCE:", "pass (0 hangs, 0 leaked blocks, every request accounted for)" if ok else "FAIL")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks issue 14 names, as one short run for a session that is lent a GPU (nothing in CI
-# needs one). Needs a Python whose torch has CUDA: PY=/path/to/python scripts/gpu_checks.sh.
+# The GPU checks (gpu tests, decode, prefill at the paper's setting, a profiled chunk step), as one
+# short run on a machine with a CUDA GPU (nothing in CI needs one). Needs a Python whose torch has
+# CUDA: PY=/path/to/python scripts/gpu_checks.sh.
 # Budget: about 6 minutes on one H100/H200 (random-weight Llama-3.1-8B geometry built on the GPU,
 # bf16, 16 GB). Every result lands under $OUT (default benchmarks/results/gpu/), with the GPU's name.
 set -uo pipefail  # no -e: one failing check must not hide the others' results
@@ -32,8 +33,8 @@ run "$PY" benchmarks/prefill_speedup.py --model llama-3.1-8b --dtype bfloat16 --
 dec llama-3.1-8b eager
 dec smollm2-135m graphs
 dec smollm2-135m eager
-# 5. Why a 512-token chunk step costs ~155 ms on an H200 instead of ~25-30 (benchmarks/README.md,
-#    "Chunked prefill on an H200"): the 8th chunk step of an 8k prompt beside 8 decoding streams,
+# 5. Why a 512-token chunk step costs ~155 ms on an H200 instead of ~25-30 (benchmarks/results/gpu/
+#    README.md, "Chunked prefill"): the 8th chunk step of an 8k prompt beside 8 decoding streams,
 #    under torch.profiler (CPU + CUDA), ops sorted by GPU time, in $OUT/chunk_step_profile.txt.
 run "$PY" benchmarks/chunked_stall.py --model llama-3.1-8b --device cuda --dtype bfloat16 --clock wall --streams 8 \
     --stream-prompt 128 --stream-tokens 64 --long-prompt 8192 --budgets 512 --profile-chunk-step 8 \
