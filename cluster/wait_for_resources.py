@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address=args.address, log_to_driver=False)
     try:
-        return 0 if wait_for(args.resource, args.count, args.timeout, say=lambda m: print(f"[wait_for_resources] {m}", flush=True)) else 1
+        return (
+            0
+            if wait_for(
+                args.resource, args.count, args.timeout, say=lambda m: print(f"[wait_for_resources] {m}", flush=True)
+            )
+            else 1
+        )
     finally:
         ray.shutdown()
 

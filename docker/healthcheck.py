@@ -19,7 +19,9 @@ def check(address: str, timeout_s: float = 8.0) -> tuple[bool, str]:
         try:
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
             is_serving = reply.status == health_pb2.HealthCheckResponse.SERVING
             return is_serving, f"grpc.health.v1: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
         except ImportError:

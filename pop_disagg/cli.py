@@ -10,11 +10,25 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["generate", "make_tiny_model", "calibrate", "plan", "bench", "models", "serve", "client", "demo", "eval", "data"]
+COMMANDS = [
+    "generate",
+    "make_tiny_model",
+    "calibrate",
+    "plan",
+    "bench",
+    "models",
+    "serve",
+    "client",
+    "demo",
+    "eval",
+    "data",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pop-disagg", description="Disaggregated prefill/decode serving with POP (Prefill-Only Pruning).")
+    parser = argparse.ArgumentParser(
+        prog="pop-disagg", description="Disaggregated prefill/decode serving with POP (Prefill-Only Pruning)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"pop_disagg.commands.{name}").register(sub)

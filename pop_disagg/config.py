@@ -29,7 +29,11 @@ class PruneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_choice(self) -> "PruneConfig":
-        chosen = [n for n, v in (("ratio", self.ratio), ("skip_layers", self.skip_layers), ("plan_file", self.plan_file)) if v is not None]
+        chosen = [
+            n
+            for n, v in (("ratio", self.ratio), ("skip_layers", self.skip_layers), ("plan_file", self.plan_file))
+            if v is not None
+        ]
         if self.no_prune:
             chosen.append("no_prune")
         if len(chosen) > 1:
@@ -57,17 +61,30 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
     block_size: int = Field(16, ge=1)
-    kv_cache_memory_mb: float | None = Field(None, gt=0, description="KV budget; default 512 MiB on CPU, 85% of free GPU memory on CUDA")
+    kv_cache_memory_mb: float | None = Field(
+        None, gt=0, description="KV budget; default 512 MiB on CPU, 85% of free GPU memory on CUDA"
+    )
     max_num_seqs: int = Field(64, ge=1, description="running requests at most")
-    max_num_batched_tokens: int = Field(8192, ge=1, description="prompt tokens per prefill step at most; with chunked prefill, tokens per step (decode + prompt chunks)")
-    enable_chunked_prefill: bool = Field(False, description="vLLM's flag: steps mix decode tokens with prompt chunks, max_num_batched_tokens in all; a prefill worker chunks long prompts")
+    max_num_batched_tokens: int = Field(
+        8192,
+        ge=1,
+        description="prompt tokens per prefill step at most; with chunked prefill, tokens per step (decode + prompt chunks)",
+    )
+    enable_chunked_prefill: bool = Field(
+        False,
+        description="vLLM's flag: steps mix decode tokens with prompt chunks, max_num_batched_tokens in all; a prefill worker chunks long prompts",
+    )
     max_model_len: int | None = Field(None, ge=2, description="context limit; default the model's")
     prune: PruneConfig = PruneConfig()
     seed: int = 0
     enforce_eager: bool = Field(False, description="vLLM's flag: never compile or graph-capture the decode step")
-    compile_decode_on_cpu: bool = Field(False, description="torch.compile the decode step on CPU too (slow to start; off by default)")
+    compile_decode_on_cpu: bool = Field(
+        False, description="torch.compile the decode step on CPU too (slow to start; off by default)"
+    )
     cpu_blas: Literal["auto", "torch", "openblas"] = Field(
-        "auto", description="CPU float32 GEMMs: torch's (MKL) or numpy's OpenBLAS; auto = OpenBLAS on AMD CPUs (models/cpu_blas.py)")
+        "auto",
+        description="CPU float32 GEMMs: torch's (MKL) or numpy's OpenBLAS; auto = OpenBLAS on AMD CPUs (models/cpu_blas.py)",
+    )
 
     @property
     def use_compiled_decode(self) -> bool:
@@ -89,9 +106,15 @@ Strategy = Literal["pack", "spread"]
 class PlacementConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    strategy: Strategy = Field("pack", description="pack: prefill/decode pairs share a node; spread: roles on different nodes")
+    strategy: Strategy = Field(
+        "pack", description="pack: prefill/decode pairs share a node; spread: roles on different nodes"
+    )
     timeout_s: float = Field(120.0, gt=0, description="start-up fails if the placement group is not ready by then")
-    cpus_per_worker: float | None = Field(None, gt=0, description="CPU in each bundle; default: 1 per GPU worker (an equal share when the cluster has fewer CPUs), a token share per CPU worker")
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPU in each bundle; default: 1 per GPU worker (an equal share when the cluster has fewer CPUs), a token share per CPU worker",
+    )
 
 
 class ServeConfig(BaseModel):
@@ -103,14 +126,26 @@ class ServeConfig(BaseModel):
     num_prefill: int = Field(1, ge=1)
     num_decode: int = Field(1, ge=1)
     transfer_timeout_s: float = Field(30.0, gt=0, description="a KV transfer that stalls this long fails its request")
-    worker_timeout_s: float = Field(30.0, gt=0, description="a worker that answers no health probe this long is declared dead and restarted")
-    kv_failure_policy: Literal["recompute", "fail"] = Field("recompute", description="a request whose KV transfer failed is re-prefilled (recompute) or failed with UNAVAILABLE")
+    worker_timeout_s: float = Field(
+        30.0, gt=0, description="a worker that answers no health probe this long is declared dead and restarted"
+    )
+    kv_failure_policy: Literal["recompute", "fail"] = Field(
+        "recompute",
+        description="a request whose KV transfer failed is re-prefilled (recompute) or failed with UNAVAILABLE",
+    )
     num_threads: int = Field(1, ge=1, description="torch threads per worker actor")
-    kv_correction: str | None = Field(None, description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)")
+    kv_correction: str | None = Field(
+        None,
+        description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)",
+    )
     placement: PlacementConfig = PlacementConfig()
-    prune_ratios: tuple[float, ...] | None = Field(None, description="a last-layers plan family; the first ratio is the default")
+    prune_ratios: tuple[float, ...] | None = Field(
+        None, description="a last-layers plan family; the first ratio is the default"
+    )
     prune_family: str | None = Field(None, description="a plan family JSON from `pop-disagg plan --ratios`")
-    adaptive_depth: bool = Field(False, description="requests without prune_ratio get the mildest plan predicted to meet the TTFT SLO")
+    adaptive_depth: bool = Field(
+        False, description="requests without prune_ratio get the mildest plan predicted to meet the TTFT SLO"
+    )
     ttft_slo_ms: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -119,13 +154,25 @@ class ServeConfig(BaseModel):
             if self.prune_ratios is not None and self.prune_family is not None:
                 raise ValueError("choose one of --prune-ratios and a family --prune-plan")
             if self.engine.prune != PruneConfig():
-                raise ValueError("a plan family (--prune-ratios / family --prune-plan) replaces --prune-ratio / --skip-layers / --no-prune")
+                raise ValueError(
+                    "a plan family (--prune-ratios / family --prune-plan) replaces --prune-ratio / --skip-layers / --no-prune"
+                )
             if not (self.is_disaggregated and self.prefill == "pop"):
-                raise ValueError("a plan family needs --topology disaggregated --prefill pop (the prefill worker picks the plan per request)")
+                raise ValueError(
+                    "a plan family needs --topology disaggregated --prefill pop (the prefill worker picks the plan per request)"
+                )
             if self.kv_correction is not None:
-                raise ValueError("kv_correction: not supported with a plan family yet (it is fitted for one plan's skipped layers); serve one plan with --prune-ratio / --prune-plan")
-        if self.adaptive_depth and (self.ttft_slo_ms is None or not self.has_family or (self.prune_ratios is not None and len(self.prune_ratios) < 2)):
-            raise ValueError("--adaptive-depth needs --ttft-slo-ms and a plan family of two or more plans (--prune-ratios 0.2,0.33,0.5)")
+                raise ValueError(
+                    "kv_correction: not supported with a plan family yet (it is fitted for one plan's skipped layers); serve one plan with --prune-ratio / --prune-plan"
+                )
+        if self.adaptive_depth and (
+            self.ttft_slo_ms is None
+            or not self.has_family
+            or (self.prune_ratios is not None and len(self.prune_ratios) < 2)
+        ):
+            raise ValueError(
+                "--adaptive-depth needs --ttft-slo-ms and a plan family of two or more plans (--prune-ratios 0.2,0.33,0.5)"
+            )
         if self.ttft_slo_ms is not None and not self.adaptive_depth:
             raise ValueError("--ttft-slo-ms is the target of --adaptive-depth; give both")
         return self
@@ -156,7 +203,9 @@ class ServeConfig(BaseModel):
         if self.prune_ratios is not None:
             return self.engine.model_copy(update={"prune": PruneConfig(ratio=self.prune_ratios[0])})
         if self.prune_family is not None:
-            return self.engine.model_copy(update={"prune": PruneConfig(skip_layers=PlanFamily.load(self.prune_family).default_plan.skip_layers)})
+            return self.engine.model_copy(
+                update={"prune": PruneConfig(skip_layers=PlanFamily.load(self.prune_family).default_plan.skip_layers)}
+            )
         return self.engine
 
     def family(self, arch) -> PlanFamily:

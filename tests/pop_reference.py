@@ -68,7 +68,9 @@ def hf_pop_generate(model, prompt_ids: list[int], skip: set[int], max_new_tokens
             cache.update(k, v, l)
     out, token, n = [], prompt_ids[-1], len(prompt_ids) - 1
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([[token]]), past_key_values=cache, position_ids=torch.tensor([[n]]), use_cache=True).logits
+        logits = model(
+            torch.tensor([[token]]), past_key_values=cache, position_ids=torch.tensor([[n]]), use_cache=True
+        ).logits
         token = int(logits[0, -1].argmax())
         out.append(token)
         n += 1

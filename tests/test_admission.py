@@ -19,9 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pop_disagg._proto import generation_pb2 as pb
-from pop_disagg._proto import generation_pb2_grpc as pb_grpc
-from pop_disagg.config import EngineConfig
-from pop_disagg.config import ServeConfig
+from pop_disagg.config import EngineConfig, ServeConfig
 from pop_disagg.server.app import BackgroundServer
 
 CONTEXT = 512
@@ -123,7 +121,9 @@ def test_request_that_can_never_fit_is_invalid_argument_naming_the_numbers(serve
     assert f"only {kv.num_blocks} blocks ({capacity} tokens)" in details
     # Exactly the whole cache is admitted (and runs: it has the cache to itself).
     short = list(range(3, 7))
-    whole = stub.Generate(pb.GenerateRequest(prompt_token_ids=short, max_new_tokens=capacity - len(short), ignore_eos=True), timeout=120)
+    whole = stub.Generate(
+        pb.GenerateRequest(prompt_token_ids=short, max_new_tokens=capacity - len(short), ignore_eos=True), timeout=120
+    )
     assert len(whole.token_ids) == capacity - len(short)
 
 
@@ -132,7 +132,14 @@ def test_oversized_message_is_refused_before_parsing(stub):
         stub.Generate(pb.GenerateRequest(prompt="a" * (5 << 20), max_new_tokens=2), timeout=30)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in err.value.details()
-    assert len(stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6], max_new_tokens=2, ignore_eos=True), timeout=30).token_ids) == 2
+    assert (
+        len(
+            stub.Generate(
+                pb.GenerateRequest(prompt_token_ids=[5, 6], max_new_tokens=2, ignore_eos=True), timeout=30
+            ).token_ids
+        )
+        == 2
+    )
 
 
 TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40)  # any unicode protobuf can carry
@@ -145,7 +152,9 @@ def requests(draw):
     if draw(st.booleans()):
         kw["prompt"] = draw(st.one_of(TEXT, st.text(string.ascii_letters + " ", max_size=600)))
     if draw(st.booleans()):
-        kw["prompt_token_ids"] = draw(st.lists(st.one_of(st.integers(0, 400), INT32), max_size=draw(st.sampled_from([8, 600]))))
+        kw["prompt_token_ids"] = draw(
+            st.lists(st.one_of(st.integers(0, 400), INT32), max_size=draw(st.sampled_from([8, 600])))
+        )
     for name, strategy in [
         ("max_new_tokens", SMALL_OR_ANY(-2, 12)),
         ("temperature", st.floats(width=32)),
@@ -162,11 +171,18 @@ def requests(draw):
     return pb.GenerateRequest(**kw)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(msg=requests())
 # Found by hand, kept as examples: logits / a subnormal temperature overflow to inf (NaN probabilities).
 @example(msg=pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_new_tokens=3, temperature=1e-40))
-@example(msg=pb.GenerateRequest(prompt="hi", max_new_tokens=3, temperature=3e38, top_k=2**31 - 1, top_p=1e-30, seed=-(2**63)))
+@example(
+    msg=pb.GenerateRequest(prompt="hi", max_new_tokens=3, temperature=3e38, top_k=2**31 - 1, top_p=1e-30, seed=-(2**63))
+)
 def test_fuzzed_requests_get_an_answer_or_invalid_argument(stub, msg):
     for rpc in ("Generate", "GenerateStream"):
         try:
@@ -180,15 +196,28 @@ def test_fuzzed_requests_get_an_answer_or_invalid_argument(stub, msg):
             assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, exc.code(), exc.details())
             continue
         assert last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
-        assert last.usage.completion_tokens == len(token_ids) <= (msg.max_new_tokens if msg.HasField("max_new_tokens") else 64)
+        assert (
+            last.usage.completion_tokens
+            == len(token_ids)
+            <= (msg.max_new_tokens if msg.HasField("max_new_tokens") else 64)
+        )
         assert last.usage.prompt_tokens == len(msg.prompt_token_ids) or msg.prompt
     # The server keeps serving.
-    assert len(stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_new_tokens=2, ignore_eos=True), timeout=30).token_ids) == 2
+    assert (
+        len(
+            stub.Generate(
+                pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_new_tokens=2, ignore_eos=True), timeout=30
+            ).token_ids
+        )
+        == 2
+    )
 
 
 def test_drain_fails_what_outlives_the_timeout(server, stub):
     """Runs last: the module's server admits nothing after it."""
-    long_call = stub.GenerateStream(pb.GenerateRequest(prompt_token_ids=list(range(3, 11)), max_new_tokens=300, ignore_eos=True), timeout=60)
+    long_call = stub.GenerateStream(
+        pb.GenerateRequest(prompt_token_ids=list(range(3, 11)), max_new_tokens=300, ignore_eos=True), timeout=60
+    )
     first = next(long_call)  # it is decoding
     assert first.token_ids
     left = server.drain(0.2)

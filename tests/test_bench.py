@@ -18,7 +18,14 @@ from pop_disagg.bench.arrivals import arrival_gaps
 from pop_disagg.bench.metrics import RequestRecord, meets_slos, parse_slos, summarize
 from pop_disagg.bench.report import format_sweep_table, load_result
 from pop_disagg.bench.runner import RunSettings, ServerUnreachable, check_server, run_requests
-from pop_disagg.bench.workloads import BenchRequest, LengthSpec, file_requests, iter_json_array, random_requests, sharegpt_requests
+from pop_disagg.bench.workloads import (
+    BenchRequest,
+    LengthSpec,
+    file_requests,
+    iter_json_array,
+    random_requests,
+    sharegpt_requests,
+)
 
 
 # ---- arrivals ------------------------------------------------------------------------------------
@@ -42,8 +49,16 @@ def test_arrival_gaps_infinite_rate_seed_and_bad_settings():
 
 # ---- metrics -------------------------------------------------------------------------------------
 def _record(i, chunk_times, chunk_tokens, end, error=None, n_in=10):
-    return RequestRecord(index=i, num_prompt_tokens=n_in, max_new_tokens=sum(chunk_tokens), chunk_times_s=list(chunk_times),
-                         chunk_num_tokens=list(chunk_tokens), end_s=end, error=error, finish_reason=None if error else "length")
+    return RequestRecord(
+        index=i,
+        num_prompt_tokens=n_in,
+        max_new_tokens=sum(chunk_tokens),
+        chunk_times_s=list(chunk_times),
+        chunk_num_tokens=list(chunk_tokens),
+        end_s=end,
+        error=error,
+        finish_reason=None if error else "length",
+    )
 
 
 def test_request_metrics_follow_vllm_definitions():
@@ -67,7 +82,10 @@ def test_request_metrics_follow_vllm_definitions():
 def test_summary_percentiles_throughput_and_goodput():
     ttfts = [0.1, 0.2, 0.3, 0.4, 1.0]
     ok = [_record(i, [t, t + 0.05 * (i + 1)], [1, 1], t + 0.05 * (i + 1), n_in=10 + i) for i, t in enumerate(ttfts)]
-    bad = [_record(5, [], [], None, error="timeout: no answer within 1s"), _record(6, [0.1], [1], 0.2, error="aborted: x")]
+    bad = [
+        _record(5, [], [], None, error="timeout: no answer within 1s"),
+        _record(6, [0.1], [1], 0.2, error="aborted: x"),
+    ]
     s = summarize(ok + bad, duration_s=2.0, slos=parse_slos(["ttft:350", "tpot:120"]))
     assert (s["num_requests"], s["num_completed"], s["num_failed"]) == (7, 5, 2)
     assert s["failures"] == {"timeout": 1, "aborted": 1}
@@ -104,13 +122,23 @@ def test_length_specs_and_random_workload_fit_the_model():
     for bad in ("0", "9:3", "x", "normal:5", "gauss:1:2", "exp:-1"):
         with pytest.raises(ValueError):
             LengthSpec.parse(bad)
-    reqs = random_requests(50, LengthSpec.parse("10:200"), LengthSpec.parse("50"), vocab_size=64, context_limit=128, seed=3, exclude_ids=(2, 5))
+    reqs = random_requests(
+        50,
+        LengthSpec.parse("10:200"),
+        LengthSpec.parse("50"),
+        vocab_size=64,
+        context_limit=128,
+        seed=3,
+        exclude_ids=(2, 5),
+    )
     assert len(reqs) == 50
     for r in reqs:
         assert r.num_prompt_tokens == len(r.prompt_token_ids) and r.num_prompt_tokens + r.max_new_tokens <= 128
         assert all(0 <= t < 64 and t not in (2, 5) for t in r.prompt_token_ids)
     assert max(r.num_prompt_tokens for r in reqs) == 128 - 50
-    assert random_requests(5, LengthSpec.parse("10:20"), LengthSpec.parse("4"), 64, 128, seed=3) == random_requests(5, LengthSpec.parse("10:20"), LengthSpec.parse("4"), 64, 128, seed=3)
+    assert random_requests(5, LengthSpec.parse("10:20"), LengthSpec.parse("4"), 64, 128, seed=3) == random_requests(
+        5, LengthSpec.parse("10:20"), LengthSpec.parse("4"), 64, 128, seed=3
+    )
 
 
 def test_streaming_json_array_reads_truncated_files():
@@ -144,7 +172,9 @@ def test_sharegpt_and_file_workloads(tmp_path):
     # Kept only: (5, 6), (8, 9), (12, 20); too-short prompts/replies, prompts > 20 and pairs > 64 tokens are skipped.
     assert sorted((r.num_prompt_tokens, r.max_new_tokens) for r in reqs) == [(5, 6), (8, 9), (12, 20)]
     assert all(r.prompt is not None and r.prompt_token_ids is None for r in reqs)
-    fixed = sharegpt_requests(pairs, 2, _WordTokenizer(), context_limit=64, seed=1, fixed_output_len=5, max_prompt_len=20)
+    fixed = sharegpt_requests(
+        pairs, 2, _WordTokenizer(), context_limit=64, seed=1, fixed_output_len=5, max_prompt_len=20
+    )
     assert all(r.max_new_tokens == 5 for r in fixed)
     with pytest.raises(ValueError, match="only 3 of 4"):
         sharegpt_requests(pairs, 4, _WordTokenizer(), context_limit=64, max_prompt_len=20)
@@ -152,7 +182,11 @@ def test_sharegpt_and_file_workloads(tmp_path):
     f = tmp_path / "w.jsonl"
     f.write_text('{"prompt": "a b c", "output_len": 3}\n\n{"prompt_token_ids": [1, 2, 3, 4]}\n')
     got = file_requests(f, 3, default_output_len=7, context_limit=64, tokenizer=_WordTokenizer())
-    assert got == [BenchRequest("a b c", None, 3, 3), BenchRequest(None, (1, 2, 3, 4), 4, 7), BenchRequest("a b c", None, 3, 3)]
+    assert got == [
+        BenchRequest("a b c", None, 3, 3),
+        BenchRequest(None, (1, 2, 3, 4), 4, 7),
+        BenchRequest("a b c", None, 3, 3),
+    ]
     f.write_text('{"prompt": "a", "prompt_token_ids": [1]}\n')
     with pytest.raises(ValueError, match="w.jsonl:1"):
         file_requests(f, 1, 7, 64)
@@ -188,9 +222,12 @@ class _FakeGeneration(pb_grpc.GenerationServicer):
             for k in sizes:
                 await asyncio.sleep(0.01)
                 yield pb.GenerateStreamResponse(request_id="r", token_ids=[7] * k)
-            yield pb.GenerateStreamResponse(request_id="r", finish_reason=pb.FINISH_REASON_LENGTH,
-                                            usage=pb.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=n),
-                                            timings=pb.Timings(ttft_s=0.01))
+            yield pb.GenerateStreamResponse(
+                request_id="r",
+                finish_reason=pb.FINISH_REASON_LENGTH,
+                usage=pb.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=n),
+                timings=pb.Timings(ttft_s=0.01),
+            )
         finally:
             self.num_in_flight -= 1
 
@@ -198,7 +235,9 @@ class _FakeGeneration(pb_grpc.GenerationServicer):
         return pb.HealthResponse(is_serving=True, message="serving", num_prefill_workers=1, num_decode_workers=1)
 
     async def GetModelInfo(self, request, context):
-        return pb.ModelInfoResponse(model="fake", vocab_size=100, context_limit=64, topology="colocated", prefill="full")
+        return pb.ModelInfoResponse(
+            model="fake", vocab_size=100, context_limit=64, topology="colocated", prefill="full"
+        )
 
 
 async def _with_fake_server(fn):
@@ -217,7 +256,9 @@ async def _with_fake_server(fn):
 
 def test_client_records_failures_and_follows_the_schedule():
     reqs = [BenchRequest(None, (1, 2, 3), 3, n) for n in (6, 1, 2, 3, 5, 4)]
-    settings = RunSettings(request_rate=40.0, burstiness=0.5, num_requests=12, num_warmup=0, seed=4, request_timeout_s=0.5)
+    settings = RunSettings(
+        request_rate=40.0, burstiness=0.5, num_requests=12, num_warmup=0, seed=4, request_timeout_s=0.5
+    )
 
     async def go(addr, fake):
         health, info = await check_server(addr)
@@ -282,9 +323,9 @@ def test_unreachable_server_is_one_line_and_nonzero(capsys):
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
     import ray
-    from pop_disagg.config import EngineConfig
+
+    from pop_disagg.config import EngineConfig, ServeConfig
     from pop_disagg.models.tiny import make_tiny_model
-    from pop_disagg.config import ServeConfig
     from pop_disagg.server.app import BackgroundServer
 
     path = str(make_tiny_model(tmp_path_factory.mktemp("bench-tiny"), "llama", seed=5))
@@ -292,7 +333,9 @@ def tiny_server(tmp_path_factory):
     server = None
     try:
         engine = EngineConfig(model=path, kv_cache_memory_mb=4, block_size=4, max_model_len=256)
-        server = BackgroundServer(ServeConfig(engine=engine, topology="disaggregated", prefill="pop", transfer_timeout_s=20))
+        server = BackgroundServer(
+            ServeConfig(engine=engine, topology="disaggregated", prefill="pop", transfer_timeout_s=20)
+        )
         yield server
     finally:
         if server is not None:
@@ -304,9 +347,29 @@ def test_end_to_end_results_agree_with_the_server(tiny_server, tmp_path, capsys)
     from pop_disagg.cli import main
 
     out = tmp_path / "run.json"
-    argv = ["bench", "serve", "--server", tiny_server.address, "--input-len", "4:60", "--output-len", "2:9", "--ignore-eos",
-            "--num-requests", "20", "--request-rate", "100", "--seed", "2", "--slo", "ttft:60000", "tpot:60000",
-            "--output", str(out), "--no-progress"]
+    argv = [
+        "bench",
+        "serve",
+        "--server",
+        tiny_server.address,
+        "--input-len",
+        "4:60",
+        "--output-len",
+        "2:9",
+        "--ignore-eos",
+        "--num-requests",
+        "20",
+        "--request-rate",
+        "100",
+        "--seed",
+        "2",
+        "--slo",
+        "ttft:60000",
+        "tpot:60000",
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert "Request throughput" in capsys.readouterr().out
     result = load_result(out)
@@ -326,8 +389,26 @@ def test_end_to_end_results_agree_with_the_server(tiny_server, tmp_path, capsys)
 
     # A two-rate sweep and its plot.
     sweep = tmp_path / "sweep.json"
-    argv = ["bench", "serve", "--server", tiny_server.address, "--input-len", "8", "--output-len", "3", "--ignore-eos",
-            "--num-requests", "4", "--sweep-rates", "50,inf", "--output", str(sweep), "--no-progress", "--label", "tiny"]
+    argv = [
+        "bench",
+        "serve",
+        "--server",
+        tiny_server.address,
+        "--input-len",
+        "8",
+        "--output-len",
+        "3",
+        "--ignore-eos",
+        "--num-requests",
+        "4",
+        "--sweep-rates",
+        "50,inf",
+        "--output",
+        str(sweep),
+        "--no-progress",
+        "--label",
+        "tiny",
+    ]
     assert main(argv) == 0
     files = sorted(tmp_path.glob("sweep-rate*.json"))
     assert [f.name for f in files] == ["sweep-rate50.json", "sweep-rateinf.json"]

@@ -90,7 +90,9 @@ def test_unit_gates_reproduce_ungated_forward_bit_for_bit(ckpt, dtype):
 
 
 # ---- gates and POP are one idea -------------------------------------------------------------------
-def _pop_response_logits(path: str, model, skip: tuple[int, ...], prompt: list[int], response: list[int]) -> torch.Tensor:
+def _pop_response_logits(
+    path: str, model, skip: tuple[int, ...], prompt: list[int], response: list[int]
+) -> torch.Tensor:
     """Logits of each response token from the engine's real POP path: pruned prefill of x_1..x_{N-1}
     with the plan, then full-model decode steps feeding x_N and the given response tokens."""
     cfg = EngineConfig(model=path, prune=PruneConfig(skip_layers=skip), kv_cache_memory_mb=8, block_size=4)
@@ -125,14 +127,18 @@ def test_prefill_gates_at_zero_equal_pop(ckpt, arch, skip):
 def _profile(prefill, decode=None, model="m") -> ImportanceProfile:
     n = len(prefill)
     settings = CalibrationSettings(num_samples=1, max_new_tokens=1, max_prompt_tokens=1)
-    return ImportanceProfile(model=model, num_layers=n, settings=settings, prefill=tuple(prefill), decode=tuple(decode or [1.0] * n))
+    return ImportanceProfile(
+        model=model, num_layers=n, settings=settings, prefill=tuple(prefill), decode=tuple(decode or [1.0] * n)
+    )
 
 
 def test_plan_strategies_through_cli(tmp_path):
     prefill = [0.9, 0.05, 0.7, 0.01, 0.3, 0.02, 0.5, 0.8, 0.4]
     _profile(prefill, model="some/ckpt").save(tmp_path / "profile.json")
     out = tmp_path / "plan.json"
-    assert main(["plan", "--profile", str(tmp_path / "profile.json"), "--strategy", "importance", "--out", str(out)]) == 0
+    assert (
+        main(["plan", "--profile", str(tmp_path / "profile.json"), "--strategy", "importance", "--out", str(out)]) == 0
+    )
     plan = PrunePlan.load(out, 9)
     assert plan.skip_layers == (1, 3, 5)  # the three lowest prefill scores
     assert plan.model == "some/ckpt"
@@ -145,14 +151,33 @@ def test_generate_rejects_a_plan_for_another_model(ckpt, tmp_path, capsys):
     path = ckpt("llama")
     good = tmp_path / "good.json"
     assert main(["plan", "--profile", str(_save(_profile([0.5] * 6), tmp_path / "p6.json")), "--out", str(good)]) == 0
-    assert main(["generate", "--model", path, "--prompt-ids", "5,6,7", "--max-new-tokens", "2", "--prune-plan", str(good), "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                path,
+                "--prompt-ids",
+                "5,6,7",
+                "--max-new-tokens",
+                "2",
+                "--prune-plan",
+                str(good),
+                "--json",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
     wrong = tmp_path / "wrong.json"
     PrunePlan(num_layers=9, skip_layers=(6, 7, 8), model="other").save(wrong)
     out_of_range = tmp_path / "range.json"
     out_of_range.write_text(json.dumps({"num_layers": 6, "skip_layers": [9]}))
-    for plan_file, words in ((wrong, f"{wrong}: plan is for a 9-layer model, this model has 6 layers"), (out_of_range, "out of range")):
+    for plan_file, words in (
+        (wrong, f"{wrong}: plan is for a 9-layer model, this model has 6 layers"),
+        (out_of_range, "out of range"),
+    ):
         assert main(["generate", "--model", path, "--prompt-ids", "5,6,7", "--prune-plan", str(plan_file)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
@@ -166,7 +191,9 @@ def _save(profile: ImportanceProfile, path):
 # ---- data and the calibrate command --------------------------------------------------------------
 def test_read_prompts_reports_bad_records(tmp_path, ckpt):
     f = tmp_path / "d.jsonl"
-    f.write_text('{"prompt": "The quick brown fox"}\nnot json\n\n{"messages": [{"role": "user", "content": "Hello"}]}\n{"foo": 1}\n{"prompt": ""}\n')
+    f.write_text(
+        '{"prompt": "The quick brown fox"}\nnot json\n\n{"messages": [{"role": "user", "content": "Hello"}]}\n{"foo": 1}\n{"prompt": ""}\n'
+    )
     loaded = read_prompts(f)
     assert [r.line for r in loaded.records] == [1, 4]
     assert [s.split(":")[1] for s in loaded.skipped] == ["2", "5", "6"]
@@ -190,9 +217,27 @@ def test_read_prompts_reports_bad_records(tmp_path, ckpt):
 
 def test_calibrate_cli_writes_profile_and_plot(ckpt, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "Hello, world! How are you"}\n[1]\n{"messages": [{"role": "user", "content": "Once upon a time"}]}\n{"prompt": "Keys and values"}\n')
+    data.write_text(
+        '{"prompt": "Hello, world! How are you"}\n[1]\n{"messages": [{"role": "user", "content": "Once upon a time"}]}\n{"prompt": "Keys and values"}\n'
+    )
     out, png = tmp_path / "profile.json", tmp_path / "importance.png"
-    argv = ["calibrate", "--model", ckpt("qwen3"), "--data", str(data), "--num-samples", "2", "--max-new-tokens", "4", "--out", str(out), "--plot", str(png), "--log-scale", "--no-progress"]
+    argv = [
+        "calibrate",
+        "--model",
+        ckpt("qwen3"),
+        "--data",
+        str(data),
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+        "--plot",
+        str(png),
+        "--log-scale",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert f"{data}:2:" in capsys.readouterr().err
     profile = ImportanceProfile.load(out)
@@ -207,5 +252,7 @@ def test_calibrate_cli_writes_profile_and_plot(ckpt, tmp_path, capsys):
     assert ImportanceProfile.load(tmp_path / "again.json").decode == profile.decode
 
     (tmp_path / "empty.jsonl").write_text("")
-    assert main(["calibrate", "--model", ckpt("qwen3"), "--data", str(tmp_path / "empty.jsonl"), "--out", str(out)]) == 2
+    assert (
+        main(["calibrate", "--model", ckpt("qwen3"), "--data", str(tmp_path / "empty.jsonl"), "--out", str(out)]) == 2
+    )
     assert "empty" in capsys.readouterr().err

@@ -30,8 +30,15 @@ def _prompts(seed=0):
 
 
 def _engine(path, model, chunked, budget=8, max_num_seqs=4, **prune):
-    cfg = EngineConfig(model=path, prune=PruneConfig(**prune), kv_cache_memory_mb=8, block_size=4, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=budget, enable_chunked_prefill=chunked)
+    cfg = EngineConfig(
+        model=path,
+        prune=PruneConfig(**prune),
+        kv_cache_memory_mb=8,
+        block_size=4,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        enable_chunked_prefill=chunked,
+    )
     return LLMEngine(cfg, model=model, model_path=path)
 
 
@@ -52,8 +59,13 @@ def _record_steps(engine):
     return steps
 
 
-PLANS = {"full": dict(no_prune=True), "pop": dict(), "first_third": dict(skip_layers=(0, 1)), "no_boundary": dict(boundary_handling=False),
-         "no_independent_kv": dict(independent_kv=False)}
+PLANS = {
+    "full": dict(no_prune=True),
+    "pop": dict(),
+    "first_third": dict(skip_layers=(0, 1)),
+    "no_boundary": dict(boundary_handling=False),
+    "no_independent_kv": dict(independent_kv=False),
+}
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
@@ -93,7 +105,9 @@ def test_a_step_carries_decode_tokens_and_a_prompt_chunk(tiny_ckpt):
     eng.add_request(long, _greedy(4), request_id="long")
     batch = eng.scheduler.schedule()
     assert [r.request_id for r in batch.decode] == ["short"]
-    assert [r.request_id for r in batch.prefill] == ["long"] and batch.num_prefill_tokens == [7]  # the budget left after one decode token
+    assert [r.request_id for r in batch.prefill] == ["long"] and batch.num_prefill_tokens == [
+        7
+    ]  # the budget left after one decode token
     reqs, tokens = eng.runner.mixed(batch.decode, batch.prefill, batch.num_prefill_tokens)
     assert [r.request_id for r in reqs] == ["short"] and len(tokens) == 1
     assert batch.prefill[0].num_computed_tokens == 7 and batch.decode[0].num_computed_tokens == 8
@@ -234,7 +248,11 @@ def test_cli_flags_reach_the_engine_config():
     assert not engine_config(p.parse_args([])).enable_chunked_prefill
     p = argparse.ArgumentParser()
     add_serve_args(p)
-    cfg = serve_config(p.parse_args(["--topology", "colocated", "--enable-chunked-prefill", "--max-num-batched-tokens", "64", "--threads", "1"]))
+    cfg = serve_config(
+        p.parse_args(
+            ["--topology", "colocated", "--enable-chunked-prefill", "--max-num-batched-tokens", "64", "--threads", "1"]
+        )
+    )
     assert cfg.engine.enable_chunked_prefill and cfg.engine.max_num_batched_tokens == 64
 
 
@@ -248,8 +266,16 @@ def test_chunked_engine_equals_whole_prompt_prefill_on_gpu(tiny_ckpt, family):
     prompts = _prompts()
 
     def run(chunked, budget, eager):
-        cfg = EngineConfig(model=path, device="cuda", kv_cache_memory_mb=8, block_size=4, max_num_seqs=1, enforce_eager=eager,
-                           max_num_batched_tokens=budget, enable_chunked_prefill=chunked)
+        cfg = EngineConfig(
+            model=path,
+            device="cuda",
+            kv_cache_memory_mb=8,
+            block_size=4,
+            max_num_seqs=1,
+            enforce_eager=eager,
+            max_num_batched_tokens=budget,
+            enable_chunked_prefill=chunked,
+        )
         return [o.token_ids for o in LLMEngine(cfg, model=model, model_path=path).generate(prompts, _greedy())]
 
     expected = run(False, 64, True)

@@ -74,7 +74,10 @@ def test_cluster_file_passes_the_ray_launcher_checks(path):
 @pytest.mark.parametrize(
     "breakage",
     [
-        ("misspelled top-level key", lambda c: c.__setitem__("head_start_ray_command", c.pop("head_start_ray_commands"))),
+        (
+            "misspelled top-level key",
+            lambda c: c.__setitem__("head_start_ray_command", c.pop("head_start_ray_commands")),
+        ),
         ("provider without type", lambda c: c["provider"].pop("type")),
         ("unknown docker option", lambda c: c["docker"].__setitem__("gpus", "all")),
         ("commands as a string", lambda c: c.__setitem__("setup_commands", "pip install pop-disagg")),
@@ -198,7 +201,9 @@ def test_dockerfile_pins_torch_and_ray_to_what_the_tests_run(kind):
     args = _args(path)
     assert args["TORCH_VERSION"] == torch.__version__.split("+")[0]
     assert args["RAY_VERSION"] == ray.__version__  # `ray up` needs the same Ray on both ends
-    expected_index = "https://download.pytorch.org/whl/cpu" if kind == "cpu" else "https://download.pytorch.org/whl/cu128"
+    expected_index = (
+        "https://download.pytorch.org/whl/cpu" if kind == "cpu" else "https://download.pytorch.org/whl/cu128"
+    )
     assert args["TORCH_INDEX"] == expected_index
     runs = " ".join(r for w, r in _instructions(path) if w == "RUN")
     assert 'pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in runs
@@ -227,7 +232,9 @@ def _hadolint() -> str:
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
 def test_hadolint_is_clean(kind):
-    out = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILES[kind])], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [_hadolint(), "--no-color", str(DOCKERFILES[kind])], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -253,7 +260,9 @@ class _Generation(pb_grpc.GenerationServicer):
         self.is_serving = is_serving
 
     def Health(self, request, context):
-        return pb.HealthResponse(is_serving=self.is_serving, message="serving" if self.is_serving else "a worker does not answer")
+        return pb.HealthResponse(
+            is_serving=self.is_serving, message="serving" if self.is_serving else "a worker does not answer"
+        )
 
 
 def _server(generation_serving: bool, standard: str | None):

@@ -13,7 +13,6 @@ from pop_disagg.models import cpu_blas
 from pop_disagg.models.loader import load_model
 
 
-
 @pytest.fixture(autouse=True)
 def _restore_backend():
     before = cpu_blas.active()
@@ -74,7 +73,11 @@ def test_engine_setting_picks_the_backend_and_both_agree(tiny_ckpt):
     prompt = [5, 9, 2, 33, 17, 8, 1, 40]
     logits = {}
     for backend in ("torch", "openblas"):
-        engine = LLMEngine(EngineConfig(model=path, kv_cache_memory_mb=1, block_size=4, max_num_seqs=2, cpu_blas=backend), model=model, model_path=path)
+        engine = LLMEngine(
+            EngineConfig(model=path, kv_cache_memory_mb=1, block_size=4, max_num_seqs=2, cpu_blas=backend),
+            model=model,
+            model_path=path,
+        )
         assert cpu_blas.active() == backend
         out = engine.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
         assert len(out.token_ids) == 6

@@ -21,7 +21,11 @@ ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks"
 
 
 def _task(n: int) -> dict:
-    return {"examples": [{"input": f"question {i}", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2)}} for i in range(n)]}
+    return {
+        "examples": [
+            {"input": f"question {i}", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2)}} for i in range(n)
+        ]
+    }
 
 
 FILES = {
@@ -72,7 +76,10 @@ def test_prepare_extracts_only_the_asked_tasks_and_is_idempotent(tmp_path, cache
     assert _tree(cache) == {"alpha/task.json", "gamma/task.json", "gamma/one/task.json", "manifest.json"}
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["sha256"] == hashlib.sha256(sdist.read_bytes()).hexdigest()
-    assert manifest["tasks"]["alpha"]["alpha/task.json"] == hashlib.sha256(FILES[f"{ROOT}/alpha/task.json"].encode()).hexdigest()
+    assert (
+        manifest["tasks"]["alpha"]["alpha/task.json"]
+        == hashlib.sha256(FILES[f"{ROOT}/alpha/task.json"].encode()).hexdigest()
+    )
     # The eval reads the prepared folder.
     assert bigbench_dir() == cache
     assert len(bigbench_task("alpha", 10)) == 3 and len(bigbench_task("gamma/one", 10)) == 2
@@ -88,7 +95,13 @@ def test_prepare_extracts_only_the_asked_tasks_and_is_idempotent(tmp_path, cache
     # More tasks: the union, from a new archive.
     _sdist(tmp_path, kind=kind)
     _, changed = bigbench_data.prepare_bigbench(("beta",), sdist=sdist, progress=False)
-    assert changed and _tree(cache) == {"alpha/task.json", "beta/task.json", "gamma/task.json", "gamma/one/task.json", "manifest.json"}
+    assert changed and _tree(cache) == {
+        "alpha/task.json",
+        "beta/task.json",
+        "gamma/task.json",
+        "gamma/one/task.json",
+        "manifest.json",
+    }
 
     # A file changed behind our back is not trusted: prepare extracts again.
     (cache / "beta" / "task.json").write_text("{}")
@@ -112,7 +125,9 @@ def test_missing_task_or_bad_json_leaves_the_old_folder(tmp_path, cache):
 def _index(tmp_path: Path, sdist: Path, sha: str) -> str:
     page = tmp_path / "simple" / "bigbench"
     page.mkdir(parents=True)
-    (page / "index.html").write_text(f'<html><body><a href="{sdist.as_uri()}#sha256={sha}">{sdist.name}</a></body></html>')
+    (page / "index.html").write_text(
+        f'<html><body><a href="{sdist.as_uri()}#sha256={sha}">{sdist.name}</a></body></html>'
+    )
     return (tmp_path / "simple").as_uri()
 
 

@@ -50,11 +50,17 @@ def test_family_plans_are_nested_and_round_trip(tmp_path):
     assert fam.union_plan == fam.plans[0] and fam.default_plan == fam.plans[1]
     assert fam.plan_for(0.4000001) == fam.plans[2]
     fam.save(tmp_path / "f.json")
-    assert isinstance(read_plan_file(tmp_path / "f.json"), PlanFamily) and PlanFamily.load(tmp_path / "f.json", 30) == fam
+    assert (
+        isinstance(read_plan_file(tmp_path / "f.json"), PlanFamily) and PlanFamily.load(tmp_path / "f.json", 30) == fam
+    )
     with pytest.raises(PlanError, match="30-layer"):
         PlanFamily.load(tmp_path / "f.json", 6)
     with pytest.raises(PlanError, match="not nested"):
-        PlanFamily(ratios=(0.2, 0.4), plans=(PrunePlan(num_layers=6, skip_layers=(5,)), PrunePlan(num_layers=6, skip_layers=(3, 4))), default_ratio=0.2)
+        PlanFamily(
+            ratios=(0.2, 0.4),
+            plans=(PrunePlan(num_layers=6, skip_layers=(5,)), PrunePlan(num_layers=6, skip_layers=(3, 4))),
+            default_ratio=0.2,
+        )
     with pytest.raises(PlanError, match="same plan"):  # 6 * 0.2 and 6 * 0.3 both floor to one layer
         PlanFamily.from_ratios(6, [0.2, 0.3])
     with pytest.raises(PlanError, match="allowed: 0.2, 0.33, 0.4, 0.5"):
@@ -66,9 +72,26 @@ def test_plan_cli_writes_a_nested_importance_family(tmp_path):
 
     prefill = (0.9, 0.05, 0.7, 0.01, 0.3, 0.02, 0.5, 0.8, 0.4, 0.6)
     settings = CalibrationSettings(num_samples=1, max_new_tokens=1, max_prompt_tokens=1)
-    ImportanceProfile(model="m", num_layers=10, settings=settings, prefill=prefill, decode=(1.0,) * 10).save(tmp_path / "p.json")
+    ImportanceProfile(model="m", num_layers=10, settings=settings, prefill=prefill, decode=(1.0,) * 10).save(
+        tmp_path / "p.json"
+    )
     out = tmp_path / "family.json"
-    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--ratios", "0.2,0.4,0.1", "--strategy", "importance", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--profile",
+                str(tmp_path / "p.json"),
+                "--ratios",
+                "0.2,0.4,0.1",
+                "--strategy",
+                "importance",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     fam = PlanFamily.load(out, 10)
     assert fam.default_ratio == 0.2 and fam.strategy == "importance" and fam.model == "m"
     assert [p.skip_layers for p in fam.plans] == [(3,), (3, 5), (1, 3, 4, 5)]  # lowest prefill importance first
@@ -79,7 +102,9 @@ def test_plan_cli_writes_a_nested_importance_family(tmp_path):
 FAMILIES = {
     "last": PlanFamily.from_ratios(6, [0.0, *RATIOS]),  # mildest = full: the instance holds every layer
     "importance-like": PlanFamily(  # non-contiguous, growing runs
-        ratios=RATIOS, plans=tuple(PrunePlan(num_layers=6, skip_layers=s) for s in ((3,), (1, 3), (1, 3, 4))), default_ratio=RATIOS[0]
+        ratios=RATIOS,
+        plans=tuple(PrunePlan(num_layers=6, skip_layers=s) for s in ((3,), (1, 3), (1, 3, 4))),
+        default_ratio=RATIOS[0],
     ),
 }
 
@@ -97,7 +122,12 @@ def test_family_instance_gives_each_plans_own_kv(tiny_ckpt, arch_name, family):
     def kv(model, plan):
         out: dict[int, tuple] = {}
         with torch.no_grad():
-            model(ids, pos, PrefillAttention(cu, sink=lambda l, k, v: out.__setitem__(l, (k.clone(), v.clone()))), plan=plan)
+            model(
+                ids,
+                pos,
+                PrefillAttention(cu, sink=lambda l, k, v: out.__setitem__(l, (k.clone(), v.clone()))),
+                plan=plan,
+            )
         return out
 
     for plan in fam.plans:
@@ -117,13 +147,23 @@ class Pair:
     """A family prefill worker and a decode worker over a fake link; the prefill loop starts on demand."""
 
     def __init__(self, path, family: PlanFamily):
-        self.engine = LLMEngine(EngineConfig(model=path, prune=PruneConfig(skip_layers=family.default_plan.skip_layers), kv_cache_memory_mb=4, block_size=4), model=load_model(path))
+        self.engine = LLMEngine(
+            EngineConfig(
+                model=path,
+                prune=PruneConfig(skip_layers=family.default_plan.skip_layers),
+                kv_cache_memory_mb=4,
+                block_size=4,
+            ),
+            model=load_model(path),
+        )
         self.decode = DecodeWorker(self.engine, transfer_timeout_s=10)
         a, b = FakeTransport.pair()
         arch = self.engine.arch
         self.sender = KVSender(a, arch.num_layers, (arch.num_kv_heads, arch.head_dim), torch.float32, 10)
         self.decode.attach_link(0, b)
-        self.prefill = PrefillWorker(load_model(path, prefill_only_plan=family.union_plan), family.default_plan, {0: self.sender})
+        self.prefill = PrefillWorker(
+            load_model(path, prefill_only_plan=family.union_plan), family.default_plan, {0: self.sender}
+        )
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self.decode.run, args=(self.stop,), daemon=True)]
         self.threads[0].start()
@@ -138,12 +178,17 @@ class Pair:
     def submit(self, rid, prompt, params, plan):
         tid = self.decode.reserve(rid, prompt, params, 0, self.events.setdefault(rid, []).append)
         assert tid is not None
-        self.prefill.submit(PrefillTask(rid, tid, 0, prompt[:-1], lambda o: self.outcomes.__setitem__(o.request_id, o), plan=plan))
+        self.prefill.submit(
+            PrefillTask(rid, tid, 0, prompt[:-1], lambda o: self.outcomes.__setitem__(o.request_id, o), plan=plan)
+        )
 
     def wait_done(self, rids, timeout=30.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(any(isinstance(e, Failed) or (isinstance(e, Tokens) and e.is_finished) for e in self.events.get(r, [])) for r in rids):
+            if all(
+                any(isinstance(e, Failed) or (isinstance(e, Tokens) and e.is_finished) for e in self.events.get(r, []))
+                for r in rids
+            ):
                 return
             time.sleep(0.005)
         raise AssertionError(f"requests not finished: {self.events}")
@@ -195,7 +240,12 @@ def test_mixed_plan_step_equals_one_plan_per_step(tiny_ckpt):
     # And each equals the single-process engine under its plan.
     for plan in fam.plans:
         idx = [i for i, q in enumerate(plans) if q == plan]
-        engine = LLMEngine(EngineConfig(model=path, prune=PruneConfig(skip_layers=plan.skip_layers), kv_cache_memory_mb=4, block_size=4), model=load_model(path))
+        engine = LLMEngine(
+            EngineConfig(
+                model=path, prune=PruneConfig(skip_layers=plan.skip_layers), kv_cache_memory_mb=4, block_size=4
+            ),
+            model=load_model(path),
+        )
         ref = engine.generate([prompts[i] for i in idx], params)
         assert [got_mixed[i] for i in idx] == [r.token_ids for r in ref]
     assert all(o.error is None for o in mixed.outcomes.values())
@@ -213,7 +263,9 @@ class FakeClock:
 def _controller(clock, adaptive=True, registry=None):
     fam = PlanFamily.from_ratios(30, [0.0, 0.2, 0.33, 0.5])
     costs = plan_costs(fam, kv_share(576, 576, 192, 1536))  # SmolLM2's geometry
-    return DepthController(fam, 1, costs, ttft_slo_s=1.0, adaptive=adaptive, registry=registry, clock=clock, log_interval_s=5.0)
+    return DepthController(
+        fam, 1, costs, ttft_slo_s=1.0, adaptive=adaptive, registry=registry, clock=clock, log_interval_s=5.0
+    )
 
 
 def test_controller_goes_deeper_as_the_queue_grows_and_back_as_it_drains(caplog):
@@ -256,7 +308,9 @@ def test_controller_goes_deeper_as_the_queue_grows_and_back_as_it_drains(caplog)
     assert counts[names[3]] == chosen.count(3) + drained.count(3)
     with caplog.at_level(logging.INFO, logger="pop_disagg.serve"):
         clock.t += 5.0
-        ctl.choose(0, 100, requested_index=ctl.family.index_of(0.5))  # an explicit ratio bypasses the controller and is counted
+        ctl.choose(
+            0, 100, requested_index=ctl.family.index_of(0.5)
+        )  # an explicit ratio bypasses the controller and is counted
     assert registry.get_sample_value("pop_disagg:prefill_plan_total", {"ratio": "0.5"}) == counts["0.5"] + 1
     assert any("prefill depth mix" in r.getMessage() and "0.5" in r.getMessage() for r in caplog.records)
 
@@ -281,14 +335,16 @@ def test_fixed_default_without_adaptive_and_overhead_counts():
 
 # ---- configuration ---------------------------------------------------------------------------------
 def test_serve_config_validates_depth_options(tmp_path):
+    import argparse
+
     from pop_disagg.commands.serve import add_serve_args, serve_config
     from pop_disagg.config import ServeConfig
 
-    import argparse
-
     p = argparse.ArgumentParser()
     add_serve_args(p)
-    cfg = serve_config(p.parse_args(["--prune-ratios", "0.33,0.2,0.5", "--adaptive-depth", "--ttft-slo-ms", "500", "--threads", "1"]))
+    cfg = serve_config(
+        p.parse_args(["--prune-ratios", "0.33,0.2,0.5", "--adaptive-depth", "--ttft-slo-ms", "500", "--threads", "1"])
+    )
     assert cfg.prune_ratios == (0.33, 0.2, 0.5) and cfg.adaptive_depth and cfg.ttft_slo_ms == 500
     assert cfg.worker_engine.prune == PruneConfig(ratio=0.33)  # the first ratio is the default
     fam_file = tmp_path / "family.json"
@@ -297,7 +353,10 @@ def test_serve_config_validates_depth_options(tmp_path):
     assert cfg.prune_family == str(fam_file) and cfg.engine.prune == PruneConfig()
     assert cfg.worker_engine.prune.skip_layers == (5,)
     for bad, words in (
-        (dict(prune_ratios=(0.2, 0.5), kv_correction="kv.safetensors"), "kv_correction: not supported with a plan family"),
+        (
+            dict(prune_ratios=(0.2, 0.5), kv_correction="kv.safetensors"),
+            "kv_correction: not supported with a plan family",
+        ),
         (dict(prune_ratios=(0.2, 0.5), topology="colocated"), "needs --topology disaggregated"),
         (dict(prune_ratios=(0.2, 0.5), adaptive_depth=True), "--adaptive-depth needs --ttft-slo-ms"),
         (dict(prune_ratios=(0.2,), adaptive_depth=True, ttft_slo_ms=100), "two or more plans"),
@@ -313,8 +372,8 @@ def test_served_family_per_request_depth_equals_engine(tmp_path_factory):
 
     from pop_disagg._proto import generation_pb2 as pb
     from pop_disagg._proto import generation_pb2_grpc as pb_grpc
-    from pop_disagg.models.tiny import make_tiny_model
     from pop_disagg.config import ServeConfig
+    from pop_disagg.models.tiny import make_tiny_model
     from pop_disagg.server.app import BackgroundServer
 
     path = str(make_tiny_model(tmp_path_factory.mktemp("depth-tiny"), "qwen2", seed=3))
@@ -326,7 +385,11 @@ def test_served_family_per_request_depth_equals_engine(tmp_path_factory):
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     by_plan = {}
     for r, plan in zip(fam.ratios, fam.plans):
-        ref = LLMEngine(engine_cfg.model_copy(update={"prune": PruneConfig(skip_layers=plan.skip_layers)}), model=load_model(path), model_path=path)
+        ref = LLMEngine(
+            engine_cfg.model_copy(update={"prune": PruneConfig(skip_layers=plan.skip_layers)}),
+            model=load_model(path),
+            model_path=path,
+        )
         by_plan[r] = [o.token_ids for o in ref.generate(prompts, params)]
     expected = [by_plan[0.34 if r is None else r][i] for i, r in enumerate(ratios)]
     differ = sum(len({tuple(by_plan[r][i]) for r in fam.ratios}) > 1 for i in range(len(prompts)))
@@ -352,19 +415,36 @@ def test_served_family_per_request_depth_equals_engine(tmp_path_factory):
                     assert list(g.token_ids) == expected[i], f"request {i} at ratio {served}"
                     assert g.timings.prune_ratio == pytest.approx(served)
                     assert g.timings.num_skipped_layers == len(fam.plan_for(served).skip_layers)
-                one_token = stub.Generate(pb.GenerateRequest(prompt_token_ids=[7], max_new_tokens=2, prune_ratio=0.5), timeout=60)
+                one_token = stub.Generate(
+                    pb.GenerateRequest(prompt_token_ids=[7], max_new_tokens=2, prune_ratio=0.5), timeout=60
+                )
                 assert not one_token.timings.HasField("prune_ratio")  # nothing to prefill
 
                 info = stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
-                assert list(info.prune_ratios) == pytest.approx([0.17, 0.34, 0.5]) and info.default_prune_ratio == pytest.approx(0.34)
+                assert list(info.prune_ratios) == pytest.approx(
+                    [0.17, 0.34, 0.5]
+                ) and info.default_prune_ratio == pytest.approx(0.34)
                 assert list(info.skip_layers) == [4, 5] and info.prefill_weight_bytes > 0 and not info.adaptive_depth
                 for bad in (0.25, -1.0, float("nan")):
                     with pytest.raises(grpc.RpcError) as err:
-                        stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_new_tokens=2, prune_ratio=bad), timeout=30)
+                        stub.Generate(
+                            pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_new_tokens=2, prune_ratio=bad),
+                            timeout=30,
+                        )
                     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                    assert err.value.details().startswith("prune_ratio") and "allowed: 0.17, 0.34, 0.5" in err.value.details()
+                    assert (
+                        err.value.details().startswith("prune_ratio")
+                        and "allowed: 0.17, 0.34, 0.5" in err.value.details()
+                    )
             # The same knob on the OpenAI HTTP API (an extension, as top_k): same tokens as gRPC.
-            body = dict(model=config.engine.model, prompt=prompts[3], max_tokens=6, temperature=0, ignore_eos=True, return_token_ids=True)
+            body = dict(
+                model=config.engine.model,
+                prompt=prompts[3],
+                max_tokens=6,
+                temperature=0,
+                ignore_eos=True,
+                return_token_ids=True,
+            )
             reply = httpx.post(f"{srv.http_url}/v1/completions", json={**body, "prune_ratio": 0.17}, timeout=60)
             assert reply.status_code == 200, reply.text
             assert reply.json()["choices"][0]["token_ids"] == by_plan[0.17][3]
@@ -372,7 +452,9 @@ def test_served_family_per_request_depth_equals_engine(tmp_path_factory):
             assert reply.status_code == 400 and reply.json()["error"]["param"] == "prune_ratio"
             registry = srv.server.router.depth.registry
             assert registry is srv.server.metrics.registry  # the counter is on the server's /metrics
-            counts = {r: registry.get_sample_value("pop_disagg:prefill_plan_total", {"ratio": f"{r:g}"}) for r in fam.ratios}
+            counts = {
+                r: registry.get_sample_value("pop_disagg:prefill_plan_total", {"ratio": f"{r:g}"}) for r in fam.ratios
+            }
             assert counts == {0.17: 3.0, 0.34: 2.0, 0.5: 2.0}
         finally:
             srv.stop()

@@ -57,17 +57,40 @@ def _session_pids(sid: int) -> list[int]:
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(tiny_ckpt):
-    cmd = [sys.executable, "-m", "pop_disagg.cli", "serve", "--model", tiny_ckpt("qwen2"), "--host", "127.0.0.1", "--port", "0",
-           "--threads", "1", "--kv-cache-mb", "2", "--max-model-len", "256", "--drain-timeout", str(DRAIN_TIMEOUT_S)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pop_disagg.cli",
+        "serve",
+        "--model",
+        tiny_ckpt("qwen2"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--kv-cache-mb",
+        "2",
+        "--max-model-len",
+        "256",
+        "--drain-timeout",
+        str(DRAIN_TIMEOUT_S),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     lines, log = queue.Queue(), []
     threading.Thread(target=_read_lines, args=(proc.stderr, lines, log), daemon=True).start()
     try:
         port = int(_wait_for(lines, r"ready on 127\.0\.0\.1:(\d+)", 300).group(1))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GenerationStub(channel)
-            stream = stub.GenerateStream(pb.GenerateRequest(prompt_token_ids=list(range(3, 11)), max_new_tokens=200, ignore_eos=True), timeout=120)
+            stream = stub.GenerateStream(
+                pb.GenerateRequest(prompt_token_ids=list(range(3, 11)), max_new_tokens=200, ignore_eos=True),
+                timeout=120,
+            )
             chunks = [next(stream)]  # decoding now
             rest: list = []
             consumer = threading.Thread(target=lambda: rest.extend(stream), daemon=True)

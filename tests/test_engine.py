@@ -154,8 +154,13 @@ def test_batched_seeded_sample_equals_the_request_sampled_alone():
     """The vectorised sampler: each row's token depends only on its logits, params and generator."""
     torch.manual_seed(1)
     logits = torch.randn(5, 300)
-    params = [SamplingParams(temperature=0.7, seed=3), SamplingParams(), SamplingParams(temperature=1.3, top_k=5, seed=4),
-              SamplingParams(temperature=1.0, top_p=0.6, seed=5), SamplingParams(temperature=2.0, top_k=40, top_p=0.9, seed=6)]
+    params = [
+        SamplingParams(temperature=0.7, seed=3),
+        SamplingParams(),
+        SamplingParams(temperature=1.3, top_k=5, seed=4),
+        SamplingParams(temperature=1.0, top_p=0.6, seed=5),
+        SamplingParams(temperature=2.0, top_k=40, top_p=0.9, seed=6),
+    ]
     cpu = torch.device("cpu")
     gens = [make_generator(p.seed, cpu) for p in params]
     alone_gens = [make_generator(p.seed, cpu) for p in params]
@@ -170,26 +175,47 @@ def test_sampler_draws_from_the_filtered_distribution():
     """Inverse-CDF sampling matches softmax(logits / T) restricted by top-k / top-p (frequencies)."""
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     gens = [make_generator(i, torch.device("cpu")) for i in range(4000)]
-    freq = torch.bincount(torch.tensor(sample(logits, [SamplingParams(temperature=1.0)] * 4000, gens)), minlength=4) / 4000
+    freq = (
+        torch.bincount(torch.tensor(sample(logits, [SamplingParams(temperature=1.0)] * 4000, gens)), minlength=4) / 4000
+    )
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
     # top_p = 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it, so tokens {0, 1} renormalised.
-    freq = torch.bincount(torch.tensor(sample(logits, [SamplingParams(temperature=1.0, top_p=0.7)] * 4000, gens)), minlength=4) / 4000
+    freq = (
+        torch.bincount(
+            torch.tensor(sample(logits, [SamplingParams(temperature=1.0, top_p=0.7)] * 4000, gens)), minlength=4
+        )
+        / 4000
+    )
     torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.03, rtol=0)
-    freq = torch.bincount(torch.tensor(sample(logits, [SamplingParams(temperature=1.0, top_k=3)] * 4000, gens)), minlength=4) / 4000
+    freq = (
+        torch.bincount(
+            torch.tensor(sample(logits, [SamplingParams(temperature=1.0, top_k=3)] * 4000, gens)), minlength=4
+        )
+        / 4000
+    )
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.03, rtol=0)
 
 
 def test_seeded_request_same_output_regardless_of_batch(engine):
     p = SamplingParams(max_new_tokens=10, temperature=1.0, seed=123, ignore_eos=True)
     alone = engine.generate([[5, 6, 7]], p)[0].token_ids
-    together = engine.generate([[9, 9], [5, 6, 7], [11, 12, 13, 14]], [_greedy(), p, SamplingParams(temperature=0.8, seed=1)])[1].token_ids
+    together = engine.generate(
+        [[9, 9], [5, 6, 7], [11, 12, 13, 14]], [_greedy(), p, SamplingParams(temperature=0.8, seed=1)]
+    )[1].token_ids
     assert alone == together
 
 
-@pytest.mark.parametrize("kw,field", [
-    ({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -0.1}, "temperature"),
-    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"stop": ("",)}, "stop"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
 def test_out_of_range_sampling_params(kw, field):
     with pytest.raises(ValidationError, match=field):
         SamplingParams(**kw)

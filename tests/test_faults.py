@@ -22,15 +22,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pop_disagg._proto import generation_pb2 as pb
-from pop_disagg._proto import generation_pb2_grpc as pb_grpc
-from pop_disagg.config import EngineConfig
+from pop_disagg.config import EngineConfig, ServeConfig
 from pop_disagg.disagg.decode_worker import DecodeWorker, Failed
 from pop_disagg.disagg.kv_transfer import FakeTransport, KVSender
 from pop_disagg.disagg.prefill_worker import PrefillTask, PrefillWorker
 from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.models.loader import load_model
-from pop_disagg.config import ServeConfig
 from pop_disagg.server.app import BackgroundServer
 
 TRANSFER_TIMEOUT_S = 4.0
@@ -77,7 +75,9 @@ def reference(model_path):
 
 @pytest.fixture(scope="module")
 def server(ray_instance, model_path):
-    config = ServeConfig(engine=_engine_config(model_path), transfer_timeout_s=TRANSFER_TIMEOUT_S, worker_timeout_s=WORKER_TIMEOUT_S)
+    config = ServeConfig(
+        engine=_engine_config(model_path), transfer_timeout_s=TRANSFER_TIMEOUT_S, worker_timeout_s=WORKER_TIMEOUT_S
+    )
     # No periodic health refresh: grpc.health.v1 must follow the supervisor's state changes alone.
     srv = BackgroundServer(config, health_interval_s=3600)
     yield srv
@@ -109,7 +109,11 @@ def _stats(server):
 
 def _idle(server, timeout_s=20.0):
     """Every block free, nothing queued for prefill; returns the decode stats."""
-    _until(lambda: (s := _stats(server))["num_free_blocks"] == s["num_blocks"] and s["num_active"] == 0, timeout_s, "decode worker idle")
+    _until(
+        lambda: (s := _stats(server))["num_free_blocks"] == s["num_blocks"] and s["num_active"] == 0,
+        timeout_s,
+        "decode worker idle",
+    )
     _until(lambda: ray.get(_prefill(server).load.remote(), timeout=30) == 0, timeout_s, "prefill queue empty")
     return _stats(server)
 
@@ -139,10 +143,18 @@ def test_workers_drop_expired_requests_without_an_abort(model_path):
         events = {"reserved": [], "decoding": []}
         params = SamplingParams(max_new_tokens=LONG, ignore_eos=True)
         worker.step_delay_s = 0.01  # "decoding" outlives its deadline however fast the engine is
-        worker.reserve("reserved", list(range(3, 30)), params, 0, events["reserved"].append, deadline=time.time() + 0.3)  # K/V never come
+        worker.reserve(
+            "reserved", list(range(3, 30)), params, 0, events["reserved"].append, deadline=time.time() + 0.3
+        )  # K/V never come
         worker.add_local("decoding", list(range(3, 30)), params, events["decoding"].append, deadline=time.time() + 0.5)
         # The blocks are freed just before the failure event is emitted: wait for both.
-        _until(lambda: worker.num_free_blocks == total and all(evs and isinstance(evs[-1], Failed) for evs in events.values()), 5, "expired requests freed and ended")
+        _until(
+            lambda: (
+                worker.num_free_blocks == total and all(evs and isinstance(evs[-1], Failed) for evs in events.values())
+            ),
+            5,
+            "expired requests freed and ended",
+        )
         for name, evs in events.items():
             assert isinstance(evs[-1], Failed) and evs[-1].kind == "deadline", name
     finally:
@@ -153,7 +165,9 @@ def test_workers_drop_expired_requests_without_an_abort(model_path):
     arch = engine.arch
     sender = KVSender(FakeTransport.pair()[0], arch.num_layers, (arch.num_kv_heads, arch.head_dim), torch.float32, 1.0)
     prefill = PrefillWorker(load_model(model_path, prefill_only_plan=engine.plan), engine.plan, {0: sender})
-    prefill.submit(PrefillTask("late", 1, 0, [5, 6, 7], done.append, deadline=time.time() - 1))  # its loop is not running
+    prefill.submit(
+        PrefillTask("late", 1, 0, [5, 6, 7], done.append, deadline=time.time() - 1)
+    )  # its loop is not running
     assert prefill._take_batch() == [] and done[0].error == "deadline exceeded" and prefill.num_waiting_tokens == 0
     sender.close()
 
@@ -306,7 +320,11 @@ def test_killed_decode_worker_fails_fast_then_serves_again(server, stub, referen
     # The standard health service (what a load balancer or Kubernetes reads) went NOT_SERVING and
     # back with the supervisor's state, although this server never refreshes it on a timer.
     try:
-        _until(lambda: NOT_SERVING in statuses and statuses[-1] == SERVING, 10, f"grpc.health.v1 NOT_SERVING, then SERVING: {statuses}")
+        _until(
+            lambda: NOT_SERVING in statuses and statuses[-1] == SERVING,
+            10,
+            f"grpc.health.v1 NOT_SERVING, then SERVING: {statuses}",
+        )
         assert statuses[0] == SERVING
     finally:
         watch.cancel()

@@ -18,13 +18,13 @@ import grpc
 import httpx
 import openai
 import pytest
-
 import ray  # noqa: E402
 
 from pop_disagg._proto import generation_pb2 as pb  # noqa: E402
-from pop_disagg._proto import generation_pb2_grpc as pb_grpc  # noqa: E402
-from pop_disagg.config import EngineConfig  # noqa: E402
-from pop_disagg.config import ServeConfig  # noqa: E402
+from pop_disagg.config import (
+    EngineConfig,  # noqa: E402
+    ServeConfig,  # noqa: E402
+)
 from pop_disagg.server.app import BackgroundServer  # noqa: E402
 
 MODEL = "smollm2"
@@ -94,8 +94,17 @@ def test_openai_completion_equals_grpc(oa, stub, options):
     assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
     assert got.model == MODEL and got.object == "text_completion"
 
-    chunks = list(oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, stream=True,
-                                        stream_options={"include_usage": True}, extra_body=extra, **options))
+    chunks = list(
+        oa.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra,
+            **options,
+        )
+    )
     with_choices = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].text for c in with_choices) == ref.text
     assert [t for c in with_choices for t in c.choices[0].token_ids] == list(ref.token_ids)
@@ -106,7 +115,9 @@ def test_openai_completion_equals_grpc(oa, stub, options):
 
 
 def test_openai_chat_equals_grpc(server, oa, stub):
-    ids = server.deployment.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = server.deployment.tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     ref = stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, max_new_tokens=16, temperature=0), timeout=120)
     got = oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0)
     msg = got.choices[0]
@@ -114,8 +125,16 @@ def test_openai_chat_equals_grpc(server, oa, stub):
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(ids), len(ref.token_ids))
     assert got.object == "chat.completion"
 
-    chunks = list(oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=16, temperature=0,
-                                             stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        oa.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_completion_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     with_choices = [c for c in chunks if c.choices]
     assert with_choices[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in with_choices) == ref.text
@@ -124,24 +143,52 @@ def test_openai_chat_equals_grpc(server, oa, stub):
 
 
 def test_stop_strings_match_grpc(oa, stub):
-    full = stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True), timeout=120)
+    full = stub.Generate(
+        pb.GenerateRequest(prompt=PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True), timeout=120
+    )
     stop = full.text[4:7]
     assert len(stop) == 3, f"too little text to test stop strings: {full.text!r}"
-    ref = stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True, stop=[stop]), timeout=120)
-    got = oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=stop, extra_body={"ignore_eos": True})
+    ref = stub.Generate(
+        pb.GenerateRequest(prompt=PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True, stop=[stop]), timeout=120
+    )
+    got = oa.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=stop, extra_body={"ignore_eos": True}
+    )
     assert (got.choices[0].text, got.choices[0].finish_reason) == (ref.text, "stop")
-    streamed = oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop], stream=True, extra_body={"ignore_eos": True})
+    streamed = oa.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        stop=[stop],
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     assert "".join(c.choices[0].text for c in streamed) == ref.text
 
 
 # ---- the wire format -----------------------------------------------------------------------------
-@pytest.mark.parametrize("path,body", [
-    ("/v1/completions", {"prompt": [504, 3457, 314, 260], "max_tokens": 5}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 5}),
-], ids=["completion", "chat"])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/completions", {"prompt": [504, 3457, 314, 260], "max_tokens": 5}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 5},
+        ),
+    ],
+    ids=["completion", "chat"],
+)
 @pytest.mark.parametrize("include_usage", [True, False])
 def test_stream_chunks_are_openai_format(http, path, body, include_usage):
-    body = {"model": MODEL, "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": include_usage}, **body}
+    body = {
+        "model": MODEL,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": include_usage},
+        **body,
+    }
     with http.stream("POST", path, json=body) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         events = _sse_events(resp.iter_lines())
@@ -152,7 +199,11 @@ def test_stream_chunks_are_openai_format(http, path, body, include_usage):
     assert all(c["model"] == MODEL and isinstance(c["created"], int) for c in chunks)
     if include_usage:
         *chunks, last = chunks
-        assert last["choices"] == [] and last["usage"] == {"prompt_tokens": last["usage"]["prompt_tokens"], "completion_tokens": 5, "total_tokens": last["usage"]["prompt_tokens"] + 5}
+        assert last["choices"] == [] and last["usage"] == {
+            "prompt_tokens": last["usage"]["prompt_tokens"],
+            "completion_tokens": 5,
+            "total_tokens": last["usage"]["prompt_tokens"] + 5,
+        }
         assert all(c["usage"] is None for c in chunks)
     else:
         assert all("usage" not in c for c in chunks)
@@ -169,7 +220,10 @@ def test_models_and_health(http, server):
     assert [m["id"] for m in models["data"]] == [MODEL]
     card = models["data"][0]
     assert card["object"] == "model" and card["max_model_len"] == 512
-    assert card["pop_disagg"]["topology"] == "disaggregated" and card["pop_disagg"]["vocab_size"] == server.deployment.arch.vocab_size
+    assert (
+        card["pop_disagg"]["topology"] == "disaggregated"
+        and card["pop_disagg"]["vocab_size"] == server.deployment.arch.vocab_size
+    )
     assert http.get("/health").status_code == 200
 
 
@@ -188,7 +242,13 @@ def test_http_connections_have_tcp_nodelay(server, http):
 # ---- refusals ------------------------------------------------------------------------------------
 BAD = [
     ("negative-max-tokens", "/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
-    ("zero-max-completion-tokens", "/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    (
+        "zero-max-completion-tokens",
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "max_completion_tokens": 0},
+        400,
+        "max_completion_tokens",
+    ),
     ("negative-temperature", "/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ("top-p-2", "/v1/chat/completions", {"messages": MESSAGES, "top_p": 2}, 400, "top_p"),
     ("unknown-model", "/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
@@ -206,7 +266,10 @@ BAD = [
 
 
 def _assert_still_serving(http):
-    ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2, "ignore_eos": True, "temperature": 0})
+    ok = http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "Hello", "max_tokens": 2, "ignore_eos": True, "temperature": 0},
+    )
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
@@ -224,7 +287,9 @@ def test_bad_parameters_get_openai_errors(http, path, body, status, param):
 
 
 def test_malformed_and_oversized_bodies(http):
-    resp = http.post("/v1/completions", content=b'{"model": "smollm2", "prompt": ', headers={"content-type": "application/json"})
+    resp = http.post(
+        "/v1/completions", content=b'{"model": "smollm2", "prompt": ', headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 400 and resp.json()["error"]["message"].startswith("malformed JSON")
     huge = json.dumps({"model": MODEL, "prompt": "x" * (10 << 20)}).encode()
     resp = http.post("/v1/completions", content=huge, headers={"content-type": "application/json"})
@@ -259,7 +324,12 @@ def test_auth_token_and_metrics(server, http):
         assert http.get("/v1/models").status_code == 401
         assert http.get("/health").status_code == 200  # probes need no token
         with openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="s3cret", max_retries=0) as client:
-            assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+            assert (
+                client.completions.create(
+                    model=MODEL, prompt="hi", max_tokens=2, extra_body={"ignore_eos": True}
+                ).usage.completion_tokens
+                == 2
+            )
     finally:
         server.server.auth_token = None
     from prometheus_client import CollectorRegistry, Counter
@@ -267,7 +337,9 @@ def test_auth_token_and_metrics(server, http):
     registry = CollectorRegistry()
     Counter("pop_disagg_test_events", "a counter only this test registers", registry=registry).inc(3)
     own = server.server.metrics
-    server.server.metrics = types.SimpleNamespace(registry=registry)  # /metrics serves whatever registry the server holds
+    server.server.metrics = types.SimpleNamespace(
+        registry=registry
+    )  # /metrics serves whatever registry the server holds
     try:
         resp = http.get("/metrics")
         assert resp.status_code == 200 and "pop_disagg_test_events_total 3.0" in resp.text
@@ -279,7 +351,14 @@ def test_auth_token_and_metrics(server, http):
 def test_disconnect_mid_stream_returns_blocks(server, http):
     start = _wait_idle(server)
     assert start["num_free_blocks"] == start["num_blocks"]
-    body = {"model": MODEL, "prompt": PROMPT * 6, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": PROMPT * 6,
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.Client(base_url=server.http_url, timeout=120) as client:  # its own connection, closed below
         with client.stream("POST", "/v1/completions", json=body) as resp:
             events = []
@@ -316,7 +395,10 @@ def test_grpc_health_and_reflection(server, http):
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "pop_disagg.v1.Generation"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         db = ProtoReflectionDescriptorDatabase(channel)
         assert {"pop_disagg.v1.Generation", "grpc.health.v1.Health"} <= set(db.get_services())
         methods = {m.name for m in DescriptorPool(db).FindServiceByName("pop_disagg.v1.Generation").methods}
@@ -325,16 +407,25 @@ def test_grpc_health_and_reflection(server, http):
         server.server.set_serving(False)  # what drain does
         try:
             deadline = time.monotonic() + 5
-            while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            while (
+                health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+                != health_pb2.HealthCheckResponse.NOT_SERVING
+            ):
                 assert time.monotonic() < deadline, "grpc.health.v1 still SERVING after set_serving(False)"
                 time.sleep(0.02)
-            assert health.Check(health_pb2.HealthCheckRequest(service="pop_disagg.v1.Generation"), timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service="pop_disagg.v1.Generation"), timeout=10).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             resp = http.get("/health")
             assert resp.status_code == 503 and resp.json()["error"]["type"] == "service_unavailable"
         finally:
             server.server.set_serving(True)
         deadline = time.monotonic() + 5
-        while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != health_pb2.HealthCheckResponse.SERVING:
+        while (
+            health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+            != health_pb2.HealthCheckResponse.SERVING
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.02)
     assert http.get("/health").status_code == 200
@@ -345,21 +436,46 @@ def test_bench_serve_backends_write_the_same_metric_keys(server, tmp_path, capsy
     from pop_disagg.bench.report import load_result
     from pop_disagg.cli import main
 
-    common = ["--random-input-len", "4:30", "--random-output-len", "2:6", "--ignore-eos", "--num-prompts", "6",
-              "--request-rate", "50", "--seed", "3", "--num-warmup", "1", "--no-progress", "--metric-percentiles", "50,99"]
+    common = [
+        "--random-input-len",
+        "4:30",
+        "--random-output-len",
+        "2:6",
+        "--ignore-eos",
+        "--num-prompts",
+        "6",
+        "--request-rate",
+        "50",
+        "--seed",
+        "3",
+        "--num-warmup",
+        "1",
+        "--no-progress",
+        "--metric-percentiles",
+        "50,99",
+    ]
     results = {}
-    for backend, target in (("grpc", ["--server", server.address]), ("openai", ["--base-url", server.http_url]),
-                            ("openai-chat", ["--base-url", server.http_url])):
+    for backend, target in (
+        ("grpc", ["--server", server.address]),
+        ("openai", ["--base-url", server.http_url]),
+        ("openai-chat", ["--base-url", server.http_url]),
+    ):
         out = tmp_path / f"{backend}.json"
         # vLLM's --save-result spelling for one of them, --output for the others.
-        where = ["--save-result", "--result-dir", str(tmp_path), "--result-filename", out.name] if backend == "grpc" else ["--output", str(out)]
+        where = (
+            ["--save-result", "--result-dir", str(tmp_path), "--result-filename", out.name]
+            if backend == "grpc"
+            else ["--output", str(out)]
+        )
         assert main(["bench", "serve", "--backend", backend, *target, *common, *where]) == 0, backend
         results[backend] = load_result(out)
     capsys.readouterr()
     grpc_r, http_r, chat_r = results["grpc"], results["openai"], results["openai-chat"]
     assert set(grpc_r) == set(http_r) == set(chat_r)
     assert set(grpc_r["summary"]) == set(http_r["summary"]) == set(chat_r["summary"])
-    assert {"completed", "mean_ttft_ms", "median_tpot_ms", "p50_itl_ms", "p99_ttft_ms", "request_throughput"} <= set(grpc_r)
+    assert {"completed", "mean_ttft_ms", "median_tpot_ms", "p50_itl_ms", "p99_ttft_ms", "request_throughput"} <= set(
+        grpc_r
+    )
     for name, r in results.items():
         assert r["backend"] == name and r["completed"] == r["summary"]["num_completed"] == 6, name
         assert r["median_ttft_ms"] == r["p50_ttft_ms"] == pytest.approx(r["summary"]["ttft_ms"]["median"])
@@ -369,14 +485,27 @@ def test_bench_serve_backends_write_the_same_metric_keys(server, tmp_path, capsy
             # The HTTP client counts tokens exactly (return_token_ids), so ITL/TPOT compare with gRPC.
             assert rec["num_output_tokens"] == rec["usage_completion_tokens"] == rec["max_new_tokens"]
     # Completions get the very same token-id prompts as gRPC: same requests, same counts.
-    assert [r["usage_prompt_tokens"] for r in grpc_r["requests"]] == [r["usage_prompt_tokens"] for r in http_r["requests"]]
+    assert [r["usage_prompt_tokens"] for r in grpc_r["requests"]] == [
+        r["usage_prompt_tokens"] for r in http_r["requests"]
+    ]
     assert grpc_r["total_output_tokens"] == http_r["total_output_tokens"] == chat_r["total_output_tokens"]
 
 
 def test_bench_serve_openai_unreachable_is_one_line(capsys):
     from pop_disagg.cli import main
 
-    argv = ["bench", "serve", "--backend", "openai", "--base-url", "http://127.0.0.1:9", "--connect-timeout", "0.5", "--num-prompts", "1"]
+    argv = [
+        "bench",
+        "serve",
+        "--backend",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9",
+        "--connect-timeout",
+        "0.5",
+        "--num-prompts",
+        "1",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach an OpenAI-compatible server at http://127.0.0.1:9" in err[0]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from pop_disagg.calib.kv_correction import METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
 from pop_disagg.models.attention import PrefillAttention
 from pop_disagg.models.loader import load_model
-from pop_disagg.calib.kv_correction import METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
 from pop_disagg.pop.plan import PrunePlan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,12 @@ def _kv(model, ids, plan=None):
     got = {}
     n = len(ids)
     with torch.no_grad():
-        model(torch.tensor(ids), torch.arange(n), PrefillAttention([0, n], lambda l, k, v: got.__setitem__(l, (k.clone(), v.clone()))), plan=plan)
+        model(
+            torch.tensor(ids),
+            torch.arange(n),
+            PrefillAttention([0, n], lambda l, k, v: got.__setitem__(l, (k.clone(), v.clone()))),
+            plan=plan,
+        )
     return got
 
 
@@ -69,7 +74,9 @@ def _texts(seed, num, n):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("arch,skip,rotating", [("llama", (3, 4, 5), (3, 4)), ("gemma3", (3, 4, 5), (3, 4)), ("qwen2", (1, 3, 4), (3,))])
+@pytest.mark.parametrize(
+    "arch,skip,rotating", [("llama", (3, 4, 5), (3, 4)), ("gemma3", (3, 4, 5), (3, 4)), ("qwen2", (1, 3, 4), (3,))]
+)
 def test_refit_recovers_full_kv_where_skipped_layers_are_linear(exact_ckpt, tmp_path, method, arch, skip, rotating):
     """Skipped layers in ``rotating`` map h -> c h Q, the other skipped layers pass h unchanged, so
     every skipped layer's full-model K/V is exactly reachable from the pruned state; POP's own K/V
@@ -131,7 +138,9 @@ def _imported_modules(py: Path) -> set[str]:
 
 
 def test_serving_never_imports_the_evaluation_package():
-    serving = [p for d in ("server", "disagg", "pop", "engine", "models") for p in (ROOT / "pop_disagg" / d).glob("*.py")]
+    serving = [
+        p for d in ("server", "disagg", "pop", "engine", "models") for p in (ROOT / "pop_disagg" / d).glob("*.py")
+    ]
     assert serving
     for py in serving:
         bad = sorted(m for m in _imported_modules(py) if m == "pop_disagg.eval" or m.startswith("pop_disagg.eval."))

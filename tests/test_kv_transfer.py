@@ -47,10 +47,16 @@ class Pair:
         arch = self.engine.arch
         self.sender = KVSender(a, arch.num_layers, (arch.num_kv_heads, arch.head_dim), torch.float32, timeout_s)
         self.decode.attach_link(0, b)
-        chunking = {} if chunk_tokens is None else dict(max_num_batched_tokens=chunk_tokens, enable_chunked_prefill=True)
-        self.prefill = PrefillWorker(load_model(path, prefill_only_plan=self.plan), self.plan, {0: self.sender}, **chunking)
+        chunking = (
+            {} if chunk_tokens is None else dict(max_num_batched_tokens=chunk_tokens, enable_chunked_prefill=True)
+        )
+        self.prefill = PrefillWorker(
+            load_model(path, prefill_only_plan=self.plan), self.plan, {0: self.sender}, **chunking
+        )
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=w.run, args=(self.stop,), daemon=True) for w in (self.prefill, self.decode)]
+        self.threads = [
+            threading.Thread(target=w.run, args=(self.stop,), daemon=True) for w in (self.prefill, self.decode)
+        ]
         for t in self.threads:
             t.start()
         self.events: dict[str, list] = {}
@@ -61,7 +67,16 @@ class Pair:
         tid = self.decode.reserve(request_id, prompt, params, 0, events.append, deadline=deadline)
         assert tid is not None
         if len(prompt) > 1:
-            self.prefill.submit(PrefillTask(request_id, tid, 0, prompt[:-1], lambda o: self.outcomes.__setitem__(o.request_id, o), deadline=deadline))
+            self.prefill.submit(
+                PrefillTask(
+                    request_id,
+                    tid,
+                    0,
+                    prompt[:-1],
+                    lambda o: self.outcomes.__setitem__(o.request_id, o),
+                    deadline=deadline,
+                )
+            )
         return tid
 
     def first_chunk_by_hand(self, request_id, prompt, deadline=None):
@@ -79,7 +94,10 @@ class Pair:
     def wait_done(self, request_ids, timeout=30.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(any(isinstance(e, Failed) or (isinstance(e, Tokens) and e.is_finished) for e in self.events.get(r, [])) for r in request_ids):
+            if all(
+                any(isinstance(e, Failed) or (isinstance(e, Tokens) and e.is_finished) for e in self.events.get(r, []))
+                for r in request_ids
+            ):
                 return
             time.sleep(0.005)
         raise AssertionError(f"requests not finished: {self.events}")
@@ -141,7 +159,14 @@ def test_received_kv_equals_computed_kv(tiny_ckpt):
         # As the prefill worker computes: without autograd (which takes other CPU GEMMs, models/cpu_blas.py)
         # and one skipped-layer GEMM per layer (a streaming sink; equal to one GEMM per run to rounding).
         with torch.inference_mode():
-            full(torch.tensor(prompt[:-1]), torch.arange(n), PrefillAttention([0, n], sink=lambda l, k, v: expected.__setitem__(l, (k.clone(), v.clone())), stream_kv=True), plan=pair.plan)
+            full(
+                torch.tensor(prompt[:-1]),
+                torch.arange(n),
+                PrefillAttention(
+                    [0, n], sink=lambda l, k, v: expected.__setitem__(l, (k.clone(), v.clone())), stream_kv=True
+                ),
+                plan=pair.plan,
+            )
         assert sorted(expected) == list(range(full.arch.num_layers))
         for layer, (k, v) in expected.items():
             got_k, got_v = pair.engine.kv_cache.read(layer, slots)
@@ -162,7 +187,11 @@ def _record_prefill_steps(pair):
     return steps
 
 
-@pytest.mark.parametrize("family,prune", [("qwen3", {}), ("qwen3", {"no_prune": True}), ("gemma3", {})], ids=["qwen3-pop", "qwen3-full", "gemma3-pop"])
+@pytest.mark.parametrize(
+    "family,prune",
+    [("qwen3", {}), ("qwen3", {"no_prune": True}), ("gemma3", {})],
+    ids=["qwen3-pop", "qwen3-full", "gemma3-pop"],
+)
 def test_chunked_prefill_worker_pair_equals_engine(tiny_ckpt, family, prune):
     """Prefixes sent in 8-token chunks at their offsets: the pair still generates what the engine does."""
     path = tiny_ckpt(family)
@@ -181,7 +210,9 @@ def test_chunked_prefill_worker_pair_equals_engine(tiny_ckpt, family, prune):
         for i, r in enumerate(ref):
             assert pair.tokens(f"r{i}") == r.token_ids, f"prompt {i} (len {len(prompts[i])})"
         assert pair.decode.num_free_blocks == free0
-        assert all(o.error is None for o in pair.outcomes.values()) and len(pair.outcomes) == sum(len(p) > 1 for p in prompts)
+        assert all(o.error is None for o in pair.outcomes.values()) and len(pair.outcomes) == sum(
+            len(p) > 1 for p in prompts
+        )
         assert all(sum(n for _, _, n in step) <= 8 for step in steps)
         chunks: dict[str, list] = {}
         for step in steps:
@@ -189,7 +220,9 @@ def test_chunked_prefill_worker_pair_equals_engine(tiny_ckpt, family, prune):
                 chunks.setdefault(rid, []).append((a, n))
         for i, p in enumerate(prompts):  # each prefix in order, in pieces that tile it; long ones in several
             got = chunks.get(f"r{i}", [])
-            assert [a for a, _ in got] == [sum(n for _, n in got[:j]) for j in range(len(got))] and sum(n for _, n in got) == len(p) - 1
+            assert [a for a, _ in got] == [sum(n for _, n in got[:j]) for j in range(len(got))] and sum(
+                n for _, n in got
+            ) == len(p) - 1
             assert len(got) >= -(-(len(p) - 1) // 8)
         assert pair.prefill.num_waiting_tokens == 0
     finally:
@@ -218,7 +251,12 @@ def test_chunked_prefill_worker_kv_equals_one_shot_and_short_prompts_pass_long_o
         expected: dict[int, tuple] = {}
         n = len(long) - 1
         full = load_model(path)
-        full(torch.tensor(long[:-1]), torch.arange(n), PrefillAttention([0, n], sink=lambda l, k, v: expected.__setitem__(l, (k.clone(), v.clone()))), plan=pair.plan)
+        full(
+            torch.tensor(long[:-1]),
+            torch.arange(n),
+            PrefillAttention([0, n], sink=lambda l, k, v: expected.__setitem__(l, (k.clone(), v.clone()))),
+            plan=pair.plan,
+        )
         for layer, (k, v) in expected.items():  # the finished request's blocks still hold its prefix
             got_k, got_v = pair.engine.kv_cache.read(layer, slots)
             torch.testing.assert_close(got_k, k, rtol=1e-5, atol=1e-5)
@@ -240,7 +278,9 @@ def test_abort_between_chunks_reports_once_and_frees_blocks(tiny_ckpt):
             time.sleep(0.005)
         assert transfer.state == TransferState.SENDING and transfer.num_received == 8
         assert pair.prefill.abort("r") and pair.decode.abort("r")
-        assert pair.outcomes["r"].error == "aborted" and pair.prefill.num_waiting_tokens == 0 and not pair.prefill.waiting
+        assert (
+            pair.outcomes["r"].error == "aborted" and pair.prefill.num_waiting_tokens == 0 and not pair.prefill.waiting
+        )
         assert pair.decode.num_free_blocks == free0
     finally:
         pair.close()
@@ -451,12 +491,23 @@ def test_link_ends_compare_signatures_before_linking():
 
     import torch.distributed as dist
 
-    from pop_disagg.disagg.kv_transfer import DECODE_RANK, PREFILL_RANK, TransferError, check_peer_signature, host_pair_store, link_signature
+    from pop_disagg.disagg.kv_transfer import (
+        DECODE_RANK,
+        PREFILL_RANK,
+        TransferError,
+        check_peer_signature,
+        host_pair_store,
+        link_signature,
+    )
 
     arch = types.SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)
     ours = link_signature(arch, torch.float32)
     assert "wire v" in ours and "30 layers" in ours and "3x64 float32" in ours
-    for decode_sig, ok in ((ours, True), (link_signature(arch, torch.bfloat16), False), (ours.replace("wire v", "wire v9"), False)):
+    for decode_sig, ok in (
+        (ours, True),
+        (link_signature(arch, torch.bfloat16), False),
+        (ours.replace("wire v", "wire v9"), False),
+    ):
         host = host_pair_store("127.0.0.1", timeout_s=10)
         client = dist.TCPStore("127.0.0.1", host.port, 2, False, timeout=timedelta(seconds=10))
         errors: dict[int, Exception] = {}
@@ -467,7 +518,10 @@ def test_link_ends_compare_signatures_before_linking():
             except TransferError as exc:
                 errors[rank] = exc
 
-        threads = [threading.Thread(target=end, args=a) for a in ((host, PREFILL_RANK, ours), (client, DECODE_RANK, decode_sig))]
+        threads = [
+            threading.Thread(target=end, args=a)
+            for a in ((host, PREFILL_RANK, ours), (client, DECODE_RANK, decode_sig))
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -101,7 +101,9 @@ def test_packages_import_only_downwards():
         f"{a} -> {b}"
         for a, targets in graph.items()
         for b in targets
-        if a != "pop_disagg" and _package(a) != _package(b) and rank[_package(b)] >= rank[_package(a)]
+        if a != "pop_disagg"
+        and _package(a) != _package(b)
+        and rank[_package(b)] >= rank[_package(a)]
         and not (rank[_package(b)] == rank[_package(a)] and {_package(a), _package(b)} <= {"server", "bench"})
     )
     assert upward == []

@@ -17,17 +17,25 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from pop_disagg._proto import generation_pb2 as pb
-from pop_disagg._proto import generation_pb2_grpc as pb_grpc
-from pop_disagg.config import EngineConfig
-from pop_disagg.config import ServeConfig
+from pop_disagg.config import EngineConfig, ServeConfig
 from pop_disagg.server.app import BackgroundServer
 from pop_disagg.server.control.metrics import ServerMetrics
 
 SERIES = [
-    "num_requests_running", "num_requests_waiting", "request_success_total", "request_failure_total",
-    "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count",
-    "time_per_output_token_seconds_count", "e2e_request_latency_seconds_count", "kv_transfer_seconds_count",
-    "kv_blocks_free", "kv_blocks_total", "kv_transfer_bytes_total", "worker_restarts_total",
+    "num_requests_running",
+    "num_requests_waiting",
+    "request_success_total",
+    "request_failure_total",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "time_to_first_token_seconds_count",
+    "time_per_output_token_seconds_count",
+    "e2e_request_latency_seconds_count",
+    "kv_transfer_seconds_count",
+    "kv_blocks_free",
+    "kv_blocks_total",
+    "kv_transfer_bytes_total",
+    "worker_restarts_total",
 ]
 
 
@@ -68,7 +76,11 @@ def test_every_series_is_listed(server):
     samples = scrape(server)
     names = {n for n, _ in samples}
     assert not [s for s in SERIES if s not in names]
-    assert {dict(lab)["finished_reason"] for n, lab in samples if n == "request_success_total"} >= {"stop", "length", "abort"}
+    assert {dict(lab)["finished_reason"] for n, lab in samples if n == "request_success_total"} >= {
+        "stop",
+        "length",
+        "abort",
+    }
     assert {dict(lab)["role"] for n, lab in samples if n == "worker_restarts_total"} == {"prefill", "decode"}
     num_blocks = ray.get(server.deployment.decode[0].stats.remote())["num_blocks"]
     assert samples["kv_blocks_total", (("worker", "decode-0"),)] == num_blocks
@@ -77,10 +89,20 @@ def test_every_series_is_listed(server):
 def test_counters_count_what_was_sent(server, stub):
     before = scrape(server)
     prompts = [list(range(5, 5 + n)) for n in (1, 3, 9, 17)]
-    outs = [stub.Generate(pb.GenerateRequest(prompt_token_ids=p, max_new_tokens=6, ignore_eos=True), timeout=60) for p in prompts]
-    chunks = list(stub.GenerateStream(pb.GenerateRequest(prompt_token_ids=prompts[2], max_new_tokens=6, ignore_eos=True), timeout=60))
+    outs = [
+        stub.Generate(pb.GenerateRequest(prompt_token_ids=p, max_new_tokens=6, ignore_eos=True), timeout=60)
+        for p in prompts
+    ]
+    chunks = list(
+        stub.GenerateStream(
+            pb.GenerateRequest(prompt_token_ids=prompts[2], max_new_tokens=6, ignore_eos=True), timeout=60
+        )
+    )
     # Its first token as a stop token: finished by "stop" after one token.
-    stopped = stub.Generate(pb.GenerateRequest(prompt_token_ids=prompts[2], max_new_tokens=6, stop_token_ids=[outs[2].token_ids[0]]), timeout=60)
+    stopped = stub.Generate(
+        pb.GenerateRequest(prompt_token_ids=prompts[2], max_new_tokens=6, stop_token_ids=[outs[2].token_ids[0]]),
+        timeout=60,
+    )
     assert stopped.finish_reason == pb.FINISH_REASON_STOP and stopped.usage.completion_tokens <= 1
     k = len(prompts) + 2
     prompt_tokens = sum(map(len, prompts)) + 2 * len(prompts[2])
@@ -108,19 +130,35 @@ def test_failures_count_by_status_and_gauges_return_to_zero(server, stub):
     before = scrape(server)
     with pytest.raises(grpc.RpcError):
         stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6], max_new_tokens=0), timeout=30)
-    call = stub.GenerateStream(pb.GenerateRequest(prompt_token_ids=list(range(3, 43)), max_new_tokens=200, ignore_eos=True), timeout=60)
+    call = stub.GenerateStream(
+        pb.GenerateRequest(prompt_token_ids=list(range(3, 43)), max_new_tokens=200, ignore_eos=True), timeout=60
+    )
     next(call)
     during = scrape(server)
     assert total(during, "num_requests_running") == 1 and total(during, "num_requests_waiting") == 0
     call.cancel()
-    assert _wait(lambda: total(scrape(server), "request_failure_total", code="CANCELLED") == total(before, "request_failure_total", code="CANCELLED") + 1)
+    assert _wait(
+        lambda: (
+            total(scrape(server), "request_failure_total", code="CANCELLED")
+            == total(before, "request_failure_total", code="CANCELLED") + 1
+        )
+    )
     after = scrape(server)
-    assert total(after, "request_failure_total", code="INVALID_ARGUMENT") - total(before, "request_failure_total", code="INVALID_ARGUMENT") == 1
+    assert (
+        total(after, "request_failure_total", code="INVALID_ARGUMENT")
+        - total(before, "request_failure_total", code="INVALID_ARGUMENT")
+        == 1
+    )
     assert total(after, "request_failure_total") - total(before, "request_failure_total") == 2
     assert total(after, "request_success_total") == total(before, "request_success_total")
     assert total(after, "num_requests_running") == total(after, "num_requests_waiting") == 0
     # The free-block gauge follows the decode worker: back to the total once the blocks return.
-    assert _wait(lambda: (s := scrape(server))["kv_blocks_free", (("worker", "decode-0"),)] == s["kv_blocks_total", (("worker", "decode-0"),)])
+    assert _wait(
+        lambda: (
+            (s := scrape(server))["kv_blocks_free", (("worker", "decode-0"),)]
+            == s["kv_blocks_total", (("worker", "decode-0"),)]
+        )
+    )
 
 
 def test_worker_restarts_and_registries_per_server(server):

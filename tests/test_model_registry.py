@@ -40,8 +40,13 @@ def test_folder_paths_pass_through_and_unknown_values_fail(tmp_path):
 
 
 def test_missing_package_names_the_pip_command(cache, monkeypatch):
-    fake = dataclasses.replace(REGISTRY["gemma-3-270m"], name="fake", package="fake-gguf-pkg",
-                               pip_command="pip install fake-gguf-pkg==9.9", module="pop_disagg_no_such_module")
+    fake = dataclasses.replace(
+        REGISTRY["gemma-3-270m"],
+        name="fake",
+        package="fake-gguf-pkg",
+        pip_command="pip install fake-gguf-pkg==9.9",
+        module="pop_disagg_no_such_module",
+    )
     monkeypatch.setitem(REGISTRY, "fake", fake)
     with pytest.raises(ModelNotInstalledError, match=r"install it with: pip install fake-gguf-pkg==9\.9"):
         resolve_model("fake")
@@ -112,6 +117,12 @@ def test_stale_partial_folder_of_dead_process_is_removed(cache, monkeypatch):
     root = cache / "models"
     stale = root / ".fake.partial-999999999-abc"
     stale.mkdir(parents=True)
-    monkeypatch.setattr(registry, "_convert", lambda e, s, out: [(out / f).write_text("x") for f in ("config.json", "model.safetensors", registry.PROVENANCE_FILE)])
+    monkeypatch.setattr(
+        registry,
+        "_convert",
+        lambda e, s, out: [
+            (out / f).write_text("x") for f in ("config.json", "model.safetensors", registry.PROVENANCE_FILE)
+        ],
+    )
     prepare("fake")
     assert not stale.exists()

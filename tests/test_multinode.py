@@ -30,13 +30,11 @@ from ray.util.state import list_actors
 
 from pop_disagg._proto import generation_pb2 as pb
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc
-from pop_disagg.config import EngineConfig
+from pop_disagg.config import EngineConfig, PlacementConfig, ServeConfig
 from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.models.loader import load_model
-from pop_disagg.config import ServeConfig
 from pop_disagg.server.app import BackgroundServer
-from pop_disagg.config import PlacementConfig
 from pop_disagg.server.workers.placement import PlacementError
 
 PROMPT_LENS = (2, 9, 23)
@@ -135,14 +133,19 @@ def _check_equals_engine(server: BackgroundServer, path) -> None:
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         for i, prompt in enumerate(_prompts()):
-            got = stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt, max_new_tokens=MAX_NEW, ignore_eos=True), timeout=60)
+            got = stub.Generate(
+                pb.GenerateRequest(prompt_token_ids=prompt, max_new_tokens=MAX_NEW, ignore_eos=True), timeout=60
+            )
             assert list(got.token_ids) == ref[i].token_ids, f"prompt of {PROMPT_LENS[i]} tokens"
 
 
 def _actor_nodes(cluster, actors) -> list[str]:
     """Each actor's node according to Ray's state API (not the actor's own report)."""
     ids = [a._actor_id.hex() for a in actors]
-    alive = {s.actor_id: s.node_id for s in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000)}
+    alive = {
+        s.actor_id: s.node_id
+        for s in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000)
+    }
     return [alive[i] for i in ids]
 
 
@@ -164,7 +167,10 @@ def test_spread_1p1d_runs_prefill_and_decode_on_different_nodes(cluster, nodes, 
         assert prefill_node != decode_node and {prefill_node, decode_node} == set(nodes)
         _check_equals_engine(server, model_path)  # KV crossed between the nodes' raylets
         placements = _reported(server)
-        assert [(p.role, p.index, p.node_id, p.device) for p in placements] == [("prefill", 0, prefill_node, "cpu"), ("decode", 0, decode_node, "cpu")]
+        assert [(p.role, p.index, p.node_id, p.device) for p in placements] == [
+            ("prefill", 0, prefill_node, "cpu"),
+            ("decode", 0, decode_node, "cpu"),
+        ]
         node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         assert [p.node_ip for p in placements] == [node_ips[prefill_node], node_ips[decode_node]]  # rendezvous address
     finally:
@@ -205,7 +211,9 @@ def test_head_gate_waits_for_resources_with_a_timeout(cluster):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("wait_for_resources", Path(__file__).resolve().parent.parent / "cluster" / "wait_for_resources.py")
+    spec = importlib.util.spec_from_file_location(
+        "wait_for_resources", Path(__file__).resolve().parent.parent / "cluster" / "wait_for_resources.py"
+    )
     gate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gate)
     said: list[str] = []

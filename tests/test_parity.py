@@ -35,13 +35,19 @@ def test_batched_decode_matches_transformers_generate(tiny_ckpt, arch):
     """Greedy decoding of a batch of different-length prompts through the paged engine (no POP)."""
     path = tiny_ckpt(arch)
     ref = _hf(path)
-    engine = LLMEngine(EngineConfig(model=path, prune=PruneConfig(no_prune=True), kv_cache_memory_mb=8, block_size=4), model=load_model(path), model_path=path)
+    engine = LLMEngine(
+        EngineConfig(model=path, prune=PruneConfig(no_prune=True), kv_cache_memory_mb=8, block_size=4),
+        model=load_model(path),
+        model_path=path,
+    )
     g = torch.Generator().manual_seed(0)
     # Lengths straddle the tiny models' sliding windows (8 for Gemma-3, 16 for Mistral).
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (1, 6, 19, 33)]
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):]
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[
+            0, len(prompt) :
+        ]
         assert out.token_ids == expected.tolist()
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 

@@ -7,8 +7,17 @@ from collections import Counter
 import pytest
 
 from pop_disagg.config import PlacementConfig
-from pop_disagg.server.workers.placement import NodeInfo, WorkerLocation, bundle_for, default_cpus, gpus_per_worker, pair_backend, plan
-from pop_disagg.server.workers.placement import TOKEN_CPUS, PlacementError
+from pop_disagg.server.workers.placement import (
+    TOKEN_CPUS,
+    NodeInfo,
+    PlacementError,
+    WorkerLocation,
+    bundle_for,
+    default_cpus,
+    gpus_per_worker,
+    pair_backend,
+    plan,
+)
 
 GPU = {"GPU": 1.0, "CPU": 1.0}
 CPU = {"CPU": 1.0}
@@ -89,7 +98,9 @@ def test_refusal_names_the_request_and_the_cluster():
 def test_spread_refuses_a_single_node_with_room_for_everything():
     nodes = [cpu_head(), p4d("a")]
     assert plan(nodes, 1, 1, GPU, "pack") == ["a", "a"]
-    with pytest.raises(PlacementError, match=r"spread keeps prefill and decode workers on different nodes.*1 node \{CPU: 96, GPU: 8\}"):
+    with pytest.raises(
+        PlacementError, match=r"spread keeps prefill and decode workers on different nodes.*1 node \{CPU: 96, GPU: 8\}"
+    ):
         plan(nodes, 1, 1, GPU, "spread")
 
 
@@ -139,9 +150,13 @@ def test_serve_flags_reach_the_placement_config():
     from pop_disagg.cli import build_parser
     from pop_disagg.commands.serve import serve_config
 
-    args = build_parser().parse_args(["serve", "--placement", "spread", "--placement-timeout", "7", "--cpus-per-worker", "2"])
+    args = build_parser().parse_args(
+        ["serve", "--placement", "spread", "--placement-timeout", "7", "--cpus-per-worker", "2"]
+    )
     assert serve_config(args).placement == PlacementConfig(strategy="spread", timeout_s=7, cpus_per_worker=2)
-    assert serve_config(build_parser().parse_args(["serve"])).placement == PlacementConfig(strategy="pack", timeout_s=120)
+    assert serve_config(build_parser().parse_args(["serve"])).placement == PlacementConfig(
+        strategy="pack", timeout_s=120
+    )
 
 
 def test_router_prefers_a_same_node_prefill_worker_only_between_equal_loads():
@@ -149,12 +164,16 @@ def test_router_prefers_a_same_node_prefill_worker_only_between_equal_loads():
     K/V cross no network; otherwise the least-loaded one does, wherever it runs."""
     import types
 
-    from pop_disagg.server.workers.deploy import Deployment
     from pop_disagg.server.control.router import least_loaded_prefill
+    from pop_disagg.server.workers.deploy import Deployment
 
     # 2P2D: prefill 0 on node a, prefill 1 on node b; decode 0 on b, decode 1 on a.
-    locs = [WorkerLocation("prefill", 0, "a", "10.0.0.1"), WorkerLocation("prefill", 1, "b", "10.0.0.2"),
-            WorkerLocation("decode", 0, "b", "10.0.0.2"), WorkerLocation("decode", 1, "a", "10.0.0.1")]
+    locs = [
+        WorkerLocation("prefill", 0, "a", "10.0.0.1"),
+        WorkerLocation("prefill", 1, "b", "10.0.0.2"),
+        WorkerLocation("decode", 0, "b", "10.0.0.2"),
+        WorkerLocation("decode", 1, "a", "10.0.0.1"),
+    ]
     config = types.SimpleNamespace(num_prefill=2, is_disaggregated=True)
     dep = Deployment(config, plan=None, prefill=[], decode=[], tokenizer=None, arch=None, locations=locs)
     assert [[dep.same_node(p, d) for d in (0, 1)] for p in (0, 1)] == [[False, True], [True, False]]
@@ -166,4 +185,6 @@ def test_router_prefers_a_same_node_prefill_worker_only_between_equal_loads():
         loads = [0, 0]
         loads[near] = 1  # the near one has one queued token more: the far one wins
         assert least_loaded_prefill(slots, loads, same).index == 1 - near
-    assert not Deployment(config, plan=None, prefill=[], decode=[], tokenizer=None, arch=None).same_node(0, 0)  # locations unknown
+    assert not Deployment(config, plan=None, prefill=[], decode=[], tokenizer=None, arch=None).same_node(
+        0, 0
+    )  # locations unknown

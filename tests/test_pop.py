@@ -42,7 +42,7 @@ def _naive_greedy(model, prompt, n_new):
         t = len(ids)
         h = model(torch.tensor(ids), torch.arange(t), PrefillAttention([0, t]))
         ids.append(int(model.compute_logits(h[-1:])[0].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_empty_plan_equals_full_model_and_transformers(tiny_ckpt, arch):
@@ -54,7 +54,12 @@ def test_empty_plan_equals_full_model_and_transformers(tiny_ckpt, arch):
     outs = engine.generate(_prompts(), SamplingParams(max_new_tokens=10, ignore_eos=True))
     for prompt, out in zip(_prompts(), outs):
         assert out.token_ids == _naive_greedy(model, prompt, 10)
-        assert out.token_ids == ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        assert (
+            out.token_ids
+            == ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)[
+                0, len(prompt) :
+            ].tolist()
+        )
 
 
 @pytest.mark.parametrize("plan_name", ["default", "every_third", "first_third"])
@@ -108,12 +113,16 @@ def test_first_token_logits_are_full_model_over_pop_cache(tiny_ckpt, arch):
     for l, (k, v) in enumerate(hf_pop_prefill(ref, prompt, set(engine.plan.skip_layers))):
         cache.update(k, v, l)
     with torch.no_grad():
-        expected = ref(torch.tensor([[prompt[-1]]]), past_key_values=cache, position_ids=torch.tensor([[len(prompt) - 1]])).logits[0, -1]
+        expected = ref(
+            torch.tensor([[prompt[-1]]]), past_key_values=cache, position_ids=torch.tensor([[len(prompt) - 1]])
+        ).logits[0, -1]
     assert (logits - expected).abs().max().item() < 1e-4
     # And it is not what the pruned pass alone would predict at position N.
     model = engine.model
     with torch.no_grad():
-        pruned = model.compute_logits(model(torch.tensor(prompt), torch.arange(len(prompt)), PrefillAttention([0, len(prompt)]), plan=engine.plan))[-1]
+        pruned = model.compute_logits(
+            model(torch.tensor(prompt), torch.arange(len(prompt)), PrefillAttention([0, len(prompt)]), plan=engine.plan)
+        )[-1]
     assert not torch.allclose(pruned, logits, atol=1e-3)
 
 
@@ -175,8 +184,18 @@ def test_prefill_only_instance_holds_only_what_prefill_needs(tiny_ckpt, arch, mo
     n = len(prompt) - 1
     kv_full, kv_pre = {}, {}
     with torch.no_grad():
-        full(torch.tensor(prompt[:n]), torch.arange(n), PrefillAttention([0, n], lambda l, k, v: kv_full.__setitem__(l, (k, v))), plan=plan)
-        pre(torch.tensor(prompt[:n]), torch.arange(n), PrefillAttention([0, n], lambda l, k, v: kv_pre.__setitem__(l, (k, v))), plan=plan)
+        full(
+            torch.tensor(prompt[:n]),
+            torch.arange(n),
+            PrefillAttention([0, n], lambda l, k, v: kv_full.__setitem__(l, (k, v))),
+            plan=plan,
+        )
+        pre(
+            torch.tensor(prompt[:n]),
+            torch.arange(n),
+            PrefillAttention([0, n], lambda l, k, v: kv_pre.__setitem__(l, (k, v))),
+            plan=plan,
+        )
     for l in kv_full:
         assert torch.equal(kv_full[l][0], kv_pre[l][0]) and torch.equal(kv_full[l][1], kv_pre[l][1])
     with pytest.raises(RuntimeError, match="no final norm or LM head"):

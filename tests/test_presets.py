@@ -27,16 +27,33 @@ GEOMETRY = {
 
 # Small enough to build in milliseconds while keeping each preset's quirks (RoPE scaling, qk-norm,
 # sliding windows, tied embeddings).
-SHRINK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SHRINK = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=300,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRY))
 def test_big_preset_geometry(name):
     layers, hidden, heads, kv_heads, head_dim, inter, vocab, skipped = GEOMETRY[name]
     arch = preset_arch(name)
-    assert (arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-            arch.intermediate_size, arch.vocab_size) == (layers, hidden, heads, kv_heads, head_dim, inter, vocab)
+    assert (
+        arch.num_layers,
+        arch.hidden_size,
+        arch.num_heads,
+        arch.num_kv_heads,
+        arch.head_dim,
+        arch.intermediate_size,
+        arch.vocab_size,
+    ) == (layers, hidden, heads, kv_heads, head_dim, inter, vocab)
     plan = PrunePlan.default(arch.num_layers)
     assert len(plan.skip_layers) == skipped
     assert plan.skip_layers[-1] == layers - 1  # the deepest layers
@@ -52,7 +69,9 @@ def test_rope_and_window_quirks():
     # 5 sliding : 1 global, every 6th layer global; local RoPE base 10k, global linear x8.
     assert gemma.layer_types.count("full") == 8 and gemma.layer_types[5] == "full" and gemma.layer_types[4] == "sliding"
     assert gemma.sliding_window == 1024 and gemma.window_for_layer(0) == 1024 and gemma.window_for_layer(5) is None
-    assert gemma.rope_sliding.theta == 10000.0 and gemma.rope_full.rope_type == "linear" and gemma.rope_full.factor == 8.0
+    assert (
+        gemma.rope_sliding.theta == 10000.0 and gemma.rope_full.rope_type == "linear" and gemma.rope_full.factor == 8.0
+    )
     assert gemma.attn_scale == 256**-0.5 and gemma.tie_word_embeddings
 
 
@@ -77,7 +96,9 @@ def test_random_model_is_materialised_in_dtype_and_seeded():
     b = build_random_model(arch, dtype=torch.bfloat16, seed=3)
     params = dict(a.named_parameters())
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in params.values())
-    assert torch.equal(params["model.layers.2.mlp.up_proj.weight"], dict(b.named_parameters())["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(
+        params["model.layers.2.mlp.up_proj.weight"], dict(b.named_parameters())["model.layers.2.mlp.up_proj.weight"]
+    )
     assert params["model.layers.0.input_layernorm.weight"].float().mean().item() == pytest.approx(1.0, abs=0.05)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 import grpc_tools  # noqa: F401  (the dev extra; regenerating stubs needs it)
 
 from pop_disagg import protos_build  # noqa: E402
@@ -17,7 +15,9 @@ def _unstamped(text: str) -> str:
     The committed stamps are the minimum runtimes the stubs check at import, so they stay as built."""
     text = re.sub(r"^GRPC_GENERATED_VERSION = '[^']*'$", "GRPC_GENERATED_VERSION = ''", text, flags=re.M)
     text = re.sub(r"^# Protobuf Python Version: .*$", "# Protobuf Python Version:", text, flags=re.M)
-    return re.sub(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,", r"\1", text)
+    return re.sub(
+        r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,", r"\1", text
+    )
 
 
 def test_committed_stubs_are_current(tmp_path):
@@ -25,7 +25,9 @@ def test_committed_stubs_are_current(tmp_path):
     assert {p.name for p in written} >= {"generation_pb2.py", "generation_pb2_grpc.py", "__init__.py"}
     for fresh in written:
         committed = protos_build.OUT / fresh.name
-        assert _unstamped(committed.read_text()) == _unstamped(fresh.read_text()), f"{committed} is stale: run python -m pop_disagg.protos_build"
+        assert _unstamped(committed.read_text()) == _unstamped(fresh.read_text()), (
+            f"{committed} is stale: run python -m pop_disagg.protos_build"
+        )
 
 
 def test_stamp_normalisation_keeps_real_changes():

@@ -14,7 +14,6 @@ import json
 
 import grpc
 import pytest
-import ray
 
 from pop_disagg import cli
 from pop_disagg._proto import generation_pb2 as pb
@@ -22,10 +21,9 @@ from pop_disagg._proto import generation_pb2_grpc as pb_grpc
 from pop_disagg.bench.backends import GrpcBackend
 from pop_disagg.bench.runner import RunSettings, ServerUnreachable, check_server, run_requests
 from pop_disagg.bench.workloads import BenchRequest
-from pop_disagg.config import EngineConfig
-from pop_disagg.server.frontend.auth import TOKEN_ENV, is_authorized, token_from_env
-from pop_disagg.config import ServeConfig
+from pop_disagg.config import EngineConfig, ServeConfig
 from pop_disagg.server.app import BackgroundServer
+from pop_disagg.server.frontend.auth import TOKEN_ENV, is_authorized, token_from_env
 
 TOKEN = "s3cret-token-0123456789"
 MSG = pb.GenerateRequest(prompt_token_ids=[5, 6, 7, 8], max_new_tokens=4, ignore_eos=True)
@@ -41,16 +39,25 @@ def _self_signed(tmp_path):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pop-disagg test")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(cert_file), str(key_file)
 
 
@@ -63,7 +70,9 @@ def tls_files(tmp_path_factory):
 def server(ray_instance, tiny_ckpt, tls_files):
     engine = EngineConfig(model=tiny_ckpt("qwen2"), kv_cache_memory_mb=2, block_size=4, max_model_len=256)
     cert, key = tls_files
-    srv = BackgroundServer(ServeConfig(engine=engine, transfer_timeout_s=20), auth_token=TOKEN, tls_cert=cert, tls_key=key)
+    srv = BackgroundServer(
+        ServeConfig(engine=engine, transfer_timeout_s=20), auth_token=TOKEN, tls_cert=cert, tls_key=key
+    )
     yield srv
     srv.stop()
 
@@ -101,7 +110,11 @@ def test_token_from_env(monkeypatch):
     assert token_from_env(None) is None
 
 
-@pytest.mark.parametrize("metadata,why", [(None, "missing"), (_bearer("wrong"), "wrong"), ((("authorization", TOKEN),), "wrong")], ids=["none", "wrong", "no-scheme"])
+@pytest.mark.parametrize(
+    "metadata,why",
+    [(None, "missing"), (_bearer("wrong"), "wrong"), ((("authorization", TOKEN),), "wrong")],
+    ids=["none", "wrong", "no-scheme"],
+)
 def test_missing_or_wrong_token_is_unauthenticated_and_costs_no_work(server, channel, metadata, why):
     stub = pb_grpc.GenerationStub(channel)
     before = server.server.router.stats.num_prompt_tokens, server.server.router.stats.num_finished
@@ -161,7 +174,19 @@ def test_plaintext_client_cannot_talk_to_the_tls_server(server):
 
 
 def test_client_command_with_token_and_ca(server, tls_files, capsys, monkeypatch):
-    base = ["client", "--server", server.address, "--prompt-ids", "5,6,7,8", "--max-new-tokens", "4", "--ignore-eos", "--json", "--tls-ca", tls_files[0]]
+    base = [
+        "client",
+        "--server",
+        server.address,
+        "--prompt-ids",
+        "5,6,7,8",
+        "--max-new-tokens",
+        "4",
+        "--ignore-eos",
+        "--json",
+        "--tls-ca",
+        tls_files[0],
+    ]
     assert cli.main(base + ["--auth-token", TOKEN]) == 0
     assert len(json.loads(capsys.readouterr().out)["tokenIds"]) == 4
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
@@ -180,14 +205,37 @@ def test_bench_client_with_token_and_ca(server, tls_files):
         asyncio.run(check_server(server.address, 10, auth_token="wrong", tls_ca=ca))
     reqs = [BenchRequest(None, (5, 6, 7), 3, 3)] * 2
     backend = GrpcBackend(server.address, auth_token=TOKEN, tls_ca=ca)
-    run = asyncio.run(run_requests(server.address, RunSettings(num_requests=2, num_warmup=0, ignore_eos=True), reqs,
-                                   show_progress=False, backend=backend))
+    run = asyncio.run(
+        run_requests(
+            server.address,
+            RunSettings(num_requests=2, num_warmup=0, ignore_eos=True),
+            reqs,
+            show_progress=False,
+            backend=backend,
+        )
+    )
     assert [r.error for r in run.records] == [None, None] and all(r.usage_completion_tokens == 3 for r in run.records)
 
 
 def test_bench_serve_command_with_token_and_ca(server, tls_files, capsys):
-    args = ["bench", "serve", "--server", server.address, "--input-len", "4", "--output-len", "2", "--ignore-eos",
-            "--num-requests", "2", "--num-warmup", "0", "--no-progress", "--tls-ca", tls_files[0]]
+    args = [
+        "bench",
+        "serve",
+        "--server",
+        server.address,
+        "--input-len",
+        "4",
+        "--output-len",
+        "2",
+        "--ignore-eos",
+        "--num-requests",
+        "2",
+        "--num-warmup",
+        "0",
+        "--no-progress",
+        "--tls-ca",
+        tls_files[0],
+    ]
     assert cli.main(args + ["--auth-token", TOKEN]) == 0
     capsys.readouterr()
     assert cli.main(args + ["--auth-token", "wrong"]) == 2  # the server check fails with one line

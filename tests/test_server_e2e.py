@@ -13,17 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-import torch
-
 import ray  # noqa: E402
+import torch
 
 from pop_disagg._proto import generation_pb2 as pb  # noqa: E402
 from pop_disagg._proto import generation_pb2_grpc as pb_grpc  # noqa: E402
-from pop_disagg.config import EngineConfig  # noqa: E402
+from pop_disagg.config import (
+    EngineConfig,  # noqa: E402
+    ServeConfig,  # noqa: E402
+)
 from pop_disagg.engine.engine import LLMEngine  # noqa: E402
 from pop_disagg.engine.sampling import SamplingParams  # noqa: E402
 from pop_disagg.models.loader import load_model  # noqa: E402
-from pop_disagg.config import ServeConfig  # noqa: E402
 from pop_disagg.server.app import BackgroundServer  # noqa: E402
 
 PROMPT_LENS = (1, 3, 9, 17, 40)
@@ -39,18 +40,24 @@ def model_path(tmp_path_factory):
 
 def _serve_config(path, topology, prefill, num_prefill=1, **engine_kw):
     engine = EngineConfig(model=path, kv_cache_memory_mb=2, block_size=4, max_model_len=256, **engine_kw)
-    return ServeConfig(engine=engine, topology=topology, prefill=prefill, num_prefill=num_prefill, transfer_timeout_s=20)
+    return ServeConfig(
+        engine=engine, topology=topology, prefill=prefill, num_prefill=num_prefill, transfer_timeout_s=20
+    )
 
 
 def _requests():
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in PROMPT_LENS]
     # Some requests may stop at EOS, others must run to their length.
-    return [(p, SamplingParams(max_new_tokens=m, ignore_eos=i % 2 == 0)) for i, (p, m) in enumerate(zip(prompts, MAX_NEW))]
+    return [
+        (p, SamplingParams(max_new_tokens=m, ignore_eos=i % 2 == 0)) for i, (p, m) in enumerate(zip(prompts, MAX_NEW))
+    ]
 
 
 def _message(ids, params: SamplingParams, **kw):
-    return pb.GenerateRequest(prompt_token_ids=ids, max_new_tokens=params.max_new_tokens, ignore_eos=params.ignore_eos, **kw)
+    return pb.GenerateRequest(
+        prompt_token_ids=ids, max_new_tokens=params.max_new_tokens, ignore_eos=params.ignore_eos, **kw
+    )
 
 
 def _reference(path, config: ServeConfig):
@@ -93,7 +100,13 @@ def test_disaggregated_pop_1p1d_equals_engine(server, model_path):
 
 @pytest.mark.parametrize(
     "topology,prefill,num_prefill",
-    [("disaggregated", "full", 1), ("disaggregated", "pop", 2), ("disaggregated", "full", 2), ("colocated", "pop", 1), ("colocated", "full", 1)],
+    [
+        ("disaggregated", "full", 1),
+        ("disaggregated", "pop", 2),
+        ("disaggregated", "full", 2),
+        ("colocated", "pop", 1),
+        ("colocated", "full", 1),
+    ],
 )
 def test_combination_equals_engine(ray_instance, model_path, topology, prefill, num_prefill):
     srv = BackgroundServer(_serve_config(model_path, topology, prefill, num_prefill))
@@ -115,7 +128,9 @@ def test_combination_equals_engine(ray_instance, model_path, topology, prefill, 
 @pytest.mark.parametrize("topology", ["disaggregated", "colocated"])
 def test_chunked_prefill_served_equals_whole_prompt_engine(ray_instance, model_path, topology):
     """8-token chunks (prefill worker or colocated engine): the same tokens as the unchunked engine."""
-    srv = BackgroundServer(_serve_config(model_path, topology, "pop", enable_chunked_prefill=True, max_num_batched_tokens=8))
+    srv = BackgroundServer(
+        _serve_config(model_path, topology, "pop", enable_chunked_prefill=True, max_num_batched_tokens=8)
+    )
     try:
         _check_equivalence(srv, model_path, reference_config=_serve_config(model_path, topology, "pop"))
         assert _wait_idle(srv)["num_free_blocks"] == _decode_stats(srv)["num_blocks"]
@@ -140,7 +155,9 @@ def test_stop_string_matches_engine_unary_and_stream(server, stub, model_path):
     assert len(full.text) >= 3, f"tiny model produced too little text to test stop strings: {full.text!r}"
     stop = full.text[1:3]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True, stop=(stop,))
-    ref = LLMEngine(server.server.config.worker_engine, model=load_model(model_path), model_path=model_path).generate([prompt], params)[0]
+    ref = LLMEngine(server.server.config.worker_engine, model=load_model(model_path), model_path=model_path).generate(
+        [prompt], params
+    )[0]
     msg = pb.GenerateRequest(prompt_token_ids=prompt, max_new_tokens=12, ignore_eos=True, stop=[stop])
     cut = stub.Generate(msg, timeout=60)
     assert (cut.text, list(cut.token_ids)) == (ref.text, ref.token_ids)
@@ -160,7 +177,9 @@ def _wait_idle(server, timeout=20.0):
 def test_cancel_mid_stream_returns_blocks(server, stub):
     start = _wait_idle(server)
     assert start["num_free_blocks"] == start["num_blocks"]
-    call = stub.GenerateStream(pb.GenerateRequest(prompt_token_ids=list(range(3, 43)), max_new_tokens=200, ignore_eos=True), timeout=60)
+    call = stub.GenerateStream(
+        pb.GenerateRequest(prompt_token_ids=list(range(3, 43)), max_new_tokens=200, ignore_eos=True), timeout=60
+    )
     received = 0
     for chunk in call:
         received += len(chunk.token_ids)
@@ -210,7 +229,12 @@ def test_router_stats_count_what_was_served(server, stub):
     """The periodic stats line reads these counters: they must add up to what clients received."""
     stats = server.server.router.stats
     before = dataclasses.replace(stats)
-    outs = [stub.Generate(pb.GenerateRequest(prompt_token_ids=list(range(5, 5 + n)), max_new_tokens=4, ignore_eos=True), timeout=60) for n in (1, 7)]
+    outs = [
+        stub.Generate(
+            pb.GenerateRequest(prompt_token_ids=list(range(5, 5 + n)), max_new_tokens=4, ignore_eos=True), timeout=60
+        )
+        for n in (1, 7)
+    ]
     assert stats.num_finished - before.num_finished == 2
     assert stats.num_prompt_tokens - before.num_prompt_tokens == 8
     assert stats.num_generated_tokens - before.num_generated_tokens == sum(len(o.token_ids) for o in outs) == 8
@@ -232,7 +256,10 @@ def test_served_kv_correction_is_what_the_decode_worker_attends_to(ray_instance,
     corr.weights = {l: (wk * 0.5, -wv) for l, (wk, wv) in corr.weights.items()}
     path = corr.save(tmp_path)
     config = _serve_config(model_path, "disaggregated", "pop")
-    prompt, params = torch.randint(3, 300, (23,), generator=g).tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True)
+    prompt, params = (
+        torch.randint(3, 300, (23,), generator=g).tolist(),
+        SamplingParams(max_new_tokens=8, ignore_eos=True),
+    )
 
     engine = LLMEngine(config.worker_engine, model=load_model(model_path), model_path=model_path)
     plain = engine.generate([prompt], params)[0].token_ids
@@ -240,7 +267,12 @@ def test_served_kv_correction_is_what_the_decode_worker_attends_to(ray_instance,
     req = engine.reserve_request(prompt, params, "ref")
     slots = torch.tensor(engine.blocks.slots(req.block_table, 0, n))
     with torch.no_grad():
-        pre(torch.tensor(prompt[:n]), torch.arange(n), PrefillAttention([0, n], lambda l, k, v: engine.kv_cache.write(l, slots, k, v)), plan=plan)
+        pre(
+            torch.tensor(prompt[:n]),
+            torch.arange(n),
+            PrefillAttention([0, n], lambda l, k, v: engine.kv_cache.write(l, slots, k, v)),
+            plan=plan,
+        )
     engine.admit_prefilled("ref", n)
     expected = []
     while engine.has_unfinished():

@@ -23,7 +23,10 @@ from pop_disagg.models.loader import load_model
 
 MAX_NEW_TOKENS = 16
 CHAT_PROMPTS = ["What is the capital of France?", "Give me three tips for staying focused while studying."]
-TEXT_PROMPTS = ["The three primary colors are red, yellow and", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+TEXT_PROMPTS = [
+    "The three primary colors are red, yellow and",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+]
 
 
 # ``smollm2_dir`` (the converted checkpoint, once per session) lives in conftest.py, shared with
@@ -46,7 +49,12 @@ def ours(smollm2_dir):
 @pytest.fixture(scope="session")
 def prompts(hf):
     _, tok = hf
-    chat = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False) for p in CHAT_PROMPTS]
+    chat = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for p in CHAT_PROMPTS
+    ]
     return [list(ids) for ids in chat] + [tok.encode(p) for p in TEXT_PROMPTS]
 
 
@@ -70,7 +78,14 @@ def pop_reference(hf_model, prompt_ids: list[int], skip_layers: set[int], eos_id
     causal = torch.full((n, n), float("-inf")).triu(1)[None, None]  # (1, 1, n, n) additive mask
     for idx, layer in enumerate(stack.layers):
         if idx not in skip_layers:
-            h = layer(h, attention_mask=causal, position_ids=positions, past_key_values=cache, use_cache=True, position_embeddings=(cos, sin))
+            h = layer(
+                h,
+                attention_mask=causal,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=(cos, sin),
+            )
             continue
         # Skipped layer: identity for the residual stream; K/V from its own norm + projections.
         attn = layer.self_attn
@@ -83,7 +98,9 @@ def pop_reference(hf_model, prompt_ids: list[int], skip_layers: set[int], eos_id
     # Boundary handling: token N is the first full-model decode step; then greedy decoding.
     out, token, pos = [], prompt_ids[-1], n
     while len(out) < MAX_NEW_TOKENS:
-        logits = hf_model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos]]), past_key_values=cache, use_cache=True).logits
+        logits = hf_model(
+            input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos]]), past_key_values=cache, use_cache=True
+        ).logits
         token, pos = int(logits[0, -1].argmax()), pos + 1
         out.append(token)
         if token in eos_ids:
@@ -113,8 +130,14 @@ def test_full_engine_equals_transformers_generate(hf, ours, prompts):
     got = engine_outputs(ours, tok, prompts, PruneConfig(no_prune=True))
     for ids, tokens in zip(prompts, got):
         x = torch.tensor([ids])
-        ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
-        assert tokens == ref[0, len(ids):].tolist()
+        ref = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        assert tokens == ref[0, len(ids) :].tolist()
 
 
 def test_pop_engine_equals_transformers_pop_reference(hf, ours, prompts):

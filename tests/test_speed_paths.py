@@ -16,7 +16,11 @@ from pop_disagg.models.loader import load_model
 
 def _unfused_logits(model, ids):
     """The same forward with every fusion bypassed (hooks force each projection's own call)."""
-    hooks = [m.register_forward_hook(lambda *a: None) for n, m in model.named_modules() if n.endswith(("q_proj", "gate_proj"))]
+    hooks = [
+        m.register_forward_hook(lambda *a: None)
+        for n, m in model.named_modules()
+        if n.endswith(("q_proj", "gate_proj"))
+    ]
     try:
         return model.compute_logits(model(ids, torch.arange(len(ids)), PrefillAttention([0, len(ids)])))
     finally:
@@ -46,9 +50,17 @@ def test_fused_weights_keep_hf_names_and_follow_edits(tiny_ckpt, family):
         torch.testing.assert_close(edited, _unfused_logits(model, ids), atol=1e-5, rtol=1e-5)
     # .to() replaces the storage: the model fuses again and still computes the same function.
     model = model.to(torch.float64)
-    assert model.model.layers[1].self_attn.qkv.weight_t.dtype == torch.float64 and model.model.layers[1].self_attn.qkv.is_current()
+    assert (
+        model.model.layers[1].self_attn.qkv.weight_t.dtype == torch.float64
+        and model.model.layers[1].self_attn.qkv.is_current()
+    )
     with torch.inference_mode():
-        torch.testing.assert_close(model.compute_logits(model(ids, torch.arange(6), PrefillAttention([0, 6]))).float(), edited, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model.compute_logits(model(ids, torch.arange(6), PrefillAttention([0, 6]))).float(),
+            edited,
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
 
 def test_forward_hook_on_a_projection_still_fires(tiny_ckpt):
@@ -105,13 +117,15 @@ def test_enforce_eager_and_cpu_default(tiny_ckpt):
 
 
 def test_cpu_compile_only_takes_the_batch_sizes_it_was_measured_to_speed_up(tiny_ckpt):
-    """CPU torch.compile paid only at batch 1 (benchmarks/README.md); bigger steps stay eager,
+    """CPU torch.compile paid only at batch 1 (benchmarks/results/decode/README.md); bigger steps stay eager,
     while CUDA graphs and the padded test mode take every batch size."""
     from pop_disagg.engine.compiled_decode import CPU_COMPILE_MAX_BATCH
 
     path = tiny_ckpt("llama")
     runner = _engine(path, load_model(path)).runner
-    compiled = BucketedDecode(runner.model, runner.kv_cache, 8, "compile")  # torch.compile is lazy: nothing compiles here
+    compiled = BucketedDecode(
+        runner.model, runner.kv_cache, 8, "compile"
+    )  # torch.compile is lazy: nothing compiles here
     assert compiled.handles(CPU_COMPILE_MAX_BATCH) and not compiled.handles(CPU_COMPILE_MAX_BATCH + 1)
     assert all(BucketedDecode(runner.model, runner.kv_cache, 8, mode).handles(8) for mode in ("cuda_graph", "padded"))
 
@@ -143,7 +157,14 @@ def test_streamed_skipped_run_kv_equals_one_gemm(tiny_ckpt):
     for stream in (False, True):
         stored = []
         with torch.inference_mode():
-            model(ids, pos, PrefillAttention([0, 4, 7], sink=lambda l, k, v: stored.append((l, k.clone(), v.clone())), stream_kv=stream), plan=plan)
+            model(
+                ids,
+                pos,
+                PrefillAttention(
+                    [0, 4, 7], sink=lambda l, k, v: stored.append((l, k.clone(), v.clone())), stream_kv=stream
+                ),
+                plan=plan,
+            )
         got[stream] = stored
     assert [l for l, _, _ in got[True]] == [l for l, _, _ in got[False]] == list(range(model.arch.num_layers))
     for (_, k1, v1), (_, k2, v2) in zip(got[False], got[True]):
@@ -197,7 +218,9 @@ def test_lean_decode_ops_are_bitwise_the_reference_formulas():
         visible = key_pos <= query_pos
         if window is not None:
             visible &= key_pos > query_pos - window
-        ref = F.scaled_dot_product_attention(q[:, :, None], keys, vals, attn_mask=visible[:, None, None], scale=0.25, enable_gqa=True)[:, :, 0]
+        ref = F.scaled_dot_product_attention(
+            q[:, :, None], keys, vals, attn_mask=visible[:, None, None], scale=0.25, enable_gqa=True
+        )[:, :, 0]
         assert torch.equal(attn.attend(1, q, None, None, window, 0.25), ref)
         assert (attn._mask(1, window, q.dtype) is None) == (dense and (window is None or s <= window))
 
@@ -240,12 +263,16 @@ def test_multi_row_logits_take_the_head_copy_only_under_openblas(tiny_ckpt, back
         h = torch.randn(5, model.arch.hidden_size)
         weight = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
         with torch.inference_mode():
-            torch.testing.assert_close(model.compute_logits(h), F.linear(model.model.norm(h), weight).float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                model.compute_logits(h), F.linear(model.model.norm(h), weight).float(), atol=1e-5, rtol=1e-5
+            )
             assert (model._head_t is not None) == (backend == "openblas")
         with torch.no_grad():
             weight.mul_(0.5)
         with torch.inference_mode():
-            torch.testing.assert_close(model.compute_logits(h), F.linear(model.model.norm(h), weight).float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                model.compute_logits(h), F.linear(model.model.norm(h), weight).float(), atol=1e-5, rtol=1e-5
+            )
     finally:
         cpu_blas.configure(before)
 
@@ -281,7 +308,9 @@ def test_one_sequence_chunk_attention_lower_right_causal_equals_the_mask():
     k_cache, v_cache = (torch.randn(layers, blocks, bs, hkv, d, generator=g) for _ in range(2))
     for s, m in ((21, 6), (8, 8), (13, 1)):  # a later chunk, a first chunk, a one-token chunk
         slot_table = torch.randperm(blocks * bs, generator=g)[:s][None]
-        attn = ExtendAttention(k_cache, v_cache, slot_table[0, s - m:], slot_table, torch.tensor([s]), cu_seqlens=[0, m])
+        attn = ExtendAttention(
+            k_cache, v_cache, slot_table[0, s - m :], slot_table, torch.tensor([s]), cu_seqlens=[0, m]
+        )
         assert attn._lower_right is None  # a CPU tensor: the mask path
         q = torch.randn(m, heads, d, generator=g)
         with torch.inference_mode():

@@ -24,8 +24,8 @@ import json
 import socket
 import time
 
-from .metrics import RequestRecord
 from .grpc_client import check_server, make_message, open_channel, send_stream
+from .metrics import RequestRecord
 from .settings import RunSettings, ServerUnreachable
 from .workloads import BenchRequest
 
@@ -78,7 +78,9 @@ class OpenAIBackend:
         import httpx
 
         deadline = time.monotonic() + connect_timeout_s
-        async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers(), timeout=connect_timeout_s) as client:
+        async with httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers(), timeout=connect_timeout_s
+        ) as client:
             while True:
                 try:
                     models = await client.get("/v1/models")
@@ -86,21 +88,30 @@ class OpenAIBackend:
                     break
                 except httpx.TransportError as exc:
                     if time.monotonic() >= deadline:
-                        raise ServerUnreachable(f"cannot reach an OpenAI-compatible server at {self.base_url} within {connect_timeout_s:g}s ({exc.__class__.__name__})") from None
+                        raise ServerUnreachable(
+                            f"cannot reach an OpenAI-compatible server at {self.base_url} within {connect_timeout_s:g}s ({exc.__class__.__name__})"
+                        ) from None
                     await asyncio.sleep(0.2)
         if models.status_code != 200:
-            raise ServerUnreachable(f"{self.base_url}/v1/models answered {models.status_code}: {_error_message(models.text)}")
+            raise ServerUnreachable(
+                f"{self.base_url}/v1/models answered {models.status_code}: {_error_message(models.text)}"
+            )
         cards = models.json().get("data") or []
         if not cards:
             raise ServerUnreachable(f"{self.base_url}/v1/models lists no model")
         card = next((c for c in cards if c.get("id") == self.model), None) if self.model else cards[0]
         if card is None:
-            raise ServerUnreachable(f"{self.base_url} does not serve {self.model!r} (it serves {', '.join(c.get('id', '?') for c in cards)})")
+            raise ServerUnreachable(
+                f"{self.base_url} does not serve {self.model!r} (it serves {', '.join(c.get('id', '?') for c in cards)})"
+            )
         self.model = card["id"]
         if health.status_code == 503:
             raise ServerUnreachable(f"the server at {self.base_url} is not serving: {_error_message(health.text)}")
         # pop-disagg's model card carries GetModelInfo; any other server gives the context length at most.
-        info = dict(card.get("pop_disagg") or {"model": card.get("root") or card["id"], "context_limit": card.get("max_model_len")})
+        info = dict(
+            card.get("pop_disagg")
+            or {"model": card.get("root") or card["id"], "context_limit": card.get("max_model_len")}
+        )
         info["served_model_name"] = card["id"]
         health_dict = {"is_serving": health.status_code in (200, 404), "message": f"GET /health: {health.status_code}"}
         return health_dict, info
@@ -113,9 +124,15 @@ class OpenAIBackend:
             self._tokenizer = load_tokenizer(tokenizer_name or info["model"])
 
     def body(self, req: BenchRequest, settings: RunSettings, index: int) -> dict:
-        body = {"model": self.model, "max_tokens": req.max_new_tokens, "temperature": settings.temperature,
-                "ignore_eos": settings.ignore_eos, "stream": True, "stream_options": {"include_usage": True},
-                "return_token_ids": True}
+        body = {
+            "model": self.model,
+            "max_tokens": req.max_new_tokens,
+            "temperature": settings.temperature,
+            "ignore_eos": settings.ignore_eos,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "return_token_ids": True,
+        }
         if settings.temperature > 0:
             body["seed"] = settings.seed * 1_000_003 + index  # as the gRPC backend seeds each request
         if self.is_chat:
@@ -132,8 +149,12 @@ class OpenAIBackend:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # open loop: no client-side queue
         # TCP_NODELAY: httpx writes headers and body separately, and with Nagle the body would wait
         # for the server's delayed ACK of the headers, which adds the client's socket to every TTFT.
-        transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers(), transport=transport, timeout=None) as client:
+        transport = httpx.AsyncHTTPTransport(
+            limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        )
+        async with httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers(), transport=transport, timeout=None
+        ) as client:
 
             async def send(req: BenchRequest, settings: RunSettings, rec: RequestRecord) -> None:
                 await self.send(client, self.body(req, settings, rec.index), rec, settings.request_timeout_s)
@@ -149,7 +170,9 @@ class OpenAIBackend:
             async with asyncio.timeout(timeout_s):
                 async with client.stream("POST", self.path, json=body) as resp:
                     if resp.status_code != 200:
-                        rec.error = f"HTTP {resp.status_code}: {_error_message((await resp.aread()).decode(errors='replace'))}"
+                        rec.error = (
+                            f"HTTP {resp.status_code}: {_error_message((await resp.aread()).decode(errors='replace'))}"
+                        )
                         return
                     async for line in resp.aiter_lines():
                         if not line.startswith("data:"):
@@ -202,7 +225,9 @@ def _error_message(text: str) -> str:
         return text[:200]
 
 
-def make_backend(name: str, target: str, model: str | None = None, api_key: str | None = None, tls_ca: str | None = None):
+def make_backend(
+    name: str, target: str, model: str | None = None, api_key: str | None = None, tls_ca: str | None = None
+):
     """``api_key``: the bearer token (gRPC metadata or the HTTP Authorization header)."""
     if name == "grpc":
         return GrpcBackend(target.removeprefix("grpc://"), auth_token=api_key, tls_ca=tls_ca)

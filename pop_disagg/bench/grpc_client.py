@@ -27,11 +27,12 @@ def open_channel(target: str, tls_ca: str | None):
     return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
 
 
-
 def make_message(req: BenchRequest, settings: RunSettings, index: int):
     from .._proto import generation_pb2 as pb
 
-    msg = pb.GenerateRequest(max_new_tokens=req.max_new_tokens, temperature=settings.temperature, ignore_eos=settings.ignore_eos)
+    msg = pb.GenerateRequest(
+        max_new_tokens=req.max_new_tokens, temperature=settings.temperature, ignore_eos=settings.ignore_eos
+    )
     if settings.temperature > 0:
         msg.seed = settings.seed * 1_000_003 + index  # reproducible sampling, distinct per request
     if settings.prune_ratio is not None:
@@ -43,7 +44,9 @@ def make_message(req: BenchRequest, settings: RunSettings, index: int):
     return msg
 
 
-async def check_server(target: str, connect_timeout_s: float = 10.0, auth_token: str | None = None, tls_ca: str | None = None) -> tuple[dict, dict]:
+async def check_server(
+    target: str, connect_timeout_s: float = 10.0, auth_token: str | None = None, tls_ca: str | None = None
+) -> tuple[dict, dict]:
     """(health, model info) as dicts; raises ``ServerUnreachable`` with one readable line.
     ``auth_token``: sent as ``authorization: Bearer``; ``tls_ca``: PEM CA file, connect over TLS."""
     import grpc
@@ -60,8 +63,14 @@ async def check_server(target: str, connect_timeout_s: float = 10.0, auth_token:
             health = await stub.Health(pb.HealthRequest(), timeout=connect_timeout_s, wait_for_ready=True, metadata=md)
             info = await stub.GetModelInfo(pb.ModelInfoRequest(), timeout=connect_timeout_s, metadata=md)
         except grpc.aio.AioRpcError as exc:
-            why = "no answer" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else f"{exc.code().name}: {exc.details()}"
-            raise ServerUnreachable(f"cannot reach a pop-disagg server at {target} within {connect_timeout_s:g}s ({why})") from None
+            why = (
+                "no answer"
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                else f"{exc.code().name}: {exc.details()}"
+            )
+            raise ServerUnreachable(
+                f"cannot reach a pop-disagg server at {target} within {connect_timeout_s:g}s ({why})"
+            ) from None
     as_dict = lambda m: MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)  # noqa: E731
     if not health.is_serving:
         raise ServerUnreachable(f"the server at {target} is not serving: {health.message or 'no reason given'}")
@@ -85,10 +94,20 @@ async def send_stream(stub, msg, rec: RequestRecord, timeout_s: float | None, me
                 rec.chunk_num_tokens.append(len(chunk.token_ids))
             if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 rec.finish_reason = pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
-                rec.usage_prompt_tokens, rec.usage_completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+                rec.usage_prompt_tokens, rec.usage_completion_tokens = (
+                    chunk.usage.prompt_tokens,
+                    chunk.usage.completion_tokens,
+                )
                 t = chunk.timings
-                rec.server_timings = dict(queue_s=t.queue_s, prefill_s=t.prefill_s, transfer_s=t.transfer_s, ttft_s=t.ttft_s, decode_s=t.decode_s,
-                                          prune_ratio=t.prune_ratio if t.HasField("prune_ratio") else None, num_skipped_layers=t.num_skipped_layers)
+                rec.server_timings = dict(
+                    queue_s=t.queue_s,
+                    prefill_s=t.prefill_s,
+                    transfer_s=t.transfer_s,
+                    ttft_s=t.ttft_s,
+                    decode_s=t.decode_s,
+                    prune_ratio=t.prune_ratio if t.HasField("prune_ratio") else None,
+                    num_skipped_layers=t.num_skipped_layers,
+                )
         rec.end_s = time.perf_counter() - t0
         if rec.finish_reason is None:
             rec.error = "incomplete: the stream ended without a finish reason"
@@ -96,7 +115,11 @@ async def send_stream(stub, msg, rec: RequestRecord, timeout_s: float | None, me
             rec.error = "aborted: the server cancelled the request"
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
-        rec.error = f"timeout: no answer within {timeout_s:g}s" if code == grpc.StatusCode.DEADLINE_EXCEEDED else f"{code.name}: {exc.details()}"
+        rec.error = (
+            f"timeout: no answer within {timeout_s:g}s"
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED
+            else f"{code.name}: {exc.details()}"
+        )
     except asyncio.CancelledError:
         rec.error = "cancelled: the benchmark was interrupted"
         call.cancel()

@@ -83,7 +83,13 @@ class RequestRecord:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d.update(is_success=self.is_success, num_output_tokens=self.num_output_tokens, ttft_s=self.ttft_s, tpot_s=self.tpot_s, e2e_s=self.e2e_s)
+        d.update(
+            is_success=self.is_success,
+            num_output_tokens=self.num_output_tokens,
+            ttft_s=self.ttft_s,
+            tpot_s=self.tpot_s,
+            e2e_s=self.e2e_s,
+        )
         return d
 
     @classmethod
@@ -120,8 +126,12 @@ def stats_ms(values_s: list[float]) -> dict[str, float | None]:
     if not values_s:
         return {"mean": None, "std": None, "median": None, **{f"p{p}": None for p in PERCENTILES}}
     x = np.asarray(values_s, dtype=np.float64) * 1e3
-    return {"mean": float(x.mean()), "std": float(x.std()), "median": float(np.median(x)),
-            **{f"p{p}": float(np.percentile(x, p)) for p in PERCENTILES}}
+    return {
+        "mean": float(x.mean()),
+        "std": float(x.std()),
+        "median": float(np.median(x)),
+        **{f"p{p}": float(np.percentile(x, p)) for p in PERCENTILES},
+    }
 
 
 def summarize(records: list[RequestRecord], duration_s: float, slos: dict[str, float] | None = None) -> dict:
@@ -149,7 +159,9 @@ def summarize(records: list[RequestRecord], duration_s: float, slos: dict[str, f
     }
     if slos:
         num_good = sum(meets_slos(r, slos) for r in ok)
-        summary.update(num_good=num_good, goodput=per_s(num_good), slo_attainment=num_good / len(records) if records else 0.0)
+        summary.update(
+            num_good=num_good, goodput=per_s(num_good), slo_attainment=num_good / len(records) if records else 0.0
+        )
     return summary
 
 
@@ -162,7 +174,9 @@ def parse_percentile_options(metrics: str, percentiles: str) -> tuple[tuple[str,
     names = tuple(m.strip() for m in metrics.split(",") if m.strip())
     bad = [m for m in names if m not in VLLM_PERCENTILE_METRICS]
     if bad:
-        raise ValueError(f"--percentile-metrics {metrics!r}: {', '.join(bad)} not among {', '.join(VLLM_PERCENTILE_METRICS)}")
+        raise ValueError(
+            f"--percentile-metrics {metrics!r}: {', '.join(bad)} not among {', '.join(VLLM_PERCENTILE_METRICS)}"
+        )
     try:
         ps = tuple(float(p) for p in percentiles.split(",") if p.strip())
     except ValueError:
@@ -172,15 +186,34 @@ def parse_percentile_options(metrics: str, percentiles: str) -> tuple[tuple[str,
     return names, ps
 
 
-def vllm_metrics(records: list[RequestRecord], summary: dict, metrics: tuple[str, ...] = ("ttft", "tpot", "itl"),
-                 percentiles: tuple[float, ...] = (99.0,)) -> dict:
+def vllm_metrics(
+    records: list[RequestRecord],
+    summary: dict,
+    metrics: tuple[str, ...] = ("ttft", "tpot", "itl"),
+    percentiles: tuple[float, ...] = (99.0,),
+) -> dict:
     """The flat metric keys ``vllm bench serve --save-result`` writes (``completed``, ``mean_ttft_ms``,
     ``p99_itl_ms``, ...), from the same records and definitions as ``summarize``."""
     ok = [r for r in records if r.is_success]
-    values = {"ttft": [r.ttft_s for r in ok], "tpot": [r.tpot_s for r in ok if r.tpot_s is not None],
-              "itl": [g for r in ok for g in r.itls_s], "e2el": [r.e2e_s for r in ok]}
+    values = {
+        "ttft": [r.ttft_s for r in ok],
+        "tpot": [r.tpot_s for r in ok if r.tpot_s is not None],
+        "itl": [g for r in ok for g in r.itls_s],
+        "e2el": [r.e2e_s for r in ok],
+    }
     out = {"duration": summary["duration_s"], "completed": summary["num_completed"], "failed": summary["num_failed"]}
-    out.update({k: summary[k] for k in ("total_input_tokens", "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput")})
+    out.update(
+        {
+            k: summary[k]
+            for k in (
+                "total_input_tokens",
+                "total_output_tokens",
+                "request_throughput",
+                "output_throughput",
+                "total_token_throughput",
+            )
+        }
+    )
     if "goodput" in summary:
         out["request_goodput"] = summary["goodput"]
     for name in metrics:

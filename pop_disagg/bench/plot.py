@@ -23,7 +23,7 @@ def plot_sweeps(results: list[dict], out: str | Path, title: str | None = None) 
     if not results:
         raise ValueError("no results to plot")
     finite = sorted({rate_of(r) for r in results if math.isfinite(rate_of(r))})
-    inf_x = (finite[-1] * 2 if finite else 1.0)
+    inf_x = finite[-1] * 2 if finite else 1.0
     x_of = lambda rate: rate if math.isfinite(rate) else inf_x  # noqa: E731
     by_label: dict[str, list[dict]] = defaultdict(list)
     for r in results:
@@ -37,18 +37,38 @@ def plot_sweeps(results: list[dict], out: str | Path, title: str | None = None) 
         for ax, key in ((axes[0], "ttft_ms"), (axes[1], "tpot_ms")):
             for q, style in (("median", "-"), ("p99", "--")):
                 ys = [r["summary"][key][q] for r in runs]
-                ax.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o", color=color, label=f"{label} {'p50' if q == 'median' else q}")
+                ax.plot(
+                    xs,
+                    [float("nan") if y is None else y for y in ys],
+                    style,
+                    marker="o",
+                    color=color,
+                    label=f"{label} {'p50' if q == 'median' else q}",
+                )
         if has_goodput:
-            axes[2].plot(xs, [r["summary"].get("goodput", float("nan")) for r in runs], "-", marker="o", color=color, label=label)
+            axes[2].plot(
+                xs, [r["summary"].get("goodput", float("nan")) for r in runs], "-", marker="o", color=color, label=label
+            )
         else:
-            axes[2].plot(xs, [r["summary"]["request_throughput"] for r in runs], "-", marker="o", color=color, label=label)
+            axes[2].plot(
+                xs, [r["summary"]["request_throughput"] for r in runs], "-", marker="o", color=color, label=label
+            )
 
     slos = next((r["summary"].get("slos_ms") for r in results if r["summary"].get("slos_ms")), {})
     slo_text = " ".join(f"{k}<={v:g}ms" for k, v in slos.items())
-    panels = (("TTFT (ms)", "TTFT p50 / p99"), ("TPOT (ms)", "TPOT p50 / p99"),
-              ("goodput (req/s)" if has_goodput else "throughput (req/s)", f"goodput [{slo_text}]" if has_goodput else "completed requests / s"))
+    panels = (
+        ("TTFT (ms)", "TTFT p50 / p99"),
+        ("TPOT (ms)", "TPOT p50 / p99"),
+        (
+            "goodput (req/s)" if has_goodput else "throughput (req/s)",
+            f"goodput [{slo_text}]" if has_goodput else "completed requests / s",
+        ),
+    )
     has_inf = any(not math.isfinite(rate_of(r)) for r in results)
-    ticks, tick_labels = finite + ([inf_x] if has_inf else []), [f"{t:g}" for t in finite] + (["inf"] if has_inf else [])
+    ticks, tick_labels = (
+        finite + ([inf_x] if has_inf else []),
+        [f"{t:g}" for t in finite] + (["inf"] if has_inf else []),
+    )
     for ax, (ylabel, name) in zip(axes, panels):
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(ylabel)

@@ -21,9 +21,21 @@ def config_label(model_info: dict) -> str:
     return f"{model_info.get('topology') or '?'}/{model_info.get('prefill') or '?'}"
 
 
-def build_result(*, label: str, target: str, settings: dict, workload: dict, health: dict, model_info: dict,
-                 summary: dict, records: list, started_at: float, is_interrupted: bool, backend: str = "grpc",
-                 vllm: dict | None = None) -> dict:
+def build_result(
+    *,
+    label: str,
+    target: str,
+    settings: dict,
+    workload: dict,
+    health: dict,
+    model_info: dict,
+    summary: dict,
+    records: list,
+    started_at: float,
+    is_interrupted: bool,
+    backend: str = "grpc",
+    vllm: dict | None = None,
+) -> dict:
     """``vllm``: the flat keys of ``metrics.vllm_metrics``, written at the top level as vLLM does."""
     return {
         "format": RESULTS_FORMAT,
@@ -95,7 +107,9 @@ def format_summary(result: dict) -> str:
     ]
     if "goodput" in s:
         rows.append(("SLOs (ms)", " ".join(f"{k}<={v:g}" for k, v in s["slos_ms"].items())))
-        rows.append(("Goodput (req/s)", f"{s['goodput']:.3f}  ({100 * s['slo_attainment']:.0f}% of requests met every SLO)"))
+        rows.append(
+            ("Goodput (req/s)", f"{s['goodput']:.3f}  ({100 * s['slo_attainment']:.0f}% of requests met every SLO)")
+        )
     lines += [f"{k:<40}{v}" for k, v in rows]
     lines.append(f"{'(ms)':<10}{'mean':>12}{'median':>12}{'p90':>12}{'p99':>12}")
     for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2el_ms")):
@@ -109,16 +123,33 @@ def format_summary(result: dict) -> str:
 
 def format_sweep_table(results: list[dict], markdown: bool = False) -> str:
     """One row per (configuration, rate): TTFT / TPOT p50 and p99, goodput, completed / failed."""
-    header = ["config", "rate (req/s)", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "goodput (req/s)", "SLO met", "done/failed"]
+    header = [
+        "config",
+        "rate (req/s)",
+        "TTFT p50 (ms)",
+        "TTFT p99 (ms)",
+        "TPOT p50 (ms)",
+        "TPOT p99 (ms)",
+        "goodput (req/s)",
+        "SLO met",
+        "done/failed",
+    ]
     rows = []
     for r in sorted(results, key=lambda r: (r["label"], rate_of(r))):
         s = r["summary"]
-        rows.append([
-            r["label"], f"{rate_of(r):g}", _fmt(s["ttft_ms"]["median"]), _fmt(s["ttft_ms"]["p99"]),
-            _fmt(s["tpot_ms"]["median"]), _fmt(s["tpot_ms"]["p99"]),
-            _fmt(s.get("goodput"), 3), "-" if "slo_attainment" not in s else f"{100 * s['slo_attainment']:.0f}%",
-            f"{s['num_completed']}/{s['num_failed']}",
-        ])
+        rows.append(
+            [
+                r["label"],
+                f"{rate_of(r):g}",
+                _fmt(s["ttft_ms"]["median"]),
+                _fmt(s["ttft_ms"]["p99"]),
+                _fmt(s["tpot_ms"]["median"]),
+                _fmt(s["tpot_ms"]["p99"]),
+                _fmt(s.get("goodput"), 3),
+                "-" if "slo_attainment" not in s else f"{100 * s['slo_attainment']:.0f}%",
+                f"{s['num_completed']}/{s['num_failed']}",
+            ]
+        )
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(out + ["| " + " | ".join(row) + " |" for row in rows])

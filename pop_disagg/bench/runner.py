@@ -35,6 +35,7 @@ from .workloads import BenchRequest
 
 __all__ = ["RunResult", "RunSettings", "ServerUnreachable", "check_server", "run_requests"]
 
+
 @dataclass
 class RunResult:
     records: list[RequestRecord]
@@ -43,13 +44,19 @@ class RunResult:
     is_interrupted: bool = False
 
 
-async def run_requests(target: str, settings: RunSettings, requests: list[BenchRequest], warmup: list[BenchRequest] = (),
-                       show_progress: bool = True, desc: str = "", backend=None) -> RunResult:
+async def run_requests(
+    target: str,
+    settings: RunSettings,
+    requests: list[BenchRequest],
+    warmup: list[BenchRequest] = (),
+    show_progress: bool = True,
+    desc: str = "",
+    backend=None,
+) -> RunResult:
     """Warm up, then send ``requests`` (cycled when the run is bounded by duration) on the schedule.
 
     ``backend`` (``backends.py``) is the protocol; default: gRPC to ``target``."""
     from tqdm.auto import tqdm
-
 
     if not requests:
         raise ValueError("no requests to send")
@@ -75,7 +82,9 @@ async def run_requests(target: str, settings: RunSettings, requests: list[BenchR
         gaps = iter_gaps(settings.request_rate, settings.burstiness, np.random.default_rng(settings.seed))
         records: list[RequestRecord] = []
         tasks: list[asyncio.Task] = []
-        bar = tqdm(total=settings.num_requests, desc=desc or "requests", unit="req", disable=not show_progress, leave=False)
+        bar = tqdm(
+            total=settings.num_requests, desc=desc or "requests", unit="req", disable=not show_progress, leave=False
+        )
         start, started_at = time.perf_counter(), time.time()
         planned, is_interrupted = 0.0, False
         try:

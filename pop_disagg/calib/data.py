@@ -37,8 +37,13 @@ def _parse_json_record(obj, line: int) -> PromptRecord:
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
         messages = obj["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        ok = (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
         )
         if not ok:
             raise ValueError("'messages' must be a non-empty list of {role, content} strings")
@@ -91,7 +96,9 @@ def encode_prompt(record: PromptRecord, tokenizer, max_prompt_tokens: int) -> li
     response is sampled from there.
     """
     if record.messages is not None:
-        ids = tokenizer.apply_chat_template(list(record.messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            list(record.messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
     else:
         ids = tokenizer.encode(record.prompt)
     ids = list(ids)

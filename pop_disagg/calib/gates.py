@@ -25,7 +25,9 @@ from ..models.attention import PrefillAttention
 from ..models.decoder import CausalLM
 
 
-def stage_gates(g_prefill: torch.Tensor, g_decode: torch.Tensor, num_prompt_tokens: int, num_tokens: int) -> torch.Tensor:
+def stage_gates(
+    g_prefill: torch.Tensor, g_decode: torch.Tensor, num_prompt_tokens: int, num_tokens: int
+) -> torch.Tensor:
     """(L,) prefill and decode gates -> (L, T, 1) per-position gates for ``num_tokens`` positions.
 
     Positions ``0..num_prompt_tokens-2`` are prefill; the boundary token and everything after it
@@ -35,7 +37,9 @@ def stage_gates(g_prefill: torch.Tensor, g_decode: torch.Tensor, num_prompt_toke
     return torch.where(is_prefill[None, :, None], g_prefill[:, None, None], g_decode[:, None, None])
 
 
-def gated_hidden(model: CausalLM, token_ids: torch.Tensor, num_prompt_tokens: int, g_prefill: torch.Tensor, g_decode: torch.Tensor) -> torch.Tensor:
+def gated_hidden(
+    model: CausalLM, token_ids: torch.Tensor, num_prompt_tokens: int, g_prefill: torch.Tensor, g_decode: torch.Tensor
+) -> torch.Tensor:
     """Teacher-forced pass over ``token_ids`` (T,) with stage gates; returns hidden (T, hidden)."""
     t = token_ids.shape[0]
     # Gates stay float32 leaves; the cast to the model dtype sits inside the graph, so the sum of a
@@ -45,7 +49,9 @@ def gated_hidden(model: CausalLM, token_ids: torch.Tensor, num_prompt_tokens: in
     return model(token_ids, positions, PrefillAttention([0, t]), gates=gates)
 
 
-def response_logits(model: CausalLM, prompt_ids: list[int], response_ids: list[int], g_prefill: torch.Tensor, g_decode: torch.Tensor) -> torch.Tensor:
+def response_logits(
+    model: CausalLM, prompt_ids: list[int], response_ids: list[int], g_prefill: torch.Tensor, g_decode: torch.Tensor
+) -> torch.Tensor:
     """Logits (R, vocab) float32 that predict each response token, from one gated pass.
 
     Response token ``i`` sits at position ``N + i`` and is predicted at position ``N + i - 1``; the
@@ -65,14 +71,18 @@ def unit_gates(model: CausalLM) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.ones(num_layers, dtype=torch.float32, device=model.device, requires_grad=True) for _ in range(2))
 
 
-def response_loss(model: CausalLM, prompt_ids: list[int], response_ids: list[int], g_prefill: torch.Tensor, g_decode: torch.Tensor) -> torch.Tensor:
+def response_loss(
+    model: CausalLM, prompt_ids: list[int], response_ids: list[int], g_prefill: torch.Tensor, g_decode: torch.Tensor
+) -> torch.Tensor:
     """Summed cross-entropy of the response tokens (paper eq. 12), a scalar float32."""
     logits = response_logits(model, prompt_ids, response_ids, g_prefill, g_decode)
     targets = torch.tensor(response_ids, dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def gate_gradients(model: CausalLM, prompt_ids: list[int], response_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+def gate_gradients(
+    model: CausalLM, prompt_ids: list[int], response_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """dL/dg_pre and dL/dg_dec at g = 1 (each (L,) float32, on CPU) and the loss value."""
     g_prefill, g_decode = unit_gates(model)
     loss = response_loss(model, prompt_ids, response_ids, g_prefill, g_decode)

@@ -14,7 +14,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,7 +57,9 @@ class ImportanceProfile(BaseModel):
 
     def model_post_init(self, _context) -> None:
         if len(self.prefill) != self.num_layers or len(self.decode) != self.num_layers:
-            raise ValueError(f"profile has {len(self.prefill)} prefill and {len(self.decode)} decode scores for a {self.num_layers}-layer model")
+            raise ValueError(
+                f"profile has {len(self.prefill)} prefill and {len(self.decode)} decode scores for a {self.num_layers}-layer model"
+            )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
@@ -107,7 +109,16 @@ class ImportanceAccumulator:
 Sampler = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, index of the first) -> responses
 
 
-def engine_sampler(model: CausalLM, tokenizer, max_new_tokens: int, max_prompt_tokens: int, seed: int, model_name: str, dtype: str, max_batch: int = 8) -> Sampler:
+def engine_sampler(
+    model: CausalLM,
+    tokenizer,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    seed: int,
+    model_name: str,
+    dtype: str,
+    max_batch: int = 8,
+) -> Sampler:
     """Responses from our own engine: full model (no POP), temperature 1, sample ``i`` seeded
     ``seed + i``. Each request has its own generator, so a response does not depend on which
     prompts share its batch (up to float rounding of batched GEMMs).
@@ -123,18 +134,34 @@ def engine_sampler(model: CausalLM, tokenizer, max_new_tokens: int, max_prompt_t
     num_tokens = max_batch * (max_prompt_tokens + max_new_tokens + block_size)
     elem_bytes = torch.finfo(model.dtype).bits // 8
     budget_mb = math.ceil(model.arch.kv_bytes_per_token(elem_bytes) * num_tokens / 2**20) + 1
-    config = EngineConfig(model=model_name, dtype=dtype, device=model.device.type, block_size=block_size,
-                          kv_cache_memory_mb=budget_mb, max_num_seqs=max_batch, prune=PruneConfig(no_prune=True))
+    config = EngineConfig(
+        model=model_name,
+        dtype=dtype,
+        device=model.device.type,
+        block_size=block_size,
+        kv_cache_memory_mb=budget_mb,
+        max_num_seqs=max_batch,
+        prune=PruneConfig(no_prune=True),
+    )
     engine = LLMEngine(config, model=model, tokenizer=tokenizer)
 
     def sample(prompts: list[list[int]], first_index: int) -> list[list[int]]:
-        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + first_index + j) for j in range(len(prompts))]
+        params = [
+            SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + first_index + j)
+            for j in range(len(prompts))
+        ]
         return [out.token_ids for out in engine.generate(prompts, params)]
 
     return sample
 
 
-def measure_importance(model: CausalLM, prompts: list[list[int]], sampler: Sampler, sample_batch: int = 1, on_sample: Callable[[int, float], None] | None = None) -> tuple[ImportanceAccumulator, dict]:
+def measure_importance(
+    model: CausalLM,
+    prompts: list[list[int]],
+    sampler: Sampler,
+    sample_batch: int = 1,
+    on_sample: Callable[[int, float], None] | None = None,
+) -> tuple[ImportanceAccumulator, dict]:
     """Accumulate squared gate gradients over ``prompts``; returns the sums and run statistics.
 
     Responses are sampled ``sample_batch`` prompts at a time; gradients are always one sample at a
@@ -164,8 +191,6 @@ def measure_importance(model: CausalLM, prompts: list[list[int]], sampler: Sampl
         seconds_per_sample=seconds / n,
     )
     return acc, stats
-
-
 
 
 def plan_from_profile(profile: ImportanceProfile, ratio: float, strategy: str = "last"):

@@ -48,7 +48,7 @@ from ..pop.plan import PlanError, PrunePlan
 FILE_NAME = "kv_correction.safetensors"
 METHODS = ("kv", "state")
 # The method `pop-disagg eval fidelity` fits unless told otherwise (the comparison that chose it:
-# benchmarks/README.md, "Choosing the refit").
+# benchmarks/results/kv_refit/README.md, "Choosing the refit").
 DEFAULT_METHOD = "kv"
 # Ridge strength relative to the mean diagonal of X^T X: enough to make the solve well-posed on
 # directions calibration never excites, small enough not to bias the fit (1e-4 vs 1e-2 change the
@@ -81,9 +81,13 @@ class KVCorrection:
             tensors[f"layers.{l}.v_proj.weight"] = wv.contiguous().float()
         for l, b in self.input_maps.items():
             tensors[f"layers.{l}.input_map"] = b.contiguous().float()
-        meta = {"plan": json.dumps(self.plan.model_dump()), "num_calibration_tokens": str(self.num_calibration_tokens),
-                "residuals": json.dumps({str(l): r for l, r in self.residuals.items()}), "method": self.method,
-                "fit_seconds": repr(self.fit_seconds)}
+        meta = {
+            "plan": json.dumps(self.plan.model_dump()),
+            "num_calibration_tokens": str(self.num_calibration_tokens),
+            "residuals": json.dumps({str(l): r for l, r in self.residuals.items()}),
+            "method": self.method,
+            "fit_seconds": repr(self.fit_seconds),
+        }
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -106,8 +110,18 @@ class KVCorrection:
                     weights[l] = (f.get_tensor(f"layers.{l}.k_proj.weight"), f.get_tensor(f"layers.{l}.v_proj.weight"))
                 else:
                     maps[l] = f.get_tensor(f"layers.{l}.input_map")
-        residuals = {int(l): {k: tuple(v) for k, v in r.items()} for l, r in json.loads(meta.get("residuals", "{}")).items()}
-        return cls(plan, weights, residuals, int(meta.get("num_calibration_tokens", 0)), method, maps, float(meta.get("fit_seconds", 0.0)))
+        residuals = {
+            int(l): {k: tuple(v) for k, v in r.items()} for l, r in json.loads(meta.get("residuals", "{}")).items()
+        }
+        return cls(
+            plan,
+            weights,
+            residuals,
+            int(meta.get("num_calibration_tokens", 0)),
+            method,
+            maps,
+            float(meta.get("fit_seconds", 0.0)),
+        )
 
 
 @dataclass
@@ -228,7 +242,9 @@ def _fit_kv(model: CausalLM, plan: PrunePlan, texts: list[list[int]], ridge: flo
         layer = model.model.layers[l]
         g = layer.input_layernorm.effective_weight().double().cpu()
         residuals[l] = {}
-        for i, (name, w_orig) in enumerate((("k", layer.self_attn.k_proj.weight), ("v", layer.self_attn.v_proj.weight))):
+        for i, (name, w_orig) in enumerate(
+            (("k", layer.self_attn.k_proj.weight), ("v", layer.self_attn.v_proj.weight))
+        ):
             cols = slice(i * kv_size, (i + 1) * kv_size)
             w0 = (w_orig.double().cpu() * g[None, :]).T  # (hidden, kv)
             residuals[l][name] = (m.residual(l, w0, cols), m.residual(l, solved[:, cols], cols))

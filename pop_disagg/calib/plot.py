@@ -20,9 +20,22 @@ def plot_profile(profile: ImportanceProfile, out: str | Path, log_scale: bool = 
     ax.plot(layers, profile.decode, marker="o", markersize=3, color="tab:orange", label="decode")
     if log_scale:
         ax.set_yscale("log", nonpositive="mask")  # exact zeros cannot be drawn: name them instead
-        zeros = [f"{stage} {l}" for stage, values in (("prefill", profile.prefill), ("decode", profile.decode)) for l, v in enumerate(values) if v == 0.0]
+        zeros = [
+            f"{stage} {l}"
+            for stage, values in (("prefill", profile.prefill), ("decode", profile.decode))
+            for l, v in enumerate(values)
+            if v == 0.0
+        ]
         if zeros:
-            ax.text(0.99, 0.02, "exactly 0 (not drawn): " + ", ".join(zeros), transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
+            ax.text(
+                0.99,
+                0.02,
+                "exactly 0 (not drawn): " + ", ".join(zeros),
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=8,
+            )
     ax.set_xlabel("layer")
     ax.set_ylabel("importance  E[(dL/dg)^2]")
     s = profile.settings

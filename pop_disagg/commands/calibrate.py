@@ -12,12 +12,21 @@ from .common import add_model_args
 def register(sub) -> None:
     p = sub.add_parser("calibrate", help="stage-aware layer importance with virtual gates -> profile.json")
     add_model_args(p)
-    p.add_argument("--data", required=True, help="JSONL with 'prompt' or chat 'messages' per line, or plain text (one prompt per line)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="JSONL with 'prompt' or chat 'messages' per line, or plain text (one prompt per line)",
+    )
     p.add_argument("--num-samples", type=int, default=200, help="calibration samples (the paper uses 200)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest sampled response")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts keep their last tokens")
     p.add_argument("--seed", type=int, default=0, help="sample i draws its response with seed + i")
-    p.add_argument("--sample-batch", type=int, default=8, help="prompts whose responses are sampled together (gradients are always one sample at a time)")
+    p.add_argument(
+        "--sample-batch",
+        type=int,
+        default=8,
+        help="prompts whose responses are sampled together (gradients are always one sample at a time)",
+    )
     p.add_argument("--out", required=True, help="profile.json to write")
     p.add_argument("--plot", help="also draw the profile to this image (e.g. importance.png)")
     p.add_argument("--log-scale", action="store_true", help="log-scale y axis in the plot")
@@ -30,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
-    from transformers import AutoTokenizer
     from tqdm import tqdm
+    from transformers import AutoTokenizer
 
     from ..calib.data import encode_prompt, read_prompts
     from ..calib.importance import CalibrationSettings, ImportanceProfile, engine_sampler, measure_importance
@@ -49,8 +58,20 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(path, args.dtype, args.device)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     prompts = [encode_prompt(r, tokenizer, args.max_prompt_tokens) for r in records]
-    sampler = engine_sampler(model, tokenizer, args.max_new_tokens, args.max_prompt_tokens, args.seed, str(path), args.dtype, args.sample_batch)
-    print(f"[calibrate] {model.arch.family}, {model.arch.num_layers} layers, {len(prompts)} samples on {args.device} ({args.dtype})", file=sys.stderr)
+    sampler = engine_sampler(
+        model,
+        tokenizer,
+        args.max_new_tokens,
+        args.max_prompt_tokens,
+        args.seed,
+        str(path),
+        args.dtype,
+        args.sample_batch,
+    )
+    print(
+        f"[calibrate] {model.arch.family}, {model.arch.num_layers} layers, {len(prompts)} samples on {args.device} ({args.dtype})",
+        file=sys.stderr,
+    )
 
     bar = tqdm(total=len(prompts), desc="calibrate", unit="sample", disable=args.no_progress, file=sys.stderr)
 
@@ -62,10 +83,18 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     prefill, decode = acc.means()
     settings = CalibrationSettings(
-        data=str(args.data), num_samples=acc.num_samples, max_new_tokens=args.max_new_tokens,
-        max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, sample_batch=args.sample_batch, dtype=args.dtype, device=args.device,
+        data=str(args.data),
+        num_samples=acc.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        seed=args.seed,
+        sample_batch=args.sample_batch,
+        dtype=args.dtype,
+        device=args.device,
     )
-    profile = ImportanceProfile(model=args.model, num_layers=model.arch.num_layers, settings=settings, prefill=prefill, decode=decode, **stats)
+    profile = ImportanceProfile(
+        model=args.model, num_layers=model.arch.num_layers, settings=settings, prefill=prefill, decode=decode, **stats
+    )
     profile.save(args.out)
     print(f"[calibrate] wrote {args.out} ({stats['seconds_per_sample']:.2f} s/sample)", file=sys.stderr)
     if args.plot:

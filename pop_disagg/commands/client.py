@@ -14,7 +14,9 @@ def register(sub) -> None:
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids")
+    src.add_argument(
+        "--prompt-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids"
+    )
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     add_sampling_args(p)
     p.add_argument("--info", action="store_true", help="print the server's model info and health instead")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     creds = channel_credentials(args.tls_ca)
     md = bearer_metadata(token_from_env(args.auth_token))
-    with (grpc.secure_channel(args.server, creds) if creds else grpc.insecure_channel(args.server)) as channel:
+    with grpc.secure_channel(args.server, creds) if creds else grpc.insecure_channel(args.server) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
             if args.info:

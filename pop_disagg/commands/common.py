@@ -9,22 +9,44 @@ from ..config import EngineConfig, PruneConfig
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name (smollm2-135m-instruct, gemma-3-270m) or checkpoint folder")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="registry name (smollm2-135m-instruct, gemma-3-270m) or checkpoint folder",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="run the decode step eagerly (no CUDA graphs on GPU; vLLM's flag). CPU decode is eager unless --compile-decode")
-    p.add_argument("--compile-decode", action="store_true", help="torch.compile batch-1 decode steps on CPU (per context bucket, at first use; ~2.5 min each on 2 cores)")
-    p.add_argument("--cpu-blas", default="auto", choices=["auto", "torch", "openblas"],
-                   help="who runs float32 GEMMs on CPU: torch's MKL or numpy's OpenBLAS (auto: OpenBLAS on AMD CPUs, for GEMMs of 2+ rows: batch-16 decode steps measured 17%% faster there)")
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run the decode step eagerly (no CUDA graphs on GPU; vLLM's flag). CPU decode is eager unless --compile-decode",
+    )
+    p.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="torch.compile batch-1 decode steps on CPU (per context bucket, at first use; ~2.5 min each on 2 cores)",
+    )
+    p.add_argument(
+        "--cpu-blas",
+        default="auto",
+        choices=["auto", "torch", "openblas"],
+        help="who runs float32 GEMMs on CPU: torch's MKL or numpy's OpenBLAS (auto: OpenBLAS on AMD CPUs, for GEMMs of 2+ rows: batch-16 decode steps measured 17%% faster there)",
+    )
 
 
 def add_batching_args(p: argparse.ArgumentParser) -> None:
     """Step batching of the engine (``generate``, ``serve``), vLLM's flag names."""
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                   help="prompt tokens per prefill step; with --enable-chunked-prefill, tokens per step (decode + prompt chunks)")
-    p.add_argument("--enable-chunked-prefill", action="store_true",
-                   help="mix decode tokens and prompt chunks in one step, so decoding never waits behind a whole prompt (a disaggregated prefill worker chunks long prompts)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=8192,
+        help="prompt tokens per prefill step; with --enable-chunked-prefill, tokens per step (decode + prompt chunks)",
+    )
+    p.add_argument(
+        "--enable-chunked-prefill",
+        action="store_true",
+        help="mix decode tokens and prompt chunks in one step, so decoding never waits behind a whole prompt (a disaggregated prefill worker chunks long prompts)",
+    )
 
 
 # flag -> argparse keywords; names and defaults match SamplingParams and the gRPC GenerateRequest.
@@ -53,7 +75,11 @@ def sampling_fields(args: argparse.Namespace) -> dict:
 def add_prune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prune-ratio", type=float, help="skip the deepest floor(L*R) layers in prefill")
-    g.add_argument("--skip-layers", type=lambda s: tuple(int(x) for x in s.split(",") if x), help="explicit layers to skip, e.g. 20,21,22")
+    g.add_argument(
+        "--skip-layers",
+        type=lambda s: tuple(int(x) for x in s.split(",") if x),
+        help="explicit layers to skip, e.g. 20,21,22",
+    )
     g.add_argument("--prune-plan", help="plan.json from `pop-disagg plan`")
     g.add_argument("--no-prune", action="store_true", help="full prefill (no POP)")
 
@@ -68,8 +94,15 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
 
 
 def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune_config(args),
-                        enforce_eager=getattr(args, "enforce_eager", False), compile_decode_on_cpu=getattr(args, "compile_decode", False),
-                        cpu_blas=getattr(args, "cpu_blas", "auto"),
-                        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 8192),
-                        enable_chunked_prefill=getattr(args, "enable_chunked_prefill", False), **extra)
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        prune=prune_config(args),
+        enforce_eager=getattr(args, "enforce_eager", False),
+        compile_decode_on_cpu=getattr(args, "compile_decode", False),
+        cpu_blas=getattr(args, "cpu_blas", "auto"),
+        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 8192),
+        enable_chunked_prefill=getattr(args, "enable_chunked_prefill", False),
+        **extra,
+    )

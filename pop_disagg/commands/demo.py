@@ -18,7 +18,12 @@ def register(sub) -> None:
     add_serve_args(p)
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="render the prompt with the chat template (default on when the tokenizer has one)")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="render the prompt with the chat template (default on when the tokenizer has one)",
+    )
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=run)
 
@@ -42,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
         tok = server.deployment.tokenizer
         msg = pb.GenerateRequest(max_new_tokens=args.max_new_tokens)
         if args.chat and getattr(tok, "chat_template", None):
-            msg.prompt_token_ids.extend(tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=False))
+            msg.prompt_token_ids.extend(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": args.prompt}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                )
+            )
         else:
             msg.prompt = args.prompt
         print(f"[pop-disagg] > {args.prompt}", file=sys.stderr)

@@ -16,11 +16,15 @@ def register(sub) -> None:
     add_batching_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids")
+    src.add_argument(
+        "--prompt-ids", type=lambda s: [int(x) for x in s.split(",") if x], help="comma-separated token ids"
+    )
     add_prune_args(p)
     p.add_argument("--chat", action="store_true", help="render the prompt with the tokenizer's chat template")
     add_sampling_args(p)
-    p.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."} (generated tokens only)')
+    p.add_argument(
+        "--json", action="store_true", help='print {"token_ids": [...], "text": "..."} (generated tokens only)'
+    )
     p.set_defaults(func=run)
 
 
@@ -33,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_ids is not None:
         ids = args.prompt_ids
     elif args.chat:
-        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
     else:
         ids = engine.tokenizer.encode(args.prompt)
     if not args.json:
@@ -45,5 +51,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text}))
     else:
         print(out.text)
-        print(f"[pop-disagg] {len(ids)} prompt tokens, {len(out.token_ids)} generated in {dt:.2f}s ({out.finish_reason})", file=sys.stderr)
+        print(
+            f"[pop-disagg] {len(ids)} prompt tokens, {len(out.token_ids)} generated in {dt:.2f}s ({out.finish_reason})",
+            file=sys.stderr,
+        )
     return 0

@@ -24,25 +24,81 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_batching_args(p)
     add_prune_args(p)
-    p.add_argument("--topology", default="disaggregated", choices=["disaggregated", "colocated"], help="separate prefill and decode workers, or one engine per worker")
+    p.add_argument(
+        "--topology",
+        default="disaggregated",
+        choices=["disaggregated", "colocated"],
+        help="separate prefill and decode workers, or one engine per worker",
+    )
     p.add_argument("--prefill", default="pop", choices=["pop", "full"], help="POP pruned prefill or every layer")
     p.add_argument("--num-prefill", type=int, default=1, help="prefill workers (disaggregated)")
     p.add_argument("--num-decode", type=int, default=1, help="decode workers (or engine workers when colocated)")
-    p.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache budget per decode worker (default 512 MiB on CPU, 85%% of free GPU memory)")
+    p.add_argument(
+        "--kv-cache-mb",
+        type=int,
+        default=None,
+        help="KV cache budget per decode worker (default 512 MiB on CPU, 85%% of free GPU memory)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default the model's)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers, at least 1)")
-    p.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds before a stalled KV transfer fails its request")
-    p.add_argument("--worker-timeout", type=float, default=30.0, help="seconds without a health answer before a worker is declared dead (its requests fail with UNAVAILABLE) and replaced")
-    p.add_argument("--kv-failure-policy", default="recompute", choices=["recompute", "fail"], help="a request whose KV transfer failed is re-prefilled (recompute) or fails with UNAVAILABLE; a request whose prefill worker died is always re-prefilled")
-    p.add_argument("--address", default=None, help="Ray cluster address ('auto' to join a running cluster); default: embedded local Ray")
-    p.add_argument("--placement", default="pack", choices=["pack", "spread"], help="pack: prefill/decode pairs share a node (NVLink); spread: prefill and decode workers on different nodes")
-    p.add_argument("--placement-timeout", type=float, default=120.0, help="seconds to wait for the workers' placement group before failing with what was asked and what the cluster has")
-    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs reserved in each worker's bundle (default: 1 per GPU worker, a token share per CPU worker)")
-    p.add_argument("--kv-correction", default=None, help="kv_correction.safetensors from `pop-disagg eval fidelity`: fitted K/V for the skipped layers (disaggregated + pop)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers, at least 1)"
+    )
+    p.add_argument(
+        "--transfer-timeout", type=float, default=30.0, help="seconds before a stalled KV transfer fails its request"
+    )
+    p.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=30.0,
+        help="seconds without a health answer before a worker is declared dead (its requests fail with UNAVAILABLE) and replaced",
+    )
+    p.add_argument(
+        "--kv-failure-policy",
+        default="recompute",
+        choices=["recompute", "fail"],
+        help="a request whose KV transfer failed is re-prefilled (recompute) or fails with UNAVAILABLE; a request whose prefill worker died is always re-prefilled",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address ('auto' to join a running cluster); default: embedded local Ray",
+    )
+    p.add_argument(
+        "--placement",
+        default="pack",
+        choices=["pack", "spread"],
+        help="pack: prefill/decode pairs share a node (NVLink); spread: prefill and decode workers on different nodes",
+    )
+    p.add_argument(
+        "--placement-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the workers' placement group before failing with what was asked and what the cluster has",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="CPUs reserved in each worker's bundle (default: 1 per GPU worker, a token share per CPU worker)",
+    )
+    p.add_argument(
+        "--kv-correction",
+        default=None,
+        help="kv_correction.safetensors from `pop-disagg eval fidelity`: fitted K/V for the skipped layers (disaggregated + pop)",
+    )
     from .plan import parse_ratios
 
-    p.add_argument("--prune-ratios", type=parse_ratios, default=None, help="serve a nested family of last-layer plans, e.g. 0.2,0.33,0.5 (first = default); requests pick one with prune_ratio. A family JSON goes to --prune-plan")
-    p.add_argument("--adaptive-depth", action="store_true", help="requests without prune_ratio get the mildest plan predicted to meet --ttft-slo-ms")
+    p.add_argument(
+        "--prune-ratios",
+        type=parse_ratios,
+        default=None,
+        help="serve a nested family of last-layer plans, e.g. 0.2,0.33,0.5 (first = default); requests pick one with prune_ratio. A family JSON goes to --prune-plan",
+    )
+    p.add_argument(
+        "--adaptive-depth",
+        action="store_true",
+        help="requests without prune_ratio get the mildest plan predicted to meet --ttft-slo-ms",
+    )
     p.add_argument("--ttft-slo-ms", type=float, default=None, help="TTFT target of --adaptive-depth (ms)")
 
 
@@ -51,8 +107,15 @@ def register(sub) -> None:
     add_serve_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API on this port (same --host); off by default")
-    p.add_argument("--served-model-name", default=None, help="the model name the HTTP API answers to (default: --model)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the OpenAI-compatible HTTP API on this port (same --host); off by default",
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="the model name the HTTP API answers to (default: --model)"
+    )
     add_operating_args(p)
     p.set_defaults(func=run)
 
@@ -60,19 +123,34 @@ def register(sub) -> None:
 def add_operating_args(p: argparse.ArgumentParser) -> None:
     """Limits, security, metrics and shutdown (docs/serving.md, "Operating")."""
     o = p.add_argument_group("operating")
-    o.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
-    o.add_argument("--max-queued-requests", type=int, default=None, help="requests waiting for their first token at most; past it RESOURCE_EXHAUSTED (default: sum over decode workers of min(max_num_seqs, KV blocks))")
-    o.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' on every RPC (default: $POP_DISAGG_AUTH_TOKEN; unset = no auth)")
+    o.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+    )
+    o.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="requests waiting for their first token at most; past it RESOURCE_EXHAUSTED (default: sum over decode workers of min(max_num_seqs, KV blocks))",
+    )
+    o.add_argument(
+        "--auth-token",
+        default=None,
+        help="require 'authorization: Bearer TOKEN' on every RPC (default: $POP_DISAGG_AUTH_TOKEN; unset = no auth)",
+    )
     o.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve TLS (with --tls-key)")
     o.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    o.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM")
+    o.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM"
+    )
 
 
 def serve_config(args: argparse.Namespace):
     import os
 
-    from ..config import EngineConfig
-    from ..config import PlacementConfig, ServeConfig
+    from ..config import EngineConfig, PlacementConfig, ServeConfig
 
     num_workers = args.num_decode + (args.num_prefill if args.topology == "disaggregated" else 0)
     threads = args.threads or max(1, (os.cpu_count() or 1) // num_workers)
@@ -81,13 +159,40 @@ def serve_config(args: argparse.Namespace):
     prune, prune_family = prune_config(args), None
     if prune.plan_file is not None and isinstance(read_plan_file(prune.plan_file), PlanFamily):
         prune, prune_family = prune.model_copy(update={"plan_file": None}), prune.plan_file
-    engine = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, prune=prune, kv_cache_memory_mb=args.kv_cache_mb, max_model_len=args.max_model_len,
-                          enforce_eager=args.enforce_eager, compile_decode_on_cpu=args.compile_decode, cpu_blas=args.cpu_blas,
-                          max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill)
-    depth = dict(prune_ratios=getattr(args, "prune_ratios", None), prune_family=prune_family, adaptive_depth=getattr(args, "adaptive_depth", False), ttft_slo_ms=getattr(args, "ttft_slo_ms", None))
-    return ServeConfig(engine=engine, topology=args.topology, prefill=args.prefill, num_prefill=args.num_prefill, num_decode=args.num_decode, transfer_timeout_s=args.transfer_timeout,
-        worker_timeout_s=args.worker_timeout, kv_failure_policy=args.kv_failure_policy, num_threads=threads, kv_correction=args.kv_correction,
-        placement=PlacementConfig(strategy=args.placement, timeout_s=args.placement_timeout, cpus_per_worker=args.cpus_per_worker), **depth,
+    engine = EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        prune=prune,
+        kv_cache_memory_mb=args.kv_cache_mb,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        compile_decode_on_cpu=args.compile_decode,
+        cpu_blas=args.cpu_blas,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+    )
+    depth = dict(
+        prune_ratios=getattr(args, "prune_ratios", None),
+        prune_family=prune_family,
+        adaptive_depth=getattr(args, "adaptive_depth", False),
+        ttft_slo_ms=getattr(args, "ttft_slo_ms", None),
+    )
+    return ServeConfig(
+        engine=engine,
+        topology=args.topology,
+        prefill=args.prefill,
+        num_prefill=args.num_prefill,
+        num_decode=args.num_decode,
+        transfer_timeout_s=args.transfer_timeout,
+        worker_timeout_s=args.worker_timeout,
+        kv_failure_policy=args.kv_failure_policy,
+        num_threads=threads,
+        kv_correction=args.kv_correction,
+        placement=PlacementConfig(
+            strategy=args.placement, timeout_s=args.placement_timeout, cpus_per_worker=args.cpus_per_worker
+        ),
+        **depth,
     )
 
 
@@ -107,12 +212,21 @@ def run(args: argparse.Namespace) -> int:
     config = serve_config(args)  # validate before starting anything
     import ray
 
-    from ..server.frontend.auth import token_from_env
     from ..server.app import Server
+    from ..server.frontend.auth import token_from_env
 
-    server = Server(config, args.host, args.port, metrics_port=args.metrics_port, max_queued_requests=args.max_queued_requests,
-                    auth_token=token_from_env(args.auth_token), tls_cert=args.tls_cert, tls_key=args.tls_key,
-                    http_port=args.http_port, served_model_name=args.served_model_name)
+    server = Server(
+        config,
+        args.host,
+        args.port,
+        metrics_port=args.metrics_port,
+        max_queued_requests=args.max_queued_requests,
+        auth_token=token_from_env(args.auth_token),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        http_port=args.http_port,
+        served_model_name=args.served_model_name,
+    )
     init_ray(args.address)
     try:
         asyncio.run(_serve(server, args.drain_timeout))

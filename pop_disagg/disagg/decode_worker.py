@@ -82,7 +82,15 @@ class DecodeWorker:
         if old is not None:
             old.retire()
             self.fail_link(link, "the link was re-created", [])
-        self.receivers[link] = KVReceiver(transport, link, self, arch.num_layers, (arch.num_kv_heads, arch.head_dim), self.engine.kv_cache.k.dtype, self.transfer_timeout_s)
+        self.receivers[link] = KVReceiver(
+            transport,
+            link,
+            self,
+            arch.num_layers,
+            (arch.num_kv_heads, arch.head_dim),
+            self.engine.kv_cache.k.dtype,
+            self.transfer_timeout_s,
+        )
 
     def is_link_broken(self, link: int) -> bool:
         r = self.receivers.get(link)
@@ -107,14 +115,24 @@ class DecodeWorker:
         """Transfers whose K/V are arriving now (state SENDING)."""
         return sum(t.state == TransferState.SENDING for t in list(self.table.transfers.values()))
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, link: int, sink: Sink, deadline: float | None = None) -> int | None:
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        link: int,
+        sink: Sink,
+        deadline: float | None = None,
+    ) -> int | None:
         """Hold blocks for the request; returns its transfer id, or None when the cache is full.
 
         A one-token prompt needs no transfer: it is admitted at once and the id is 0. ``deadline``
         (wall clock): the worker drops the request by itself once it passes.
         """
         if len(prompt_token_ids) > 1 and self.is_link_broken(link):
-            raise RuntimeError(f"link from prefill worker {link} is broken: {self.receivers[link].broken if link in self.receivers else 'not attached'}")
+            raise RuntimeError(
+                f"link from prefill worker {link} is broken: {self.receivers[link].broken if link in self.receivers else 'not attached'}"
+            )
         with self._lock:
             req = self.engine.reserve_request(prompt_token_ids, params, request_id)
             if req is None:
@@ -128,7 +146,11 @@ class DecodeWorker:
                 tid = 0
             else:
                 tid = self.table.new_id()
-                slots = torch.tensor(self.engine.blocks.slots(req.block_table, 0, n), dtype=torch.long, device=self.engine.kv_cache.k.device)
+                slots = torch.tensor(
+                    self.engine.blocks.slots(req.block_table, 0, n),
+                    dtype=torch.long,
+                    device=self.engine.kv_cache.k.device,
+                )
                 self.table.transfers[tid] = Transfer(tid, request_id, n, slots, link)
                 self._transfer_of[request_id] = tid
         if tid == 0:
@@ -136,7 +158,14 @@ class DecodeWorker:
             self._work.set()
         return tid
 
-    def add_local(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink, deadline: float | None = None) -> None:
+    def add_local(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        deadline: float | None = None,
+    ) -> None:
         """Colocated topology: this engine prefills the request itself."""
         with self._lock:
             self.engine.add_request(prompt_token_ids, params, request_id)
@@ -183,8 +212,10 @@ class DecodeWorker:
             if t is None or t.state != expected_state:
                 return None  # cancelled: the data is read off the link and dropped
             if start != t.num_received or start + num_tokens > t.num_tokens:
-                raise TransferError(f"link {t.link} out of step: transfer {transfer_id} has tokens {start}..{start + num_tokens} on the wire, "
-                                    f"{t.num_received} of {t.num_tokens} received")
+                raise TransferError(
+                    f"link {t.link} out of step: transfer {transfer_id} has tokens {start}..{start + num_tokens} on the wire, "
+                    f"{t.num_received} of {t.num_tokens} received"
+                )
             t.state, t.chunk_start, t.chunk_tokens = TransferState.SENDING, start, num_tokens
             return t
 
@@ -212,7 +243,9 @@ class DecodeWorker:
     def fail_link(self, link: int, why: str, transfers: list[Transfer]) -> None:
         """The link broke: fail what was in flight on it and everything still reserved for it."""
         with self._lock:
-            doomed = {t.request_id for t in transfers} | {t.request_id for t in self.table.transfers.values() if t.link == link}
+            doomed = {t.request_id for t in transfers} | {
+                t.request_id for t in self.table.transfers.values() if t.link == link
+            }
         for request_id in doomed:
             self.abort(request_id, f"KV transfer from prefill worker {link} failed: {why}", "kv_transfer")
 

@@ -36,7 +36,7 @@ overlaps compute. A group holds every layer that was waiting when the sender got
 a full prefill that is one layer (the next is still being computed), but under POP the skipped
 run's K/V all appear at the end for the default plan, one cheap projection after another, and go
 as one or two messages instead of two per layer (at short prompts the per-message cost, not
-the bytes, was POP's transfer tail; benchmarks/README.md "POP transfer tail"). A transfer cancelled while in flight is still read off
+the bytes, was POP's transfer tail; benchmarks/results/serving/README.md "POP transfer tail"). A transfer cancelled while in flight is still read off
 the link (and discarded) so the link stays in step. A timeout or a transport error mid-message
 leaves the link's position in the stream unknown, so the link is marked *broken*: every transfer
 in flight on it fails, later submissions to it fail at once, and the router stops choosing that
@@ -186,7 +186,11 @@ class TorchDistTransport:
         self._wait(self._group().send([tensor.contiguous()], self.peer, 0), timeout, "send to")
 
     def recv(self, tensor: torch.Tensor, timeout: float | None) -> None:
-        buf = tensor if (self.backend == "nccl" or tensor.device.type == "cpu") else torch.empty(tensor.shape, dtype=tensor.dtype)
+        buf = (
+            tensor
+            if (self.backend == "nccl" or tensor.device.type == "cpu")
+            else torch.empty(tensor.shape, dtype=tensor.dtype)
+        )
         self._wait(self._group().recv([buf], self.peer, 0), timeout, "receive from")
         if buf is not tensor:
             tensor.copy_(buf)
@@ -221,15 +225,21 @@ def check_peer_signature(store, rank: int, signature: str) -> None:
     try:
         peer = store.get(f"pop_disagg/link_signature/{1 - rank}").decode()
     except Exception as exc:  # the store's timeout (DistStoreError), or the peer's store went away
-        raise TransferError(f"the peer of this link published no signature ({exc}): it did not connect, or it runs a "
-                            f"pop-disagg from before wire v{WIRE_VERSION}") from exc
+        raise TransferError(
+            f"the peer of this link published no signature ({exc}): it did not connect, or it runs a "
+            f"pop-disagg from before wire v{WIRE_VERSION}"
+        ) from exc
     if peer != signature:
         role, peer_role = ("prefill", "decode") if rank == PREFILL_RANK else ("decode", "prefill")
-        raise TransferError(f"the {peer_role} end of this link speaks [{peer}], this {role} end [{signature}]: "
-                            "both ends must run the same pop-disagg version and model")
+        raise TransferError(
+            f"the {peer_role} end of this link speaks [{peer}], this {role} end [{signature}]: "
+            "both ends must run the same pop-disagg version and model"
+        )
 
 
-def connect_pair(store_or_address, rank: int, backend: str, timeout_s: float = 60.0, signature: str | None = None) -> TorchDistTransport:
+def connect_pair(
+    store_or_address, rank: int, backend: str, timeout_s: float = 60.0, signature: str | None = None
+) -> TorchDistTransport:
     """Create this end of a link's two-rank process group; blocks until the peer joins.
 
     ``store_or_address``: the store from ``host_pair_store`` (prefill end, rank 0) or its
@@ -282,7 +292,15 @@ class KVSender:
     different batches still put them on the wire batch by batch.
     """
 
-    def __init__(self, transport: Transport, num_layers: int, kv_shape: tuple[int, int], dtype: torch.dtype, timeout_s: float, name: str = "kv-sender"):
+    def __init__(
+        self,
+        transport: Transport,
+        num_layers: int,
+        kv_shape: tuple[int, int],
+        dtype: torch.dtype,
+        timeout_s: float,
+        name: str = "kv-sender",
+    ):
         self.transport = transport
         self.num_layers = num_layers
         self.kv_shape, self.kv_dtype = kv_shape, dtype  # (Hkv, D): for padding an abandoned batch
@@ -378,13 +396,17 @@ class KVSender:
     def _send_batch(self, batch: SendBatch) -> None:
         header = torch.tensor([MAGIC, KIND_DATA, len(batch.transfer_ids), batch.total_tokens], dtype=torch.long)
         starts = batch.starts or [0] * len(batch.transfer_ids)
-        index = torch.tensor([[t, a, n] for t, a, n in zip(batch.transfer_ids, starts, batch.num_tokens)], dtype=torch.long).view(-1, 3)
+        index = torch.tensor(
+            [[t, a, n] for t, a, n in zip(batch.transfer_ids, starts, batch.num_tokens)], dtype=torch.long
+        ).view(-1, 3)
         self.transport.send(header, self.timeout_s)
         self.transport.send(index, self.timeout_s)
         abandoned = False
         while batch.num_sent_layers < self.num_layers:
             items, abandoned = self._next_group(batch, abandoned)
-            group = torch.stack([t for kv in items for t in kv]).view(len(items), 2, *items[0][0].shape)  # (n, 2, T, Hkv, D), one copy
+            group = torch.stack([t for kv in items for t in kv]).view(
+                len(items), 2, *items[0][0].shape
+            )  # (n, 2, T, Hkv, D), one copy
             self.transport.send(torch.tensor([len(items)], dtype=torch.long), self.timeout_s)
             self.transport.send(group, self.timeout_s)
             batch.num_sent_layers += len(items)
@@ -437,7 +459,16 @@ class ReceiverHost(Protocol):
 class KVReceiver:
     """Decode end of a link: one thread reads message groups and writes K/V into reserved blocks."""
 
-    def __init__(self, transport: Transport, link: int, host: ReceiverHost, num_layers: int, kv_shape: tuple[int, int], dtype: torch.dtype, timeout_s: float):
+    def __init__(
+        self,
+        transport: Transport,
+        link: int,
+        host: ReceiverHost,
+        num_layers: int,
+        kv_shape: tuple[int, int],
+        dtype: torch.dtype,
+        timeout_s: float,
+    ):
         self.transport, self.link, self.host = transport, link, host
         self.num_layers, self.kv_shape, self.dtype = num_layers, kv_shape, dtype
         self.timeout_s = timeout_s
@@ -482,7 +513,9 @@ class KVReceiver:
                     self.transport.recv(count, self.timeout_s)
                     n = int(count[0])
                     if not 1 <= n <= self.num_layers - layer:
-                        raise TransferError(f"link {self.link} out of step (a group of {n} layers at layer {layer} of {self.num_layers})")
+                        raise TransferError(
+                            f"link {self.link} out of step (a group of {n} layers at layer {layer} of {self.num_layers})"
+                        )
                     group = torch.empty((n, 2, num_tokens, *self.kv_shape), dtype=self.dtype)  # staging
                     self.transport.recv(group, self.timeout_s)
                     for kv in group:

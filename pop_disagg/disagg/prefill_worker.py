@@ -83,10 +83,18 @@ def _fail(task: PrefillTask, why: str) -> None:
 
 
 class PrefillWorker:
-    def __init__(self, model: CausalLM, plan: PrunePlan, senders: dict[int, KVSender], max_num_batched_tokens: int = 8192,
-                 enable_chunked_prefill: bool = False):
+    def __init__(
+        self,
+        model: CausalLM,
+        plan: PrunePlan,
+        senders: dict[int, KVSender],
+        max_num_batched_tokens: int = 8192,
+        enable_chunked_prefill: bool = False,
+    ):
         if not plan.independent_kv or not plan.boundary_handling:
-            raise ValueError("disaggregated prefill needs independent_kv and boundary_handling (the decode worker gets every layer's K/V and runs token N)")
+            raise ValueError(
+                "disaggregated prefill needs independent_kv and boundary_handling (the decode worker gets every layer's K/V and runs token N)"
+            )
         self.model, self.plan, self.senders = model, plan, senders
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -102,11 +110,20 @@ class PrefillWorker:
     def submit(self, task: PrefillTask) -> None:
         sender = self.senders.get(task.link)
         if sender is None or sender.broken is not None:
-            _fail(task, f"no link to decode worker {task.link}" if sender is None else f"link to decode worker {task.link} is broken: {sender.broken}")
+            _fail(
+                task,
+                f"no link to decode worker {task.link}"
+                if sender is None
+                else f"link to decode worker {task.link} is broken: {sender.broken}",
+            )
             return
         if task.plan is not None and not self.model.can_run(task.plan):
             now = time.time()
-            task.on_done(PrefillOutcome(task.request_id, f"this prefill worker cannot run {task.plan.describe()}", 0.0, 0.0, now, now))
+            task.on_done(
+                PrefillOutcome(
+                    task.request_id, f"this prefill worker cannot run {task.plan.describe()}", 0.0, 0.0, now, now
+                )
+            )
             return
         task.submit_time = time.time()
         with self._cv:
@@ -148,13 +165,18 @@ class PrefillWorker:
                 self._num_waiting_tokens -= len(task.prefix_ids) - task.num_done
                 task.is_reported = True
                 task.kv_buffer = {}  # its earlier chunks' kept-layer K/V
-                log.info("request %s: deadline passed while waiting for prefill%s; dropped", task.request_id,
-                         f" ({task.num_done} of {len(task.prefix_ids)} tokens sent)" if task.num_done else "")
+                log.info(
+                    "request %s: deadline passed while waiting for prefill%s; dropped",
+                    task.request_id,
+                    f" ({task.num_done} of {len(task.prefix_ids)} tokens sent)" if task.num_done else "",
+                )
                 _fail(task, "deadline exceeded")
                 continue
             remaining = len(head.prefix_ids) - head.num_done
             if self.enable_chunked_prefill:
-                if num_tokens >= budget or any(t is head for t, _, _ in batch):  # budget spent, or back at a task of this step
+                if num_tokens >= budget or any(
+                    t is head for t, _, _ in batch
+                ):  # budget spent, or back at a task of this step
                     break
                 n = min(remaining, budget - num_tokens)
             else:
@@ -207,8 +229,12 @@ class PrefillWorker:
         groups: list[tuple[KVSender, SendBatch, int, int]] = []  # (sender, batch, token start, token end)
         for link in sorted({t.link for t in tasks}):
             mine = [i for i, t in enumerate(tasks) if t.link == link]
-            batch = SendBatch([tasks[i].transfer_id for i in mine], [items[i][2] for i in mine], self._on_sent(tasks, mine, is_last),
-                              starts=[starts[i] for i in mine])
+            batch = SendBatch(
+                [tasks[i].transfer_id for i in mine],
+                [items[i][2] for i in mine],
+                self._on_sent(tasks, mine, is_last),
+                starts=[starts[i] for i in mine],
+            )
             self.senders[link].begin(batch)
             groups.append((self.senders[link], batch, cu[mine[0]], cu[mine[-1] + 1]))
 
@@ -224,7 +250,9 @@ class PrefillWorker:
         if all(a == 0 for a in starts) and all(is_last):  # whole prefixes: no buffers to keep
             attn = PrefillAttention(cu, sink=sink, stream_kv=True)
         else:
-            attn = ChunkedPrefillAttention(cu, sink=sink, stream_kv=True, buffers=[t.kv_buffer for t in tasks], keep=[not x for x in is_last])
+            attn = ChunkedPrefillAttention(
+                cu, sink=sink, stream_kv=True, buffers=[t.kv_buffer for t in tasks], keep=[not x for x in is_last]
+            )
         device = self.model.device
         try:
             self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), attn, plan=plan)
@@ -253,7 +281,16 @@ class PrefillWorker:
                         continue
                     t.is_reported = True
                 t.kv_buffer = {}
-                t.on_done(PrefillOutcome(t.request_id, batch.error, t.start_time - t.submit_time, compute_end - t.start_time, compute_end, batch.finish_time,
-                                         t.num_step_tokens))
+                t.on_done(
+                    PrefillOutcome(
+                        t.request_id,
+                        batch.error,
+                        t.start_time - t.submit_time,
+                        compute_end - t.start_time,
+                        compute_end,
+                        batch.finish_time,
+                        t.num_step_tokens,
+                    )
+                )
 
         return done

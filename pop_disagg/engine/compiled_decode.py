@@ -9,7 +9,7 @@ of KV blocks, and runs one static-shape function per bucket:
   replayed (all buckets share one memory pool), as nano-vllm and vLLM do;
 * ``mode="compile"``: ``torch.compile(dynamic=False)`` of the same function, one graph per bucket,
   for batch buckets up to ``CPU_COMPILE_MAX_BATCH`` only (larger steps run eagerly, unpadded):
-  on the 2-core AVX2 CPU this was measured on (benchmarks/README.md, "Compiled decode step"), the
+  on the 2-core AVX2 CPU this was measured on (benchmarks/results/decode/README.md, "Compiled decode step"), the
   compiled step was 1.54x Transformers at batch 1 against 1.27x eager, but 0.51x at batch 16
   against ~1.0x eager, and each bucket took ~145 s to compile;
 * ``mode="padded"``: the padded function run eagerly (CPU tests of the padding logic).
@@ -91,7 +91,11 @@ class BucketedDecode:
             except Exception as exc:  # noqa: BLE001 - a capture failure must cost speed, never the server
                 # Captures cleanly on an H200; should an op that syncs with the host (or any other
                 # capture error) appear, this engine decodes eagerly from then on instead of failing requests.
-                log.warning("CUDA graph capture failed (%s: %s); decoding eagerly from now on (as --enforce-eager)", exc.__class__.__name__, exc)
+                log.warning(
+                    "CUDA graph capture failed (%s: %s); decoding eagerly from now on (as --enforce-eager)",
+                    exc.__class__.__name__,
+                    exc,
+                )
                 self.mode = "padded"
                 return self._forward(*padded)[:n]
         graph, inputs, logits = self._graphs[(b, s)]

@@ -14,9 +14,9 @@ import torch
 
 from ..config import EngineConfig
 from ..limits import ModelLimits
+from ..models import cpu_blas
 from ..models.arch import ModelArch
 from ..models.decoder import CausalLM
-from ..models import cpu_blas
 from ..models.loader import load_model, resolve_dtype
 from .detokenizer import OutputText
 from .kv_cache import BlockManager, KVCache, num_blocks_for_budget
@@ -48,7 +48,9 @@ def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model: CausalLM | None = None, tokenizer=None, model_path: str | None = None):
+    def __init__(
+        self, config: EngineConfig, model: CausalLM | None = None, tokenizer=None, model_path: str | None = None
+    ):
         self.config = config
         if config.device == "cpu":
             cpu_blas.configure(config.cpu_blas)  # process-wide, like the thread count
@@ -75,13 +77,26 @@ class LLMEngine:
             raise ValueError("KV cache budget is too small for a single block")
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.kv_cache = KVCache(self.arch, num_blocks, config.block_size, dtype, device)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self.context_limit, prefill_covers_last=not self.plan.boundary_handling,
-                                   enable_chunked_prefill=config.enable_chunked_prefill)
+        self.scheduler = Scheduler(
+            self.blocks,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.context_limit,
+            prefill_covers_last=not self.plan.boundary_handling,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
         decode_mode = None
         if config.use_compiled_decode:
             decode_mode = "cuda_graph" if device.type == "cuda" else "compile"
-        self.runner = ModelRunner(model, self.kv_cache, self.blocks, self.plan, decode_mode, config.max_num_seqs,
-                                  is_chunked=config.enable_chunked_prefill)
+        self.runner = ModelRunner(
+            model,
+            self.kv_cache,
+            self.blocks,
+            self.plan,
+            decode_mode,
+            config.max_num_seqs,
+            is_chunked=config.enable_chunked_prefill,
+        )
         self._out: dict[str, OutputText] = {}  # per request: text and its stop strings
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -95,7 +110,9 @@ class LLMEngine:
         serve: the same rules the server applies at its edge (``pop_disagg/limits.py``)."""
         self.limits.check(list(prompt_token_ids), params)
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         params = params or SamplingParams()
         self.validate(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
@@ -168,8 +185,18 @@ class LLMEngine:
                 self._out.pop(req.request_id, None)
             new_text = out.take(req.is_finished) if out is not None else ""
             text = out.text if out is not None else ""
-            outputs.append(RequestOutput(req.request_id, req.prompt_token_ids, list(req.output_token_ids), text, [tok], new_text,
-                                         req.is_finished, req.finish_reason.value if req.finish_reason else None))
+            outputs.append(
+                RequestOutput(
+                    req.request_id,
+                    req.prompt_token_ids,
+                    list(req.output_token_ids),
+                    text,
+                    [tok],
+                    new_text,
+                    req.is_finished,
+                    req.finish_reason.value if req.finish_reason else None,
+                )
+            )
         return outputs
 
     def _check_stop(self, req: Request, tok: int) -> FinishReason | None:
@@ -180,7 +207,9 @@ class LLMEngine:
             return FinishReason.LENGTH
         return None
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
         """Run prompts to completion (continuous batching) and return final outputs in order."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]

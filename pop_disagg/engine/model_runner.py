@@ -34,8 +34,16 @@ from .sampling import sample
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, blocks: BlockManager, plan: PrunePlan,
-                 decode_mode: str | None = None, max_num_seqs: int = 64, is_chunked: bool = False):
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: KVCache,
+        blocks: BlockManager,
+        plan: PrunePlan,
+        decode_mode: str | None = None,
+        max_num_seqs: int = 64,
+        is_chunked: bool = False,
+    ):
         # decode_mode: None = eager; "cuda_graph" / "compile" / "padded": see compiled_decode.py.
         # is_chunked: the scheduler mixes decode rows and prompt chunks in a step (chunked prefill).
         self.is_chunked = is_chunked
@@ -45,7 +53,9 @@ class ModelRunner:
         self.blocks = blocks
         self.plan = plan
         self.device = model.device
-        self._table_cache: weakref.WeakKeyDictionary[Request, tuple[list[int], torch.Tensor]] = weakref.WeakKeyDictionary()
+        self._table_cache: weakref.WeakKeyDictionary[Request, tuple[list[int], torch.Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -114,13 +124,17 @@ class ModelRunner:
             n_pruned = [r.num_prompt_tokens - (1 if self.plan.boundary_handling else 0) for r in reqs]
             masked_prefix = self._tensor(n_pruned)
         dense = all(r.num_computed_tokens + 1 == max_ctx for r in reqs)  # e.g. batch 1: no padding to mask
-        attn = PagedAttention(self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, pos + 1, masked_prefix, masked_layers, dense)
+        attn = PagedAttention(
+            self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, pos + 1, masked_prefix, masked_layers, dense
+        )
         return ids, pos, attn
 
     @torch.inference_mode()
     def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
         ids, pos, attn = self.decode_inputs(reqs)
-        if self.bucketed is not None and attn.masked_prefix is None and self.bucketed.handles(len(reqs)):  # the K/V ablation stays eager
+        if (
+            self.bucketed is not None and attn.masked_prefix is None and self.bucketed.handles(len(reqs))
+        ):  # the K/V ablation stays eager
             logits = self.bucketed(ids, pos, attn.slot_mapping, attn.slot_table)
         else:
             logits = self.model.compute_logits(self.model(ids, pos, attn))
@@ -139,7 +153,9 @@ class ModelRunner:
         offs = torch.arange(context, device=self.device)
         return table[:, offs // bs] * bs + offs % bs  # (B, S)
 
-    def chunk_inputs(self, reqs: list[Request], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, ExtendAttention]:
+    def chunk_inputs(
+        self, reqs: list[Request], num_tokens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, ExtendAttention]:
         """The next ``num_tokens[i]`` prompt tokens of each request, after its computed ones."""
         ids, pos, seq, cu = [], [], [], [0]
         for i, (req, n) in enumerate(zip(reqs, num_tokens)):
@@ -152,11 +168,15 @@ class ModelRunner:
         slot_table = self._slot_table(reqs, max(context_lens))  # (B, S)
         pos_t = self._tensor(pos)  # (T,)
         slot_mapping = slot_table[self._tensor(seq), pos_t]  # (T,) where the chunk's K/V go
-        attn = ExtendAttention(self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, self._tensor(context_lens), cu_seqlens=cu)
+        attn = ExtendAttention(
+            self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, self._tensor(context_lens), cu_seqlens=cu
+        )
         return self._tensor(ids), pos_t, attn
 
     @torch.inference_mode()
-    def mixed(self, decode: list[Request], chunks: list[Request], num_tokens: list[int]) -> tuple[list[Request], list[int]]:
+    def mixed(
+        self, decode: list[Request], chunks: list[Request], num_tokens: list[int]
+    ) -> tuple[list[Request], list[int]]:
         """One chunked-prefill step; returns the requests that got a token and their tokens.
 
         Those are the decode rows and, only without boundary handling (the ablation), each request

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-
 SAMPLING_EPS = 1e-5
 
 

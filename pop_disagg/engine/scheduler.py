@@ -48,8 +48,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, context_limit: int, prefill_covers_last: bool = False,
-                 enable_chunked_prefill: bool = False):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        context_limit: int,
+        prefill_covers_last: bool = False,
+        enable_chunked_prefill: bool = False,
+    ):
         self.blocks = blocks
         self.enable_chunked_prefill = enable_chunked_prefill
         self.max_num_seqs = max_num_seqs
@@ -75,7 +82,9 @@ class Scheduler:
         """A request whose budget exceeds the whole cache could never run: refuse it up front."""
         need = self.blocks.blocks_for(self.budget_tokens(req))
         if need > self.blocks.num_blocks:
-            raise ValueError(f"request needs {need} KV blocks but the cache has only {self.blocks.num_blocks}; lower max_new_tokens or raise the KV budget")
+            raise ValueError(
+                f"request needs {need} KV blocks but the cache has only {self.blocks.num_blocks}; lower max_new_tokens or raise the KV budget"
+            )
 
     def add(self, req: Request) -> None:
         self._check_fits(req)
@@ -107,7 +116,9 @@ class Scheduler:
                 prefill.append(req)
                 num_tokens += n
         if prefill:
-            return SchedulerOutput(prefill=prefill, decode=[], num_prefill_tokens=[self.prefill_len(r) for r in prefill])
+            return SchedulerOutput(
+                prefill=prefill, decode=[], num_prefill_tokens=[self.prefill_len(r) for r in prefill]
+            )
         return SchedulerOutput(prefill=[], decode=list(self.running))
 
     def _schedule_chunked(self) -> SchedulerOutput:

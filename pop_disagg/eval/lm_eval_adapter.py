@@ -19,7 +19,6 @@ greedy only (the paper's tasks decode greedily); sampling arguments are refused,
 
 from __future__ import annotations
 
-import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -63,9 +62,19 @@ class POPLM(LM):
         path = str(resolve_model(model))
         self.model = load_model(path, dtype, "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        layers = tuple(int(x) for x in str(skip_layers).replace(";", ",").split(",") if x) if skip_layers is not None else None
-        prune = PruneConfig(ratio=float(prune_ratio) if prune_ratio is not None else None, skip_layers=layers, plan_file=prune_plan,
-                            no_prune=_flag(no_prune), independent_kv=_flag(independent_kv), boundary_handling=_flag(boundary_handling))
+        layers = (
+            tuple(int(x) for x in str(skip_layers).replace(";", ",").split(",") if x)
+            if skip_layers is not None
+            else None
+        )
+        prune = PruneConfig(
+            ratio=float(prune_ratio) if prune_ratio is not None else None,
+            skip_layers=layers,
+            plan_file=prune_plan,
+            no_prune=_flag(no_prune),
+            independent_kv=_flag(independent_kv),
+            boundary_handling=_flag(boundary_handling),
+        )
         plan: PrunePlan = prune.resolve(self.model.arch.num_layers)
         prefill_models = {}
         if kv_correction:
@@ -73,14 +82,20 @@ class POPLM(LM):
 
             corr = KVCorrection.load(kv_correction)
             if corr.plan.skip_layers != plan.skip_layers:
-                raise ValueError(f"{kv_correction} was fitted for layers {corr.plan.skip_layers}, the plan skips {plan.skip_layers}")
+                raise ValueError(
+                    f"{kv_correction} was fitted for layers {corr.plan.skip_layers}, the plan skips {plan.skip_layers}"
+                )
             prefill_models["served"] = load_corrected_prefill_model(path, corr, dtype, "cpu")
-        self.method = Method(name="served", group="pop", plan=plan, is_static=_flag(static), has_kv_correction=bool(kv_correction))
+        self.method = Method(
+            name="served", group="pop", plan=plan, is_static=_flag(static), has_kv_correction=bool(kv_correction)
+        )
         self.batch_size = int(batch_size)
         self.max_length = int(max_length) if max_length else min(self.model.arch.max_position_embeddings, 2048)
         tok = self.tokenizer
         self.prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        self.stop_ids = set(self.model.arch.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+        self.stop_ids = set(self.model.arch.eos_token_ids) | (
+            {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        )
         self.scorer = CachedScorer(self.model, self.batch_size * (self.max_length + 1) + 64, prefill_models)
 
     # ---- scoring --------------------------------------------------------------------------------
@@ -92,7 +107,7 @@ class POPLM(LM):
         if not cont:
             raise ValueError(f"empty continuation for context {context[-40:]!r}")
         # Keep the continuation; drop the oldest context tokens past the model's length.
-        ctx = ctx[max(0, len(ctx) + len(cont) - self.max_length):] or [self.prefix_token_id]
+        ctx = ctx[max(0, len(ctx) + len(cont) - self.max_length) :] or [self.prefix_token_id]
         return ctx, cont[-self.max_length + 1 :] if len(cont) >= self.max_length else cont
 
     def _score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -111,7 +126,10 @@ class POPLM(LM):
         totals = []
         for r in requests:
             ids = self.tokenizer.encode(r.args[0], add_special_tokens=False)
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, self.prefix_token_id, self.max_length, 1)]
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(ids, self.prefix_token_id, self.max_length, 1)
+            ]
             totals.append(sum(lp for lp, _ in self._score_pairs(windows)))
         return totals
 
@@ -126,7 +144,7 @@ class POPLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", 256))
             ids = self.tokenizer.encode(context) if context else [self.prefix_token_id]
-            ids = ids[-(self.max_length - max_new):] if len(ids) + max_new > self.max_length else ids
+            ids = ids[-(self.max_length - max_new) :] if len(ids) + max_new > self.max_length else ids
             tokens = self.scorer.greedy([ids], self.method, max_new, self.stop_ids)[0]
             text = self.tokenizer.decode([t for t in tokens if t not in self.stop_ids], skip_special_tokens=True)
             cut = min((text.find(s) for s in until if s and s in text), default=len(text))
@@ -134,8 +152,14 @@ class POPLM(LM):
         return out
 
 
-def evaluate(model_args: str, tasks: list[str], include_path: str | None = None, limit: int | None = None, batch_size: int = 8,
-             include_defaults: bool = True) -> dict:
+def evaluate(
+    model_args: str,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    include_defaults: bool = True,
+) -> dict:
     """lm_eval.simple_evaluate with this model type (and local task YAMLs from ``include_path``;
     ``include_defaults=False`` skips indexing the harness's thousands of built-in task files)."""
     import lm_eval

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-GROUP_TITLES = {"full": "reference", "pop": "POP", "ablation": "ablations (paper Table 3)", "static": "static pruning (ShortGPT-style)", "corrected": "POP + least-squares K/V (ours)"}
+GROUP_TITLES = {
+    "full": "reference",
+    "pop": "POP",
+    "ablation": "ablations (paper Table 3)",
+    "static": "static pruning (ShortGPT-style)",
+    "corrected": "POP + least-squares K/V (ours)",
+}
 
 
 def _fmt(x, digits=3) -> str:
@@ -18,15 +24,34 @@ def _fmt(x, digits=3) -> str:
 def markdown_table(results: dict) -> str:
     """One row per method; quality columns relative to the full model."""
     tasks = list(results["data"]["tasks"])
-    head = ["method", "skipped", "prefill FLOPs saved", "ppl", "ppl / full", "KL first tok", "top-1 agree (TF)", "greedy agree@32", "greedy prefix", "MC acc", "MC agree w/ full"]
+    head = [
+        "method",
+        "skipped",
+        "prefill FLOPs saved",
+        "ppl",
+        "ppl / full",
+        "KL first tok",
+        "top-1 agree (TF)",
+        "greedy agree@32",
+        "greedy prefix",
+        "MC acc",
+        "MC agree w/ full",
+    ]
     head += [f"{t} acc" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in results["methods"]:
         row = [
-            f"`{m['name']}`", str(m["num_skipped"]), f"{100 * m['prefill_flops_saving']:.1f}%", _fmt(m["ppl"], 2),
-            _fmt(m.get("ppl_ratio", 1.0)), _fmt(m.get("kl_first", 0.0), 4), _fmt(m.get("top1_tf", 1.0)),
-            _fmt(m.get("greedy_agree", 1.0)), _fmt(m.get("greedy_prefix", float(results["config"]["greedy_len"])), 1),
-            _fmt(m.get("mc_acc")), _fmt(m.get("mc_agree", 1.0 if m.get("mc_acc") is not None else None)),
+            f"`{m['name']}`",
+            str(m["num_skipped"]),
+            f"{100 * m['prefill_flops_saving']:.1f}%",
+            _fmt(m["ppl"], 2),
+            _fmt(m.get("ppl_ratio", 1.0)),
+            _fmt(m.get("kl_first", 0.0), 4),
+            _fmt(m.get("top1_tf", 1.0)),
+            _fmt(m.get("greedy_agree", 1.0)),
+            _fmt(m.get("greedy_prefix", float(results["config"]["greedy_len"])), 1),
+            _fmt(m.get("mc_acc")),
+            _fmt(m.get("mc_agree", 1.0 if m.get("mc_acc") is not None else None)),
         ]
         row += [_fmt(m["mc"][t]["acc"]) for t in tasks]
         lines.append("| " + " | ".join(row) + " |")
@@ -52,10 +77,16 @@ def markdown_report(results: dict) -> str:
     parts += ["", "Measures left out:" + (" none." if not left_out else "")]
     parts += [f"- {x['measure']}: {x['reason']}" for x in left_out]
     if results.get("kv_correction"):
-        parts += ["", "K/V fit on calibration data (unexplained energy of the fitted target, POP's map -> fitted, mean over skipped layers):"]
+        parts += [
+            "",
+            "K/V fit on calibration data (unexplained energy of the fitted target, POP's map -> fitted, mean over skipped layers):",
+        ]
         for name, c in results["kv_correction"].items():
             res = list(c["residuals"].values())
-            fits = ", ".join(f"{key} {sum(r[key][0] for r in res) / len(res):.3f} -> {sum(r[key][1] for r in res) / len(res):.3f}" for key in res[0])
+            fits = ", ".join(
+                f"{key} {sum(r[key][0] for r in res) / len(res):.3f} -> {sum(r[key][1] for r in res) / len(res):.3f}"
+                for key in res[0]
+            )
             how = f"{c.get('method', 'kv')}, {c['num_calibration_tokens']} tokens"
             if "fit_seconds" in c:
                 how += f", {c['fit_seconds']:.0f} s"
@@ -87,19 +118,35 @@ def plot_quality_vs_ratio(results: dict, out: Path) -> Path:
         "static (BI, matched FLOPs)": [m for m in methods if m["name"].startswith("static-bi")],
         "static (POP's layers)": [m for m in methods if m["name"].startswith("static-same")],
     }
-    panels = [("ppl_ratio", "perplexity / full (log)", True), ("kl_first", "KL of first token (nats, log)", True),
-              ("greedy_agree", "greedy agreement @32", False), ("mc_agree", "MC agreement with full", False)]
+    panels = [
+        ("ppl_ratio", "perplexity / full (log)", True),
+        ("kl_first", "KL of first token (nats, log)", True),
+        ("greedy_agree", "greedy agreement @32", False),
+        ("mc_agree", "MC agreement with full", False),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     markers = {"POP": "o-", "POP + K/V fit": "s--", "static (BI, matched FLOPs)": "x", "static (POP's layers)": "^"}
     for ax, (key, label, log) in zip(axes, panels):
         for name, ms in series.items():
             pts = sorted((m["num_skipped"] / L, m[key]) for m in ms if m.get(key) is not None)
             if pts:
-                ax.plot([p[0] * 100 for p in pts], [max(p[1], 1e-6) if log else p[1] for p in pts], markers[name], label=name)
+                ax.plot(
+                    [p[0] * 100 for p in pts],
+                    [max(p[1], 1e-6) if log else p[1] for p in pts],
+                    markers[name],
+                    label=name,
+                )
         for m in methods:
             if m["group"] == "ablation" and m.get(key) is not None:
-                ax.scatter([m["num_skipped"] / L * 100], [max(m[key], 1e-6) if log else m[key]], marker="d", color="grey")
-                ax.annotate(m["name"].removeprefix("abl-"), (m["num_skipped"] / L * 100, max(m[key], 1e-6) if log else m[key]), fontsize=7, color="grey")
+                ax.scatter(
+                    [m["num_skipped"] / L * 100], [max(m[key], 1e-6) if log else m[key]], marker="d", color="grey"
+                )
+                ax.annotate(
+                    m["name"].removeprefix("abl-"),
+                    (m["num_skipped"] / L * 100, max(m[key], 1e-6) if log else m[key]),
+                    fontsize=7,
+                    color="grey",
+                )
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("layers skipped in prefill (%)")

@@ -154,7 +154,8 @@ class CachedScorer:
                 for i in chunk:
                     cu.append(cu[-1] + len(token_lists[i]))
                 attn = ExtendAttention(
-                    self.kv_cache.k, self.kv_cache.v,
+                    self.kv_cache.k,
+                    self.kv_cache.v,
                     slot_mapping=self._tensor([s for i in chunk for s in new_slots[i]]),
                     slot_table=self._tensor([t + [0] * (width - len(t)) for t in table]),  # padding is masked
                     context_lens=self._tensor([len(t) for t in table]),
@@ -196,15 +197,25 @@ class CachedScorer:
         return seqs, last, [[] for _ in prompts]
 
     @torch.inference_mode()
-    def score(self, prompts: list[list[int]], continuations: list[list[int]], method: Method, keep_first: bool = False,
-              greedy_tokens: int = 0) -> list[ContinuationScore]:
+    def score(
+        self,
+        prompts: list[list[int]],
+        continuations: list[list[int]],
+        method: Method,
+        keep_first: bool = False,
+        greedy_tokens: int = 0,
+    ) -> list[ContinuationScore]:
         """Teacher-forced log-probabilities of each continuation after its prompt; with
         ``greedy_tokens``, also free-running greedy tokens from the same prompt cache."""
         seqs, first_hidden, pending = self._start(prompts, method)
         try:
             feed = [pend + c[:-1] for pend, c in zip(pending, continuations)]
             hidden = self.extend(seqs, feed, method, commit=False)
-            greedy = self._decode_greedy(seqs, first_hidden, pending, method, greedy_tokens, frozenset()) if greedy_tokens else None
+            greedy = (
+                self._decode_greedy(seqs, first_hidden, pending, method, greedy_tokens, frozenset())
+                if greedy_tokens
+                else None
+            )
         finally:
             self.close(seqs)
         out = []
@@ -223,13 +234,17 @@ class CachedScorer:
         return out
 
     @torch.inference_mode()
-    def choice_logprobs(self, contexts: list[list[int]], choices: list[list[list[int]]], method: Method) -> list[list[float]]:
+    def choice_logprobs(
+        self, contexts: list[list[int]], choices: list[list[list[int]]], method: Method
+    ) -> list[list[float]]:
         """Sum of log P(choice tokens | context) for every choice of every context; the choices of
         one context fork its prompt cache (one prompt pass per context, one extend for all)."""
         seqs, first_hidden, pending = self._start(contexts, method)
         items = [(b, c) for b, cs in enumerate(choices) for c in cs]
         try:
-            hidden = self.extend([seqs[b] for b, _ in items], [pending[b] + c[:-1] for b, c in items], method, commit=False)
+            hidden = self.extend(
+                [seqs[b] for b, _ in items], [pending[b] + c[:-1] for b, c in items], method, commit=False
+            )
         finally:
             self.close(seqs)
         flat = []
@@ -245,7 +260,13 @@ class CachedScorer:
         return out
 
     @torch.inference_mode()
-    def greedy(self, prompts: list[list[int]], method: Method, max_new_tokens: int, stop_ids: set[int] | frozenset = frozenset()) -> list[list[int]]:
+    def greedy(
+        self,
+        prompts: list[list[int]],
+        method: Method,
+        max_new_tokens: int,
+        stop_ids: set[int] | frozenset = frozenset(),
+    ) -> list[list[int]]:
         """Free-running greedy decoding, all prompts as one batch of one-token steps."""
         seqs, first_hidden, pending = self._start(prompts, method)
         try:

@@ -34,13 +34,16 @@ def block_influence(model: CausalLM, texts: list[list[int]]) -> list[float]:
             h_in, h_out = args[0].double(), output.double()
             cos = (h_in * h_out).sum(-1) / (h_in.norm(dim=-1) * h_out.norm(dim=-1)).clamp_min(1e-30)
             sums[layer] += float(cos.sum())
+
         return fn
 
     handles = [model.model.layers[l].register_forward_hook(hook(l)) for l in range(num_layers)]
     try:
         for ids in texts:
             n = len(ids)
-            model(torch.tensor(ids, device=model.device), torch.arange(n, device=model.device), PrefillAttention([0, n]))
+            model(
+                torch.tensor(ids, device=model.device), torch.arange(n, device=model.device), PrefillAttention([0, n])
+            )
             count += n
     finally:
         for h in handles:

@@ -132,7 +132,13 @@ class ModelArch(BaseModel):
                 break
         if family is None:
             mt = raw.get("model_type")
-            by_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+            by_type = {
+                "llama": "llama",
+                "mistral": "mistral",
+                "qwen2": "qwen2",
+                "qwen3": "qwen3",
+                "gemma3_text": "gemma3",
+            }
             family = by_type.get(mt) if not archs else None
         if family is None:
             raise ModelConfigError(
@@ -201,7 +207,11 @@ def _rope_spec(params: dict | None, theta_default: float, source: str) -> RopeSp
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelConfigError(f"{source}: unsupported rope_type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
-    fields = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k in params and params[k] is not None}
+    fields = {
+        k: params[k]
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if k in params and params[k] is not None
+    }
     return RopeSpec(theta=params.get("rope_theta", theta_default), rope_type=rope_type, **fields)
 
 

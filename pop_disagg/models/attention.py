@@ -29,13 +29,17 @@ from torch.nn.attention.bias import causal_lower_right
 KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def write_slots(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """Write (T, Hkv, D) K/V at flat slots (T,) of a (L, num_blocks, block_size, Hkv, D) cache."""
     flat = (-1,) + tuple(k_cache.shape[3:])
     _write_flat(k_cache[layer].view(flat), v_cache[layer].view(flat), slots, k, v)
 
 
-def _write_flat(k_dst: torch.Tensor, v_dst: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _write_flat(
+    k_dst: torch.Tensor, v_dst: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """Write (T, Hkv, D) K/V at ``slots`` of one layer's flat (num_slots, Hkv, D) cache views."""
     dt = k_dst.dtype
     k_dst.index_copy_(0, slots, k if k.dtype == dt else k.to(dt))
@@ -48,7 +52,9 @@ def _sdpa(q, k, v, mask, scale, is_causal=False):
     # repeat_interleave copy of both per layer; calibration differentiates through here, and the
     # math backend that needs masks + grads on CPU takes the expanded K/V.
     if k.shape[1] != q.shape[1] and not torch.is_grad_enabled():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+        )
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
@@ -82,7 +88,9 @@ class PrefillAttention:
         lens = [b - a for a, b in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])]
         if len(set(lens)) == 1:  # equal lengths: one batched call
             n = lens[0]
-            out = self._attend_one(q.view(-1, n, *q.shape[1:]), k.view(-1, n, *k.shape[1:]), v.view(-1, n, *v.shape[1:]), window, scale)
+            out = self._attend_one(
+                q.view(-1, n, *q.shape[1:]), k.view(-1, n, *k.shape[1:]), v.view(-1, n, *v.shape[1:]), window, scale
+            )
             return out.reshape(q.shape)
         outs = []
         for a, b in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:]):
@@ -128,7 +136,9 @@ class ChunkedPrefillAttention(PrefillAttention):
                 outs.append(self._attend_one(q[None, a:b], keys[None], vals[None], window, scale)[0])
                 continue
             mask = _causal_mask(keys.shape[0], b - a, window, q.device)  # this chunk's queries over all its keys
-            out = _sdpa(q[a:b].transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None], mask, scale)  # (1, H, n, D)
+            out = _sdpa(
+                q[a:b].transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None], mask, scale
+            )  # (1, H, n, D)
             outs.append(out[0].transpose(0, 1))
         return torch.cat(outs, dim=0)
 
@@ -161,7 +171,7 @@ class PagedAttention:
         self._valid = self._key_pos <= self._query_pos  # (B, 1, S)
         self._masks: dict = {}
         # Per-step views and the flat slot list, made once for every layer. Per-op dispatch is
-        # most of a small decode step's cost on a CPU (benchmarks/README.md, "Decode speed").
+        # most of a small decode step's cost on a CPU (benchmarks/results/decode/README.md, "Decode speed").
         nl, nb, bs = self.k_cache.shape[:3]
         self._k_flat = self.k_cache.view(nl, nb * bs, *self.k_cache.shape[3:])
         self._v_flat = self.v_cache.view(nl, nb * bs, *self.v_cache.shape[3:])
@@ -175,7 +185,11 @@ class PagedAttention:
         """
         key = (window, layer in self.masked_layers, dtype)
         if key not in self._masks:
-            if self.dense and (window is None or self.slot_table.shape[1] <= window) and not (key[1] and self.masked_prefix is not None):
+            if (
+                self.dense
+                and (window is None or self.slot_table.shape[1] <= window)
+                and not (key[1] and self.masked_prefix is not None)
+            ):
                 self._masks[key] = None
                 return None
             m = self._valid
@@ -183,7 +197,9 @@ class PagedAttention:
                 m = m & (self._key_pos > self._query_pos - window)
             if key[1] and self.masked_prefix is not None:
                 m = m & (self._key_pos >= self.masked_prefix[:, None, None])
-            self._masks[key] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))[:, None]
+            self._masks[key] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))[
+                :, None
+            ]
         return self._masks[key]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -201,10 +217,16 @@ class PagedAttention:
         # q: (B, H, D); the new k/v were already stored, so everything comes from the cache.
         # Grouped-query attention without expanding K/V to H heads (``enable_gqa``): the gathered
         # (B, Hkv, S, D) context is read as is, instead of a repeat_interleave copy of K and V
-        # per layer per step (3x the context for SmolLM2, 4x for Llama-3; see benchmarks/README.md).
+        # per layer per step (3x the context for SmolLM2, 4x for Llama-3; see benchmarks/results/decode/README.md).
         keys, vals = self._gather(layer)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=self._mask(layer, window, q.dtype), scale=scale,
-                                             enable_gqa=keys.shape[1] != q.shape[1])
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),
+            keys,
+            vals,
+            attn_mask=self._mask(layer, window, q.dtype),
+            scale=scale,
+            enable_gqa=keys.shape[1] != q.shape[1],
+        )
         return out.squeeze(2)  # (B, H, D)
 
 
@@ -234,7 +256,7 @@ class ExtendAttention(PagedAttention):
         # One sequence on a GPU (a chunked prefill's usual step): its M new tokens are the last M
         # of its S keys, i.e. causal attention aligned at the lower right, which the flash kernels
         # take without a mask. With an (M, S) mask tensor the H200 picked a backend that cost
-        # ~250 ms per chunk step at S = 8k, a new plan for every new S (benchmarks/README.md,
+        # ~250 ms per chunk step at S = 8k, a new plan for every new S (benchmarks/results/gpu/README.md,
         # "Chunked prefill on an H200"). CPU keeps the mask (tests compare the two).
         self._lower_right = None
         if self.slot_table.shape[0] == 1 and self.masked_prefix is None and self.slot_table.is_cuda:

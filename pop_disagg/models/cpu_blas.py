@@ -4,7 +4,7 @@ OpenBLAS that numpy's wheels bundle.
 On the AMD EPYC (AVX2) this project is benchmarked on (MKL does not take its tuned kernels on
 non-Intel CPUs), OpenBLAS ran SmolLM2's M = 16 gate/up GEMM ~1.4x faster than MKL and the other
 shapes 0-15% faster in interleaved runs, and whole batch-16 decode steps 17% faster (201 vs 243 ms,
-in-process A/B); prefill-sized GEMMs were within a few percent of each other (benchmarks/README.md,
+in-process A/B); prefill-sized GEMMs were within a few percent of each other (benchmarks/results/decode/README.md,
 "Decode speed"). Transformers on the same machine runs on torch's MKL.
 
 ``linear(x, w_t, bias)`` is the one entry point the decoder uses (``x @ w_t + bias``). OpenBLAS is
@@ -65,7 +65,9 @@ def resolve(backend: str) -> str:
     if backend == "auto":
         return "openblas" if numpy_has_openblas() and cpu_vendor() == "AuthenticAMD" else "torch"
     if backend == "openblas" and not numpy_has_openblas():
-        raise ValueError("cpu_blas='openblas' needs numpy built against OpenBLAS (the PyPI wheels are); this numpy is not")
+        raise ValueError(
+            "cpu_blas='openblas' needs numpy built against OpenBLAS (the PyPI wheels are); this numpy is not"
+        )
     return backend
 
 
@@ -110,8 +112,15 @@ def _array(t: torch.Tensor) -> np.ndarray:
 
 def takes(x: torch.Tensor) -> bool:
     """Whether ``linear`` sends a GEMM over input ``x`` (with float32 weights) to OpenBLAS."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] >= MIN_ROWS
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and active() == "openblas")
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[0] >= MIN_ROWS
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and active() == "openblas"
+    )
 
 
 def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -64,7 +64,7 @@ class Attention(KVProjection):
 
     def fuse(self) -> None:
         self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        # A one-row GEMM streams (in, out) faster here (16-17 vs 13-14 GB/s; benchmarks/README.md).
+        # A one-row GEMM streams (in, out) faster here (16-17 vs 13-14 GB/s; benchmarks/results/decode/README.md).
         self.o = fuse_linears([self.o_proj])
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, attn) -> torch.Tensor:
@@ -154,7 +154,9 @@ class DecoderStack(nn.Module):
         self.layers = nn.ModuleList(
             SkippedLayer(arch, l) if l in skip else DecoderLayer(arch, l) for l in range(arch.num_layers)
         )
-        self.norm = None if prefill_only_skip is not None else RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.is_gemma)
+        self.norm = (
+            None if prefill_only_skip is not None else RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.is_gemma)
+        )
 
 
 class CausalLM(nn.Module):
@@ -269,7 +271,9 @@ class CausalLM(nn.Module):
             l += 1
         return h
 
-    def _mixed_run(self, run: tuple[int, ...], h: torch.Tensor, cos_sin: CosSin, attn, plan: PrunePlan, num_full_rows: int) -> torch.Tensor:
+    def _mixed_run(
+        self, run: tuple[int, ...], h: torch.Tensor, cos_sin: CosSin, attn, plan: PrunePlan, num_full_rows: int
+    ) -> torch.Tensor:
         """A skipped run in a mixed step: decode rows through the run's layers, chunk rows skip it.
 
         POP per chunk: a prompt chunk's rows leave the run with their residual stream unchanged and
@@ -307,13 +311,19 @@ class CausalLM(nn.Module):
                 kv_l, base_l = cpu_blas.linear(x, weight[rows].t(), bias[rows] if bias is not None else None), 0
             else:
                 kv_l, base_l = kv, base
-            k, v = proj.finish_kv(kv_l[:, base_l : base_l + kv_size], kv_l[:, base_l + kv_size : base_l + 2 * kv_size], cos_sin)
+            k, v = proj.finish_kv(
+                kv_l[:, base_l : base_l + kv_size], kv_l[:, base_l + kv_size : base_l + 2 * kv_size], cos_sin
+            )
             attn.store(l, k, v)
 
     def _fused_weights(self, run: tuple[int, ...]):
         layers = [self.model.layers[l] for l in run]
         # Key on tensor versions so in-place weight edits (tests, calibration) rebuild the fusion.
-        version = tuple(p._version for ly in layers for p in (ly.input_layernorm.weight, ly.self_attn.k_proj.weight, ly.self_attn.v_proj.weight))
+        version = tuple(
+            p._version
+            for ly in layers
+            for p in (ly.input_layernorm.weight, ly.self_attn.k_proj.weight, ly.self_attn.v_proj.weight)
+        )
         cached = self._fused.get(run)
         if cached is not None and cached[0] == version:
             return cached[1], cached[2]
@@ -359,7 +369,7 @@ class CausalLM(nn.Module):
         copy at every row count measured (SmolLM2's head, one thread: 12 vs 23 ms at M = 2, 17 vs
         29 ms at M = 16, 48 vs 57 ms at M = 64). So both are kept: the copy costs ``vocab x
         hidden`` more memory (113 MB for SmolLM2), made the first time a step needs it and rebuilt
-        if the weight changes (benchmarks/README.md, "Decode speed").
+        if the weight changes (benchmarks/results/decode/README.md, "Decode speed").
         """
         try:
             key = (weight.data_ptr(), weight._version)

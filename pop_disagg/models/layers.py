@@ -46,7 +46,10 @@ class RMSNorm(nn.Module):
         # a dtype conversion inside every in-place call (bitwise the same value either way).
         consts = self._consts.get(x.device)
         if consts is None:
-            consts = self._consts[x.device] = (torch.tensor(float(x.shape[-1]), device=x.device), torch.tensor(self.eps, device=x.device))
+            consts = self._consts[x.device] = (
+                torch.tensor(float(x.shape[-1]), device=x.device),
+                torch.tensor(self.eps, device=x.device),
+            )
         return (x * x).sum(-1, keepdim=True).div_(consts[0]).add_(consts[1]).rsqrt_()
 
     def effective_weight(self) -> torch.Tensor:
@@ -57,7 +60,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and not torch.is_grad_enabled():
             # On a GPU each of the ~9 ops above is its own kernel, and ~65 norms of them were a
-            # fifth of an 8B decode step's graph (benchmarks/README.md, "Decode step on an H200").
+            # fifth of an 8B decode step's graph (benchmarks/results/gpu/README.md, "Decode step on an H200").
             # torch's fused rms_norm reduces in float32 whatever the input and rounds once to the
             # input's dtype, the value ``normalize(x).to(x.dtype)`` gives, in one kernel.
             if self.gemma:
@@ -90,7 +93,9 @@ def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE tables for ``positions`` (T,) -> (cos, signed sin), two (T, 1, head_dim) tensors in ``dtype``.
 
     The sine's first half is negated once here, so ``apply_rope`` needs no negation per call
@@ -114,7 +119,7 @@ class FusedLinear:
 
     ``weight_t`` is stored (in, sum of outs), i.e. transposed against ``nn.Linear``: on the CPU
     this project benchmarks, MKL streams a one-row GEMM over that layout 1.3-2x faster than over
-    (out, in) and batch-16 GEMMs are no slower (benchmarks/README.md, "Decode speed"). The member
+    (out, in) and batch-16 GEMMs are no slower (benchmarks/results/decode/README.md, "Decode speed"). The member
     modules' ``weight``/``bias`` are rebound to views of the fused tensors, so in-place edits
     through the old names (tests, K/V correction) change the fused GEMM too, and the fusion is
     valid for exactly as long as those parameters are the views it made (``is_current``).
@@ -131,7 +136,9 @@ class FusedLinear:
         with torch.no_grad():
             for lin, n in zip(linears, sizes):
                 self.weight_t[:, start : start + n].copy_(lin.weight.t())
-                lin.weight = nn.Parameter(self.weight_t[:, start : start + n].t(), requires_grad=False)  # (out, in) view
+                lin.weight = nn.Parameter(
+                    self.weight_t[:, start : start + n].t(), requires_grad=False
+                )  # (out, in) view
                 if has_bias:
                     self.bias[start : start + n].copy_(lin.bias)
                     lin.bias = nn.Parameter(self.bias[start : start + n], requires_grad=False)

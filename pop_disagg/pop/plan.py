@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from ..errors import format_validation_error
 
-
 # How `pop-disagg plan` picks layers from an importance profile (see pop_disagg/calib/importance.py).
 STRATEGIES = ("last", "importance")
 
@@ -31,7 +30,9 @@ _WRONG_KIND = {
 }
 
 
-def read_plan_file(path: str | Path, num_layers: int | None = None, expect: type | None = None) -> "PrunePlan | PlanFamily":
+def read_plan_file(
+    path: str | Path, num_layers: int | None = None, expect: type | None = None
+) -> "PrunePlan | PlanFamily":
     """The one reader of plan JSON: a file with a ``plans`` list is a :class:`PlanFamily`, any
     other a :class:`PrunePlan`. ``num_layers`` (the model's depth) refuses a file made for another
     model, naming both; ``expect`` refuses the other kind."""
@@ -63,7 +64,10 @@ def write_plan_file(obj: "PrunePlan | PlanFamily", path: str | Path) -> None:
 def _check_num_layers(path: Path, what: str, have: int, want: int | None, model: str | None) -> None:
     """A plan (or family) file made for another depth of model is refused naming both."""
     if want is not None and have != want:
-        raise PlanError(f"{path}: {what} is for a {have}-layer model, this model has {want} layers" + (f" ({what} made for {model})" if model else ""))
+        raise PlanError(
+            f"{path}: {what} is for a {have}-layer model, this model has {want} layers"
+            + (f" ({what} made for {model})" if model else "")
+        )
 
 
 class _PlanFile:
@@ -105,7 +109,9 @@ class PrunePlan(_PlanFile, BaseModel):
             raise PlanError(f"num_layers must be >= 1, got {self.num_layers}")
         bad = [l for l in self.skip_layers if not 0 <= l < self.num_layers]
         if bad:
-            raise PlanError(f"skip layers {bad} out of range for a model with {self.num_layers} layers (valid: 0..{self.num_layers - 1})")
+            raise PlanError(
+                f"skip layers {bad} out of range for a model with {self.num_layers} layers (valid: 0..{self.num_layers - 1})"
+            )
         if len(self.skip_layers) == self.num_layers:
             raise PlanError(f"a plan may not skip all {self.num_layers} layers")
         return self
@@ -166,7 +172,11 @@ class PrunePlan(_PlanFile, BaseModel):
         if self.is_empty:
             return "full prefill (no layers skipped)"
         runs = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in self.skipped_runs)
-        extras = "" if self.independent_kv and self.boundary_handling else f" [ablation: independent_kv={self.independent_kv}, boundary_handling={self.boundary_handling}]"
+        extras = (
+            ""
+            if self.independent_kv and self.boundary_handling
+            else f" [ablation: independent_kv={self.independent_kv}, boundary_handling={self.boundary_handling}]"
+        )
         return f"POP: skip {len(self.skip_layers)}/{self.num_layers} layers in prefill ({runs}){extras}"
 
 
@@ -195,7 +205,9 @@ class PlanFamily(_PlanFile, BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "PlanFamily":
         if not self.plans or len(self.plans) != len(self.ratios):
-            raise PlanError(f"a plan family needs one plan per ratio, got {len(self.ratios)} ratios and {len(self.plans)} plans")
+            raise PlanError(
+                f"a plan family needs one plan per ratio, got {len(self.ratios)} ratios and {len(self.plans)} plans"
+            )
         if len({p.num_layers for p in self.plans}) != 1:
             raise PlanError("every plan of a family must be for the same number of layers")
         if list(self.ratios) != sorted(self.ratios) or len(set(self.ratios)) != len(self.ratios):

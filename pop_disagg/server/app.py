@@ -22,19 +22,20 @@ import threading
 import time
 
 from .._proto import generation_pb2 as pb
+from ..config import ServeConfig
 from ..limits import ModelLimits
 from .control.admission import Admission, KVLimits, default_max_queued_requests
-from .frontend.auth import BearerAuthInterceptor, check_token, server_credentials
-from ..config import ServeConfig
-from .workers.deploy import Deployment
 from .control.depth import DepthController, kv_share, plan_costs
 from .control.metrics import ServerMetrics
 from .control.observer import ServerObserver
 from .control.router import Router
+from .frontend.auth import BearerAuthInterceptor, check_token, server_credentials
 from .frontend.grpc_api import GrpcFrontEnd
+from .workers.deploy import Deployment
 from .workers.supervisor import Supervisor
 
 log = logging.getLogger("pop_disagg.serve")
+
 
 def make_depth_controller(dep: Deployment, registry=None) -> DepthController:
     """The router's depth controller for this deployment. ``registry``: where its counter goes
@@ -53,10 +54,23 @@ class Server:
     require ``authorization: Bearer TOKEN`` on every RPC. ``tls_cert``/``tls_key``: PEM files, serve TLS.
     """
 
-    def __init__(self, config: ServeConfig, host: str = "127.0.0.1", port: int = 50051, stats_interval_s: float = 10.0, *,
-                 metrics_port: int | None = None, max_queued_requests: int | None = None, auth_token: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None, kv_poll_interval_s: float = 0.5,
-                 http_port: int | None = None, served_model_name: str | None = None, health_interval_s: float = 5.0):
+    def __init__(
+        self,
+        config: ServeConfig,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        stats_interval_s: float = 10.0,
+        *,
+        metrics_port: int | None = None,
+        max_queued_requests: int | None = None,
+        auth_token: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        kv_poll_interval_s: float = 0.5,
+        http_port: int | None = None,
+        served_model_name: str | None = None,
+        health_interval_s: float = 5.0,
+    ):
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("--tls-cert and --tls-key: give both or neither")
         if max_queued_requests is not None and max_queued_requests < 1:
@@ -101,9 +115,20 @@ class Server:
         cfg = self.config
         self.supervisor = Supervisor(dep, cfg.worker_timeout_s, on_restart=self.metrics.count_worker_restart)
         await self.supervisor.start()
-        self.router = router = Router(self.supervisor, dep.tokenizer, cfg.is_disaggregated, cfg.kv_failure_policy, cfg.worker_timeout_s,
-                                      observer=ServerObserver(self.admission, self.metrics), depth=make_depth_controller(dep, self.metrics.registry))
-        interceptors = [BearerAuthInterceptor(self.auth_token, lambda: self.metrics.count_failure("UNAUTHENTICATED"))] if self.auth_token else []
+        self.router = router = Router(
+            self.supervisor,
+            dep.tokenizer,
+            cfg.is_disaggregated,
+            cfg.kv_failure_policy,
+            cfg.worker_timeout_s,
+            observer=ServerObserver(self.admission, self.metrics),
+            depth=make_depth_controller(dep, self.metrics.registry),
+        )
+        interceptors = (
+            [BearerAuthInterceptor(self.auth_token, lambda: self.metrics.count_failure("UNAUTHENTICATED"))]
+            if self.auth_token
+            else []
+        )
         self._grpc = GrpcFrontEnd(self, interceptors)
         self._loop = asyncio.get_running_loop()
         await self._check_workers()
@@ -112,18 +137,32 @@ class Server:
             self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
         await self._poll_kv_blocks()
         log.info(
-            "pop-disagg ready on %s:%d (%s, %s; %s, auth %s, max %d queued requests%s)", self.host, self.port, self.config.label, dep.plan.describe(),
-            "TLS" if self.tls_cert else "plaintext", "on" if self.auth_token else "off", max_queued,
+            "pop-disagg ready on %s:%d (%s, %s; %s, auth %s, max %d queued requests%s)",
+            self.host,
+            self.port,
+            self.config.label,
+            dep.plan.describe(),
+            "TLS" if self.tls_cert else "plaintext",
+            "on" if self.auth_token else "off",
+            max_queued,
             f", metrics on http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port is not None else "",
         )
-        self._tasks = [asyncio.create_task(self._log_stats(router)), asyncio.create_task(self._poll_kv_loop()),
-                       asyncio.create_task(self._watch_workers())]
+        self._tasks = [
+            asyncio.create_task(self._log_stats(router)),
+            asyncio.create_task(self._poll_kv_loop()),
+            asyncio.create_task(self._watch_workers()),
+        ]
         if self.http_port is not None:
             from .frontend.http_api import HttpFrontEnd
 
             self._http = HttpFrontEnd(self)
             self.http_port = await self._http.start(self.host, self.http_port)
-            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1 (model %r)", self.host, self.http_port, self.served_model_name)
+            log.info(
+                "OpenAI-compatible HTTP API on http://%s:%d/v1 (model %r)",
+                self.host,
+                self.http_port,
+                self.served_model_name,
+            )
         return self.port
 
     # ---- serving state: grpc.health.v1 and GET /health --------------------------------------------
@@ -145,12 +184,16 @@ class Server:
         """SERVING needs a serving decode worker and, disaggregated, a serving prefill worker too
         (the supervisor's view, which its health probes keep current)."""
         sup = self.supervisor
-        return any(s.is_serving for s in sup.decode) and (not self.config.is_disaggregated or any(s.is_serving for s in sup.prefill))
+        return any(s.is_serving for s in sup.decode) and (
+            not self.config.is_disaggregated or any(s.is_serving for s in sup.prefill)
+        )
 
     async def _check_workers(self) -> None:
         has_workers = self._workers_up()
         if has_workers != self._has_workers:
-            log.warning("workers %s: %s", "back" if has_workers else "lost", "SERVING" if has_workers else "NOT_SERVING")
+            log.warning(
+                "workers %s: %s", "back" if has_workers else "lost", "SERVING" if has_workers else "NOT_SERVING"
+            )
         self._has_workers = has_workers
         await self._publish_health()
 
@@ -195,8 +238,12 @@ class Server:
                 ttft = (cur.ttft_s_sum - prev.ttft_s_sum) / done * 1e3 if done else float("nan")
                 log.info(
                     "prompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, finished %d, failed %d, mean TTFT %.0f ms",
-                    (cur.num_prompt_tokens - prev.num_prompt_tokens) / dt, (cur.num_generated_tokens - prev.num_generated_tokens) / dt,
-                    router.num_running, done, cur.num_failed - prev.num_failed, ttft,
+                    (cur.num_prompt_tokens - prev.num_prompt_tokens) / dt,
+                    (cur.num_generated_tokens - prev.num_generated_tokens) / dt,
+                    router.num_running,
+                    done,
+                    cur.num_failed - prev.num_failed,
+                    ttft,
                 )
             prev, prev_t = cur, now
 

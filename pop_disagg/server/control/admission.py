@@ -78,7 +78,9 @@ class Admission:
             )
         with self._lock:
             if len(self._waiting) >= self.max_queued_requests:
-                raise Overloaded(f"server overloaded: {len(self._waiting)} requests already queued (max_queued_requests {self.max_queued_requests}); retry later")
+                raise Overloaded(
+                    f"server overloaded: {len(self._waiting)} requests already queued (max_queued_requests {self.max_queued_requests}); retry later"
+                )
             self._waiting.add(request_id)
             self._in_flight.add(request_id)
 

@@ -16,7 +16,9 @@ class GenerateCall:
     prompt_token_ids: list[int]
     params: SamplingParams
     request_id: str | None
-    plan_index: int | None = None  # the request's plan in the served family (from its prune_ratio); None: the server picks
+    plan_index: int | None = (
+        None  # the request's plan in the served family (from its prune_ratio); None: the server picks
+    )
     deadline: float | None = None  # wall clock (time.time()) from the client's deadline; None = none
 
 

@@ -90,7 +90,12 @@ class DepthController:
         self.default_index = family.index_of(family.default_ratio)
         # Registered in the registry passed in (the server's, once it has one) or a fresh one.
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.plan_total = Counter("pop_disagg:prefill_plan", "Requests prefilled per plan of the served family", ["ratio"], registry=self.registry)
+        self.plan_total = Counter(
+            "pop_disagg:prefill_plan",
+            "Requests prefilled per plan of the served family",
+            ["ratio"],
+            registry=self.registry,
+        )
         for name in family.names:
             self.plan_total.labels(ratio=name)  # every plan shows, even at zero
         self._mix: Tally[int] = Tally()
@@ -171,6 +176,13 @@ class DepthController:
         mix = ", ".join(f"{name} {self._mix[i] / total:.0%}" for i, name in enumerate(self.family.names))
         queued = ", ".join(f"{self.queued_s(w) * 1e3:.0f}" for w in range(len(self.queues)))
         slo = f"SLO {self.ttft_slo_s * 1e3:.0f} ms, adaptive" if self.adaptive else "fixed default"
-        log.info("prefill depth mix over %.0fs (%d requests, %s): %s; queued prefill ms per worker: %s", now - self._last_log, total, slo, mix, queued)
+        log.info(
+            "prefill depth mix over %.0fs (%d requests, %s): %s; queued prefill ms per worker: %s",
+            now - self._last_log,
+            total,
+            slo,
+            mix,
+            queued,
+        )
         self._mix.clear()
         self._last_log = now

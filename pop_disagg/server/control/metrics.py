@@ -32,11 +32,61 @@ from ..errors import ServingError
 PREFIX = "pop_disagg:"
 FINISH_REASONS = ("stop", "length", "abort")
 # Codes a client of this server can see; listed up front so every series exists before traffic.
-FAILURE_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNAUTHENTICATED", "INTERNAL")
+FAILURE_CODES = (
+    "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "CANCELLED",
+    "UNAUTHENTICATED",
+    "INTERNAL",
+)
 ROLES = ("prefill", "decode")
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
-TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+)
+TPOT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -73,17 +123,52 @@ class ServerMetrics:
         self._lock = threading.Lock()  # the HTTP front end may run on another thread
         self._http = None
         self.num_running = Gauge(PREFIX + "num_requests_running", "Requests producing tokens.", registry=r)
-        self.num_waiting = Gauge(PREFIX + "num_requests_waiting", "Admitted requests with no token yet (queued, prefilling, KV in transit).", registry=r)
-        self.success = Counter(PREFIX + "request_success", "Finished requests by finish reason.", ["finished_reason"], registry=r)
-        self.failure = Counter(PREFIX + "request_failure", "Requests that ended with an error, by gRPC status name.", ["code"], registry=r)
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of requests that produced a first token.", registry=r)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens handed to clients.", registry=r)
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Arrival to first token.", buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Per finished request: (last - first token) / (tokens - 1).", buckets=TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to the end of a finished request.", buckets=LATENCY_BUCKETS, registry=r)
-        self.kv_transfer = Histogram(PREFIX + "kv_transfer_seconds", "Prefill end to K/V of every layer written on the decode worker.", buckets=TRANSFER_BUCKETS, registry=r)
-        self.kv_transfer_bytes = Counter(PREFIX + "kv_transfer_bytes", "K/V payload bytes moved from prefill to decode workers (finished requests).", registry=r)
-        self.kv_blocks_free = Gauge(PREFIX + "kv_blocks_free", "Free KV blocks per decode worker.", ["worker"], registry=r)
+        self.num_waiting = Gauge(
+            PREFIX + "num_requests_waiting",
+            "Admitted requests with no token yet (queued, prefilling, KV in transit).",
+            registry=r,
+        )
+        self.success = Counter(
+            PREFIX + "request_success", "Finished requests by finish reason.", ["finished_reason"], registry=r
+        )
+        self.failure = Counter(
+            PREFIX + "request_failure", "Requests that ended with an error, by gRPC status name.", ["code"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens of requests that produced a first token.", registry=r
+        )
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Generated tokens handed to clients.", registry=r
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Arrival to first token.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            PREFIX + "time_per_output_token_seconds",
+            "Per finished request: (last - first token) / (tokens - 1).",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Arrival to the end of a finished request.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_transfer = Histogram(
+            PREFIX + "kv_transfer_seconds",
+            "Prefill end to K/V of every layer written on the decode worker.",
+            buckets=TRANSFER_BUCKETS,
+            registry=r,
+        )
+        self.kv_transfer_bytes = Counter(
+            PREFIX + "kv_transfer_bytes",
+            "K/V payload bytes moved from prefill to decode workers (finished requests).",
+            registry=r,
+        )
+        self.kv_blocks_free = Gauge(
+            PREFIX + "kv_blocks_free", "Free KV blocks per decode worker.", ["worker"], registry=r
+        )
         self.kv_blocks_total = Gauge(PREFIX + "kv_blocks_total", "KV blocks per decode worker.", ["worker"], registry=r)
         self.worker_restarts = Counter(PREFIX + "worker_restarts", "Worker restarts by role.", ["role"], registry=r)
         for reason in FINISH_REASONS:

@@ -122,8 +122,16 @@ def least_loaded_prefill(choices: list, loads: list[int], same_node) -> object:
 
 
 class Router:
-    def __init__(self, supervisor, tokenizer, is_disaggregated: bool, kv_failure_policy: str = "recompute", worker_timeout_s: float = 30.0,
-                 observer: RequestObserver | None = None, depth: DepthController | None = None):
+    def __init__(
+        self,
+        supervisor,
+        tokenizer,
+        is_disaggregated: bool,
+        kv_failure_policy: str = "recompute",
+        worker_timeout_s: float = 30.0,
+        observer: RequestObserver | None = None,
+        depth: DepthController | None = None,
+    ):
         self.sup = supervisor
         self.observer = observer or RequestObserver()  # admission control and metrics
         self.depth = depth
@@ -160,7 +168,9 @@ class Router:
             attempt = 0
             while True:
                 try:
-                    async with contextlib.aclosing(self._attempt(req, attempt)) as items:  # closed at once if our consumer leaves
+                    async with contextlib.aclosing(
+                        self._attempt(req, attempt)
+                    ) as items:  # closed at once if our consumer leaves
                         async for item in items:
                             yield item
                     return
@@ -172,7 +182,13 @@ class Router:
             raise
         except asyncio.CancelledError:
             remaining = req.remaining_s()
-            log.info("request %s: %s", rid, "deadline exceeded (the call was ended)" if remaining is not None and remaining <= 0 else "cancelled by the client")
+            log.info(
+                "request %s: %s",
+                rid,
+                "deadline exceeded (the call was ended)"
+                if remaining is not None and remaining <= 0
+                else "cancelled by the client",
+            )
             raise
         finally:
             self._active.discard(rid)
@@ -317,7 +333,9 @@ class Router:
         """Give back what the attempt counted and, unless the workers finished it, abort it on both."""
         self._decode_load[att.decode] -= 1
         if att.pslot is not None and self.depth is not None:
-            self.depth.on_done(att.pslot.index, att.wid)  # no-op once the prefill reported; frees a task never submitted
+            self.depth.on_done(
+                att.pslot.index, att.wid
+            )  # no-op once the prefill reported; frees a task never submitted
         if req.finish is None or req.finish == "stop":
             # Cancelled, failed, or stopped here by a stop string: release both sides.
             self._abort(att.dactor, att.pslot and att.pslot.actor, att.wid)
@@ -350,8 +368,12 @@ class Router:
                 raise DeadlineExceeded(f"request {req.rid}: deadline exceeded waiting for a prefill worker")
             waited = loop.time() - start
             if waited >= (self.sup.START_TIMEOUT_S if self.sup.is_recovering(d) else self.worker_timeout_s):
-                raise WorkerUnavailable(f"no prefill worker has a live link to decode worker {d} (waited {waited:.0f}s)")
-            await self.sup.wait_for(lambda: bool(live()) or not dslot.is_serving, min(1.0, remaining if remaining is not None else 1.0))
+                raise WorkerUnavailable(
+                    f"no prefill worker has a live link to decode worker {d} (waited {waited:.0f}s)"
+                )
+            await self.sup.wait_for(
+                lambda: bool(live()) or not dslot.is_serving, min(1.0, remaining if remaining is not None else 1.0)
+            )
         return least_loaded_prefill(choices, self._prefill_load, lambda p: self.sup.dep.same_node(p, d))
 
     async def _events(self, gen, down: asyncio.Future, req: _Request):
@@ -380,8 +402,16 @@ class Router:
             if not task.done():
                 task.cancel()
 
-    async def _prefill(self, att: _Attempt, pslot, dactor, transfer_id: int, prefix_ids: list[int], deadline: float | None,
-                       plan_index: int | None = None):
+    async def _prefill(
+        self,
+        att: _Attempt,
+        pslot,
+        dactor,
+        transfer_id: int,
+        prefix_ids: list[int],
+        deadline: float | None,
+        plan_index: int | None = None,
+    ):
         import ray
 
         p, pactor = pslot.index, pslot.actor
@@ -399,7 +429,9 @@ class Router:
             self._prefill_load[p] -= len(prefix_ids)
             if self.depth is not None:
                 measured = outcome is not None and not outcome.error
-                self.depth.on_done(p, att.wid, outcome.prefill_s if measured else None, outcome.num_batch_tokens if measured else 0)
+                self.depth.on_done(
+                    p, att.wid, outcome.prefill_s if measured else None, outcome.num_batch_tokens if measured else 0
+                )
         if error:
             dactor.abort.remote(att.wid, error, kind)  # ends the decode stream with the reason
         return outcome

@@ -38,7 +38,7 @@ def is_authorized(header: str | None, token: str) -> bool:
     """Whether an ``authorization`` header value carries ``token`` (constant time in the token)."""
     if not header or not header.startswith("Bearer "):
         return False
-    return hmac.compare_digest(header[len("Bearer "):].encode(), token.encode())
+    return hmac.compare_digest(header[len("Bearer ") :].encode(), token.encode())
 
 
 def _deny_unary(message: str):
@@ -75,7 +75,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return None
         if self.on_denied is not None:
             self.on_denied()
-        why = "missing bearer token (metadata 'authorization: Bearer TOKEN')" if header is None else "wrong bearer token"
+        why = (
+            "missing bearer token (metadata 'authorization: Bearer TOKEN')" if header is None else "wrong bearer token"
+        )
         # No request_deserializer: the request bytes are never parsed.
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(_deny_stream(why))

@@ -77,7 +77,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if not isinstance(exc, (ValueError, ServingError)):
             log.exception("request failed")
         status = _status_of(exc)
-        await context.abort(status, f"{exc.__class__.__name__}: {exc}" if status == grpc.StatusCode.INTERNAL else str(exc))
+        await context.abort(
+            status, f"{exc.__class__.__name__}: {exc}" if status == grpc.StatusCode.INTERNAL else str(exc)
+        )
 
     async def Generate(self, request, context):
         call = await self._parse(request, context)
@@ -104,14 +106,22 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Health(self, request, context):
         sup, admission = self.server.supervisor, self.server.admission
-        counts = dict(num_prefill_workers=len(sup.prefill), num_decode_workers=len(sup.decode), placements=self._placements())
+        counts = dict(
+            num_prefill_workers=len(sup.prefill), num_decode_workers=len(sup.decode), placements=self._placements()
+        )
         if admission is not None and admission.is_draining:  # load balancers stop sending here
             return pb.HealthResponse(is_serving=False, message="draining", **counts)
         slots = sup.snapshot()
         down = [f"{s.name} {s.state.value}: {s.message}" for s in slots if not s.is_serving]
         msg = "serving" if not down else "; ".join(down)
         workers = [
-            pb.WorkerHealth(role=s.role, index=s.index, state=_WORKER_STATES[s.state], num_restarts=s.num_restarts, message=s.message)
+            pb.WorkerHealth(
+                role=s.role,
+                index=s.index,
+                state=_WORKER_STATES[s.state],
+                num_restarts=s.num_restarts,
+                message=s.message,
+            )
             for s in slots
         ]
         return pb.HealthResponse(is_serving=sup.is_serving, message=msg, workers=workers, **counts)
@@ -121,8 +131,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         replacement runs in the bundle, so on the node, of the worker it replaced)."""
         return [
             pb.WorkerPlacement(
-                role=w.role, index=w.index, node_id=w.node_id, node_ip=w.node_ip, device=w.device,
-                gpu_ids=list(w.gpu_ids), owns_gpu=w.owns_gpu,
+                role=w.role,
+                index=w.index,
+                node_id=w.node_id,
+                node_ip=w.node_ip,
+                device=w.device,
+                gpu_ids=list(w.gpu_ids),
+                owns_gpu=w.owns_gpu,
             )
             for w in self.server.deployment.locations
         ]
@@ -131,12 +146,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         dep = self.server.deployment
         cfg, arch, plan = dep.config, dep.arch, dep.plan
         return pb.ModelInfoResponse(
-            model=cfg.engine.model, family=arch.family, num_layers=arch.num_layers, vocab_size=arch.vocab_size,
-            context_limit=self.server.limits.context_limit, topology=cfg.topology, prefill=cfg.prefill,
-            skip_layers=list(plan.skip_layers), plan=plan.describe(), eos_token_ids=sorted(set(arch.eos_token_ids)),
+            model=cfg.engine.model,
+            family=arch.family,
+            num_layers=arch.num_layers,
+            vocab_size=arch.vocab_size,
+            context_limit=self.server.limits.context_limit,
+            topology=cfg.topology,
+            prefill=cfg.prefill,
+            skip_layers=list(plan.skip_layers),
+            plan=plan.describe(),
+            eos_token_ids=sorted(set(arch.eos_token_ids)),
             placements=self._placements(),
-            prune_ratios=list(dep.family.ratios), default_prune_ratio=dep.family.default_ratio,
-            prefill_weight_bytes=dep.prefill_weight_bytes, adaptive_depth=cfg.adaptive_depth,
+            prune_ratios=list(dep.family.ratios),
+            default_prune_ratio=dep.family.default_ratio,
+            prefill_weight_bytes=dep.prefill_weight_bytes,
+            adaptive_depth=cfg.adaptive_depth,
             ttft_slo_ms=cfg.ttft_slo_ms or 0.0,
         )
 
@@ -148,16 +172,24 @@ class GrpcFrontEnd:
         self.servicer = GenerationServicer(server)
         # Refused by gRPC (RESOURCE_EXHAUSTED) before the message is parsed: nothing valid is this big.
         max_bytes = max(MIN_MAX_REQUEST_BYTES, BYTES_PER_CONTEXT_TOKEN * server.limits.context_limit)
-        self.grpc = grpc.aio.server(interceptors=interceptors or [], options=[("grpc.max_receive_message_length", max_bytes)])
+        self.grpc = grpc.aio.server(
+            interceptors=interceptors or [], options=[("grpc.max_receive_message_length", max_bytes)]
+        )
         pb_grpc.add_GenerationServicer_to_server(self.servicer, self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection([GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
+        reflection.enable_server_reflection(
+            [GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc
+        )
 
     async def start(self, host: str, port: int, credentials=None) -> int:
         """Bind (TLS when ``credentials`` is given) and start; returns the bound port."""
         address = f"{host}:{port}"
-        bound = self.grpc.add_secure_port(address, credentials) if credentials is not None else self.grpc.add_insecure_port(address)
+        bound = (
+            self.grpc.add_secure_port(address, credentials)
+            if credentials is not None
+            else self.grpc.add_insecure_port(address)
+        )
         if bound == 0:
             raise RuntimeError(f"cannot bind {address}")
         await self.grpc.start()

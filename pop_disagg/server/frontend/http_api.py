@@ -81,7 +81,10 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = Field(False, description="add the generated token ids to every choice")
-    prune_ratio: float | None = Field(None, description="POP depth: one of the served family's ratios (GetModelInfo.prune_ratios); default: the server's choice")
+    prune_ratio: float | None = Field(
+        None,
+        description="POP depth: one of the served family's ratios (GetModelInfo.prune_ratios); default: the server's choice",
+    )
     # vLLM extensions some clients (vLLM's own bench) always send: accepted at their neutral value.
     repetition_penalty: float = 1.0
     min_tokens: int = 0
@@ -124,7 +127,14 @@ class ChatCompletionRequest(_SamplingRequest):
 class OpenAIError(Exception):
     """A refusal with OpenAI's error fields (for what has no ``ServingError`` class)."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.type, self.param, self.code = status, type_, param, code
 
@@ -137,7 +147,9 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | i
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None, code: str | int | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, type_: str, param: str | None = None, code: str | int | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
 
 
@@ -169,7 +181,9 @@ def _param_of(loc: tuple) -> str | None:
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0]
     if err["type"] == "json_invalid":
-        return _error(400, f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}", "invalid_request_error")
+        return _error(
+            400, f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}", "invalid_request_error"
+        )
     param = _param_of(tuple(err["loc"]))
     if err["type"] == "extra_forbidden":
         return _error(400, f"{param}: unrecognized request argument", "invalid_request_error", param)
@@ -181,20 +195,26 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 # ---- request -> GenerateCall ---------------------------------------------------------------------
 def _unsupported(req: _SamplingRequest) -> None:
     """Refuse what the engine does not do yet, naming the parameter, rather than ignore it."""
-    checks = [("n", req.n != 1, "only n=1 is supported"),
-              ("presence_penalty", req.presence_penalty != 0, "penalties are not supported"),
-              ("frequency_penalty", req.frequency_penalty != 0, "penalties are not supported"),
-              ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
-              ("repetition_penalty", req.repetition_penalty != 1.0, "penalties are not supported"),
-              ("min_tokens", req.min_tokens != 0, "min_tokens is not supported")]
+    checks = [
+        ("n", req.n != 1, "only n=1 is supported"),
+        ("presence_penalty", req.presence_penalty != 0, "penalties are not supported"),
+        ("frequency_penalty", req.frequency_penalty != 0, "penalties are not supported"),
+        ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
+        ("repetition_penalty", req.repetition_penalty != 1.0, "penalties are not supported"),
+        ("min_tokens", req.min_tokens != 0, "min_tokens is not supported"),
+    ]
     if isinstance(req, CompletionRequest):
-        checks += [("logprobs", req.logprobs is not None, "logprobs are not supported yet"),
-                   ("echo", req.echo, "echo is not supported"),
-                   ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
-                   ("suffix", req.suffix is not None, "suffix is not supported")]
+        checks += [
+            ("logprobs", req.logprobs is not None, "logprobs are not supported yet"),
+            ("echo", req.echo, "echo is not supported"),
+            ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
+            ("suffix", req.suffix is not None, "suffix is not supported"),
+        ]
     else:
-        checks += [("logprobs", req.logprobs, "logprobs are not supported yet"),
-                   ("top_logprobs", req.top_logprobs is not None, "logprobs are not supported yet")]
+        checks += [
+            ("logprobs", req.logprobs, "logprobs are not supported yet"),
+            ("top_logprobs", req.top_logprobs is not None, "logprobs are not supported yet"),
+        ]
     for param, is_bad, why in checks:
         if is_bad:
             raise InvalidRequest(param, why)
@@ -210,7 +230,9 @@ def _set(msg: pb.GenerateRequest, field: str, value, param: str) -> None:
         raise InvalidRequest(param, f"value out of range ({exc})") from None
 
 
-def to_generate_request(req: _SamplingRequest, prompt: str | None, prompt_ids: list[int] | None) -> tuple[pb.GenerateRequest, dict[str, str]]:
+def to_generate_request(
+    req: _SamplingRequest, prompt: str | None, prompt_ids: list[int] | None
+) -> tuple[pb.GenerateRequest, dict[str, str]]:
     """The gRPC message for ``req`` and the renaming of its fields to OpenAI's parameters."""
     is_chat = isinstance(req, ChatCompletionRequest)
     max_param = "max_completion_tokens" if is_chat and req.max_completion_tokens is not None else "max_tokens"
@@ -264,14 +286,20 @@ def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
     """Prompt token ids of the conversation, with the assistant's turn opened (the chat template)."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("messages", "the served model has no chat template: use /v1/completions")
-    text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text} for m in messages], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.text} for m in messages], add_generation_prompt=True, tokenize=False
+    )
     # The rendered text already holds the special tokens; adding them again would double BOS.
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 # ---- responses -----------------------------------------------------------------------------------
 def _usage(r: GenerateResult) -> dict:
-    return {"prompt_tokens": r.num_prompt_tokens, "completion_tokens": r.num_output_tokens, "total_tokens": r.num_prompt_tokens + r.num_output_tokens}
+    return {
+        "prompt_tokens": r.num_prompt_tokens,
+        "completion_tokens": r.num_output_tokens,
+        "total_tokens": r.num_prompt_tokens + r.num_output_tokens,
+    }
 
 
 class _Render:
@@ -287,20 +315,36 @@ class _Render:
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _choice(self, text: str, token_ids: list[int], finish_reason: str | None, *, is_delta: bool, is_first: bool = False) -> dict:
+    def _choice(
+        self, text: str, token_ids: list[int], finish_reason: str | None, *, is_delta: bool, is_first: bool = False
+    ) -> dict:
         if not self.is_chat:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         elif is_delta:
-            choice = {"index": 0, "delta": {"role": "assistant", "content": text} if is_first else {"content": text}, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": text} if is_first else {"content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         if self.return_token_ids:
             choice["token_ids"] = list(token_ids)
         return choice
 
     def body(self, r: GenerateResult) -> dict:
         out = self._head("chat.completion" if self.is_chat else "text_completion")
-        return {**out, "choices": [self._choice(r.text, r.token_ids, r.finish_reason, is_delta=False)], "usage": _usage(r)}
+        return {
+            **out,
+            "choices": [self._choice(r.text, r.token_ids, r.finish_reason, is_delta=False)],
+            "usage": _usage(r),
+        }
 
     def chunk(self, item, is_first: bool) -> dict | None:
         finish = item.finish_reason if isinstance(item, GenerateResult) else None
@@ -388,14 +432,21 @@ class _Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length", "0")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before reading a byte of it
-            too_large = _error(413, f"request body of {declared} bytes exceeds {MAX_BODY_BYTES} bytes", "invalid_request_error", code="request_too_large")
+            too_large = _error(
+                413,
+                f"request body of {declared} bytes exceeds {MAX_BODY_BYTES} bytes",
+                "invalid_request_error",
+                code="request_too_large",
+            )
             return await too_large(scope, receive, send)
         token = getattr(self.server, "auth_token", None)
         if token and scope["path"].startswith("/v1/"):
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
                 exc = Unauthenticated("missing or wrong bearer token (Authorization: Bearer <token>)")
-                return await _error(exc.http_status, str(exc), exc.openai_type, code="invalid_api_key")(scope, receive, send)
+                return await _error(exc.http_status, str(exc), exc.openai_type, code="invalid_api_key")(
+                    scope, receive, send
+                )
         num_bytes = 0
 
         async def counted():  # chunked bodies have no Content-Length: count as they arrive
@@ -423,11 +474,18 @@ def create_app(server) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _on_http(request, exc):
         kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-        return _error(exc.status_code, str(exc.detail), kind, code="request_too_large" if exc.status_code == 413 else None)
+        return _error(
+            exc.status_code, str(exc.detail), kind, code="request_too_large" if exc.status_code == 413 else None
+        )
 
     def check_model(req: _SamplingRequest) -> None:
         if req.model != model_name:
-            raise OpenAIError(404, f"The model {req.model!r} does not exist; this server serves {model_name!r}", param="model", code="model_not_found")
+            raise OpenAIError(
+                404,
+                f"The model {req.model!r} does not exist; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     async def generate(req: _SamplingRequest, request: Request):
         try:
@@ -444,7 +502,9 @@ def create_app(server) -> FastAPI:
                 await agen.aclose()
                 raise
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return _ClosingStreamingResponse(_events(agen, first, render), media_type="text/event-stream", headers=headers)
+            return _ClosingStreamingResponse(
+                _events(agen, first, render), media_type="text/event-stream", headers=headers
+            )
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
         except Exception as exc:
@@ -464,8 +524,15 @@ def create_app(server) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         info = await server.model_info()
-        card = {"id": model_name, "object": "model", "created": int(server.started_at), "owned_by": "pop-disagg",
-                "root": dep.config.engine.model, "max_model_len": limits.context_limit, "pop_disagg": info}
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": int(server.started_at),
+            "owned_by": "pop-disagg",
+            "root": dep.config.engine.model,
+            "max_model_len": limits.context_limit,
+            "pop_disagg": info,
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -513,8 +580,14 @@ class HttpFrontEnd:
             sock.close()
             raise RuntimeError(f"cannot bind the HTTP port {host}:{port}: {exc.strerror}") from None
         bound = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(self.server), lifespan="off", log_config=None, log_level="warning",
-                                access_log=False, timeout_graceful_shutdown=grace_s)
+        config = uvicorn.Config(
+            create_app(self.server),
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=grace_s,
+        )
         self._uvicorn = _Embedded(config)
         self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:

@@ -21,7 +21,12 @@ from ..control.calls import GenerateCall, GenerateResult, Timings
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
-FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+FINISH_REASONS = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+}
 
 
 def parse_generate(msg: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> GenerateCall:
@@ -54,9 +59,14 @@ def parse_generate(msg: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> G
         raise InvalidRequest("stop", "stop strings must be non-empty")
     try:
         params = SamplingParams(
-            max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=msg.seed if msg.HasField("seed") else None, stop=tuple(msg.stop),
-            stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=msg.seed if msg.HasField("seed") else None,
+            stop=tuple(msg.stop),
+            stop_token_ids=tuple(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
         )
     except ValidationError as exc:  # anything the checks above missed still names its field
         err = exc.errors()[0]
@@ -69,14 +79,25 @@ def parse_generate(msg: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> G
 
 
 def _timings(t: Timings) -> pb.Timings:
-    return pb.Timings(queue_s=t.queue_s, prefill_s=t.prefill_s, transfer_s=t.transfer_s, ttft_s=t.ttft_s, decode_s=t.decode_s,
-                      prune_ratio=t.prune_ratio, num_skipped_layers=t.num_skipped_layers)
+    return pb.Timings(
+        queue_s=t.queue_s,
+        prefill_s=t.prefill_s,
+        transfer_s=t.transfer_s,
+        ttft_s=t.ttft_s,
+        decode_s=t.decode_s,
+        prune_ratio=t.prune_ratio,
+        num_skipped_layers=t.num_skipped_layers,
+    )
 
 
 def to_response(r: GenerateResult) -> pb.GenerateResponse:
     return pb.GenerateResponse(
-        request_id=r.request_id, text=r.text, token_ids=r.token_ids, finish_reason=FINISH_REASONS[r.finish_reason],
-        usage=pb.Usage(prompt_tokens=r.num_prompt_tokens, completion_tokens=r.num_output_tokens), timings=_timings(r.timings),
+        request_id=r.request_id,
+        text=r.text,
+        token_ids=r.token_ids,
+        finish_reason=FINISH_REASONS[r.finish_reason],
+        usage=pb.Usage(prompt_tokens=r.num_prompt_tokens, completion_tokens=r.num_output_tokens),
+        timings=_timings(r.timings),
     )
 
 
@@ -86,8 +107,12 @@ def to_stream_chunk(request_id: str, text: str, token_ids: list[int]) -> pb.Gene
 
 def to_last_chunk(r: GenerateResult) -> pb.GenerateStreamResponse:
     return pb.GenerateStreamResponse(
-        request_id=r.request_id, text=r.text, token_ids=r.token_ids, finish_reason=FINISH_REASONS[r.finish_reason],
-        usage=pb.Usage(prompt_tokens=r.num_prompt_tokens, completion_tokens=r.num_output_tokens), timings=_timings(r.timings),
+        request_id=r.request_id,
+        text=r.text,
+        token_ids=r.token_ids,
+        finish_reason=FINISH_REASONS[r.finish_reason],
+        usage=pb.Usage(prompt_tokens=r.num_prompt_tokens, completion_tokens=r.num_output_tokens),
+        timings=_timings(r.timings),
     )
 
 

@@ -73,7 +73,11 @@ class _Shell:
 
     async def where(self) -> dict:
         """The Ray node this actor runs on and the GPUs Ray gave it (physical indices on the node)."""
-        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": self.node_address(), "gpu_ids": [int(g) for g in ray.get_gpu_ids()]}
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": self.node_address(),
+            "gpu_ids": [int(g) for g in ray.get_gpu_ids()],
+        }
 
     @ray.method(concurrency_group="health")
     async def pid(self) -> int:
@@ -93,7 +97,12 @@ class PrefillActor(_Shell):
 
         path, load_model = _setup(spec)
         self.spec = spec
-        self.model = load_model(path, spec.engine.dtype, spec.engine.device, prefill_only_plan=spec.family.union_plan if spec.family else spec.plan)
+        self.model = load_model(
+            path,
+            spec.engine.dtype,
+            spec.engine.device,
+            prefill_only_plan=spec.family.union_plan if spec.family else spec.plan,
+        )
         if spec.kv_correction is not None:
             from ...calib.kv_correction import KVCorrection, apply_to_prefill_model
 
@@ -101,7 +110,9 @@ class PrefillActor(_Shell):
         self.senders = {}  # decode index -> KVSender (shared with the worker)
         self._stores = {}  # decode index -> the rendezvous this end hosts for that link
         self._aborted = _Tombstones()
-        self.worker = PrefillWorker(self.model, spec.plan, self.senders, spec.engine.max_num_batched_tokens, spec.engine.enable_chunked_prefill)
+        self.worker = PrefillWorker(
+            self.model, spec.plan, self.senders, spec.engine.max_num_batched_tokens, spec.engine.enable_chunked_prefill
+        )
         self._warm_up()
         self._start_loop(self.worker)
 
@@ -113,7 +124,12 @@ class PrefillActor(_Shell):
 
         n = 8
         ids = torch.arange(n, device=self.model.device) % self.model.arch.vocab_size
-        self.model(ids, torch.arange(n, device=self.model.device), PrefillAttention([0, n], sink=lambda layer, k, v: None), plan=self.spec.plan)
+        self.model(
+            ids,
+            torch.arange(n, device=self.model.device),
+            PrefillAttention([0, n], sink=lambda layer, k, v: None),
+            plan=self.spec.plan,
+        )
 
     async def listen(self, link: int) -> tuple[str, int]:
         """Host the rendezvous of the link to decode worker ``link``; returns its address."""
@@ -128,16 +144,32 @@ class PrefillActor(_Shell):
         from ...disagg.kv_transfer import PREFILL_RANK, KVSender, connect_pair, link_signature
 
         arch = self.model.arch
-        transport = await asyncio.to_thread(connect_pair, self._stores[link], PREFILL_RANK, backend, signature=link_signature(arch, self.model.dtype))
+        transport = await asyncio.to_thread(
+            connect_pair, self._stores[link], PREFILL_RANK, backend, signature=link_signature(arch, self.model.dtype)
+        )
         old = self.senders.get(link)
-        self.senders[link] = KVSender(transport, arch.num_layers, (arch.num_kv_heads, arch.head_dim), self.model.dtype, self.spec.transfer_timeout_s, name=f"kv-sender-{link}")
+        self.senders[link] = KVSender(
+            transport,
+            arch.num_layers,
+            (arch.num_kv_heads, arch.head_dim),
+            self.model.dtype,
+            self.spec.transfer_timeout_s,
+            name=f"kv-sender-{link}",
+        )
         if old is not None:
             why = f"the link to decode worker {link} was re-created"
             old.retire(why)
             self.worker.purge_link(link, why)
 
-    async def prefill(self, request_id: str, transfer_id: int, link: int, prefix_ids: list[int], deadline: float | None = None,
-                      plan_index: int | None = None):
+    async def prefill(
+        self,
+        request_id: str,
+        transfer_id: int,
+        link: int,
+        prefix_ids: list[int],
+        deadline: float | None = None,
+        plan_index: int | None = None,
+    ):
         """Prefill ``prefix_ids`` with the family's plan ``plan_index`` (None: the default) and send its
         K/V to decode worker ``link``; returns the outcome once the last layer is on the wire
         (``outcome.error`` set if it failed)."""
@@ -149,7 +181,17 @@ class PrefillActor(_Shell):
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         plan = self.spec.family.plans[plan_index] if plan_index is not None and self.spec.family else None
-        self.worker.submit(PrefillTask(request_id, transfer_id, link, prefix_ids, lambda o: loop.call_soon_threadsafe(done.set_result, o), deadline=deadline, plan=plan))
+        self.worker.submit(
+            PrefillTask(
+                request_id,
+                transfer_id,
+                link,
+                prefix_ids,
+                lambda o: loop.call_soon_threadsafe(done.set_result, o),
+                deadline=deadline,
+                plan=plan,
+            )
+        )
         return await done
 
     async def abort(self, request_id: str) -> bool:
@@ -163,7 +205,11 @@ class PrefillActor(_Shell):
 
     @ray.method(concurrency_group="health")
     async def health(self) -> dict:
-        return {"pid": os.getpid(), "broken_links": {d: s.broken for d, s in self.senders.items() if s.broken is not None}, "num_waiting_tokens": self.worker.num_waiting_tokens}
+        return {
+            "pid": os.getpid(),
+            "broken_links": {d: s.broken for d, s in self.senders.items() if s.broken is not None},
+            "num_waiting_tokens": self.worker.num_waiting_tokens,
+        }
 
     async def inject_fault(self, kind: str, seconds: float, link: int | None = None) -> None:
         """Test hook. ``stall_transfer``: the next batch to ``link`` (every link if None) pauses
@@ -210,10 +256,18 @@ class DecodeActor(_Shell):
         from ...disagg.kv_transfer import DECODE_RANK, connect_pair, link_signature
 
         engine = self.worker.engine
-        transport = await asyncio.to_thread(connect_pair, tuple(address), DECODE_RANK, backend, signature=link_signature(engine.arch, engine.kv_cache.k.dtype))
+        transport = await asyncio.to_thread(
+            connect_pair,
+            tuple(address),
+            DECODE_RANK,
+            backend,
+            signature=link_signature(engine.arch, engine.kv_cache.k.dtype),
+        )
         self.worker.attach_link(link, transport)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params, link: int | None, deadline: float | None = None):
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params, link: int | None, deadline: float | None = None
+    ):
         """Stream a request. ``link``: the prefill worker that sends its K/V; None = colocated.
         ``deadline`` (wall clock): past it the request ends with ``Failed(kind="deadline")``."""
         from ...disagg.decode_worker import Failed, Tokens
@@ -263,7 +317,12 @@ class DecodeActor(_Shell):
         return found
 
     async def stats(self) -> dict:
-        return {"num_free_blocks": self.worker.num_free_blocks, "num_blocks": self.worker.engine.blocks.num_blocks, "num_active": self.worker.num_active, "num_receiving": self.worker.num_receiving}
+        return {
+            "num_free_blocks": self.worker.num_free_blocks,
+            "num_blocks": self.worker.engine.blocks.num_blocks,
+            "num_active": self.worker.num_active,
+            "num_receiving": self.worker.num_receiving,
+        }
 
     @ray.method(concurrency_group="health")
     async def health(self) -> dict:

@@ -23,8 +23,8 @@ import logging
 from dataclasses import dataclass, field
 
 from ...config import ServeConfig
-from .spec import DeploymentSpec, weight_bytes_of
 from ...pop.plan import PlanFamily, PrunePlan
+from .spec import DeploymentSpec, weight_bytes_of
 
 log = logging.getLogger("pop_disagg.serve")
 
@@ -54,13 +54,27 @@ class Deployment:
         weight_bytes = spec.prefill_weight_bytes
         num_prefill = config.num_prefill if config.is_disaggregated else 0
         placement = reserve(config.placement, num_prefill, config.num_decode, engine.device)
-        dep = cls(config, plan, [], [], tokenizer, arch, placement=placement, family=family, prefill_weight_bytes=weight_bytes, spec=spec.worker)
+        dep = cls(
+            config,
+            plan,
+            [],
+            [],
+            tokenizer,
+            arch,
+            placement=placement,
+            family=family,
+            prefill_weight_bytes=weight_bytes,
+            spec=spec.worker,
+        )
         try:
             dep.prefill = [dep.new_actor("prefill", i) for i in range(num_prefill)]
             dep.decode = [dep.new_actor("decode", i) for i in range(config.num_decode)]
             ray.get([a.ping.remote() for a in dep.prefill + dep.decode])  # surfaces load errors here
             dep.locations = worker_locations(dep.prefill, dep.decode, placement)
-            ray.get([r for p in range(num_prefill) for d in range(config.num_decode) for r in dep.link_calls(p, d)], timeout=120)
+            ray.get(
+                [r for p in range(num_prefill) for d in range(config.num_decode) for r in dep.link_calls(p, d)],
+                timeout=120,
+            )
         except Exception:
             dep.shutdown()
             raise
@@ -69,7 +83,9 @@ class Deployment:
             mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
             log.info(
                 "prefill worker weights: %s (the mildest plan's instance, which runs every plan of the family); default plan alone %s, full model %s",
-                mib(weight_bytes), mib(weight_bytes_of(arch, plan, engine.dtype)), mib(weight_bytes_of(arch, None, engine.dtype)),
+                mib(weight_bytes),
+                mib(weight_bytes_of(arch, plan, engine.dtype)),
+                mib(weight_bytes_of(arch, None, engine.dtype)),
             )
         return dep
 

@@ -116,7 +116,9 @@ def _interleaved(num_prefill: int, num_decode: int) -> list[int]:
     return order
 
 
-def plan(nodes: list[NodeInfo], num_prefill: int, num_decode: int, bundle: dict[str, float], strategy: Strategy) -> list[str]:
+def plan(
+    nodes: list[NodeInfo], num_prefill: int, num_decode: int, bundle: dict[str, float], strategy: Strategy
+) -> list[str]:
     """A node id per worker rank (prefill ``0..P-1``, decode ``P..P+D-1``); ``PlacementError``
     naming the request and the cluster when the nodes cannot hold it."""
     if num_decode < 1 or num_prefill < 0:
@@ -125,7 +127,9 @@ def plan(nodes: list[NodeInfo], num_prefill: int, num_decode: int, bundle: dict[
     caps = [_num_fits(n.resources, bundle) for n in nodes]
 
     def refuse(why: str) -> PlacementError:
-        return PlacementError(f"cannot place {describe_request(num_prefill, num_decode, bundle, strategy)}: {why}; the cluster has {describe_cluster(nodes, bundle)}")
+        return PlacementError(
+            f"cannot place {describe_request(num_prefill, num_decode, bundle, strategy)}: {why}; the cluster has {describe_cluster(nodes, bundle)}"
+        )
 
     if sum(caps) < num_workers:
         raise refuse(f"room for {sum(caps)} such worker{'s' if sum(caps) != 1 else ''}")
@@ -135,7 +139,9 @@ def plan(nodes: list[NodeInfo], num_prefill: int, num_decode: int, bundle: dict[
         # Colocated engines have no roles to keep apart: they only spread over the nodes.
         split = _split(caps, num_prefill, num_decode) if num_prefill else [False] * len(nodes)
         if split is None:
-            raise refuse("spread keeps prefill and decode workers on different nodes, and no split of the nodes holds both roles")
+            raise refuse(
+                "spread keeps prefill and decode workers on different nodes, and no split of the nodes holds both roles"
+            )
         return _spread(nodes, caps, split, num_prefill, num_decode)
     raise ValueError(f"placement strategy: {strategy!r} (pack or spread)")
 
@@ -173,7 +179,9 @@ def _split(caps: list[int], num_prefill: int, num_decode: int) -> list[bool] | N
     return is_prefill
 
 
-def _spread(nodes: list[NodeInfo], caps: list[int], is_prefill: list[bool], num_prefill: int, num_decode: int) -> list[str]:
+def _spread(
+    nodes: list[NodeInfo], caps: list[int], is_prefill: list[bool], num_prefill: int, num_decode: int
+) -> list[str]:
     left = list(caps)
     assigned: list[str] = [""] * (num_prefill + num_decode)
     for rank in _interleaved(num_prefill, num_decode):
@@ -250,11 +258,15 @@ def cluster_nodes() -> list[NodeInfo]:
 
 def bundle_for(config: PlacementConfig, device: str, nodes: list[NodeInfo], num_workers: int) -> dict[str, float]:
     total_cpus = sum(n.resources.get("CPU", 0.0) for n in nodes)
-    bundle = {"CPU": config.cpus_per_worker or (default_cpus(total_cpus, num_workers) if device == "cuda" else TOKEN_CPUS)}
+    bundle = {
+        "CPU": config.cpus_per_worker or (default_cpus(total_cpus, num_workers) if device == "cuda" else TOKEN_CPUS)
+    }
     if device == "cuda":
         total_gpus = sum(n.resources.get("GPU", 0.0) for n in nodes)
         if total_gpus == 0:
-            raise PlacementError(f"--device cuda but the Ray cluster has no GPUs ({describe_cluster(nodes, ['CPU', 'GPU'])})")
+            raise PlacementError(
+                f"--device cuda but the Ray cluster has no GPUs ({describe_cluster(nodes, ['CPU', 'GPU'])})"
+            )
         bundle["GPU"] = gpus_per_worker(total_gpus, num_workers)
         if bundle["GPU"] < 1:
             log.warning("%d workers share %g GPUs: KV moves over gloo", num_workers, total_gpus)
@@ -279,7 +291,9 @@ def reserve(config: PlacementConfig, num_prefill: int, num_decode: int, device: 
         group = placement_group(bundles, strategy=ray_strategy)  # the autoscaler sees this demand
     else:
         try:
-            group = placement_group(bundles, strategy=ray_strategy, bundle_label_selector=[{NODE_ID_LABEL: n} for n in node_ids])
+            group = placement_group(
+                bundles, strategy=ray_strategy, bundle_label_selector=[{NODE_ID_LABEL: n} for n in node_ids]
+            )
         except TypeError:  # a Ray without per-bundle label selectors: its own PACK/SPREAD decides
             log.warning("this Ray cannot pin bundles to nodes; placing with Ray's %s", ray_strategy)
             group = placement_group(bundles, strategy=ray_strategy)
@@ -304,5 +318,9 @@ def worker_locations(prefill: list, decode: list, placement: Placement) -> list[
     locations = []
     for rank, r in enumerate(reports):
         role, index = ("prefill", rank) if rank < len(prefill) else ("decode", rank - len(prefill))
-        locations.append(WorkerLocation(role, index, r["node_id"], r["node_ip"], tuple(r["gpu_ids"]), placement.owns_gpu and bool(r["gpu_ids"])))
+        locations.append(
+            WorkerLocation(
+                role, index, r["node_id"], r["node_ip"], tuple(r["gpu_ids"]), placement.owns_gpu and bool(r["gpu_ids"])
+            )
+        )
     return locations

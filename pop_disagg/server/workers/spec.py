@@ -25,7 +25,9 @@ class WorkerSpec:
     transfer_timeout_s: float
     eos_token_ids: tuple[int, ...] = ()
     kv_correction: str | None = None  # fitted K/V weights for the prefill worker's skipped layers
-    family: PlanFamily | None = None  # plans a request may pick (``plan`` is its default); the prefill model is built for the mildest
+    family: PlanFamily | None = (
+        None  # plans a request may pick (``plan`` is its default); the prefill model is built for the mildest
+    )
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,13 @@ class DeploymentSpec:
         family = config.family(arch)
         plan = family.default_plan
         if plan.skip_layers != engine.plan(arch).skip_layers:
-            raise AssertionError(f"default plan {plan.describe()} != the workers' engine plan {engine.plan(arch).describe()}")
+            raise AssertionError(
+                f"default plan {plan.describe()} != the workers' engine plan {engine.plan(arch).describe()}"
+            )
         if config.is_disaggregated and (not plan.independent_kv or not plan.boundary_handling):
-            raise ValueError("the disaggregated topology needs independent_kv and boundary_handling (ablation plans run colocated)")
+            raise ValueError(
+                "the disaggregated topology needs independent_kv and boundary_handling (ablation plans run colocated)"
+            )
         eos = set(arch.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         if config.kv_correction is not None:
             from ...calib.kv_correction import KVCorrection
@@ -64,7 +70,13 @@ class DeploymentSpec:
                     f"kv_correction: fitted for skipped layers {list(fitted.skip_layers)}, the plan skips {list(plan.skip_layers)}"
                 )
         worker = WorkerSpec(
-            engine, plan, config.num_threads, config.transfer_timeout_s, tuple(sorted(eos)), config.kv_correction, family
+            engine,
+            plan,
+            config.num_threads,
+            config.transfer_timeout_s,
+            tuple(sorted(eos)),
+            config.kv_correction,
+            family,
         )
         return cls(arch, tokenizer, family, plan, worker, weight_bytes_of(arch, family.union_plan, engine.dtype))
 

@@ -60,7 +60,9 @@ class WorkerSlot:
 
     def is_recovering(self, d: int) -> bool:
         """Is a prefill worker being replaced, or a link to decode worker ``d`` being re-created?"""
-        return any(s.state is WorkerState.RESTARTING for s in self.prefill) or any(key[1] == d for key in self._relinking)
+        return any(s.state is WorkerState.RESTARTING for s in self.prefill) or any(
+            key[1] == d for key in self._relinking
+        )
 
     @property
     def is_serving(self) -> bool:
@@ -117,7 +119,9 @@ class Supervisor:
 
     def is_recovering(self, d: int) -> bool:
         """Is a prefill worker being replaced, or a link to decode worker ``d`` being re-created?"""
-        return any(s.state is WorkerState.RESTARTING for s in self.prefill) or any(key[1] == d for key in self._relinking)
+        return any(s.state is WorkerState.RESTARTING for s in self.prefill) or any(
+            key[1] == d for key in self._relinking
+        )
 
     @property
     def is_serving(self) -> bool:
@@ -223,7 +227,10 @@ class Supervisor:
         try:
             address = await asyncio.wait_for(prefill.listen.remote(d), self.LINK_TIMEOUT_S)
             backend = self.dep.link_backend(p, d)
-            await asyncio.wait_for(asyncio.gather(prefill.connect.remote(d, backend), decode.connect.remote(p, address, backend)), self.LINK_TIMEOUT_S)
+            await asyncio.wait_for(
+                asyncio.gather(prefill.connect.remote(d, backend), decode.connect.remote(p, address, backend)),
+                self.LINK_TIMEOUT_S,
+            )
         except Exception as exc:  # noqa: BLE001 - an end died meanwhile: its own restart re-links
             log.warning("link prefill %d -> decode %d: connecting failed: %s: %s", p, d, exc.__class__.__name__, exc)
             return False
@@ -243,7 +250,9 @@ class Supervisor:
         for attempt in range(1, self.MAX_RESTARTS_IN_A_ROW + 1):
             started = time.monotonic()
             actor = self.dep.new_actor(slot.role, slot.index)
-            (self.dep.prefill if slot.role == "prefill" else self.dep.decode)[slot.index] = actor  # shutdown kills it even mid-start
+            (self.dep.prefill if slot.role == "prefill" else self.dep.decode)[slot.index] = (
+                actor  # shutdown kills it even mid-start
+            )
             try:
                 await asyncio.wait_for(actor.ping.remote(), self.START_TIMEOUT_S)
                 async with self._link_lock:
@@ -262,7 +271,14 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the replacement failed to load: try again
-                log.warning("%s: replacement %d/%d failed: %s: %s", slot.name, attempt, self.MAX_RESTARTS_IN_A_ROW, exc.__class__.__name__, exc)
+                log.warning(
+                    "%s: replacement %d/%d failed: %s: %s",
+                    slot.name,
+                    attempt,
+                    self.MAX_RESTARTS_IN_A_ROW,
+                    exc.__class__.__name__,
+                    exc,
+                )
                 try:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # noqa: BLE001
@@ -272,6 +288,9 @@ class Supervisor:
             log.info("%s replaced in %.1fs (restart %d)", slot.name, time.monotonic() - started, slot.num_restarts)
             self._spawn(self._probe_loop(slot, actor))
             return
-        slot.state, slot.message = WorkerState.DEAD, f"{self.MAX_RESTARTS_IN_A_ROW} replacements in a row failed; last loss: {slot.message}"
+        slot.state, slot.message = (
+            WorkerState.DEAD,
+            f"{self.MAX_RESTARTS_IN_A_ROW} replacements in a row failed; last loss: {slot.message}",
+        )
         log.error("%s is dead: %s", slot.name, slot.message)
         self._notify()
