@@ -147,6 +147,9 @@ class ServeConfig(BaseModel):
         False, description="requests without prune_ratio get the mildest plan predicted to meet the TTFT SLO"
     )
     ttft_slo_ms: float | None = Field(None, gt=0)
+    depth_rule: Literal["lookahead", "greedy"] = Field(
+        "lookahead", description="the adaptive rule (server/control/depth.py): plan for the queue behind, or greedy"
+    )
 
     @model_validator(mode="after")
     def _check_depth(self) -> "ServeConfig":

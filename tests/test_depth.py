@@ -10,6 +10,7 @@ grows and back to the mildest plan as it drains; and through gRPC a served famil
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ import grpc
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pop_disagg.cli import main
 from pop_disagg.config import EngineConfig, PruneConfig
@@ -260,11 +263,19 @@ class FakeClock:
         return self.t
 
 
-def _controller(clock, adaptive=True, registry=None):
+def _controller(clock, adaptive=True, registry=None, rule="greedy", slo_s=1.0):
     fam = PlanFamily.from_ratios(30, [0.0, 0.2, 0.33, 0.5])
     costs = plan_costs(fam, kv_share(576, 576, 192, 1536))  # SmolLM2's geometry
     return DepthController(
-        fam, 1, costs, ttft_slo_s=1.0, adaptive=adaptive, registry=registry, clock=clock, log_interval_s=5.0
+        fam,
+        1,
+        costs,
+        ttft_slo_s=slo_s,
+        adaptive=adaptive,
+        registry=registry,
+        clock=clock,
+        log_interval_s=5.0,
+        rule=rule,
     )
 
 
@@ -331,6 +342,80 @@ def test_fixed_default_without_adaptive_and_overhead_counts():
     adaptive.observe_ttft(ttft_s=0.8, queue_s=0.1, prefill_s=0.1)  # 0.6 s spent elsewhere (transfer, decode)
     assert adaptive.predicted_ttft_s(0, 100, 0) == pytest.approx(0.7)
     assert adaptive.choose(0, 100) == 2  # nothing meets 0.5 s: the deepest
+
+
+def _warm(ctl, per_token=(1e-3, 8e-4, 6.5e-4, 4.5e-4)):
+    for i, s in enumerate(per_token):
+        ctl.s_per_token[i] = s
+
+
+def test_lookahead_plans_for_the_load_where_greedy_spends_the_slack():
+    # 300-token requests every 0.25 s: full depth needs 0.3 s each (load 1.2, the queue grows
+    # without bound), 0.2 needs 0.285 s (load 1.14), 0.33 0.195 s (load 0.78). An empty queue:
+    # greedy takes full depth (0.3 s < 1 s for this request); lookahead sees the 32nd follower
+    # at 1.9 s (full) and 1.4 s (0.2) on those plans, and takes 0.33.
+    for rule, want in (("greedy", 0), ("lookahead", 2)):
+        clock = FakeClock()
+        ctl = _controller(clock, rule=rule)
+        _warm(ctl, (1e-3, 9.5e-4, 6.5e-4, 4.5e-4))
+        for _ in range(10):  # the traffic so far: its rate and length
+            ctl.choose(0, 300, requested_index=3)
+            clock.t += 0.25
+        assert ctl.mean_gap_s == pytest.approx(0.25) and ctl.mean_tokens == pytest.approx(300)
+        assert ctl.choose(0, 300) == want, rule
+    # A light load (one request every 2 s): both rules take full depth.
+    clock = FakeClock()
+    ctl = _controller(clock, rule="lookahead")
+    _warm(ctl)
+    for _ in range(5):
+        ctl.choose(0, 300, requested_index=3)
+        clock.t += 2.0
+    assert ctl.choose(0, 300) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    per_token=st.lists(st.floats(1e-5, 1e-2), min_size=4, max_size=4),
+    queued=st.lists(st.integers(1, 4000), max_size=6),
+    gaps=st.lists(st.floats(0.01, 5.0), min_size=1, max_size=8),
+    n=st.integers(1, 4000),
+    rule=st.sampled_from(["lookahead", "greedy"]),
+)
+def test_unreachable_slo_sends_the_deepest_and_infinite_slo_the_full_model(per_token, queued, gaps, n, rule):
+    for slo_s, want in ((1e-9, 3), (math.inf, 0)):
+        clock = FakeClock()
+        ctl = _controller(clock, rule=rule, slo_s=slo_s)
+        _warm(ctl, sorted(per_token, reverse=True))
+        for i, (tokens, gap) in enumerate(zip(queued, gaps * len(queued))):
+            ctl.choose(0, tokens, requested_index=i % 4)
+            ctl.on_submit(0, f"q{i}", tokens, i % 4)
+            clock.t += gap
+        assert ctl.choose(0, n) == want
+
+
+def test_replay_is_deterministic_and_the_controller_is_on_the_pareto_front():
+    from pop_disagg.bench.replay import CostModel, pareto_check, poisson_trace, replay
+
+    costs = CostModel(
+        ratios=(0.0, 0.2, 0.34, 0.5),
+        num_layers=30,
+        prefill_s_per_token=(3.9e-3, 3.1e-3, 2.7e-3, 1.9e-3),
+        prefill_pass_s=0.02,
+        transfer_fixed_s=0.02,
+        transfer_s_per_token=1e-5,
+        decode_batches=(1, 16),
+        decode_step_s=(0.045, 0.17),
+        quality=(1.0, 1.02, 1.17, 1.89),
+    )
+    trace = poisson_trace(1.3, 400, 192, 4, seed=1, input_sigma=0.5)
+    runs = [replay(trace, costs, mode, 2.0, noise_cv=0.1) for mode in ("0", "0.2", "0.34", "0.5", "lookahead")]
+    again = replay(trace, costs, "lookahead", 2.0, noise_cv=0.1)
+    assert again.summary == runs[-1].summary  # same trace, same seed: the same numbers
+    by_mode = {r.mode: r.summary for r in runs}
+    assert by_mode["0"]["slo_attainment"] < by_mode["0.5"]["slo_attainment"]  # load the full model cannot carry
+    assert 0 < by_mode["lookahead"]["mix"][1] + by_mode["lookahead"]["mix"][2]  # the middle plans are used
+    ok, why = pareto_check(runs)
+    assert ok, why
 
 
 # ---- configuration ---------------------------------------------------------------------------------

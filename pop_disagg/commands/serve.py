@@ -100,6 +100,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="requests without prune_ratio get the mildest plan predicted to meet --ttft-slo-ms",
     )
     p.add_argument("--ttft-slo-ms", type=float, default=None, help="TTFT target of --adaptive-depth (ms)")
+    p.add_argument(
+        "--depth-rule",
+        choices=["lookahead", "greedy"],
+        default="lookahead",
+        help="--adaptive-depth's rule: lookahead (also keep the requests expected behind within the SLO) or greedy (this request only)",
+    )
 
 
 def register(sub) -> None:
@@ -177,6 +183,7 @@ def serve_config(args: argparse.Namespace):
         prune_family=prune_family,
         adaptive_depth=getattr(args, "adaptive_depth", False),
         ttft_slo_ms=getattr(args, "ttft_slo_ms", None),
+        depth_rule=getattr(args, "depth_rule", "lookahead"),
     )
     return ServeConfig(
         engine=engine,

@@ -43,7 +43,7 @@ def make_depth_controller(dep: Deployment, registry=None) -> DepthController:
     arch, cfg = dep.arch, dep.config
     costs = plan_costs(dep.family, kv_share(arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size))
     slo = cfg.ttft_slo_ms / 1e3 if cfg.ttft_slo_ms is not None else None
-    return DepthController(dep.family, len(dep.prefill), costs, slo, cfg.adaptive_depth, registry)
+    return DepthController(dep.family, len(dep.prefill), costs, slo, cfg.adaptive_depth, registry, rule=cfg.depth_rule)
 
 
 class Server:

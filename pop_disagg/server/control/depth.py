@@ -2,10 +2,26 @@
 
 The router asks ``DepthController.choose`` once per prefilled request. A request that names a
 ``prune_ratio`` gets that plan. Otherwise the server's default plan, or, with ``--adaptive-depth
---ttft-slo-ms T``, this rule (docs/serving.md, "Depth as a knob"):
+--ttft-slo-ms T``, one of two rules (docs/serving.md, "Depth as a knob"). Both start from
 
     predicted_ttft(plan) = queued_s(worker) + n * s_per_token(plan) + overhead_s
-    choose the mildest plan with predicted_ttft(plan) <= T; if none meets T, the deepest.
+
+* ``greedy``: the mildest plan with predicted_ttft(plan) <= T; if none meets T, the deepest. It
+  spends the whole slack on the request at hand, so the requests that arrive during its prefill
+  find the backlog it left and are pushed deep or past T: at load it alternates between the
+  extremes.
+* ``lookahead`` (default): the mildest plan that meets T for this request *and* for the requests
+  expected behind it if they ran the same plan. With arrival rate ``lam`` (EWMA of the gaps between
+  prefilled requests) and mean prefill length ``m`` (EWMA), follower ``k`` (k = 1..K, K = the
+  arrivals expected within T) is predicted at
+
+      max(0, queued_s + n * s + (k - 1) * m * s - k / lam) + m * s + overhead_s
+
+  which is linear in ``k``, so checking k = 1 and k = K is enough. A plan whose load ``lam * m * s``
+  exceeds 1 fails at k = K however empty the queue is now; one below 1 fails only if the backlog is
+  already large. So the choice tracks the load the plan would sustain, and the middle plans are
+  chosen when the load sits between what they sustain. Before a rate is measured (the first
+  request) the rule is ``greedy``.
 
 ``queued_s`` is the prefill work the router has handed that worker and not yet seen finish: the
 sum over its outstanding tasks of ``tokens * s_per_token(their plan)`` (the worker runs them first,
@@ -30,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ...pop.plan import PlanFamily
+
+RULES = ("lookahead", "greedy")
 
 log = logging.getLogger("pop_disagg.serve")
 
@@ -73,16 +91,27 @@ class DepthController:
         clock: Callable[[], float] = time.monotonic,
         ewma_alpha: float = 0.3,
         log_interval_s: float = 10.0,
+        rule: str = "lookahead",
+        horizon: int = 32,
     ):
         from prometheus_client import CollectorRegistry, Counter
 
         if adaptive and ttft_slo_s is None:
             raise ValueError("adaptive depth needs a TTFT SLO (--ttft-slo-ms)")
+        if rule not in RULES:
+            raise ValueError(f"unknown depth rule {rule!r} (known: {', '.join(RULES)})")
         if len(costs) != len(family.plans):
             raise ValueError(f"need one cost per plan, got {len(costs)} for {len(family.plans)} plans")
         self.family, self.costs = family, costs
         self.ttft_slo_s, self.adaptive = ttft_slo_s, adaptive
         self.clock, self.alpha, self.log_interval_s = clock, ewma_alpha, log_interval_s
+        self.rule = rule
+        self.horizon = horizon
+        # The traffic the lookahead rule plans for: EWMAs of the gap between prefilled requests
+        # and of their prefill lengths, updated by every choice (explicit plans included).
+        self.mean_gap_s: float | None = None
+        self.mean_tokens: float | None = None
+        self._last_arrival: float | None = None
         self.queues = [_WorkerQueue() for _ in range(num_prefill)]
         self.s_per_token: list[float | None] = [None] * len(family.plans)  # measured EWMA per plan
         self.overhead_s = 0.0
@@ -130,6 +159,7 @@ class DepthController:
         """Index into the family of the plan for a request of ``num_tokens`` prefill tokens bound
         for prefill worker ``worker`` (None: colocated, the engine's own plan); ``requested_index``
         is the plan the request's ``prune_ratio`` named, resolved at the edge (``ModelLimits.plan_index``)."""
+        self._observe_arrival(num_tokens)
         if requested_index is not None:
             index = requested_index
         elif not self.adaptive or worker is None:
@@ -144,9 +174,33 @@ class DepthController:
     def _adaptive_choice(self, worker: int, num_tokens: int) -> int:
         for i in range(len(self.family.plans)):  # mildest first
             predicted = self.predicted_ttft_s(worker, num_tokens, i)
-            if predicted is None or predicted <= self.ttft_slo_s:
+            if predicted is None or (predicted <= self.ttft_slo_s and self._followers_meet_slo(worker, num_tokens, i)):
                 return i
         return len(self.family.plans) - 1  # nothing meets the SLO: the fastest plan hurts least
+
+    def _followers_meet_slo(self, worker: int, num_tokens: int, index: int) -> bool:
+        """Lookahead: would the requests expected behind this one still meet T on the same plan?"""
+        if self.rule == "greedy" or self.mean_gap_s is None or self.mean_gap_s <= 0:
+            return True
+        s = self.seconds_per_token(index) or 0.0
+        # The router spreads arrivals over the workers: this worker sees one every gap * W seconds.
+        gap, m = self.mean_gap_s * len(self.queues), self.mean_tokens
+        horizon = self.horizon
+        backlog = self.queued_s(worker) + num_tokens * s
+        for k in {1, horizon}:
+            ahead = max(0.0, backlog + (k - 1) * m * s - k * gap)
+            if ahead + m * s + self.overhead_s > self.ttft_slo_s:
+                return False
+        return True
+
+    def _observe_arrival(self, num_tokens: int) -> None:
+        now = self.clock()
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self.mean_gap_s = gap if self.mean_gap_s is None else (1 - self.alpha) * self.mean_gap_s + self.alpha * gap
+        self._last_arrival = now
+        t = float(num_tokens)
+        self.mean_tokens = t if self.mean_tokens is None else (1 - self.alpha) * self.mean_tokens + self.alpha * t
 
     # ---- what the router reports --------------------------------------------------------------
     def on_submit(self, worker: int, request_id: str, num_tokens: int, index: int) -> None:
