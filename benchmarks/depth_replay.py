@@ -19,7 +19,7 @@ Three steps, each a subcommand:
     python benchmarks/depth_replay.py sweep --costs benchmarks/results/depth/replay/costs_live.json \\
         --rates 0.05,0.1,0.15,0.2,0.25,0.3 --slo-ms 3000,6000 --out-dir benchmarks/results/depth/replay
     python benchmarks/depth_replay.py live --costs benchmarks/results/depth/replay/costs_live.json \\
-        --run benchmarks/results/depth/slo6000_rate0.15_0.3/depth_slo.json
+        --run benchmarks/results/depth/slo6000_rate0.15_0.3/depth_slo.json --rule greedy
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def profile_from_live(path: Path) -> CostModel:
                 continue
             n = rec["num_prompt_tokens"] - 1
             ratio = min(FAMILY, key=lambda r: abs(r - (t.get("prune_ratio") or 0.0)))
-            per_plan[ratio].append(t["prefill_s"] / n)
+            if t["queue_s"] < 0.01:  # found the worker idle: its pass was its own (a queued one shares a batch)
+                per_plan[ratio].append(t["prefill_s"] / n)
             transfer.append(t["transfer_s"])
             boundary.append(t["ttft_s"] - t["queue_s"] - t["prefill_s"] - t["transfer_s"])
             if rec["num_output_tokens"] > 1:
@@ -206,10 +207,10 @@ def plot(rows, path: Path) -> None:
 
 
 # ---- live ----------------------------------------------------------------------------------------
-def live_check(costs: CostModel, run_path: Path, noise_cv: float) -> list[dict]:
+def live_check(costs: CostModel, run_path: Path, noise_cv: float, rule: str) -> list[dict]:
     run = json.loads(run_path.read_text())
     slo_s = run["args"]["slo_ms"] / 1e3
-    names = {"full": "0", "20%": "0.2", "33%": "0.34", "50%": "0.5", "adaptive": "greedy"}
+    names = {"full": "0", "20%": "0.2", "33%": "0.34", "50%": "0.5", "adaptive": rule}
     out = []
     for res in run["results"]:
         recs = sorted(res["records"], key=lambda r: r["scheduled_s"])
@@ -257,6 +258,7 @@ def main() -> int:
     lv.add_argument("--costs", type=Path, required=True)
     lv.add_argument("--run", type=Path, required=True)
     lv.add_argument("--noise-cv", type=float, default=0.0)
+    lv.add_argument("--rule", choices=RULES, default="lookahead", help="the rule the live server's adaptive mode ran")
     args = p.parse_args()
 
     if args.cmd == "profile":
@@ -276,7 +278,7 @@ def main() -> int:
         return 0
     costs = CostModel.load(args.costs)
     if args.cmd == "live":
-        rows = live_check(costs, args.run, args.noise_cv)
+        rows = live_check(costs, args.run, args.noise_cv, args.rule)
         print("| rate | mode | live goodput | replay goodput | live attainment | replay attainment | replay mix |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:

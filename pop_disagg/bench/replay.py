@@ -5,9 +5,10 @@ rules) by a model of the server whose costs were measured on a real one (``CostM
 seconds per token for each plan plus a per-pass constant, transfer per token, decode step seconds
 by batch size). What runs is the real ``DepthController`` (``server/control/depth.py``) on a
 simulated clock, fed exactly what the router feeds it (``choose`` per request, ``on_submit``,
-``on_done`` with the pass's measured time, ``observe_ttft``); what is modelled is the rest: each
-prefill worker runs its tasks one pass each in FIFO order (the router's least-queued pick among
-workers), the transfer is ``fixed + per_token * n``, and the decode worker steps its running set
+``on_done`` with the pass's measured time and tokens, ``observe_ttft``); what is modelled is the
+rest: each prefill worker steps as ``disagg/prefill_worker.py`` does (every waiting task up to the
+token budget in one step, one pass per plan, mildest first, a pass's tasks done when it ends; the
+router's least-queued pick among workers), the transfer is ``fixed + per_token * n``, and the decode worker steps its running set
 back to back, a request joining at the next step after its K/V arrive (its boundary token's step
 yields its first token). No model runs, so a sweep over thousands of requests takes seconds and
 has no machine noise; ``noise_cv`` adds seeded lognormal noise to service times to test that the
@@ -129,6 +130,7 @@ def replay(
     num_prefill: int = 1,
     noise_cv: float = 0.0,
     seed: int = 0,
+    max_num_batched_tokens: int = 8192,
 ) -> ModeResult:
     """Serve ``trace`` in virtual time. ``mode``: a ratio of the family as text ("0.2", a fixed plan
     asked for by every request), or an adaptive rule ("lookahead", "greedy")."""
@@ -176,14 +178,30 @@ def replay(
         push(a.time_s, "arrive", i)
 
     def start_prefill(w: int) -> None:
+        # As the prefill worker steps (disagg/prefill_worker.py): every waiting task up to the token
+        # budget in one step, one pass per plan, mildest first; a pass's tasks leave when it ends.
         if busy[w] or not queues[w]:
             return
-        r = queues[w].pop(0)
-        s = served[r]
-        s.queue_s = now[0] - s.arrival.time_s
-        s.prefill_s = noisy(costs.prefill_s(s.index, s.arrival.num_prompt_tokens - 1))
+        taken, tokens = [], 0
+        while queues[w]:
+            n = served[queues[w][0]].arrival.num_prompt_tokens - 1
+            if taken and tokens + n > max_num_batched_tokens:
+                break
+            taken.append(queues[w].pop(0))
+            tokens += n
+        t = now[0]
+        for index in sorted({served[r].index for r in taken}):
+            group = [r for r in taken if served[r].index == index]
+            n = sum(served[r].arrival.num_prompt_tokens - 1 for r in group)
+            pass_s = noisy(costs.prefill_s(index, n))
+            t += pass_s
+            for r in group:
+                served[r].queue_s = now[0] - served[r].arrival.time_s
+                served[r].prefill_s = t - now[0]
+                measured[r] = (pass_s, n)
+                push(t, "prefilled", r)
         busy[w] = True
-        push(now[0] + s.prefill_s, "prefilled", r)
+        push(t, "free", w)
 
     def start_decode_step() -> None:
         if decode_busy[0] or not (running or decode_waiting):
@@ -197,6 +215,7 @@ def replay(
         push(now[0] + step, "step", len(batch))
 
     worker_of: dict[int, int] = {}
+    measured: dict[int, tuple[float, int]] = {}  # request -> (its pass's seconds, the pass's tokens)
     while events:
         now[0], _, kind, who = heapq.heappop(events)
         if kind == "arrive":
@@ -208,11 +227,13 @@ def replay(
             worker_of[who] = w
             queues[w].append(who)
             start_prefill(w)
+        elif kind == "free":
+            busy[who] = False
+            start_prefill(who)
         elif kind == "prefilled":
             w, s = worker_of[who], served[who]
-            ctl.on_done(w, str(who), prefill_s=s.prefill_s, num_batch_tokens=s.arrival.num_prompt_tokens - 1)
-            busy[w] = False
-            start_prefill(w)
+            pass_s, batch_tokens = measured[who]
+            ctl.on_done(w, str(who), prefill_s=pass_s, num_batch_tokens=batch_tokens)
             n = s.arrival.num_prompt_tokens - 1
             push(now[0] + noisy(costs.transfer_fixed_s + costs.transfer_s_per_token * n), "kv", who)
         elif kind == "kv":

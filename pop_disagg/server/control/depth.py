@@ -19,7 +19,8 @@ The router asks ``DepthController.choose`` once per prefilled request. A request
 
   which is linear in ``k``, so checking k = 1 and k = K is enough. A plan whose load ``lam * m * s``
   exceeds 1 fails at k = K however empty the queue is now; one below 1 fails only if the backlog is
-  already large. So the choice tracks the load the plan would sustain, and the middle plans are
+  already large, or if the mean wait of that load in steady state (Pollaczek-Khinchine, with the
+  measured variability of prompt lengths and pass times) plus a service exceeds T. So the choice tracks the load the plan would sustain, and the middle plans are
   chosen when the load sits between what they sustain. Before a rate is measured (the first
   request) the rule is ``greedy``.
 
@@ -40,6 +41,7 @@ chosen); every ``log_interval_s`` with traffic a log line gives the mix since th
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
@@ -111,6 +113,8 @@ class DepthController:
         # and of their prefill lengths, updated by every choice (explicit plans included).
         self.mean_gap_s: float | None = None
         self.mean_tokens: float | None = None
+        self.tokens_cv2 = 0.0  # EWMA of (tokens / mean - 1)^2
+        self.time_cv2 = 0.0  # EWMA of (measured s_per_token / its EWMA - 1)^2, all plans
         self._last_arrival: float | None = None
         self.queues = [_WorkerQueue() for _ in range(num_prefill)]
         self.s_per_token: list[float | None] = [None] * len(family.plans)  # measured EWMA per plan
@@ -180,7 +184,7 @@ class DepthController:
 
     def _followers_meet_slo(self, worker: int, num_tokens: int, index: int) -> bool:
         """Lookahead: would the requests expected behind this one still meet T on the same plan?"""
-        if self.rule == "greedy" or self.mean_gap_s is None or self.mean_gap_s <= 0:
+        if self.rule == "greedy" or self.mean_gap_s is None or self.mean_gap_s <= 0 or math.isinf(self.ttft_slo_s):
             return True
         s = self.seconds_per_token(index) or 0.0
         # The router spreads arrivals over the workers: this worker sees one every gap * W seconds.
@@ -191,7 +195,15 @@ class DepthController:
             ahead = max(0.0, backlog + (k - 1) * m * s - k * gap)
             if ahead + m * s + self.overhead_s > self.ttft_slo_s:
                 return False
-        return True
+        # The same load in steady state, with its randomness: the mean wait of a queue with Poisson
+        # arrivals (Pollaczek-Khinchine), service time m * s with the squared coefficient of
+        # variation measured from prompt lengths and per-token times.
+        rho = m * s / gap
+        if rho >= 1.0:
+            return False
+        cv2 = (1 + self.tokens_cv2) * (1 + self.time_cv2) - 1
+        wait = rho * m * s * (1 + cv2) / (2 * (1 - rho))
+        return wait + m * s + self.overhead_s <= self.ttft_slo_s
 
     def _observe_arrival(self, num_tokens: int) -> None:
         now = self.clock()
@@ -200,7 +212,11 @@ class DepthController:
             self.mean_gap_s = gap if self.mean_gap_s is None else (1 - self.alpha) * self.mean_gap_s + self.alpha * gap
         self._last_arrival = now
         t = float(num_tokens)
-        self.mean_tokens = t if self.mean_tokens is None else (1 - self.alpha) * self.mean_tokens + self.alpha * t
+        if self.mean_tokens is None:
+            self.mean_tokens = t
+        else:
+            self.tokens_cv2 = (1 - self.alpha) * self.tokens_cv2 + self.alpha * (t / self.mean_tokens - 1) ** 2
+            self.mean_tokens = (1 - self.alpha) * self.mean_tokens + self.alpha * t
 
     # ---- what the router reports --------------------------------------------------------------
     def on_submit(self, worker: int, request_id: str, num_tokens: int, index: int) -> None:
@@ -220,6 +236,8 @@ class DepthController:
 
     def _ewma_plan(self, index: int, value: float) -> None:
         old = self.s_per_token[index]
+        if old is not None:
+            self.time_cv2 = (1 - self.alpha) * self.time_cv2 + self.alpha * (value / old - 1) ** 2
         self.s_per_token[index] = value if old is None else (1 - self.alpha) * old + self.alpha * value
 
     def _maybe_log(self) -> None:
