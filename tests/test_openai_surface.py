@@ -1,0 +1,199 @@
+"""The OpenAI surface beyond plain sampling: logprobs, logits processors, tokenize/detokenize, extensions.
+
+Engine level (tiny checkpoints, CPU): raw logprobs equal Transformers' own ``log_softmax``; every
+greedy token under a penalty / ``logit_bias`` / ``min_tokens`` is the argmax of the formula applied
+by hand to the raw logits the engine had at that step; a request without any of it samples exactly
+as before. Server level (one 1P1D POP server on SmolLM2, HTTP + gRPC): the ``openai`` package parses
+logprobs in its own types, streaming and not, over both front ends; bad values get a 400 naming
+the parameter and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pop_disagg.config import EngineConfig, PruneConfig
+from pop_disagg.engine.engine import LLMEngine
+from pop_disagg.engine.sampling import SamplingParams, make_generator, process_logits, sample, token_logprobs
+from pop_disagg.limits import InvalidRequest, ModelLimits
+from pop_disagg.models.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def full_engine(tiny_ckpt):
+    path = tiny_ckpt("llama")
+    cfg = EngineConfig(model=path, kv_cache_memory_mb=2, block_size=4, prune=PruneConfig(no_prune=True))
+    return LLMEngine(cfg, model=load_model(path), model_path=path)
+
+
+PROMPT = [5, 9, 13, 40, 41, 42, 7]
+
+
+def _recording(engine):
+    """Wrap the runner's decode_logits so every decode step's raw (B, V) logits are kept."""
+    seen, real = [], engine.runner.decode_logits
+
+    def record(reqs):
+        out = real(reqs)
+        seen.append(out.clone())
+        return out
+
+    engine.runner.decode_logits = record
+    return seen, lambda: setattr(engine.runner, "decode_logits", real)
+
+
+def _by_hand(raw: torch.Tensor, prompt: list[int], out: list[int], p: SamplingParams, eos: set[int]) -> torch.Tensor:
+    """vLLM's formulas, one token at a time in plain Python (the reference for ``process_logits``)."""
+    x = raw.double().clone()
+    if len(out) < p.min_tokens:
+        for t in eos | set(p.stop_token_ids):
+            x[t] = -math.inf
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    for t in set(prompt) | set(out):
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(out):
+        x[t] -= p.frequency_penalty * out.count(t) + p.presence_penalty
+    return x
+
+
+PROCESSED = [
+    dict(repetition_penalty=1.8),
+    dict(repetition_penalty=0.6),
+    dict(frequency_penalty=1.5),
+    dict(presence_penalty=-1.0, frequency_penalty=0.5),
+    dict(logit_bias={3: 8.0, 17: -100.0}),
+    dict(min_tokens=6, repetition_penalty=1.3),
+]
+
+
+@pytest.mark.parametrize("options", PROCESSED, ids=lambda o: ",".join(o))
+def test_greedy_with_processors_follows_the_formula(full_engine, options):
+    params = SamplingParams(max_new_tokens=10, **options)
+    plain = full_engine.generate([PROMPT], SamplingParams(max_new_tokens=10))[0].token_ids
+    seen, restore = _recording(full_engine)
+    try:
+        got = full_engine.generate([PROMPT], params)[0].token_ids
+    finally:
+        restore()
+    # The no-prune prefill samples nothing; every token comes from one recorded decode step.
+    assert len(seen) == len(got)
+    for i, raw in enumerate(seen):
+        expected = _by_hand(raw[0], PROMPT, got[:i], params, full_engine.eos_token_ids)
+        assert got[i] == int(expected.argmax()), f"token {i}"
+    if "logit_bias" in options:
+        assert 17 not in got
+    if options != dict(repetition_penalty=0.6):  # a penalty < 1 encourages repeats: may equal plain
+        assert got != plain or options.get("min_tokens")
+
+
+def test_min_tokens_holds_back_eos(full_engine):
+    eos = min(full_engine.eos_token_ids)
+    # A bias that makes EOS the certain argmax: without min_tokens it ends at once.
+    bias = {eos: 100.0}
+    assert full_engine.generate([PROMPT], SamplingParams(max_new_tokens=8, logit_bias=bias))[0].token_ids == [eos]
+    out = full_engine.generate([PROMPT], SamplingParams(max_new_tokens=8, logit_bias=bias, min_tokens=4))[0]
+    assert out.token_ids[:4] != [eos] * 4 and eos not in out.token_ids[:4] and out.token_ids[4] == eos
+    assert out.finish_reason == "stop"
+
+
+def test_process_logits_batched_equals_by_hand():
+    torch.manual_seed(0)
+    vocab = 50
+    logits = torch.randn(4, vocab) * 3
+
+    class R:
+        def __init__(self, params, prompt, out):
+            self.params, self.prompt_token_ids, self.output_token_ids = params, prompt, out
+
+    reqs = [
+        R(SamplingParams(max_new_tokens=8, repetition_penalty=1.5, frequency_penalty=0.7), [1, 2, 3], [3, 3, 9]),
+        R(SamplingParams(max_new_tokens=8), [4], [5]),  # untouched
+        R(SamplingParams(max_new_tokens=8, presence_penalty=2.0, logit_bias={0: -5.5}), [7], [7, 8, 8, 8]),
+        R(SamplingParams(max_new_tokens=8, min_tokens=5, stop_token_ids=(11,)), [1], [2]),
+    ]
+    got = process_logits(logits, reqs, eos_token_ids=(10,))
+    for i, r in enumerate(reqs):
+        ref = _by_hand(logits[i], r.prompt_token_ids, r.output_token_ids, r.params, {10})
+        torch.testing.assert_close(got[i].double(), ref, rtol=1e-6, atol=1e-5)
+    assert got[1].data_ptr() != logits[1].data_ptr() and torch.equal(got[1], logits[1])
+    assert process_logits(logits, [reqs[1]] * 4) is logits  # nobody asks: no copy at all
+
+
+def test_unprocessed_sampling_is_unchanged(full_engine):
+    """A request without processors or logprobs samples exactly what ``sample`` alone gives."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 64)
+    p = SamplingParams(temperature=0.9, top_k=20, seed=3)
+    a = sample(logits, [p] * 3, [make_generator(3, torch.device("cpu")) for _ in range(3)])
+    b = sample(
+        process_logits(logits, [type("R", (), {"params": p})()] * 3),
+        [p] * 3,
+        [make_generator(3, torch.device("cpu")) for _ in range(3)],
+    )
+    assert a == b
+
+
+def test_logprobs_are_raw_and_equal_transformers(tiny_ckpt, full_engine):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_ckpt("llama")
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    # Temperature and a penalty change the sampled token's distribution, never the reported logprobs.
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, seed=5, repetition_penalty=1.2, logprobs=3)
+    out = full_engine.generate([PROMPT], params)[0]
+    # The engine's outputs carry one TokenLogprob per token; rebuild them through the request state.
+    with torch.no_grad():
+        logits = hf(torch.tensor([PROMPT + out.token_ids])).logits[0].double()
+    ref = logits.log_softmax(-1)[len(PROMPT) - 1 : -1]  # (T, V) the distribution each token came from
+    lps = out.logprobs
+    assert [lp.token_id for lp in lps] == out.token_ids
+    for i, lp in enumerate(lps):
+        assert lp.logprob == pytest.approx(float(ref[i, lp.token_id]), abs=1e-4)
+        top_v, top_i = ref[i].topk(3)
+        assert [t for t, _ in lp.top] == top_i.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top_v.tolist(), abs=1e-4)
+
+
+def test_token_logprobs_only_for_rows_that_ask():
+    logits = torch.randn(3, 40)
+    got = token_logprobs(logits, [1, 2, 3], [None, 0, 5])
+    assert got[0] is None and got[1].top == [] and len(got[2].top) == 5
+    assert got[1].logprob == pytest.approx(float(logits[1].log_softmax(-1)[2]), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options,field",
+    [
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-3), "frequency_penalty"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(min_tokens=-1), "min_tokens"),
+        (dict(min_tokens=9, max_new_tokens=8), "min_tokens"),
+        (dict(logit_bias={3: 101.0}), "logit_bias"),
+        (dict(logprobs=21), "logprobs"),
+    ],
+)
+def test_sampling_ranges_name_the_field(options, field):
+    from pop_disagg._proto import generation_pb2 as pb
+    from pop_disagg.server.frontend.protocol import parse_generate
+
+    msg = pb.GenerateRequest(prompt_token_ids=[1, 2, 3])
+    for k, v in options.items():
+        if k == "logit_bias":
+            msg.logit_bias.update(v)
+        else:
+            setattr(msg, k, v)
+    with pytest.raises(InvalidRequest) as err:
+        parse_generate(msg, None, ModelLimits(vocab_size=50, context_limit=256))
+    assert err.value.field_name == field, err.value
+
+
+def test_logit_bias_keys_must_be_token_ids():
+    limits = ModelLimits(vocab_size=50, context_limit=256)
+    with pytest.raises(InvalidRequest) as err:
+        limits.check([1, 2], SamplingParams(logit_bias={50: 1.0}))
+    assert err.value.field_name == "logit_bias"
