@@ -258,8 +258,14 @@ BAD = [
     ("unknown-token-id", "/v1/completions", {"prompt": [5, 10**7]}, 400, "prompt"),
     ("beyond-context", "/v1/completions", {"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
     ("n-2", "/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
-    ("logprobs", "/v1/completions", {"prompt": "hi", "logprobs": 1}, 400, "logprobs"),
-    ("chat-logprobs", "/v1/chat/completions", {"messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
+    ("logprobs-21", "/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    (
+        "chat-top-logprobs-21",
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+    ),
     ("unknown-parameter", "/v1/completions", {"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
     ("missing-prompt", "/v1/completions", {}, 400, "prompt"),
 ]

@@ -197,3 +197,212 @@ def test_logit_bias_keys_must_be_token_ids():
     with pytest.raises(InvalidRequest) as err:
         limits.check([1, 2], SamplingParams(logit_bias={50: 1.0}))
     assert err.value.field_name == "logit_bias"
+
+
+# ---- the server: HTTP (openai package, httpx) and gRPC ---------------------------------------------
+SERVED = "smollm2"
+TEXT = "The three primary colors are"
+MESSAGES = [{"role": "user", "content": "Name a large ocean."}]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir):
+    import ray
+
+    from pop_disagg.config import ServeConfig
+    from pop_disagg.server.app import BackgroundServer
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    srv = None
+    try:
+        engine = EngineConfig(model=str(smollm2_dir), kv_cache_memory_mb=48, max_model_len=512)
+        config = ServeConfig(engine=engine, topology="disaggregated", prefill="pop", transfer_timeout_s=30)
+        srv = BackgroundServer(config, http_port=0, served_model_name=SERVED)
+        yield srv
+    finally:
+        if srv is not None:
+            srv.stop()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    import openai
+
+    with openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.http_url, timeout=120) as client:
+        yield client
+
+
+def _grpc(stub, **kw):
+    from pop_disagg._proto import generation_pb2 as pb
+
+    bias = kw.pop("logit_bias", {})
+    msg = pb.GenerateRequest(**kw)
+    msg.logit_bias.update(bias)
+    return stub.Generate(msg, timeout=120)
+
+
+def test_completion_logprobs_equal_grpc(oa, stub, server):
+    tok = server.deployment.tokenizer
+    ref = _grpc(stub, prompt=TEXT, max_new_tokens=8, logprobs=3)
+    assert len(ref.logprobs) == len(ref.token_ids) == 8
+    got = oa.completions.create(model=SERVED, prompt=TEXT, max_tokens=8, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs  # the SDK's own Logprobs type
+    assert lp.tokens == [tok.decode([t]) for t in ref.token_ids]
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
+    for i, x in enumerate(ref.logprobs):
+        assert [t.token_id for t in x.top_logprobs] and x.top_logprobs[0].token_id == x.token_id  # greedy: top-1
+        want = {tok.decode([t.token_id]): t.logprob for t in x.top_logprobs}
+        assert set(lp.top_logprobs[i]) >= set(want) and len(lp.top_logprobs[i]) <= 4
+        assert lp.token_logprobs[i] <= 0
+    assert lp.text_offset == [sum(len(s) for s in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    # Streaming: the same numbers, chunk by chunk, offsets carried across chunks.
+    chunks = list(
+        oa.completions.create(model=SERVED, prompt=TEXT, max_tokens=8, temperature=0, logprobs=3, stream=True)
+    )
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs and c.choices[0].logprobs.tokens]
+    assert [t for c in streamed for t in c.tokens] == lp.tokens
+    assert [v for c in streamed for v in c.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert [o for c in streamed for o in c.text_offset] == lp.text_offset
+
+
+def test_chat_logprobs_streaming_and_not(oa, stub, server):
+    got = oa.chat.completions.create(
+        model=SERVED, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = got.choices[0].logprobs.content  # list[ChatCompletionTokenLogprob]
+    assert len(content) == got.usage.completion_tokens
+    assert "".join(c.token for c in content).strip() == got.choices[0].message.content.strip()
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)
+        assert c.bytes == list(c.token.encode())
+    stream = oa.chat.completions.create(
+        model=SERVED, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [x for ch in stream if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
+    assert [x.token for x in streamed] == [c.token for c in content]
+    assert [x.logprob for x in streamed] == pytest.approx([c.logprob for c in content], abs=1e-5)
+    # Without top_logprobs: the sampled token's logprob only; sampled rows too.
+    plain = oa.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=4, logprobs=True, seed=3)
+    assert all(c.top_logprobs == [] and c.logprob <= 0 for c in plain.choices[0].logprobs.content)
+    none = oa.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=2)
+    assert none.choices[0].logprobs is None
+
+
+def test_penalties_over_http_equal_grpc(oa, stub):
+    opts = dict(repetition_penalty=1.6, frequency_penalty=0.8, presence_penalty=0.4, min_tokens=5)
+    ref = _grpc(stub, prompt=TEXT, max_new_tokens=16, logit_bias={28: -100.0}, **opts)
+    plain = _grpc(stub, prompt=TEXT, max_new_tokens=16)
+    assert list(ref.token_ids) != list(plain.token_ids) and 28 not in ref.token_ids
+    got = oa.completions.create(
+        model=SERVED,
+        prompt=TEXT,
+        max_tokens=16,
+        temperature=0,
+        frequency_penalty=0.8,
+        presence_penalty=0.4,
+        logit_bias={"28": -100},
+        extra_body={"repetition_penalty": 1.6, "min_tokens": 5, "return_token_ids": True},
+    )
+    assert got.choices[0].token_ids == list(ref.token_ids) and got.choices[0].text == ref.text
+
+
+def test_skip_special_tokens(http, server):
+    eos = server.deployment.tokenizer.eos_token_id
+    body = {"model": SERVED, "prompt": TEXT, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    body["logit_bias"] = {str(eos): 100}  # EOS is certain: the text is all special tokens
+    skipped = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    kept = http.post("/v1/completions", json={**body, "skip_special_tokens": False}).json()["choices"][0]["text"]
+    assert skipped == "" and kept == server.deployment.tokenizer.decode([eos, eos])
+
+
+def test_continuous_usage_stats(http):
+    import json
+
+    body = {"model": SERVED, "prompt": TEXT, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        events = [line.removeprefix("data: ") for line in resp.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]" and all(c["usage"] is not None for c in chunks)
+    counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert counts == sorted(counts) and counts[-1] == 5 == chunks[-1]["usage"]["completion_tokens"]
+    assert all(
+        c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"] for c in chunks
+    )
+
+
+def test_tokenize_detokenize_version(http, oa, server):
+    tok = server.deployment.tokenizer
+    got = http.post("/tokenize", json={"model": SERVED, "prompt": TEXT}).json()
+    assert got == {"count": len(tok.encode(TEXT)), "max_model_len": 512, "tokens": tok.encode(TEXT)}
+    strs = http.post("/tokenize", json={"prompt": TEXT, "return_token_strs": True}).json()["token_strs"]
+    assert strs == tok.convert_ids_to_tokens(tok.encode(TEXT))
+    chat = http.post("/tokenize", json={"messages": MESSAGES}).json()
+    reply = oa.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens == len(chat["tokens"])
+    assert http.post("/detokenize", json={"tokens": got["tokens"]}).json() == {"prompt": TEXT}
+    version = http.get("/version")
+    assert version.status_code == 200 and isinstance(version.json()["version"], str)
+    bad = http.post("/detokenize", json={"tokens": [1, 10**7]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    wrong = http.post("/tokenize", json={"model": "gpt-4", "prompt": "x"})
+    assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
+
+
+def test_ignored_and_neutral_fields_are_accepted(http, caplog):
+    import logging
+
+    body = {"model": SERVED, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    extra = {"user": "u1", "service_tier": "auto", "spaces_between_special_tokens": False, "tools": [], "suffix": None}
+    with caplog.at_level(logging.WARNING, logger="pop_disagg.serve"):
+        for _ in range(2):
+            resp = http.post("/v1/completions", json={**body, **extra})
+            assert resp.status_code == 200, resp.text
+    warned = [r.getMessage() for r in caplog.records if "accepted and ignored" in r.getMessage()]
+    assert sum("'service_tier'" in w for w in warned) <= 1  # once per field name, per process
+
+
+REFUSALS = [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"suffix": "x"}, "suffix"),
+    ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"frobnicate": 1}, "frobnicate"),
+]
+CHAT_REFUSALS = [
+    ({"logprobs": True, "top_logprobs": 25}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+]
+
+
+@pytest.mark.parametrize(
+    "path,extra,param",
+    [("/v1/completions", *r) for r in REFUSALS] + [("/v1/chat/completions", *r) for r in CHAT_REFUSALS],
+)
+def test_bad_values_name_the_parameter(http, path, extra, param):
+    prompt = {"messages": MESSAGES} if "chat" in path else {"prompt": "Hi"}
+    for stream in (False, True):
+        resp = http.post(path, json={"model": SERVED, "max_tokens": 4, "stream": stream, **prompt, **extra})
+        assert resp.status_code == 400, resp.text
+        err = resp.json()["error"]
+        assert err["param"] == param and err["message"].startswith(param) and err["type"] == "invalid_request_error"
+    ok = http.post("/v1/completions", json={"model": SERVED, "prompt": "Hi", "max_tokens": 2, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
