@@ -257,7 +257,8 @@ BAD = [
     ("empty-prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("unknown-token-id", "/v1/completions", {"prompt": [5, 10**7]}, 400, "prompt"),
     ("beyond-context", "/v1/completions", {"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
-    ("n-2", "/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+    ("n-0", "/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("best-of-3-n-2", "/v1/completions", {"prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of"),
     ("logprobs-21", "/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     (
         "chat-top-logprobs-21",

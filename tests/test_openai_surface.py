@@ -406,3 +406,34 @@ def test_bad_values_name_the_parameter(http, path, extra, param):
         assert err["param"] == param and err["message"].startswith(param) and err["type"] == "invalid_request_error"
     ok = http.post("/v1/completions", json={"model": SERVED, "prompt": "Hi", "max_tokens": 2, "ignore_eos": True})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_n_samples_unary_and_streaming(oa, stub):
+    import openai
+
+    seeded = dict(temperature=1.0, top_p=0.95, seed=21, max_tokens=8)
+    got = oa.completions.create(model=SERVED, prompt=TEXT, n=3, extra_body={"return_token_ids": True}, **seeded)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    # Sample i is the seeded request with seed + i: the same tokens gRPC gives for that seed.
+    for c in got.choices:
+        ref = _grpc(stub, prompt=TEXT, max_new_tokens=8, temperature=1.0, top_p=0.95, seed=21 + c.index)
+        assert c.token_ids == list(ref.token_ids) and c.text == ref.text
+    assert got.usage.completion_tokens == sum(len(c.token_ids) for c in got.choices)
+    assert got.usage.prompt_tokens == _grpc(stub, prompt=TEXT, max_new_tokens=1).usage.prompt_tokens
+    stream = oa.completions.create(
+        model=SERVED, prompt=TEXT, n=3, stream=True, stream_options={"include_usage": True}, **seeded
+    )
+    texts, finished = ["", "", ""], set()
+    chunks = list(stream)
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished.add(c.index)
+    assert texts == [c.text for c in got.choices] and finished == {0, 1, 2}
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+    chat = oa.chat.completions.create(model=SERVED, messages=MESSAGES, n=2, max_tokens=4, seed=1, logprobs=True)
+    assert [c.index for c in chat.choices] == [0, 1] and all(c.logprobs.content for c in chat.choices)
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.completions.create(model=SERVED, prompt=TEXT, n=2, best_of=3)
+    assert err.value.param == "best_of"

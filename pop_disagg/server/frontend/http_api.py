@@ -47,13 +47,14 @@ from ..._proto import generation_pb2 as pb
 from ...limits import InvalidRequest, ModelLimits
 from ..control.calls import GenerateCall, GenerateResult
 from ..errors import ServingError, Unauthenticated
-from . import openai_fields, protocol, tokenize_api
+from . import fanout, openai_fields, protocol, tokenize_api
 from .chat import ChatMessage, render_chat
 from .openai_logprobs import LogprobsRenderer
 
 log = logging.getLogger("pop_disagg.serve")
 
 MAX_BODY_BYTES = 4 << 20  # gRPC's default receive limit: both front ends take the same requests
+MAX_N = 16  # samples per request at most: each is a request of its own (blocks, a decode slot)
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (the gRPC API defaults to greedy)
 
 
@@ -181,11 +182,11 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 # ---- request -> GenerateCall ---------------------------------------------------------------------
 def _unsupported(req: _SamplingRequest) -> None:
     """Refuse what the engine does not do yet, naming the parameter, rather than ignore it."""
-    checks = [("n", req.n != 1, "only n=1 is supported")]
+    checks = [("n", not 1 <= req.n <= MAX_N, f"must be in [1, {MAX_N}], got {req.n}")]
     if isinstance(req, CompletionRequest):
         checks += [
             ("echo", req.echo, "echo is not supported"),
-            ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
+            ("best_of", req.best_of not in (None, req.n), "only best_of == n is supported (no ranking of samples)"),
         ]
     else:
         checks += [("top_logprobs", req.top_logprobs is not None and not req.logprobs, "needs logprobs: true")]
@@ -277,12 +278,10 @@ def parse_call(req: _SamplingRequest, tokenizer, limits: ModelLimits) -> Generat
 
 
 # ---- responses -----------------------------------------------------------------------------------
-def _usage(r: GenerateResult) -> dict:
-    return {
-        "prompt_tokens": r.num_prompt_tokens,
-        "completion_tokens": r.num_output_tokens,
-        "total_tokens": r.num_prompt_tokens + r.num_output_tokens,
-    }
+def _usage(results: list[GenerateResult]) -> dict:
+    """One request's usage: the prompt once, the completion tokens of every choice (OpenAI's for n > 1)."""
+    n, m = results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results)
+    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
 class _Render:
@@ -296,26 +295,32 @@ class _Render:
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous_usage = self.include_usage and opts.continuous_usage_stats  # as vLLM: both needed
-        self.logprobs = LogprobsRenderer(tokenizer, self.is_chat) if logprobs_count(req) is not None else None
+        # One logprobs renderer per choice (completions' text offsets are per choice).
+        self.logprobs = (
+            [LogprobsRenderer(tokenizer, self.is_chat) for _ in range(req.n)]
+            if logprobs_count(req) is not None
+            else None
+        )
         self.num_prompt_tokens, self.num_streamed = num_prompt_tokens, 0
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _choice(self, text: str, item, finish_reason: str | None, *, is_delta: bool, is_first: bool = False) -> dict:
-        logprobs = self.logprobs.render(item.logprobs or []) if self.logprobs is not None else None
+    def _choice(self, index: int, item, finish_reason: str | None, *, is_delta: bool, is_first: bool = False) -> dict:
+        text = item.text
+        logprobs = self.logprobs[index].render(item.logprobs or []) if self.logprobs is not None else None
         if not self.is_chat:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         elif is_delta:
             choice = {
-                "index": 0,
+                "index": index,
                 "delta": {"role": "assistant", "content": text} if is_first else {"content": text},
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         else:
             choice = {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
@@ -324,18 +329,19 @@ class _Render:
             choice["token_ids"] = list(item.token_ids)
         return choice
 
-    def body(self, r: GenerateResult) -> dict:
+    def body(self, results: list[GenerateResult]) -> dict:
         out = self._head("chat.completion" if self.is_chat else "text_completion")
-        return {**out, "choices": [self._choice(r.text, r, r.finish_reason, is_delta=False)], "usage": _usage(r)}
+        choices = [self._choice(i, r, r.finish_reason, is_delta=False) for i, r in enumerate(results)]
+        return {**out, "choices": choices, "usage": _usage(results)}
 
-    def chunk(self, item, is_first: bool) -> dict | None:
+    def chunk(self, index: int, item, is_first: bool) -> dict | None:
         finish = item.finish_reason if isinstance(item, GenerateResult) else None
         self.num_streamed += len(item.token_ids)  # counted even when this chunk is held back
         shows_tokens = (self.return_token_ids or self.logprobs is not None) and item.token_ids
         if not (item.text or finish or is_first or shows_tokens):
             return None  # held back text (a possible stop string) with nothing to show
         out = self._head("chat.completion.chunk" if self.is_chat else "text_completion")
-        out["choices"] = [self._choice(item.text, item, finish, is_delta=True, is_first=is_first)]
+        out["choices"] = [self._choice(index, item, finish, is_delta=True, is_first=is_first)]
         if self.continuous_usage:
             n, m = self.num_prompt_tokens, self.num_streamed
             out["usage"] = {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
@@ -343,9 +349,9 @@ class _Render:
             out["usage"] = None
         return out
 
-    def usage_chunk(self, r: GenerateResult) -> dict:
+    def usage_chunk(self, results: list[GenerateResult]) -> dict:
         out = self._head("chat.completion.chunk" if self.is_chat else "text_completion")
-        return {**out, "choices": [], "usage": _usage(r)}
+        return {**out, "choices": [], "usage": _usage(results)}
 
 
 def _sse(obj: dict | str) -> str:
@@ -363,25 +369,29 @@ class _ClosingStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _events(agen, first, render: _Render):
-    item, is_first = first, True
+async def _events(streams: list, firsts: list, render: _Render):
+    """The SSE body: every choice's chunks as they come (``fanout.merged``), the usage, ``[DONE]``."""
+    items = fanout.merged(streams, firsts)
+    is_first = [True] * len(streams)
+    results: dict[int, GenerateResult] = {}
     try:
-        while True:
-            chunk = render.chunk(item, is_first)
+        async for i, item in items:
+            chunk = render.chunk(i, item, is_first[i])
             if chunk is not None:
                 yield _sse(chunk)
-                is_first = False
+                is_first[i] = False
             if isinstance(item, GenerateResult):
-                break
-            item = await agen.__anext__()
+                results[i] = item
         if render.include_usage:
-            yield _sse(render.usage_chunk(item))
+            yield _sse(render.usage_chunk([results[i] for i in sorted(results)]))
     except Exception as exc:  # after the 200 went out, a failure can only be an event (as vLLM does)
         if not isinstance(exc, (ValueError, ServingError)):
             log.exception("stream failed")
         yield _sse(error_of(exc)[1])
     finally:
-        await agen.aclose()
+        await items.aclose()
+        for s in streams:
+            await s.aclose()
     yield _sse("[DONE]")
 
 
@@ -486,19 +496,21 @@ def create_app(server) -> FastAPI:
         try:
             check_model(req.model)
             call = parse_call(req, dep.tokenizer, limits)
+            calls = fanout.sample_calls(call, req.n)
             render = _Render(req, model_name, dep.tokenizer, len(call.prompt_token_ids))
             if not req.stream:
-                result = await _unless_disconnected(server.router.generate(call), request)
-                return JSONResponse(render.body(result))
-            agen = server.router.stream(call)
+                results = await _unless_disconnected(fanout.generate_all(server.router, calls), request)
+                return JSONResponse(render.body(results))
+            streams = [server.router.stream(c) for c in calls]
             try:
-                first = await _unless_disconnected(agen.__anext__(), request)
+                firsts = await _unless_disconnected(fanout.first_items(streams), request)
             except BaseException:
-                await agen.aclose()
+                for s in streams:
+                    await s.aclose()
                 raise
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return _ClosingStreamingResponse(
-                _events(agen, first, render), media_type="text/event-stream", headers=headers
+                _events(streams, firsts, render), media_type="text/event-stream", headers=headers
             )
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
