@@ -8,7 +8,10 @@ the offending field (the front ends answer ``INVALID_ARGUMENT`` / HTTP 400 with 
 
 The rules (vLLM's): a prompt has at least one token, ids inside the vocabulary, and at most
 ``context_limit - 1`` tokens (room for one new token); ``1 <= max_new_tokens`` and
-``prompt + max_new_tokens <= context_limit``; a ``prune_ratio`` names a plan of the served family.
+``prompt + max_new_tokens <= context_limit``; a ``prune_ratio`` names a plan of the served family;
+token ids the sampling parameters name (``stop_token_ids``, ``logit_bias`` keys) are in the
+vocabulary. Ranges that need no model (temperature, penalties, ``min_tokens <= max_new_tokens``)
+are ``SamplingParams``' own validators.
 """
 
 from __future__ import annotations
@@ -57,11 +60,16 @@ class ModelLimits:
                 f"{num_prompt_tokens} prompt + {max_new_tokens} new tokens exceeds the context limit of {self.context_limit}",
             )
 
+    def check_params(self, params) -> None:
+        """The token ids a ``SamplingParams`` names: stop token ids and ``logit_bias`` keys."""
+        self.check_token_ids("stop_token_ids", params.stop_token_ids)
+        self.check_token_ids("logit_bias", params.logit_bias)
+
     def check(self, prompt_token_ids: list[int], params) -> None:
-        """The whole request: prompt, length against the context, stop token ids."""
+        """The whole request: prompt, length against the context, the token ids of its parameters."""
         self.check_prompt(prompt_token_ids)
         self.check_max_new_tokens(len(prompt_token_ids), params.max_new_tokens)
-        self.check_token_ids("stop_token_ids", params.stop_token_ids)
+        self.check_params(params)
 
     def plan_index(self, prune_ratio: float | None) -> int | None:
         """The index in the served family of the plan ``prune_ratio`` names (None: the server picks)."""

@@ -46,6 +46,7 @@ class Tokens:
     token_ids: list[int]
     is_finished: bool
     finish_reason: str | None
+    logprobs: list | None = None  # a TokenLogprob per token, when the request asked for logprobs
 
 
 @dataclass
@@ -263,7 +264,7 @@ class DecodeWorker:
                     self._sinks.pop(out.request_id, None)
                     self._deadlines.pop(out.request_id, None)
                 if sink is not None:
-                    events.append((sink, Tokens(out.new_token_ids, out.finished, out.finish_reason)))
+                    events.append((sink, Tokens(out.new_token_ids, out.finished, out.finish_reason, out.new_logprobs)))
         for sink, event in events:
             sink(event)
         return True

@@ -54,12 +54,18 @@ class OutputText:
     both use it.
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
-        self.detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer, stops: tuple[str, ...] = (), skip_special_tokens: bool = True, min_tokens: int = 0):
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.stops = tuple(stops)
+        self.min_tokens = min_tokens  # no stop string ends the output before this many tokens (vLLM)
         self._hold = max(map(len, self.stops), default=1) - 1
         self.cut: int | None = None  # where the stop string begins, once one matched
         self.emitted = 0  # characters already handed out by take()
+
+    @classmethod
+    def for_params(cls, tokenizer, params) -> OutputText:
+        """The output text a request's ``SamplingParams`` ask for (stop strings, special tokens, min_tokens)."""
+        return cls(tokenizer, params.stop, params.skip_special_tokens, params.min_tokens)
 
     @property
     def is_stopped(self) -> bool:
@@ -73,7 +79,7 @@ class OutputText:
     def add(self, token_id: int) -> bool:
         """Append one token; True when it completes a stop string (the output ends here)."""
         new_text = self.detok.add(token_id)
-        if self.stops and new_text and self.cut is None:
+        if self.stops and new_text and self.cut is None and len(self.detok.ids) >= self.min_tokens:
             self.cut = find_stop(self.detok.text, self.stops, len(new_text))
         return self.cut is not None
 

@@ -36,6 +36,10 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: str | None
+    # When the request asked for logprobs (params.logprobs): a TokenLogprob per token of
+    # token_ids / new_token_ids (raw logits, see sampling.py); else None.
+    logprobs: list | None = None
+    new_logprobs: list | None = None
 
 
 def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
@@ -85,6 +89,9 @@ class LLMEngine:
             prefill_covers_last=not self.plan.boundary_handling,
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
+        self.eos_token_ids = set(self.arch.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
         decode_mode = None
         if config.use_compiled_decode:
             decode_mode = "cuda_graph" if device.type == "cuda" else "compile"
@@ -96,13 +103,11 @@ class LLMEngine:
             decode_mode,
             config.max_num_seqs,
             is_chunked=config.enable_chunked_prefill,
+            eos_token_ids=tuple(sorted(self.eos_token_ids)),
         )
         self._out: dict[str, OutputText] = {}  # per request: text and its stop strings
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.eos_token_ids = set(self.arch.eos_token_ids)
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(tokenizer.eos_token_id)
 
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -122,7 +127,7 @@ class LLMEngine:
         self.scheduler.add(req)
         self._requests[request_id] = req
         if self.tokenizer is not None:
-            self._out[request_id] = OutputText(self.tokenizer, params.stop)
+            self._out[request_id] = OutputText.for_params(self.tokenizer, params)
         return request_id
 
     # ---- disaggregated decode hooks (the decode worker's prompt K/V arrives from a prefill worker) --
@@ -140,7 +145,7 @@ class LLMEngine:
             return None
         self._requests[request_id] = req
         if self.tokenizer is not None:
-            self._out[request_id] = OutputText(self.tokenizer, params.stop)
+            self._out[request_id] = OutputText.for_params(self.tokenizer, params)
         return req
 
     def admit_prefilled(self, request_id: str, num_computed_tokens: int) -> None:
@@ -195,6 +200,7 @@ class LLMEngine:
                     new_text,
                     req.is_finished,
                     req.finish_reason.value if req.finish_reason else None,
+                    *((list(req.output_logprobs), req.output_logprobs[-1:]) if req.params.logprobs is not None else ()),
                 )
             )
         return outputs

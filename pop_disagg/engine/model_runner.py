@@ -30,7 +30,7 @@ from ..pop.plan import PrunePlan
 from .compiled_decode import BucketedDecode
 from .kv_cache import BlockManager, KVCache
 from .request import Request
-from .sampling import sample
+from .sampling import sample_requests
 
 
 class ModelRunner:
@@ -43,10 +43,12 @@ class ModelRunner:
         decode_mode: str | None = None,
         max_num_seqs: int = 64,
         is_chunked: bool = False,
+        eos_token_ids: tuple[int, ...] = (),
     ):
         # decode_mode: None = eager; "cuda_graph" / "compile" / "padded": see compiled_decode.py.
         # is_chunked: the scheduler mixes decode rows and prompt chunks in a step (chunked prefill).
         self.is_chunked = is_chunked
+        self.eos_token_ids = eos_token_ids  # masked by the sampler while a request is below its min_tokens
         self.bucketed = BucketedDecode(model, kv_cache, max_num_seqs, decode_mode) if decode_mode else None
         self.model = model
         self.kv_cache = kv_cache
@@ -90,7 +92,7 @@ class ModelRunner:
         if self.plan.boundary_handling:
             return None
         last = hidden[[c - 1 for c in cu[1:]]]
-        return sample(self.model.compute_logits(last), [r.params for r in reqs], [r.generator for r in reqs])
+        return sample_requests(self.model.compute_logits(last), reqs, self.eos_token_ids)
 
     def _block_tables(self, reqs: list[Request], max_blocks: int) -> torch.Tensor:
         """(B, max_blocks) block ids, padded with block 0 (positions past a context are masked).
@@ -144,7 +146,7 @@ class ModelRunner:
 
     def decode(self, reqs: list[Request]) -> list[int]:
         logits = self.decode_logits(reqs)
-        return sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return sample_requests(logits, reqs, self.eos_token_ids)
 
     def _slot_table(self, reqs: list[Request], context: int) -> torch.Tensor:
         """(B, context) flat slot of every position ``< context`` of each request (padded rows are masked)."""
@@ -206,4 +208,4 @@ class ModelRunner:
         if not rows:
             return [], []
         logits = self.model.compute_logits(hidden[rows])
-        return reqs, sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return reqs, sample_requests(logits, reqs, self.eos_token_ids)

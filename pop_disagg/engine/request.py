@@ -40,6 +40,8 @@ class Request:
     params: SamplingParams
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    # With params.logprobs set: one TokenLogprob per output token (appended by the sampler).
+    output_logprobs: list = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V sit in this request's blocks
     block_table: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

@@ -2,15 +2,26 @@
 
 Every request carries its own ``torch.Generator`` seeded from ``seed``, so a seeded request samples
 the same tokens whatever else shares its batch.
+
+``sample_requests`` is the runner's one entry point: the raw logits of a step go through the
+logits processors a request asks for (``process_logits``: ``min_tokens``, ``logit_bias``, then the
+repetition / frequency / presence penalties, vLLM's order and formulas), then ``sample``
+(temperature, top-k, top-p). Logprobs are taken from the *raw* logits, before any of that (vLLM's
+default ``--logprobs-mode raw_logprobs``), and only for requests that ask: a step where nobody
+asks, or nobody has a penalty, costs nothing extra.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch.nn.utils.rnn import pad_sequence
 
 SAMPLING_EPS = 1e-5
+MAX_LOGPROBS = 20  # top logprobs per token at most (OpenAI's top_logprobs limit, vLLM's default max_logprobs)
 
 
 class SamplingParams(BaseModel):
@@ -24,6 +35,44 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Logits processors (vLLM's ranges; OpenAI's for presence/frequency).
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="minus this for every token already generated")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="minus this times each token's output count")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, description="divides positive (multiplies negative) logits of seen tokens"
+    )
+    min_tokens: int = Field(0, ge=0, description="EOS and stop token ids are masked until this many tokens")
+    logit_bias: dict[int, float] = Field(default_factory=dict, description="token id -> bias added to its logit")
+    # Outputs.
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="return each token's raw logprob and this many top ones; None: none"
+    )
+    skip_special_tokens: bool = True  # in the detokenized text
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {t: b for t, b in v.items() if not -100.0 <= b <= 100.0}
+        if bad:
+            raise ValueError(f"biases must be in [-100, 100], got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> SamplingParams:
+        if self.min_tokens > self.max_new_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
+        return self
+
+    @property
+    def has_logits_processing(self) -> bool:
+        """Whether ``process_logits`` changes this request's logits at all."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.min_tokens
+            or self.logit_bias
+        )
 
     @field_validator("stop")
     @classmethod
@@ -93,3 +142,96 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
     out = greedy.index_copy(0, sel, picked)
     return out.tolist()
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the raw logits, and the ``k`` most likely tokens."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first; k = SamplingParams.logprobs
+
+
+def process_logits(logits: torch.Tensor, reqs: list, eos_token_ids=()) -> torch.Tensor:
+    """(B, V) raw logits -> the logits sampling sees, for the rows whose requests ask for any processing.
+
+    ``reqs[i]`` has ``params``, ``prompt_token_ids`` and ``output_token_ids``. In vLLM's order:
+    ``min_tokens`` (EOS and stop token ids at -inf while fewer tokens were generated), ``logit_bias``
+    (added), then the penalties of vLLM's ``apply_penalties``: repetition (CTRL, Keskar et al. 2019,
+    over prompt and output tokens: a positive logit divided by it, a negative one multiplied), then
+    ``logit -= frequency * count + presence * (count > 0)`` over output tokens (OpenAI's formula).
+    Vectorised: one (S, V) pass per processor over the S rows that need it.
+    """
+    rows = [i for i, r in enumerate(reqs) if r.params.has_logits_processing]
+    if not rows:
+        return logits
+    dev, vocab = logits.device, logits.shape[-1]
+    sel = torch.tensor(rows, device=dev)
+    x = logits.index_select(0, sel).float()  # (S, V)
+    ps = [reqs[i].params for i in rows]
+    banned = [
+        (s, t)
+        for s, i in enumerate(rows)
+        if len(reqs[i].output_token_ids) < ps[s].min_tokens
+        for t in {*eos_token_ids, *ps[s].stop_token_ids}
+    ]
+    if banned:
+        r, t = zip(*banned)
+        x[torch.tensor(r, device=dev), torch.tensor(t, device=dev)] = float("-inf")
+    biased = [(s, t, b) for s, p in enumerate(ps) for t, b in p.logit_bias.items()]
+    if biased:
+        r, t, b = zip(*biased)
+        x.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)), torch.tensor(b, device=dev), True)
+
+    def token_table(lists: list[list[int]]) -> torch.Tensor:
+        # (S, L) ids padded with ``vocab``, an extra column that is cut off after scattering.
+        rows_t = [torch.tensor(ids, dtype=torch.long, device=dev) for ids in lists]
+        return pad_sequence(rows_t, batch_first=True, padding_value=vocab)
+
+    if any(p.repetition_penalty != 1.0 for p in ps):
+        ids = token_table([reqs[i].prompt_token_ids + reqs[i].output_token_ids for i in rows])
+        seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :vocab]
+        rp = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]  # (S, 1)
+        x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
+    if any(p.presence_penalty or p.frequency_penalty for p in ps) and any(reqs[i].output_token_ids for i in rows):
+        ids = token_table([reqs[i].output_token_ids for i in rows])
+        counts = torch.zeros(len(rows), vocab + 1, device=dev).scatter_add_(1, ids, torch.ones_like(ids, dtype=x.dtype))
+        counts = counts[:, :vocab]  # (S, V) output count of every token
+        fp = torch.tensor([p.frequency_penalty for p in ps], device=dev)[:, None]
+        pp = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
+        x = x - fp * counts - pp * (counts > 0)
+    return logits.index_copy(0, sel, x.to(logits.dtype))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], ks: list[int | None]) -> list[TokenLogprob | None]:
+    """Log-softmax of the raw (B, V) logits at each row's chosen token and its top ``ks[i]``; None
+    for rows with ``ks[i] is None`` (only the rows that ask are normalised)."""
+    rows = [i for i, k in enumerate(ks) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    if not rows:
+        return out
+    dev = logits.device
+    lp = logits.index_select(0, torch.tensor(rows, device=dev)).float().log_softmax(-1)  # (S, V)
+    chosen = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=dev)[:, None])[:, 0].tolist()
+    k_max = max(ks[i] for i in rows)
+    top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    for s, i in enumerate(rows):
+        k = ks[i]
+        out[i] = TokenLogprob(tokens[i], chosen[s], list(zip(top_i[s][:k], top_v[s][:k])))
+    return out
+
+
+def sample_requests(logits: torch.Tensor, reqs: list, eos_token_ids=()) -> list[int]:
+    """The runner's step: (B, V) raw logits -> one token per request (``Request``-like: params,
+    generator, prompt/output ids). A request with ``params.logprobs`` set gets the token's
+    ``TokenLogprob`` appended to ``req.output_logprobs`` (the engine appends the token itself), so
+    that list stays aligned with ``output_token_ids``."""
+    params = [r.params for r in reqs]
+    tokens = sample(process_logits(logits, reqs, eos_token_ids), params, [r.generator for r in reqs])
+    ks = [p.logprobs for p in params]
+    for r, lp in zip(reqs, token_logprobs(logits, tokens, ks)):
+        if lp is not None:
+            r.output_logprobs.append(lp)
+    return tokens

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...engine.sampling import SamplingParams
+from ...engine.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Delta:
     request_id: str
     text: str
     token_ids: list[int]
+    # One per token of token_ids when the request asked for logprobs (params.logprobs), else None.
+    # Computed by the decode worker's engine for every token (the boundary token's included).
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -55,3 +58,4 @@ class GenerateResult:
     num_prompt_tokens: int
     num_output_tokens: int
     timings: Timings = field(default_factory=Timings)
+    logprobs: list[TokenLogprob] | None = None  # as in Delta: aligned with token_ids

@@ -84,6 +84,7 @@ class _Request:
     arrival: float
     out: OutputText  # detokenized text, stop strings, what has been streamed
     tokens: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # aligned with tokens when the request asked for them
     finish: str | None = None
     kv_time: float | None = None
     first_time: float | None = None
@@ -149,11 +150,13 @@ class Router:
         return len(self._active)
 
     async def generate(self, call: GenerateCall) -> GenerateResult:
-        text, tokens = [], []
+        text, tokens, logprobs = [], [], []
         async for item in self.stream(call):
             text.append(item.text)
             tokens += item.token_ids
+            logprobs += item.logprobs or []
         item.text, item.token_ids = "".join(text), tokens
+        item.logprobs = logprobs if call.params.logprobs is not None else None
         return item
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | GenerateResult]:
@@ -163,7 +166,7 @@ class Router:
             raise ValueError(f"request_id: {rid!r} is already in flight")
         self.observer.admit(rid, call)  # raises to refuse: draining, queue full, never fits
         self._active.add(rid)
-        req = _Request(rid, call, time.time(), OutputText(self.tokenizer, call.params.stop))
+        req = _Request(rid, call, time.time(), OutputText.for_params(self.tokenizer, call.params))
         try:
             attempt = 0
             while True:
@@ -281,11 +284,13 @@ class Router:
             if isinstance(ev, KVReceived):
                 req.kv_time = ev.time
                 continue
-            for tok in ev.token_ids:
+            for i, tok in enumerate(ev.token_ids):
                 if req.finish is not None:
                     break  # a stop string ended it; the worker may have run ahead
                 req.tokens.append(tok)
                 new_ids.append(tok)
+                if ev.logprobs is not None:
+                    req.logprobs.append(ev.logprobs[i])
                 if req.out.add(tok):
                     req.finish = "stop"
             if ev.is_finished and req.finish is None:
@@ -305,7 +310,8 @@ class Router:
 
     @staticmethod
     def _delta(req: _Request, new_ids: list[int]) -> Delta:
-        return Delta(req.rid, req.out.take(is_finished=req.finish is not None), new_ids)
+        logprobs = req.logprobs[len(req.logprobs) - len(new_ids) :] if req.call.params.logprobs is not None else None
+        return Delta(req.rid, req.out.take(is_finished=req.finish is not None), new_ids, logprobs)
 
     async def _result(self, req: _Request, att: _Attempt, last: Delta) -> GenerateResult:
         """The finished request's totals and timings (waits for the prefill's own report)."""
@@ -325,7 +331,9 @@ class Router:
         self.stats.num_finished += 1
         self.stats.ttft_s_sum += timings.ttft_s
         n = len(req.call.prompt_token_ids)
-        result = GenerateResult(req.rid, last.text, last.token_ids, req.finish, n, len(req.tokens), timings)
+        result = GenerateResult(
+            req.rid, last.text, last.token_ids, req.finish, n, len(req.tokens), timings, last.logprobs
+        )
         self.observer.finished(req.rid, result, is_transferred=att.prefill_task is not None)
         return result
 

@@ -98,7 +98,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if isinstance(item, GenerateResult):
                     yield protocol.to_last_chunk(item)
                 else:
-                    yield protocol.to_stream_chunk(item.request_id, item.text, item.token_ids)
+                    yield protocol.to_stream_chunk(item.request_id, item.text, item.token_ids, item.logprobs)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:

@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP front end: the same router as gRPC, on the same event loop.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health`` (200 serving / 503 not) and ``GET /metrics`` (Prometheus text, when the server has
-metrics). FastAPI parses the bodies into the pydantic models below; uvicorn serves the app as a task
+``GET /health`` (200 serving / 503 not), ``GET /metrics`` (Prometheus text, when the server has
+metrics), and vLLM's ``/tokenize``, ``/detokenize``, ``/version`` (``tokenize_api.py``). Chat
+messages and their template live in ``chat.py``, generated tokens' logprobs in OpenAI's shapes in
+``openai_logprobs.py``, and fields beyond the request models are sorted (ignored with a warning,
+or refused) by ``openai_fields.py``. FastAPI parses the bodies into the pydantic models below; uvicorn serves the app as a task
 on the gRPC server's loop (``HttpFrontEnd``), so both front ends share one ``Router``.
 
 Life of a request:
@@ -33,7 +36,6 @@ import logging
 import socket
 import time
 import uuid
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,11 +47,14 @@ from ..._proto import generation_pb2 as pb
 from ...limits import InvalidRequest, ModelLimits
 from ..control.calls import GenerateCall, GenerateResult
 from ..errors import ServingError, Unauthenticated
-from . import protocol
+from . import fanout, openai_fields, protocol, tokenize_api
+from .chat import ChatMessage, render_chat
+from .openai_logprobs import LogprobsRenderer
 
 log = logging.getLogger("pop_disagg.serve")
 
 MAX_BODY_BYTES = 4 << 20  # gRPC's default receive limit: both front ends take the same requests
+MAX_N = 16  # samples per request at most: each is a request of its own (blocks, a decode slot)
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (the gRPC API defaults to greedy)
 
 
@@ -57,12 +62,14 @@ DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (the gRPC API defaults to greedy)
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: with include_usage, usage on every chunk too
 
 
 class _SamplingRequest(BaseModel):
-    """Options shared by both endpoints. Unknown parameters are refused, as OpenAI does."""
+    """Options shared by both endpoints. Fields beyond these are sorted by ``openai_fields``
+    (ignored with a warning, or refused naming the field)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = Field(None, description=f"default {protocol.DEFAULT_MAX_NEW_TOKENS}, as the gRPC API")
     temperature: float | None = None
@@ -75,7 +82,6 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
     # Extensions (vLLM spells them the same way).
     top_k: int | None = None
     ignore_eos: bool = False
@@ -85,9 +91,9 @@ class _SamplingRequest(BaseModel):
         None,
         description="POP depth: one of the served family's ratios (GetModelInfo.prune_ratios); default: the server's choice",
     )
-    # vLLM extensions some clients (vLLM's own bench) always send: accepted at their neutral value.
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    skip_special_tokens: bool = True
 
 
 class CompletionRequest(_SamplingRequest):
@@ -95,31 +101,12 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    @property
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
 
 
@@ -195,29 +182,25 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 # ---- request -> GenerateCall ---------------------------------------------------------------------
 def _unsupported(req: _SamplingRequest) -> None:
     """Refuse what the engine does not do yet, naming the parameter, rather than ignore it."""
-    checks = [
-        ("n", req.n != 1, "only n=1 is supported"),
-        ("presence_penalty", req.presence_penalty != 0, "penalties are not supported"),
-        ("frequency_penalty", req.frequency_penalty != 0, "penalties are not supported"),
-        ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
-        ("repetition_penalty", req.repetition_penalty != 1.0, "penalties are not supported"),
-        ("min_tokens", req.min_tokens != 0, "min_tokens is not supported"),
-    ]
+    checks = [("n", not 1 <= req.n <= MAX_N, f"must be in [1, {MAX_N}], got {req.n}")]
     if isinstance(req, CompletionRequest):
         checks += [
-            ("logprobs", req.logprobs is not None, "logprobs are not supported yet"),
             ("echo", req.echo, "echo is not supported"),
-            ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
-            ("suffix", req.suffix is not None, "suffix is not supported"),
+            ("best_of", req.best_of not in (None, req.n), "only best_of == n is supported (no ranking of samples)"),
         ]
     else:
-        checks += [
-            ("logprobs", req.logprobs, "logprobs are not supported yet"),
-            ("top_logprobs", req.top_logprobs is not None, "logprobs are not supported yet"),
-        ]
+        checks += [("top_logprobs", req.top_logprobs is not None and not req.logprobs, "needs logprobs: true")]
     for param, is_bad, why in checks:
         if is_bad:
             raise InvalidRequest(param, why)
+    openai_fields.check_extra(req.model_extra)
+
+
+def logprobs_count(req: _SamplingRequest) -> int | None:
+    """How many top logprobs per token the request asks for (None: no logprobs)."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def _set(msg: pb.GenerateRequest, field: str, value, param: str) -> None:
@@ -257,8 +240,20 @@ def to_generate_request(
         _set(msg, "stop_token_ids", req.stop_token_ids, "stop_token_ids")
     if req.prune_ratio is not None:
         _set(msg, "prune_ratio", req.prune_ratio, "prune_ratio")
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "skip_special_tokens"):
+        _set(msg, name, getattr(req, name), name)
+    for key, bias in (req.logit_bias or {}).items():
+        try:
+            msg.logit_bias[int(key)] = bias
+        except (ValueError, TypeError):  # int32 overflow included
+            raise InvalidRequest("logit_bias", f"keys must be token ids, got {key!r}") from None
+    if (k := logprobs_count(req)) is not None:
+        _set(msg, "logprobs", k, "logprobs")
     prompt_param = "messages" if is_chat else "prompt"
-    return msg, {"max_new_tokens": max_param, "prompt": prompt_param, "prompt_token_ids": prompt_param}
+    rename = {"max_new_tokens": max_param, "prompt": prompt_param, "prompt_token_ids": prompt_param}
+    if is_chat and req.top_logprobs is not None:
+        rename["logprobs"] = "top_logprobs"
+    return msg, rename
 
 
 def parse_call(req: _SamplingRequest, tokenizer, limits: ModelLimits) -> GenerateCall:
@@ -282,83 +277,81 @@ def parse_call(req: _SamplingRequest, tokenizer, limits: ModelLimits) -> Generat
         raise InvalidRequest(param, str(exc).split(": ", 1)[1]) from None
 
 
-def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Prompt token ids of the conversation, with the assistant's turn opened (the chat template)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequest("messages", "the served model has no chat template: use /v1/completions")
-    text = tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.text} for m in messages], add_generation_prompt=True, tokenize=False
-    )
-    # The rendered text already holds the special tokens; adding them again would double BOS.
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 # ---- responses -----------------------------------------------------------------------------------
-def _usage(r: GenerateResult) -> dict:
-    return {
-        "prompt_tokens": r.num_prompt_tokens,
-        "completion_tokens": r.num_output_tokens,
-        "total_tokens": r.num_prompt_tokens + r.num_output_tokens,
-    }
+def _usage(results: list[GenerateResult]) -> dict:
+    """One request's usage: the prompt once, the completion tokens of every choice (OpenAI's for n > 1)."""
+    n, m = results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results)
+    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
 class _Render:
     """OpenAI's JSON for one request: unary body and stream chunks (completion or chat)."""
 
-    def __init__(self, req: _SamplingRequest, model: str):
+    def __init__(self, req: _SamplingRequest, model: str, tokenizer, num_prompt_tokens: int):
         self.is_chat = isinstance(req, ChatCompletionRequest)
         self.model, self.created = model, int(time.time())
         self.id = f"{'chatcmpl' if self.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.return_token_ids = req.return_token_ids
-        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opts = req.stream_options
+        self.include_usage = bool(opts and opts.include_usage)
+        self.continuous_usage = self.include_usage and opts.continuous_usage_stats  # as vLLM: both needed
+        # One logprobs renderer per choice (completions' text offsets are per choice).
+        self.logprobs = (
+            [LogprobsRenderer(tokenizer, self.is_chat) for _ in range(req.n)]
+            if logprobs_count(req) is not None
+            else None
+        )
+        self.num_prompt_tokens, self.num_streamed = num_prompt_tokens, 0
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _choice(
-        self, text: str, token_ids: list[int], finish_reason: str | None, *, is_delta: bool, is_first: bool = False
-    ) -> dict:
+    def _choice(self, index: int, item, finish_reason: str | None, *, is_delta: bool, is_first: bool = False) -> dict:
+        text = item.text
+        logprobs = self.logprobs[index].render(item.logprobs or []) if self.logprobs is not None else None
         if not self.is_chat:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         elif is_delta:
             choice = {
-                "index": 0,
+                "index": index,
                 "delta": {"role": "assistant", "content": text} if is_first else {"content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         else:
             choice = {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         if self.return_token_ids:
-            choice["token_ids"] = list(token_ids)
+            choice["token_ids"] = list(item.token_ids)
         return choice
 
-    def body(self, r: GenerateResult) -> dict:
+    def body(self, results: list[GenerateResult]) -> dict:
         out = self._head("chat.completion" if self.is_chat else "text_completion")
-        return {
-            **out,
-            "choices": [self._choice(r.text, r.token_ids, r.finish_reason, is_delta=False)],
-            "usage": _usage(r),
-        }
+        choices = [self._choice(i, r, r.finish_reason, is_delta=False) for i, r in enumerate(results)]
+        return {**out, "choices": choices, "usage": _usage(results)}
 
-    def chunk(self, item, is_first: bool) -> dict | None:
+    def chunk(self, index: int, item, is_first: bool) -> dict | None:
         finish = item.finish_reason if isinstance(item, GenerateResult) else None
-        if not (item.text or finish or is_first or (self.return_token_ids and item.token_ids)):
+        self.num_streamed += len(item.token_ids)  # counted even when this chunk is held back
+        shows_tokens = (self.return_token_ids or self.logprobs is not None) and item.token_ids
+        if not (item.text or finish or is_first or shows_tokens):
             return None  # held back text (a possible stop string) with nothing to show
         out = self._head("chat.completion.chunk" if self.is_chat else "text_completion")
-        out["choices"] = [self._choice(item.text, item.token_ids, finish, is_delta=True, is_first=is_first)]
-        if self.include_usage:
+        out["choices"] = [self._choice(index, item, finish, is_delta=True, is_first=is_first)]
+        if self.continuous_usage:
+            n, m = self.num_prompt_tokens, self.num_streamed
+            out["usage"] = {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+        elif self.include_usage:
             out["usage"] = None
         return out
 
-    def usage_chunk(self, r: GenerateResult) -> dict:
+    def usage_chunk(self, results: list[GenerateResult]) -> dict:
         out = self._head("chat.completion.chunk" if self.is_chat else "text_completion")
-        return {**out, "choices": [], "usage": _usage(r)}
+        return {**out, "choices": [], "usage": _usage(results)}
 
 
 def _sse(obj: dict | str) -> str:
@@ -376,25 +369,29 @@ class _ClosingStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _events(agen, first, render: _Render):
-    item, is_first = first, True
+async def _events(streams: list, firsts: list, render: _Render):
+    """The SSE body: every choice's chunks as they come (``fanout.merged``), the usage, ``[DONE]``."""
+    items = fanout.merged(streams, firsts)
+    is_first = [True] * len(streams)
+    results: dict[int, GenerateResult] = {}
     try:
-        while True:
-            chunk = render.chunk(item, is_first)
+        async for i, item in items:
+            chunk = render.chunk(i, item, is_first[i])
             if chunk is not None:
                 yield _sse(chunk)
-                is_first = False
+                is_first[i] = False
             if isinstance(item, GenerateResult):
-                break
-            item = await agen.__anext__()
+                results[i] = item
         if render.include_usage:
-            yield _sse(render.usage_chunk(item))
+            yield _sse(render.usage_chunk([results[i] for i in sorted(results)]))
     except Exception as exc:  # after the 200 went out, a failure can only be an event (as vLLM does)
         if not isinstance(exc, (ValueError, ServingError)):
             log.exception("stream failed")
         yield _sse(error_of(exc)[1])
     finally:
-        await agen.aclose()
+        await items.aclose()
+        for s in streams:
+            await s.aclose()
     yield _sse("[DONE]")
 
 
@@ -478,32 +475,42 @@ def create_app(server) -> FastAPI:
             exc.status_code, str(exc.detail), kind, code="request_too_large" if exc.status_code == 413 else None
         )
 
-    def check_model(req: _SamplingRequest) -> None:
-        if req.model != model_name:
+    @app.exception_handler(InvalidRequest)
+    @app.exception_handler(OpenAIError)
+    async def _on_refusal(request, exc):  # routes that raise rather than answer (tokenize_api.py)
+        status, body = error_of(exc)
+        return JSONResponse(body, status_code=status)
+
+    def check_model(name: str) -> None:
+        if name != model_name:
             raise OpenAIError(
                 404,
-                f"The model {req.model!r} does not exist; this server serves {model_name!r}",
+                f"The model {name!r} does not exist; this server serves {model_name!r}",
                 param="model",
                 code="model_not_found",
             )
 
+    tokenize_api.add_routes(app, dep.tokenizer, limits, check_model)
+
     async def generate(req: _SamplingRequest, request: Request):
         try:
-            check_model(req)
+            check_model(req.model)
             call = parse_call(req, dep.tokenizer, limits)
-            render = _Render(req, model_name)
+            calls = fanout.sample_calls(call, req.n)
+            render = _Render(req, model_name, dep.tokenizer, len(call.prompt_token_ids))
             if not req.stream:
-                result = await _unless_disconnected(server.router.generate(call), request)
-                return JSONResponse(render.body(result))
-            agen = server.router.stream(call)
+                results = await _unless_disconnected(fanout.generate_all(server.router, calls), request)
+                return JSONResponse(render.body(results))
+            streams = [server.router.stream(c) for c in calls]
             try:
-                first = await _unless_disconnected(agen.__anext__(), request)
+                firsts = await _unless_disconnected(fanout.first_items(streams), request)
             except BaseException:
-                await agen.aclose()
+                for s in streams:
+                    await s.aclose()
                 raise
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return _ClosingStreamingResponse(
-                _events(agen, first, render), media_type="text/event-stream", headers=headers
+                _events(streams, firsts, render), media_type="text/event-stream", headers=headers
             )
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it; nginx's "client closed request"

@@ -54,9 +54,12 @@ def parse_generate(msg: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> G
     top_k = msg.top_k if msg.HasField("top_k") else 0
     if top_k < 0:
         raise InvalidRequest("top_k", f"must be >= 0, got {top_k}")
-    limits.check_token_ids("stop_token_ids", msg.stop_token_ids)
     if any(s == "" for s in msg.stop):
         raise InvalidRequest("stop", "stop strings must be non-empty")
+    # Optional fields the message leaves unset take SamplingParams' defaults; its validators hold
+    # the ranges (penalties, min_tokens <= max_new_tokens, logit_bias values, logprobs count).
+    optional = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logprobs")
+    optional += ("skip_special_tokens",)
     try:
         params = SamplingParams(
             max_new_tokens=max_new,
@@ -67,10 +70,16 @@ def parse_generate(msg: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> G
             stop=tuple(msg.stop),
             stop_token_ids=tuple(msg.stop_token_ids),
             ignore_eos=msg.ignore_eos,
+            logit_bias=dict(msg.logit_bias),
+            **{name: getattr(msg, name) for name in optional if msg.HasField(name)},
         )
-    except ValidationError as exc:  # anything the checks above missed still names its field
+    except ValidationError as exc:  # the range checks, naming their field
         err = exc.errors()[0]
-        raise InvalidRequest(str(err["loc"][0]) if err["loc"] else "request", err["msg"]) from exc
+        name = str(err["loc"][0]) if err["loc"] else "request"
+        if name == "request" and "min_tokens" in err["msg"]:  # the cross-field check
+            name = "min_tokens"
+        raise InvalidRequest(name, err["msg"].removeprefix("Value error, ")) from exc
+    limits.check_params(params)
     request_id = msg.request_id if msg.HasField("request_id") else None
     if request_id is not None and not request_id:
         raise InvalidRequest("request_id", "must be non-empty when set")
@@ -90,6 +99,17 @@ def _timings(t: Timings) -> pb.Timings:
     )
 
 
+def _logprobs(logprobs) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs or ()
+    ]
+
+
 def to_response(r: GenerateResult) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=r.request_id,
@@ -98,11 +118,14 @@ def to_response(r: GenerateResult) -> pb.GenerateResponse:
         finish_reason=FINISH_REASONS[r.finish_reason],
         usage=pb.Usage(prompt_tokens=r.num_prompt_tokens, completion_tokens=r.num_output_tokens),
         timings=_timings(r.timings),
+        logprobs=_logprobs(r.logprobs),
     )
 
 
-def to_stream_chunk(request_id: str, text: str, token_ids: list[int]) -> pb.GenerateStreamResponse:
-    return pb.GenerateStreamResponse(request_id=request_id, text=text, token_ids=token_ids)
+def to_stream_chunk(request_id: str, text: str, token_ids: list[int], logprobs=None) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(
+        request_id=request_id, text=text, token_ids=token_ids, logprobs=_logprobs(logprobs)
+    )
 
 
 def to_last_chunk(r: GenerateResult) -> pb.GenerateStreamResponse:
@@ -113,6 +136,7 @@ def to_last_chunk(r: GenerateResult) -> pb.GenerateStreamResponse:
         finish_reason=FINISH_REASONS[r.finish_reason],
         usage=pb.Usage(prompt_tokens=r.num_prompt_tokens, completion_tokens=r.num_output_tokens),
         timings=_timings(r.timings),
+        logprobs=_logprobs(r.logprobs),
     )
 
 
