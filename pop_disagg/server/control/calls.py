@@ -55,3 +55,4 @@ class GenerateResult:
     num_prompt_tokens: int
     num_output_tokens: int
     timings: Timings = field(default_factory=Timings)
+    num_cached_tokens: int = 0  # of the prompt, found in the engine's prefix cache

@@ -89,6 +89,7 @@ class _Request:
     first_time: float | None = None
     last_time: float | None = None
     plan_index: int | None = None  # the family plan its prefill runs (None: no depth controller / nothing to prefill)
+    num_cached_tokens: int = 0  # prompt tokens the decode worker's prefix cache held (colocated)
 
     def remaining_s(self) -> float | None:
         return None if self.call.deadline is None else self.call.deadline - time.time()
@@ -281,6 +282,7 @@ class Router:
             if isinstance(ev, KVReceived):
                 req.kv_time = ev.time
                 continue
+            req.num_cached_tokens = max(req.num_cached_tokens, ev.num_cached_tokens)
             for tok in ev.token_ids:
                 if req.finish is not None:
                     break  # a stop string ended it; the worker may have run ahead
@@ -325,7 +327,9 @@ class Router:
         self.stats.num_finished += 1
         self.stats.ttft_s_sum += timings.ttft_s
         n = len(req.call.prompt_token_ids)
-        result = GenerateResult(req.rid, last.text, last.token_ids, req.finish, n, len(req.tokens), timings)
+        result = GenerateResult(
+            req.rid, last.text, last.token_ids, req.finish, n, len(req.tokens), timings, req.num_cached_tokens
+        )
         self.observer.finished(req.rid, result, is_transferred=att.prefill_task is not None)
         return result
 

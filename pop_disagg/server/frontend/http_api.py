@@ -299,6 +299,7 @@ def _usage(r: GenerateResult) -> dict:
         "prompt_tokens": r.num_prompt_tokens,
         "completion_tokens": r.num_output_tokens,
         "total_tokens": r.num_prompt_tokens + r.num_output_tokens,
+        "prompt_tokens_details": {"cached_tokens": r.num_cached_tokens},
     }
 
 
