@@ -242,9 +242,10 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request, step: SchedulerOutput) -> None:
+        assert req is self.running[-1]
         """Release ``req``'s blocks and put it at the front of the waiting queue, to be recomputed.
         Its published blocks stay cached (evictable) and are its own cache hits when it returns."""
-        self.running.remove(req)
+        self.running.pop()  # always the newest (``_grow``'s victim)
         if req in step.decode:  # scheduled earlier in this step (a decode row): take it back
             step.decode.remove(req)
         self.blocks.free(req.block_table)
@@ -284,27 +285,34 @@ class Scheduler:
             num_tokens += end - start
         if num_tokens:
             return step
-        for req in list(self.running):  # oldest first: the newest are preempted for them
-            if req not in self.running:
-                continue
+        # Oldest first; the newest are preempted for them (only ever from the end of ``running``).
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
             if not self._grow(req, req.num_computed_tokens + 1, step):
                 break
             step.decode.append(req)
+            i += 1
         return step
 
     def _schedule_chunked(self) -> SchedulerOutput:
         step = SchedulerOutput(prefill=[], decode=[])
         num_preemptions = self.stats.num_preemptions
-        for req in list(self.running):
-            if req in self.running and self.is_prefilled(req):
+        # Preemption only ever removes the end of ``running``, so walking it by index is safe.
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            i += 1
+            if self.is_prefilled(req):
                 if not self._grow(req, req.num_computed_tokens + 1, step):
                     break
                 step.decode.append(req)
         budget = self.max_num_batched_tokens - len(step.decode)
-        for req in list(self.running):  # partially prefilled first: they hold blocks already
-            if budget <= 0:
-                break
-            if req not in self.running or self.is_prefilled(req):
+        i = 0
+        while i < len(self.running) and budget > 0:  # partially prefilled first: they hold blocks already
+            req = self.running[i]
+            i += 1
+            if self.is_prefilled(req):
                 continue
             start = req.num_computed_tokens
             remaining, is_pruned = self._next_run(req, start)
