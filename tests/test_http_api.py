@@ -205,6 +205,7 @@ def test_stream_chunks_are_openai_format(http, path, body, include_usage):
             "prompt_tokens": last["usage"]["prompt_tokens"],
             "completion_tokens": 5,
             "total_tokens": last["usage"]["prompt_tokens"] + 5,
+            "prompt_tokens_details": {"cached_tokens": 0},  # disaggregated: no prefix cache on the prompt
         }
         assert all(c["usage"] is None for c in chunks)
     else:

@@ -1,6 +1,6 @@
 """Model runner: turns scheduled requests into tensors, runs the model, samples.
 
-Owns the model, the KV cache tensors and the prune plan. Three kinds of step:
+Owns the model, the KV cache tensors and the prune plan. The kinds of step:
 
 * ``prefill(reqs)``: the pruned pass over each prompt's first ``N-1`` tokens (all ``N`` without
   boundary handling, then it also samples the first token). K/V go straight into the requests'

@@ -242,10 +242,10 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request, step: SchedulerOutput) -> None:
-        assert req is self.running[-1]
         """Release ``req``'s blocks and put it at the front of the waiting queue, to be recomputed.
         Its published blocks stay cached (evictable) and are its own cache hits when it returns."""
-        self.running.pop()  # always the newest (``_grow``'s victim)
+        assert req is self.running[-1]  # always the newest (``_grow``'s victim)
+        self.running.pop()
         if req in step.decode:  # scheduled earlier in this step (a decode row): take it back
             step.decode.remove(req)
         self.blocks.free(req.block_table)
