@@ -261,6 +261,7 @@ def bench_decode(args, model, peer, vocab_size: int) -> list[dict]:
             max_num_seqs=b,
             max_num_batched_tokens=b * per_seq,
             prune=PruneConfig(no_prune=True),
+            enable_prefix_caching=False,  # repeats run the same prompts: time their prefill every time
         )
         engine = LLMEngine(config, model=model, tokenizer=None)
         params = SamplingParams(max_new_tokens=args.decode_new_tokens, ignore_eos=True)

@@ -48,7 +48,9 @@ def main() -> None:
     rows = []
     try:
         for topology, prefill in [tuple(c.split("/")) for c in args.combos.split(",")]:
-            engine = EngineConfig(model=args.model, kv_cache_memory_mb=256)
+            # The repeats send one prompt: without this a colocated server would serve it from its
+            # prefix cache and time no prefill.
+            engine = EngineConfig(model=args.model, kv_cache_memory_mb=256, enable_prefix_caching=False)
             srv = BackgroundServer(
                 ServeConfig(engine=engine, topology=topology, prefill=prefill, num_threads=args.threads)
             )

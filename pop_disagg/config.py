@@ -74,6 +74,10 @@ class EngineConfig(BaseModel):
         False,
         description="vLLM's flag: steps mix decode tokens with prompt chunks, max_num_batched_tokens in all; a prefill worker chunks long prompts",
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="vLLM's flag (and default): reuse cached full KV blocks of an equal prefix computed under the same plan",
+    )
     max_model_len: int | None = Field(None, ge=2, description="context limit; default the model's")
     prune: PruneConfig = PruneConfig()
     seed: int = 0

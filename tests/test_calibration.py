@@ -103,6 +103,8 @@ def _pop_response_logits(
     assert engine.runner.prefill([req], [len(prompt) - 1]) is None  # boundary handling: nothing sampled
     rows = []
     for tok in response:
+        # Blocks come on demand: each decode step is scheduled, so the request gets its next block.
+        assert engine.scheduler.schedule().decode == [req]
         rows.append(engine.runner.decode_logits([req])[0])
         req.output_token_ids.append(tok)  # teacher forcing: the next step feeds this token
     return torch.stack(rows)

@@ -92,6 +92,8 @@ def test_openai_completion_equals_grpc(oa, stub, options):
     assert choice.token_ids == list(ref.token_ids)
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (ref.usage.prompt_tokens, len(ref.token_ids))
     assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+    # Disaggregated: the prompt's K/V come from the prefill worker, nothing from a prefix cache.
+    assert got.usage.prompt_tokens_details.cached_tokens == 0
     assert got.model == MODEL and got.object == "text_completion"
 
     chunks = list(
@@ -203,6 +205,7 @@ def test_stream_chunks_are_openai_format(http, path, body, include_usage):
             "prompt_tokens": last["usage"]["prompt_tokens"],
             "completion_tokens": 5,
             "total_tokens": last["usage"]["prompt_tokens"] + 5,
+            "prompt_tokens_details": {"cached_tokens": 0},  # disaggregated: no prefix cache on the prompt
         }
         assert all(c["usage"] is None for c in chunks)
     else:

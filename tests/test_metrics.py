@@ -36,6 +36,9 @@ SERIES = [
     "kv_blocks_total",
     "kv_transfer_bytes_total",
     "worker_restarts_total",
+    "num_preemptions_total",
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
 ]
 
 
@@ -169,3 +172,16 @@ def test_worker_restarts_and_registries_per_server(server):
     other = ServerMetrics()
     assert other.registry is not server.server.metrics.registry and other.registry is not REGISTRY
     assert other.registry.get_sample_value("pop_disagg:worker_restarts_total", {"role": "decode"}) == 0
+
+
+def test_engine_counters_follow_each_worker_across_restarts():
+    """The decode workers' cumulative counters become Prometheus counters: deltas per worker, and a
+    replaced worker (its counters back at zero) adds what it counted since."""
+    m = ServerMetrics()
+    value = lambda name: m.registry.get_sample_value(f"pop_disagg:{name}_total")  # noqa: E731
+    m.set_engine_counters("decode-0", {"num_preemptions": 2, "prefix_cache_queries": 40, "prefix_cache_hits": 8})
+    m.set_engine_counters("decode-1", {"num_preemptions": 1, "prefix_cache_queries": 10, "prefix_cache_hits": 0})
+    m.set_engine_counters("decode-0", {"num_preemptions": 5, "prefix_cache_queries": 60, "prefix_cache_hits": 16})
+    assert (value("num_preemptions"), value("prefix_cache_queries"), value("prefix_cache_hits")) == (6, 70, 16)
+    m.set_engine_counters("decode-0", {"num_preemptions": 1, "prefix_cache_queries": 4, "prefix_cache_hits": 4})
+    assert (value("num_preemptions"), value("prefix_cache_queries"), value("prefix_cache_hits")) == (7, 74, 20)

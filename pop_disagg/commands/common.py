@@ -1,5 +1,6 @@
-"""Arguments shared by the commands: model, dtype, device, prune plan; the engine's step batching; the
-sampling flags of one request (written once, so ``generate``, ``client`` and ``bench`` agree)."""
+"""Arguments shared by the commands: model, dtype, device, prune plan; the engine's step batching and
+prefix cache; the sampling flags of one request (written once, so ``generate``, ``client`` and
+``bench`` agree)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_batching_args(p: argparse.ArgumentParser) -> None:
-    """Step batching of the engine (``generate``, ``serve``), vLLM's flag names."""
+    """Step batching and the prefix cache of the engine (``generate``, ``serve``), vLLM's flag names."""
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
@@ -46,6 +47,12 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
         "--enable-chunked-prefill",
         action="store_true",
         help="mix decode tokens and prompt chunks in one step, so decoding never waits behind a whole prompt (a disaggregated prefill worker chunks long prompts)",
+    )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse cached full KV blocks of an equal prompt prefix prefilled under the same plan (vLLM's flag, on by default)",
     )
 
 
@@ -104,5 +111,6 @@ def engine_config(args: argparse.Namespace, **extra) -> EngineConfig:
         cpu_blas=getattr(args, "cpu_blas", "auto"),
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 8192),
         enable_chunked_prefill=getattr(args, "enable_chunked_prefill", False),
+        enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
         **extra,
     )

@@ -177,6 +177,7 @@ def serve_config(args: argparse.Namespace):
         cpu_blas=args.cpu_blas,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
     depth = dict(
         prune_ratios=getattr(args, "prune_ratios", None),

@@ -1,9 +1,12 @@
 """The decode worker: the full model, the paged KV cache and a step loop over ``LLMEngine``.
 
-Disaggregated: ``reserve`` allocates a request's blocks and hands out a transfer id; the link's
-``KVReceiver`` writes the arriving prefix K/V straight into those blocks; when the last layer is
-in, the request is admitted with ``num_computed_tokens = N-1`` and its first decode step feeds the
-boundary token ``x_N``. Under POP every step here is a one-token step, so new requests' boundary
+Disaggregated: ``reserve`` allocates blocks for a request's prefix ``x_1..x_{N-1}`` and hands out
+a transfer id; the link's ``KVReceiver`` writes the arriving prefix K/V straight into those blocks;
+when the last layer is in, the request is admitted with ``num_computed_tokens = N-1`` and its first
+decode step feeds the boundary token ``x_N``; decoding then takes blocks on demand. When the cache
+runs out the engine preempts its newest running request: a transferred one is re-prefilled here
+(this worker holds every layer) under this engine's plan, and its stream goes on where it was
+(``engine/scheduler.py``). Under POP every step here is a one-token step, so new requests' boundary
 tokens and running requests' next tokens share one batch. Colocated (``add_local``): the same
 engine also prefills, with no transfer. A one-token prompt is admitted at once (nothing to prefill).
 
@@ -47,6 +50,7 @@ class Tokens:
     is_finished: bool
     finish_reason: str | None
     logprobs: list | None = None  # a TokenLogprob per token, when the request asked for logprobs
+    num_cached_tokens: int = 0  # prompt tokens the engine's prefix cache held (colocated)
 
 
 @dataclass
@@ -106,6 +110,16 @@ class DecodeWorker:
     @property
     def num_free_blocks(self) -> int:
         return self.engine.blocks.num_free_blocks
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The engine's cumulative KV counters (the server turns them into ``pop_disagg:*_total``)."""
+        st = self.engine.stats
+        return {
+            "num_preemptions": st.num_preemptions,
+            "prefix_cache_queries": st.num_prefix_cache_queries,
+            "prefix_cache_hits": st.num_prefix_cache_hits,
+        }
 
     @property
     def num_active(self) -> int:
@@ -264,7 +278,9 @@ class DecodeWorker:
                     self._sinks.pop(out.request_id, None)
                     self._deadlines.pop(out.request_id, None)
                 if sink is not None:
-                    events.append((sink, Tokens(out.new_token_ids, out.finished, out.finish_reason, out.new_logprobs)))
+                    tokens = Tokens(out.new_token_ids, out.finished, out.finish_reason, out.new_logprobs)
+                    tokens.num_cached_tokens = out.num_cached_tokens
+                    events.append((sink, tokens))
         for sink, event in events:
             sink(event)
         return True

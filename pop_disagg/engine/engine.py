@@ -1,7 +1,8 @@
 """The single-process engine: one model, one paged KV cache, continuous batching.
 
 ``step()`` is the whole loop: schedule -> run -> update. It imports neither Ray nor gRPC; the
-server's workers wrap the same pieces (scheduler, runner, request state).
+server's workers wrap the same pieces (scheduler, runner, request state). KV blocks are taken on
+demand, with recompute preemption and a prefix cache (``scheduler.py``); ``stats`` counts both.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from ..models.arch import ModelArch
 from ..models.decoder import CausalLM
 from ..models.loader import load_model, resolve_dtype
 from .detokenizer import OutputText
-from .kv_cache import BlockManager, KVCache, num_blocks_for_budget
+from .kv_cache import BlockManager, KVCache, num_blocks_for_budget, plan_cache_key
 from .model_runner import ModelRunner
 from .request import FinishReason, Request
 from .sampling import SamplingParams, make_generator
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput, SchedulerStats
 
 
 @dataclass
@@ -40,6 +41,7 @@ class RequestOutput:
     # token_ids / new_token_ids (raw logits, see sampling.py); else None.
     logprobs: list | None = None
     new_logprobs: list | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
 
 
 def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
@@ -88,6 +90,8 @@ class LLMEngine:
             self.context_limit,
             prefill_covers_last=not self.plan.boundary_handling,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            prefix_key=plan_cache_key(model_path or config.model, self.plan) if config.enable_prefix_caching else None,
+            is_prefill_full_model=not self.plan.skip_layers,
         )
         self.eos_token_ids = set(self.arch.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -166,14 +170,20 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def stats(self) -> SchedulerStats:
+        """Cumulative preemptions and prefix-cache queries/hits (tokens)."""
+        return self.scheduler.stats
+
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        return self._update(*self.runner.run(batch))
+        return self._update(batch, *self.runner.run(batch))
 
-    def _update(self, reqs: list[Request], tokens: list[int]) -> list[RequestOutput]:
+    def _update(self, batch: SchedulerOutput, reqs: list[Request], tokens: list[int]) -> list[RequestOutput]:
+        self.scheduler.update(batch)  # blocks this step filled join the prefix cache
         outputs = []
         now = time.perf_counter()
         for req, tok in zip(reqs, tokens):
@@ -200,7 +210,12 @@ class LLMEngine:
                     new_text,
                     req.is_finished,
                     req.finish_reason.value if req.finish_reason else None,
-                    *((list(req.output_logprobs), req.output_logprobs[-1:]) if req.params.logprobs is not None else ()),
+                    *(
+                        (list(req.output_logprobs), req.output_logprobs[-1:])
+                        if req.params.logprobs is not None
+                        else (None, None)
+                    ),
+                    req.num_cached_tokens or 0,
                 )
             )
         return outputs

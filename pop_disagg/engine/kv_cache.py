@@ -1,46 +1,141 @@
 """Paged KV cache: block bookkeeping (plain Python) and the tensors it indexes.
 
-``BlockManager`` hands out fixed-size blocks and never touches tensors, so the scheduler can use it
-on any host. ``KVCache`` owns the two tensors, ``(num_layers, num_blocks, block_size, Hkv, D)``,
-allocated once from a memory budget.
+``BlockManager`` is the one block allocator, with reference counts, and the prefix cache over it; it
+never touches tensors, so the scheduler can use it on any host. A block is in exactly one state:
+
+* free: no owner, no cached content;
+* referenced (``ref_count > 0``): in the block table of one or more requests (several when they
+  share a cached prefix);
+* evictable: no owner but it holds a published full block (``cache``), kept in LRU order so a
+  later request with the same prefix can take it back (``lookup`` + ``take``).
+
+``allocate_blocks`` hands out free blocks first, then evicts the least recently released evictable
+ones (their hash is forgotten); a referenced block is never handed out. Free and evictable blocks
+together are what ``num_free_blocks`` reports: both can be allocated.
+
+A cached block is named by ``block_hash(parent, token ids, key)``: the hash of the block before it,
+its tokens, and a key saying how its K/V were computed (the scheduler's plan key and the positions
+the pruned prefill wrote, see ``scheduler.py``), so equal tokens computed differently never match.
+
+``KVCache`` owns the two tensors, ``(num_layers, num_blocks, block_size, Hkv, D)``, allocated
+once from a memory budget.
 """
 
 from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from typing import Sequence
 
 import torch
 
 from ..models.arch import ModelArch
 from ..models.attention import write_slots
+from ..pop.plan import PrunePlan
 
 
 class OutOfBlocks(RuntimeError):
     pass
 
 
+def block_hash(parent: bytes, token_ids: Sequence[int], key: bytes) -> bytes:
+    """Name of a full block: SHA-256 over its parent's name, its computation key and its token ids
+    (a cryptographic hash: one tenant cannot forge a collision to read another's K/V)."""
+    return hashlib.sha256(parent + key + array("q", token_ids).tobytes()).digest()
+
+
+def plan_cache_key(model: str, plan: PrunePlan, kv_correction: str | None = None) -> bytes:
+    """What a prefill under ``plan`` writes, as bytes: the model, the skipped layers, the two
+    ablation switches and the K/V correction (none in an engine: only prefill-only instances load
+    one). Blocks are shared only between requests whose prefills had the same key."""
+    text = (
+        f"{model}|skip={','.join(map(str, plan.skip_layers))}|independent_kv={plan.independent_kv}"
+        f"|boundary={plan.boundary_handling}|kv_correction={kv_correction}"
+    )
+    return hashlib.sha256(text.encode()).digest()
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU first
+        self._cached: dict[bytes, int] = {}  # block hash -> block
+        self._hash_of: dict[int, bytes] = {}  # block -> its hash, for cached blocks
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: free ones and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks holding a published prefix (referenced or evictable)."""
+        return len(self._cached)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= len(self._free)
+        return self.blocks_for(num_tokens) <= self.num_free_blocks
 
     def allocate(self, num_tokens: int) -> list[int]:
-        n = self.blocks_for(num_tokens)
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        """Blocks for ``num_tokens`` fresh positions (reference count 1 each)."""
+        return self.allocate_blocks(self.blocks_for(num_tokens))
+
+    def allocate_blocks(self, n: int) -> list[int]:
+        if n > self.num_free_blocks:
+            raise OutOfBlocks(f"need {n} blocks, {self.num_free_blocks} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.pop()
+            else:  # evict the least recently released cached block: nobody holds it
+                block, _ = self._evictable.popitem(last=False)
+                del self._cached[self._hash_of.pop(block)]
+            self.ref_counts[block] = 1
+            out.append(block)
+        return out
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block. Released in reverse, so that a sequence's tail (the
+        least shared part of a prefix) is evicted before its head."""
+        for block in reversed(blocks):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    # ---- prefix cache ---------------------------------------------------------------------------
+    def cache(self, block: int, h: bytes) -> None:
+        """Publish a full, referenced block under hash ``h``. When another block already holds that
+        content (two requests computed the same prefix at once) this one stays private."""
+        if h not in self._cached and block not in self._hash_of:
+            self._cached[h] = block
+            self._hash_of[block] = h
+
+    def cached_block(self, h: bytes) -> int | None:
+        return self._cached.get(h)
+
+    def num_evictable_among(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` (cache hits) are evictable now: taking them shrinks ``num_free_blocks``."""
+        return sum(1 for b in blocks if self.ref_counts[b] == 0)
+
+    def take(self, blocks: list[int]) -> None:
+        """One more reference to each cached block (a prefix hit); an evictable one is no longer."""
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                del self._evictable[block]
+            self.ref_counts[block] += 1
 
     def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         """Flat cache slots of positions ``start..end-1`` of a sequence."""

@@ -1,6 +1,6 @@
 """Model runner: turns scheduled requests into tensors, runs the model, samples.
 
-Owns the model, the KV cache tensors and the prune plan. Three kinds of step:
+Owns the model, the KV cache tensors and the prune plan. The kinds of step:
 
 * ``prefill(reqs)``: the pruned pass over each prompt's first ``N-1`` tokens (all ``N`` without
   boundary handling, then it also samples the first token). K/V go straight into the requests'
@@ -15,6 +15,12 @@ Owns the model, the KV cache tensors and the prune plan. Three kinds of step:
   earlier chunks in its blocks, the plan's layers skipped: POP per chunk); a request whose chunk
   ends its prefix is also a decode row, its boundary token ``x_N``. A step without chunks is a
   plain ``decode``, compiled path included.
+* ``recompute(reqs, num_tokens)``: a preempted request's positions that the full model first
+  computed (its boundary token, its generated tokens), re-run through every layer as several new
+  tokens over the paged cache, like the decode steps that wrote them; nothing is sampled.
+
+A request whose prefix starts in cached blocks (prefix cache) is prefilled as a chunk: its new
+positions attend to the cached ones in its blocks, the plan's layers skipped as in ``prefill``.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ class ModelRunner:
         self.blocks = blocks
         self.plan = plan
         self.device = model.device
-        self._table_cache: weakref.WeakKeyDictionary[Request, tuple[list[int], torch.Tensor]] = (
+        self._table_cache: weakref.WeakKeyDictionary[Request, tuple[list[int], int, torch.Tensor]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -63,16 +69,38 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def run(self, batch) -> tuple[list[Request], list[int]]:
-        """One forward for a scheduled step (``SchedulerOutput``); returns the requests that got a
-        token and those tokens. With chunked prefill the decode rows and prompt chunks share one
-        forward; otherwise a step is a prefill batch (no tokens unless the plan samples from the
-        pruned pass) or a decode batch."""
+        """One scheduled step (``SchedulerOutput``); returns the requests that got a token and those
+        tokens. With chunked prefill the decode rows and prompt chunks share one forward, after any
+        recompute (a request whose recompute ends its prefix may be a decode row of the step);
+        otherwise a step is a prefill batch (pruned prefixes, then recomputes; no tokens unless the
+        plan samples from the pruned pass) or a decode batch."""
         if self.is_chunked:
+            self.recompute(batch.recompute, batch.num_recompute_tokens)
             return self.mixed(batch.decode, batch.prefill, batch.num_prefill_tokens)
-        if batch.prefill:
-            sampled = self.prefill(batch.prefill, batch.num_prefill_tokens)
-            return ([], []) if sampled is None else (batch.prefill, sampled)
+        if batch.prefill or batch.recompute:
+            reqs, tokens = self._prefill_step(batch.prefill, batch.num_prefill_tokens)
+            self.recompute(batch.recompute, batch.num_recompute_tokens)
+            return reqs, tokens
         return batch.decode, self.decode(batch.decode)
+
+    def _prefill_step(self, reqs: list[Request], num_tokens: list[int]) -> tuple[list[Request], list[int]]:
+        """Whole prefixes: fresh ones in one pruned prefill, those starting after cached blocks as
+        chunks over their blocks. A token only for a request whose pruned pass samples (the
+        no-boundary ablation; a preempted request already has its first token)."""
+        fresh = [(r, n) for r, n in zip(reqs, num_tokens) if r.num_computed_tokens == 0]
+        cached = [(r, n) for r, n in zip(reqs, num_tokens) if r.num_computed_tokens > 0]
+        out_reqs, out_tokens = [], []
+        if fresh:
+            is_new = [not r.output_token_ids for r, _ in fresh]
+            sampled = self.prefill([r for r, _ in fresh], [n for _, n in fresh])
+            if sampled is not None:
+                out_reqs += [r for (r, _), new in zip(fresh, is_new) if new]
+                out_tokens += [t for t, new in zip(sampled, is_new) if new]
+        if cached:
+            r, t = self.mixed([], [r for r, _ in cached], [n for _, n in cached])
+            out_reqs += r
+            out_tokens += t
+        return out_reqs, out_tokens
 
     @torch.inference_mode()
     def prefill(self, reqs: list[Request], num_tokens: list[int]) -> list[int] | None:
@@ -94,18 +122,24 @@ class ModelRunner:
         last = hidden[[c - 1 for c in cu[1:]]]
         return sample_requests(self.model.compute_logits(last), reqs, self.eos_token_ids)
 
-    def _block_tables(self, reqs: list[Request], max_blocks: int) -> torch.Tensor:
+    def _block_tables(self, reqs: list[Request], max_blocks: int, ends: list[int]) -> torch.Tensor:
         """(B, max_blocks) block ids, padded with block 0 (positions past a context are masked).
 
-        A request's blocks are fixed at admission (its whole budget is reserved), so its table is
-        turned into a device tensor once and reused every step; a step only pads and stacks.
+        ``ends[i]``: positions request ``i`` has after this step, which its blocks must hold (the
+        scheduler grows them; a position past them would land in block 0's slots). A request's
+        table only changes when it takes a block (every ``block_size`` tokens) or is preempted (a new
+        list), so its device tensor is kept and rebuilt only then; a step only pads and stacks.
         """
+        bs = self.blocks.block_size
         rows = []
-        for r in reqs:
+        for r, end in zip(reqs, ends):
+            table = r.block_table
+            if len(table) * bs < end:
+                raise RuntimeError(f"request {r.request_id}: no KV block for position {end - 1} (schedule first)")
             cached = self._table_cache.get(r)
-            if cached is None or cached[0] is not r.block_table:  # the scheduler assigns a new list per allocation
-                cached = self._table_cache[r] = (r.block_table, self._tensor(r.block_table))
-            rows.append(cached[1][:max_blocks])
+            if cached is None or cached[0] is not table or cached[1] != len(table):
+                cached = self._table_cache[r] = (table, len(table), self._tensor(table))
+            rows.append(cached[2][:max_blocks])
         return pad_sequence(rows, batch_first=True)  # (B, max_blocks)
 
     def decode_inputs(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor, PagedAttention]:
@@ -115,7 +149,7 @@ class ModelRunner:
         bs = self.blocks.block_size
         max_ctx = max(r.num_computed_tokens for r in reqs) + 1
         max_blocks = -(-max_ctx // bs)
-        table = self._block_tables(reqs, max_blocks)
+        table = self._block_tables(reqs, max_blocks, [r.num_computed_tokens + 1 for r in reqs])
         offs = torch.arange(max_ctx, device=self.device)
         slot_table = table[:, offs // bs] * bs + offs % bs  # (B, S)
         slot_mapping = slot_table.gather(1, pos[:, None])[:, 0]  # (B,) where the new K/V go
@@ -148,32 +182,60 @@ class ModelRunner:
         logits = self.decode_logits(reqs)
         return sample_requests(logits, reqs, self.eos_token_ids)
 
-    def _slot_table(self, reqs: list[Request], context: int) -> torch.Tensor:
-        """(B, context) flat slot of every position ``< context`` of each request (padded rows are masked)."""
+    def _slot_table(self, reqs: list[Request], context_lens: list[int]) -> torch.Tensor:
+        """(B, S) flat slot of every position ``< S = max(context_lens)`` of each request (padded rows are masked)."""
         bs = self.blocks.block_size
-        table = self._block_tables(reqs, -(-context // bs))
+        context = max(context_lens)
+        table = self._block_tables(reqs, -(-context // bs), context_lens)
         offs = torch.arange(context, device=self.device)
         return table[:, offs // bs] * bs + offs % bs  # (B, S)
 
     def chunk_inputs(
-        self, reqs: list[Request], num_tokens: list[int]
+        self, reqs: list[Request], num_tokens: list[int], is_full_model: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, ExtendAttention]:
-        """The next ``num_tokens[i]`` prompt tokens of each request, after its computed ones."""
+        """The next ``num_tokens[i]`` tokens of each request, after its computed ones (prompt chunks;
+        with ``is_full_model``, a recompute's full-model positions, which in the "without
+        independent K/V" ablation mask the skipped layers' prompt prefix as decode steps do)."""
         ids, pos, seq, cu = [], [], [], [0]
         for i, (req, n) in enumerate(zip(reqs, num_tokens)):
             start = req.num_computed_tokens
-            ids += req.prompt_token_ids[start : start + n]
+            ids += req.token_ids_between(start, start + n)
             pos += range(start, start + n)
             seq += [i] * n
             cu.append(cu[-1] + n)
         context_lens = [r.num_computed_tokens + n for r, n in zip(reqs, num_tokens)]
-        slot_table = self._slot_table(reqs, max(context_lens))  # (B, S)
+        slot_table = self._slot_table(reqs, context_lens)  # (B, S)
         pos_t = self._tensor(pos)  # (T,)
         slot_mapping = slot_table[self._tensor(seq), pos_t]  # (T,) where the chunk's K/V go
+        masked_prefix, masked_layers = None, frozenset()
+        if is_full_model and not self.plan.independent_kv and self.plan.skip_layers:
+            masked_layers = frozenset(self.plan.skip_layers)
+            masked_prefix = self._tensor(
+                [r.num_prompt_tokens - (1 if self.plan.boundary_handling else 0) for r in reqs]
+            )
         attn = ExtendAttention(
-            self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, self._tensor(context_lens), cu_seqlens=cu
+            self.kv_cache.k,
+            self.kv_cache.v,
+            slot_mapping,
+            slot_table,
+            self._tensor(context_lens),
+            masked_prefix,
+            masked_layers,
+            cu_seqlens=cu,
         )
         return self._tensor(ids), pos_t, attn
+
+    @torch.inference_mode()
+    def recompute(self, reqs: list[Request], num_tokens: list[int]) -> None:
+        """Re-run ``num_tokens[i]`` full-model positions of each preempted request (no plan: every
+        layer, as the decode steps that first computed them); their K/V land in the blocks, nothing
+        is sampled."""
+        if not reqs:
+            return
+        ids, pos, attn = self.chunk_inputs(reqs, num_tokens, is_full_model=True)
+        self.model(ids, pos, attn)
+        for req, n in zip(reqs, num_tokens):
+            req.num_computed_tokens += n
 
     @torch.inference_mode()
     def mixed(
@@ -185,7 +247,7 @@ class ModelRunner:
         whose chunk ends its prompt: the pruned pass then samples its first token, as ``prefill`` does.
         """
         if not chunks:
-            return decode, self.decode(decode)
+            return (decode, self.decode(decode)) if decode else ([], [])
         ids, pos, attn = self.chunk_inputs(chunks, num_tokens)
         for req, n in zip(chunks, num_tokens):
             # Before the decode rows' inputs: a request whose chunk ends its prefix is also a decode
@@ -200,7 +262,12 @@ class ModelRunner:
         end = d
         for req, n in zip(chunks, num_tokens):
             end += n
-            if not self.plan.boundary_handling and req.num_computed_tokens == req.num_prompt_tokens:
+            # A preempted request re-running its prompt already has this token.
+            if (
+                not self.plan.boundary_handling
+                and req.num_computed_tokens == req.num_prompt_tokens
+                and not req.output_token_ids
+            ):
                 rows.append(end - 1)
                 reqs.append(req)
         for req in decode:

@@ -8,6 +8,10 @@ Life of a request under POP (prompt of ``N`` tokens):
 
 A one-token prompt has nothing to prefill and starts RUNNING. With the "no boundary handling"
 ablation the prefill covers all N tokens and samples the first token from the pruned pass.
+
+Preemption (the scheduler ran out of blocks) sends a RUNNING request back to WAITING with
+``num_computed_tokens = 0`` and its blocks released; it keeps ``output_token_ids``. Re-admitted, it
+computes its positions again the way they were first computed (``scheduler.py``), then decodes on.
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
+    # KV memory (scheduler.py): prefix-cache names of the request's full blocks, computed as needed;
+    # how many of its blocks are published; prompt tokens found cached at its first admission.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_published_blocks: int = 0
+    num_cached_tokens: int | None = None
+    num_preemptions: int = 0
+    is_kv_local: bool = True  # False while its prefix K/V came from another worker (not publishable)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -69,6 +80,14 @@ class Request:
     def token_at(self, position: int) -> int:
         n = self.num_prompt_tokens
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """Tokens at positions ``start..end-1`` (prompt, then generated)."""
+        n = self.num_prompt_tokens
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        head = self.prompt_token_ids[start:] if start < n else []
+        return head + self.output_token_ids[max(0, start - n) : end - n]
 
     @property
     def next_input_token(self) -> int:

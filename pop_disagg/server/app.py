@@ -220,6 +220,7 @@ class Server:
             except Exception:  # a dead or restarting worker keeps its last value until it answers again
                 continue
             self.metrics.set_kv_blocks(f"decode-{i}", s["num_free_blocks"], s["num_blocks"])
+            self.metrics.set_engine_counters(f"decode-{i}", s)
 
     async def _poll_kv_loop(self) -> None:
         while True:

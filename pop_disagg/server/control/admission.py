@@ -3,7 +3,10 @@
 A request is refused at once, before any model work, when
 1. the server is draining (``Draining`` -> ``UNAVAILABLE``);
 2. its prompt plus ``max_new_tokens`` could never fit one decode worker's KV cache (a ``ValueError``
-   naming the numbers -> ``INVALID_ARGUMENT``): it would otherwise wait for blocks forever;
+   naming the numbers -> ``INVALID_ARGUMENT``): it could never finish. Blocks are taken on demand
+   (a decode worker holds the prompt's at admission and grows, preempting when it runs out,
+   ``engine/scheduler.py``), so this is the only check by ``max_new_tokens``; how many requests
+   run at once is the engine's business, as in vLLM;
 3. ``max_queued_requests`` requests are already waiting (admitted, no token yet: queued for
    blocks, prefilling or KV in transit) (``Overloaded`` -> ``RESOURCE_EXHAUSTED``): a bounded queue
    instead of unbounded latency.
@@ -20,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ...engine.scheduler import reserved_tokens
+from ...engine.scheduler import max_kv_tokens
 from ...limits import InvalidRequest
 from ..errors import Draining, Overloaded
 from .calls import GenerateCall
@@ -35,8 +38,8 @@ class KVLimits:
     context_limit: int
 
     def blocks_for(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
-        # What the decode worker's scheduler will reserve for it (the same rule).
-        return -(-reserved_tokens(num_prompt_tokens, max_new_tokens, self.context_limit) // self.block_size)
+        # The most blocks the request can come to hold (the decode worker's scheduler refuses by the same rule).
+        return -(-max_kv_tokens(num_prompt_tokens, max_new_tokens, self.context_limit) // self.block_size)
 
 
 def default_max_queued_requests(num_blocks_per_worker: list[int], max_num_seqs: int) -> int:

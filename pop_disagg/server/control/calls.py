@@ -59,3 +59,4 @@ class GenerateResult:
     num_output_tokens: int
     timings: Timings = field(default_factory=Timings)
     logprobs: list[TokenLogprob] | None = None  # as in Delta: aligned with token_ids
+    num_cached_tokens: int = 0  # of the prompt, found in the engine's prefix cache

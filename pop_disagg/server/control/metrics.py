@@ -15,7 +15,11 @@ What counts when (the router's observer calls ``admitted``, ``tokens``, ``finish
 - histograms: TTFT at the first token; E2E latency, TPOT (``(last - first token) / (tokens - 1)``,
   the per-request mean) and the KV transfer time (prefill end -> KV written on the decode worker)
   for finished requests; ``kv_transfer_bytes_total`` is the K/V payload of finished transfers.
-- ``kv_blocks_free`` / ``kv_blocks_total{worker}``: set by the server's poll of the decode workers.
+- ``kv_blocks_free`` / ``kv_blocks_total{worker}``: set by the server's poll of the decode workers
+  (free counts evictable prefix-cache blocks: an allocation can take them).
+- ``num_preemptions_total``, ``prefix_cache_queries_total`` / ``prefix_cache_hits_total`` (tokens
+  looked up at admission / found cached): the decode workers' engine counters, advanced by the
+  same poll (``set_engine_counters``; a replaced worker starts again from zero).
 - ``worker_restarts_total{role}``: ``count_worker_restart`` (called by whoever restarts a worker).
 """
 
@@ -171,6 +175,16 @@ class ServerMetrics:
         )
         self.kv_blocks_total = Gauge(PREFIX + "kv_blocks_total", "KV blocks per decode worker.", ["worker"], registry=r)
         self.worker_restarts = Counter(PREFIX + "worker_restarts", "Worker restarts by role.", ["role"], registry=r)
+        self.num_preemptions = Counter(
+            PREFIX + "num_preemptions", "Running requests preempted for KV blocks (recomputed later).", registry=r
+        )
+        self.prefix_cache_queries = Counter(
+            PREFIX + "prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache.", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            PREFIX + "prefix_cache_hits", "Tokens of admitted requests found in the prefix cache.", registry=r
+        )
+        self._engine_counters: dict[str, dict[str, int]] = {}  # worker -> last values polled
         for reason in FINISH_REASONS:
             self.success.labels(reason)
         for code in FAILURE_CODES:
@@ -240,6 +254,20 @@ class ServerMetrics:
     def set_kv_blocks(self, worker: str, num_free: int, num_total: int) -> None:
         self.kv_blocks_free.labels(worker).set(num_free)
         self.kv_blocks_total.labels(worker).set(num_total)
+
+    def set_engine_counters(self, worker: str, counters: dict[str, int]) -> None:
+        """Advance the engine counters by what ``worker`` counted since the last poll (its stats:
+        ``num_preemptions``, ``prefix_cache_queries``, ``prefix_cache_hits``, cumulative)."""
+        last = self._engine_counters.get(worker, {})
+        for name, counter in (
+            ("num_preemptions", self.num_preemptions),
+            ("prefix_cache_queries", self.prefix_cache_queries),
+            ("prefix_cache_hits", self.prefix_cache_hits),
+        ):
+            value = counters.get(name, 0)
+            before = last.get(name, 0)
+            counter.inc(value - before if value >= before else value)  # lower: a new worker counts from 0
+        self._engine_counters[worker] = dict(counters)
 
     # ---- /metrics ------------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:

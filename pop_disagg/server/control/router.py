@@ -90,6 +90,7 @@ class _Request:
     first_time: float | None = None
     last_time: float | None = None
     plan_index: int | None = None  # the family plan its prefill runs (None: no depth controller / nothing to prefill)
+    num_cached_tokens: int = 0  # prompt tokens the decode worker's prefix cache held (colocated)
 
     def remaining_s(self) -> float | None:
         return None if self.call.deadline is None else self.call.deadline - time.time()
@@ -284,6 +285,7 @@ class Router:
             if isinstance(ev, KVReceived):
                 req.kv_time = ev.time
                 continue
+            req.num_cached_tokens = max(req.num_cached_tokens, ev.num_cached_tokens)
             for i, tok in enumerate(ev.token_ids):
                 if req.finish is not None:
                     break  # a stop string ended it; the worker may have run ahead
@@ -332,7 +334,15 @@ class Router:
         self.stats.ttft_s_sum += timings.ttft_s
         n = len(req.call.prompt_token_ids)
         result = GenerateResult(
-            req.rid, last.text, last.token_ids, req.finish, n, len(req.tokens), timings, last.logprobs
+            req.rid,
+            last.text,
+            last.token_ids,
+            req.finish,
+            n,
+            len(req.tokens),
+            timings,
+            last.logprobs,
+            req.num_cached_tokens,
         )
         self.observer.finished(req.rid, result, is_transferred=att.prefill_task is not None)
         return result

@@ -279,9 +279,15 @@ def parse_call(req: _SamplingRequest, tokenizer, limits: ModelLimits) -> Generat
 
 # ---- responses -----------------------------------------------------------------------------------
 def _usage(results: list[GenerateResult]) -> dict:
-    """One request's usage: the prompt once, the completion tokens of every choice (OpenAI's for n > 1)."""
+    """One request's usage: the prompt once, the completion tokens of every choice (OpenAI's for n > 1);
+    ``cached_tokens``: the prompt tokens the prefix cache held (the first choice's: one prompt)."""
     n, m = results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results)
-    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+    return {
+        "prompt_tokens": n,
+        "completion_tokens": m,
+        "total_tokens": n + m,
+        "prompt_tokens_details": {"cached_tokens": results[0].num_cached_tokens},
+    }
 
 
 class _Render:

@@ -322,6 +322,7 @@ class DecodeActor(_Shell):
             "num_blocks": self.worker.engine.blocks.num_blocks,
             "num_active": self.worker.num_active,
             "num_receiving": self.worker.num_receiving,
+            **self.worker.counters,
         }
 
     @ray.method(concurrency_group="health")
