@@ -51,6 +51,39 @@ def ray_instance():
 
 
 @pytest.fixture(scope="module")
+def smollm2_http_server(smollm2_dir, ray_instance):
+    """One 1P1D POP server on real SmolLM2 with the HTTP API (served as ``smollm2``), for a module."""
+    from pop_disagg.config import EngineConfig, ServeConfig
+    from pop_disagg.server.app import BackgroundServer
+
+    engine = EngineConfig(model=str(smollm2_dir), kv_cache_memory_mb=48, max_model_len=512)
+    config = ServeConfig(engine=engine, topology="disaggregated", prefill="pop", transfer_timeout_s=30)
+    srv = BackgroundServer(config, http_port=0, served_model_name="smollm2")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    """The official ``openai`` client on the requesting module's ``server``'s HTTP API."""
+    import openai
+
+    with openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """An httpx client on the requesting module's ``server``'s HTTP API."""
+    import httpx
+
+    with httpx.Client(base_url=server.http_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
 def stub(server):
     """A gRPC stub on the requesting module's own ``server`` fixture (plaintext)."""
     import grpc

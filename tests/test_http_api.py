@@ -21,11 +21,6 @@ import pytest
 import ray  # noqa: E402
 
 from pop_disagg._proto import generation_pb2 as pb  # noqa: E402
-from pop_disagg.config import (
-    EngineConfig,  # noqa: E402
-    ServeConfig,  # noqa: E402
-)
-from pop_disagg.server.app import BackgroundServer  # noqa: E402
 
 MODEL = "smollm2"
 PROMPT = "The three primary colors are"
@@ -33,30 +28,8 @@ MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "c
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_dir):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    srv = None
-    try:
-        engine = EngineConfig(model=str(smollm2_dir), kv_cache_memory_mb=48, max_model_len=512)
-        config = ServeConfig(engine=engine, topology="disaggregated", prefill="pop", transfer_timeout_s=30)
-        srv = BackgroundServer(config, http_port=0, served_model_name=MODEL)
-        yield srv
-    finally:
-        if srv is not None:
-            srv.stop()
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def oa(server):
-    with openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.http_url, timeout=120) as client:
-        yield client
+def server(smollm2_http_server):
+    return smollm2_http_server
 
 
 def _finish(msg) -> str:

@@ -206,39 +206,8 @@ MESSAGES = [{"role": "user", "content": "Name a large ocean."}]
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_dir):
-    import ray
-
-    from pop_disagg.config import ServeConfig
-    from pop_disagg.server.app import BackgroundServer
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    srv = None
-    try:
-        engine = EngineConfig(model=str(smollm2_dir), kv_cache_memory_mb=48, max_model_len=512)
-        config = ServeConfig(engine=engine, topology="disaggregated", prefill="pop", transfer_timeout_s=30)
-        srv = BackgroundServer(config, http_port=0, served_model_name=SERVED)
-        yield srv
-    finally:
-        if srv is not None:
-            srv.stop()
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def oa(server):
-    import openai
-
-    with openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    import httpx
-
-    with httpx.Client(base_url=server.http_url, timeout=120) as client:
-        yield client
+def server(smollm2_http_server):
+    return smollm2_http_server
 
 
 def _grpc(stub, **kw):

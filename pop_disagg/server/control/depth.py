@@ -12,8 +12,8 @@ The router asks ``DepthController.choose`` once per prefilled request. A request
   extremes.
 * ``lookahead`` (default): the mildest plan that meets T for this request *and* for the requests
   expected behind it if they ran the same plan. With arrival rate ``lam`` (EWMA of the gaps between
-  prefilled requests) and mean prefill length ``m`` (EWMA), follower ``k`` (k = 1..K, K = the
-  arrivals expected within T) is predicted at
+  prefilled requests) and mean prefill length ``m`` (EWMA), follower ``k`` (k = 1..K, K = ``horizon``,
+  32 arrivals by default) is predicted at
 
       max(0, queued_s + n * s + (k - 1) * m * s - k / lam) + m * s + overhead_s
 

@@ -32,9 +32,10 @@ def sample_calls(call: GenerateCall, n: int) -> list[GenerateCall]:
     return [child(i) for i in range(n)]
 
 
-async def generate_all(router, calls: list[GenerateCall]) -> list[GenerateResult]:
-    """The n unary results; if one fails, the others are cancelled (aborted on their workers)."""
-    tasks = [asyncio.ensure_future(router.generate(c)) for c in calls]
+async def _gather_or_cancel(awaitables) -> list:
+    """All results in order; if one fails (or this is cancelled), the rest are cancelled and awaited
+    before the error propagates."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
@@ -44,15 +45,16 @@ async def generate_all(router, calls: list[GenerateCall]) -> list[GenerateResult
         raise
 
 
+async def generate_all(router, calls: list[GenerateCall]) -> list[GenerateResult]:
+    """The n unary results; if one fails, the others are cancelled (aborted on their workers)."""
+    return await _gather_or_cancel(router.generate(c) for c in calls)
+
+
 async def first_items(streams: list) -> list:
     """Each stream's first item; if one fails, the others are cancelled and closed and it raises."""
-    tasks = [asyncio.ensure_future(s.__anext__()) for s in streams]
     try:
-        return list(await asyncio.gather(*tasks))
+        return await _gather_or_cancel(s.__anext__() for s in streams)
     except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         for s in streams:
             await s.aclose()
         raise

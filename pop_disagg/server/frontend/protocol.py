@@ -110,8 +110,9 @@ def _logprobs(logprobs) -> list[pb.TokenLogprob]:
     ]
 
 
-def to_response(r: GenerateResult) -> pb.GenerateResponse:
-    return pb.GenerateResponse(
+def _result_fields(r: GenerateResult) -> dict:
+    """The fields a unary response and a stream's last chunk share (they carry the same result)."""
+    return dict(
         request_id=r.request_id,
         text=r.text,
         token_ids=r.token_ids,
@@ -120,6 +121,10 @@ def to_response(r: GenerateResult) -> pb.GenerateResponse:
         timings=_timings(r.timings),
         logprobs=_logprobs(r.logprobs),
     )
+
+
+def to_response(r: GenerateResult) -> pb.GenerateResponse:
+    return pb.GenerateResponse(**_result_fields(r))
 
 
 def to_stream_chunk(request_id: str, text: str, token_ids: list[int], logprobs=None) -> pb.GenerateStreamResponse:
@@ -129,15 +134,7 @@ def to_stream_chunk(request_id: str, text: str, token_ids: list[int], logprobs=N
 
 
 def to_last_chunk(r: GenerateResult) -> pb.GenerateStreamResponse:
-    return pb.GenerateStreamResponse(
-        request_id=r.request_id,
-        text=r.text,
-        token_ids=r.token_ids,
-        finish_reason=FINISH_REASONS[r.finish_reason],
-        usage=pb.Usage(prompt_tokens=r.num_prompt_tokens, completion_tokens=r.num_output_tokens),
-        timings=_timings(r.timings),
-        logprobs=_logprobs(r.logprobs),
-    )
+    return pb.GenerateStreamResponse(**_result_fields(r))
 
 
 def finish_reason_name(value: int) -> str | None:
