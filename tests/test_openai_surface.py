@@ -406,3 +406,16 @@ def test_n_samples_unary_and_streaming(oa, stub):
     with pytest.raises(openai.BadRequestError) as err:
         oa.completions.create(model=SERVED, prompt=TEXT, n=2, best_of=3)
     assert err.value.param == "best_of"
+
+
+def test_grpc_stream_carries_logprobs_per_message(stub):
+    from pop_disagg._proto import generation_pb2 as pb
+
+    unary = _grpc(stub, prompt=TEXT, max_new_tokens=6, logprobs=2)
+    msgs = list(stub.GenerateStream(pb.GenerateRequest(prompt=TEXT, max_new_tokens=6, logprobs=2), timeout=120))
+    assert all(len(m.logprobs) == len(m.token_ids) for m in msgs)
+    streamed = [lp for m in msgs for lp in m.logprobs]
+    assert [lp.token_id for lp in streamed] == list(unary.token_ids)
+    assert [lp.logprob for lp in streamed] == pytest.approx([lp.logprob for lp in unary.logprobs], abs=1e-5)
+    assert all(len(lp.top_logprobs) == 2 for lp in streamed)
+    assert not _grpc(stub, prompt=TEXT, max_new_tokens=2).logprobs  # not asked: none
