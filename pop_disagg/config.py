@@ -85,9 +85,9 @@ class EngineConfig(BaseModel):
     compile_decode_on_cpu: bool = Field(
         False, description="torch.compile the decode step on CPU too (slow to start; off by default)"
     )
-    cpu_blas: Literal["auto", "torch", "openblas"] = Field(
+    cpu_blas: Literal["auto", "torch", "openblas", "onednn"] = Field(
         "auto",
-        description="CPU float32 GEMMs: torch's (MKL) or numpy's OpenBLAS; auto = OpenBLAS on AMD CPUs (models/cpu_blas.py)",
+        description="CPU float32 GEMMs: oneDNN on prepacked weights, torch's (MKL) or numpy's OpenBLAS; auto = oneDNN where torch has it (models/cpu_blas.py)",
     )
 
     @property

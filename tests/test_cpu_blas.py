@@ -1,5 +1,6 @@
-"""The CPU GEMM switch (``models/cpu_blas.py``): OpenBLAS through numpy computes what torch's GEMM
-does, on the tensors' own memory, with torch's thread count, and only where it is valid."""
+"""The CPU GEMM switch (``models/cpu_blas.py``): oneDNN on prepacked weights and OpenBLAS through
+numpy compute what torch's GEMM does, follow in-place edits of the weights, use torch's thread
+count, and run only where they are valid."""
 
 from __future__ import annotations
 
@@ -27,8 +28,35 @@ def test_resolve_rules(monkeypatch):
     monkeypatch.setenv("POP_DISAGG_CPU_BLAS", "torch")  # the environment decides what "auto" means
     assert cpu_blas.resolve("auto") == "torch"
     monkeypatch.delenv("POP_DISAGG_CPU_BLAS")
-    expected = "openblas" if cpu_blas.numpy_has_openblas() and cpu_blas.cpu_vendor() == "AuthenticAMD" else "torch"
+    if cpu_blas.has_onednn():
+        expected = "onednn"
+    elif cpu_blas.numpy_has_openblas() and cpu_blas.cpu_vendor() == "AuthenticAMD":
+        expected = "openblas"
+    else:
+        expected = "torch"
     assert cpu_blas.resolve("auto") == expected
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 64])
+def test_onednn_linear_equals_torch_and_follows_in_place_edits(rows):
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(rows, 96, generator=g)
+    x = fused[:, 32:64]  # a strided half of a fused GEMM's output, as the MLP passes it
+    weight = torch.nn.Parameter(torch.randn(40, 32, generator=g))  # (out, in), requires grad
+    bias = torch.randn(40, generator=g)
+    packed = cpu_blas.PackedWeight(weight.t())
+    cpu_blas.configure("onednn")
+    with torch.inference_mode():
+        got = cpu_blas.linear(x, weight.t(), bias, packed)
+        torch.testing.assert_close(got, x @ weight.t() + bias, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        weight.mul_(-2.0)  # through the parameter, as the K/V correction and tests write
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_blas.linear(x, weight.t(), None, packed), x @ weight.t(), atol=1e-5, rtol=1e-5)
+    out = cpu_blas.linear(x, weight.t(), bias, packed)  # autograd on: torch's GEMM, differentiable
+    assert out.requires_grad
+    out.sum().backward()
+    assert weight.grad is not None
 
 
 def test_openblas_linear_equals_torch_on_strided_inputs_with_bias():
@@ -72,7 +100,7 @@ def test_engine_setting_picks_the_backend_and_both_agree(tiny_ckpt):
     model = load_model(path)
     prompt = [5, 9, 2, 33, 17, 8, 1, 40]
     logits = {}
-    for backend in ("torch", "openblas"):
+    for backend in ("torch", "openblas", "onednn"):
         engine = LLMEngine(
             EngineConfig(model=path, kv_cache_memory_mb=1, block_size=4, max_num_seqs=2, cpu_blas=backend),
             model=model,
@@ -86,4 +114,5 @@ def test_engine_setting_picks_the_backend_and_both_agree(tiny_ckpt):
             from pop_disagg.models.attention import PrefillAttention
 
             logits[backend] = model.compute_logits(model(ids, torch.arange(len(ids)), PrefillAttention([0, len(ids)])))
-    torch.testing.assert_close(logits["openblas"], logits["torch"], atol=1e-4, rtol=1e-4)
+    for backend in logits:
+        torch.testing.assert_close(logits[backend], logits["torch"], atol=1e-4, rtol=1e-4)

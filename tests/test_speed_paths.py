@@ -247,7 +247,7 @@ def test_one_row_logits_use_a_head_copy_that_follows_edits(tiny_ckpt):
         torch.testing.assert_close(model.compute_logits(h), reference(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "openblas"])
+@pytest.mark.parametrize("backend", ["torch", "openblas", "onednn"])
 def test_multi_row_logits_take_the_head_copy_only_under_openblas(tiny_ckpt, backend):
     """From two rows up the copy serves OpenBLAS (faster over it at every M measured) and not
     torch's MKL (faster over the checkpoint layout from 4 rows up); logits agree either way and

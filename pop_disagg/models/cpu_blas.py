@@ -1,23 +1,34 @@
-"""Which BLAS runs the model's float32 GEMMs on a CPU: torch's own (MKL in the x86 wheels) or the
+"""Which library runs the model's float32 GEMMs on a CPU: oneDNN on prepacked weights (through
+torch's mkldnn ops, as vLLM's CPU backend does), torch's own BLAS (MKL in the x86 wheels), or the
 OpenBLAS that numpy's wheels bundle.
 
-On the AMD EPYC (AVX2) this project is benchmarked on (MKL does not take its tuned kernels on
-non-Intel CPUs), OpenBLAS ran SmolLM2's M = 16 gate/up GEMM ~1.4x faster than MKL and the other
-shapes 0-15% faster in interleaved runs, and whole batch-16 decode steps 17% faster (201 vs 243 ms,
-in-process A/B); prefill-sized GEMMs were within a few percent of each other (benchmarks/results/decode/README.md,
-"Decode speed"). Transformers on the same machine runs on torch's MKL.
+oneDNN (``onednn``, the default wherever torch has it): each weight is reordered once into the
+blocked layout oneDNN's kernels read (``mkldnn._reorder_linear_weight``), and every GEMM of two
+rows or more runs on that copy (``mkldnn._linear_pointwise``). On a 2-core AMD EPYC with AVX-512,
+one thread, SmolLM2's shapes at M = 16 ran 1.3-1.6x faster than ``F.linear`` and its LM head 2.2x
+(10.7 vs 23.8 ms), at M = 512 (prefill) 1.1-1.25x; one-row GEMMs are level with torch's, so the
+LM head's one-row GEMM keeps its own (hidden, vocab) copy (``decoder.CausalLM._row_head``). oneDNN
+picks its kernels by the CPU's ISA, not its vendor, which is why it beats MKL on AMD. The packed
+copy is made on first use and again after an in-place edit of the weight (``PackedWeight``), and
+costs one more copy of the weights in memory (540 MB for SmolLM2 in float32).
 
-``linear(x, w_t, bias)`` is the one entry point the decoder uses (``x @ w_t + bias``). OpenBLAS is
-called through numpy on the tensors' own memory (no copies), only where that is valid and paid:
-CPU float32, 2-D, at least ``MIN_ROWS`` rows, no autograd (calibration differentiates through the model and keeps torch's GEMM). Anything
-else, and every GEMM under ``backend="torch"``, is torch's ``addmm``/``mm``.
+OpenBLAS (``openblas``): on an AMD EPYC with AVX2 only (MKL does not take its tuned kernels on
+non-Intel CPUs) it ran SmolLM2's M = 16 gate/up GEMM ~1.4x faster than MKL and whole batch-16
+decode steps 17% faster (benchmarks/results/decode/README.md, "Decode speed"). It is called through
+numpy on the tensors' own memory (no copies), only where that is valid and paid: CPU float32, 2-D,
+at least ``MIN_ROWS`` rows, no autograd.
+
+``linear(x, w_t, bias, packed)`` is the one entry point the decoder uses (``x @ w_t + bias``).
+Anything a backend does not take (autograd: calibration differentiates through the model; one row;
+other dtypes; ``torch.compile`` tracing), and every GEMM under ``backend="torch"``, is torch's
+``addmm``/``mm``.
 
 The choice is process-wide, like ``torch.set_num_threads``, and made once: ``"auto"`` (the default,
-or ``$POP_DISAGG_CPU_BLAS``) picks OpenBLAS on AMD CPUs when numpy's BLAS is OpenBLAS and torch's
-elsewhere. A fixed rule, not a start-up timing, so that every forward in a process (an engine's, a
-test's reference) uses the same GEMM and the numbers a model produces do not change from run to
-run. ``configure`` (the engine's ``cpu_blas`` setting, a benchmark's ``--cpu-blas``) overrides it.
-OpenBLAS always runs with as many threads as torch's intra-op pool has at the time of the call.
+or ``$POP_DISAGG_CPU_BLAS``) picks oneDNN where torch was built with it, else OpenBLAS on AMD CPUs
+when numpy's BLAS is OpenBLAS, else torch's. A fixed rule, not a start-up timing, so that every
+forward in a process (an engine's, a test's reference) uses the same GEMM and the numbers a model
+produces do not change from run to run. ``configure`` (the engine's ``cpu_blas`` setting, a
+benchmark's ``--cpu-blas``) overrides it. OpenBLAS and oneDNN run with torch's thread count.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "openblas")
+BACKENDS = ("auto", "torch", "openblas", "onednn")
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,6 +67,16 @@ def cpu_vendor() -> str:
     return platform.processor()
 
 
+@functools.lru_cache(maxsize=1)
+def has_onednn() -> bool:
+    """torch's oneDNN linear ops are there (x86 builds; ARM builds route oneDNN through ACL, not taken)."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and platform.machine().lower() in ("x86_64", "amd64")
+    )
+
+
 def resolve(backend: str) -> str:
     """``auto`` -> the concrete backend this machine gets; ``openblas`` without numpy's OpenBLAS is an error."""
     if backend not in BACKENDS:
@@ -63,7 +84,11 @@ def resolve(backend: str) -> str:
     if backend == "auto" and os.environ.get("POP_DISAGG_CPU_BLAS", "auto") != "auto":
         return resolve(os.environ["POP_DISAGG_CPU_BLAS"])
     if backend == "auto":
+        if has_onednn():
+            return "onednn"
         return "openblas" if numpy_has_openblas() and cpu_vendor() == "AuthenticAMD" else "torch"
+    if backend == "onednn" and not has_onednn():
+        raise ValueError("cpu_blas='onednn' needs a torch built with oneDNN (mkldnn) on x86; this one is not")
     if backend == "openblas" and not numpy_has_openblas():
         raise ValueError(
             "cpu_blas='openblas' needs numpy built against OpenBLAS (the PyPI wheels are); this numpy is not"
@@ -84,7 +109,8 @@ def configure(backend: str = "auto") -> str:
     global _choice
     chosen = resolve(backend)
     if chosen != _choice:
-        log.info("CPU float32 GEMMs: %s", "numpy's OpenBLAS" if chosen == "openblas" else "torch's (MKL)")
+        names = {"openblas": "numpy's OpenBLAS", "onednn": "oneDNN on prepacked weights", "torch": "torch's (MKL)"}
+        log.info("CPU float32 GEMMs: %s", names[chosen])
     _choice = chosen
     return chosen
 
@@ -110,8 +136,8 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return (t.detach() if t.requires_grad else t).numpy()  # a parameter under no_grad still requires grad
 
 
-def takes(x: torch.Tensor) -> bool:
-    """Whether ``linear`` sends a GEMM over input ``x`` (with float32 weights) to OpenBLAS."""
+def _is_plain_cpu_gemm(x: torch.Tensor) -> bool:
+    """A CPU float32 (M >= MIN_ROWS, K) input outside autograd and outside ``torch.compile`` tracing."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -119,15 +145,57 @@ def takes(x: torch.Tensor) -> bool:
         and x.shape[0] >= MIN_ROWS
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
-        and active() == "openblas"
     )
 
 
-def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w_t (+ bias)`` for x (M, K) and w_t (K, N) (any strides, e.g. ``weight.t()``)."""
-    if w_t.dtype == torch.float32 and takes(x):
-        _match_torch_threads()
-        out = torch.empty(x.shape[0], w_t.shape[1], dtype=torch.float32)
-        np.matmul(_array(x), _array(w_t), out=out.numpy())
-        return out.add_(bias) if bias is not None else out
+def takes(x: torch.Tensor) -> bool:
+    """Whether ``linear`` sends a GEMM over input ``x`` (with float32 weights) to another library
+    than torch's own GEMM: OpenBLAS, or oneDNN when the weight is prepacked."""
+    return _is_plain_cpu_gemm(x) and active() in ("openblas", "onednn")
+
+
+# The batch size oneDNN packs for. One packing serves every M: at M = 4..512 a weight packed for 16
+# ran within 2% of one packed for its own M, and one packed for 1 was up to 1.9x slower from M = 4.
+PACK_HINT = 16
+
+
+class PackedWeight:
+    """A GEMM weight given as (in, out) and, under oneDNN, its prepacked (out, in) copy.
+
+    Made on first use and again whenever the weight tensor is edited in place (its version counter
+    moves: tests and the K/V correction write through the checkpoint's parameter names), so the
+    packed copy never serves stale values.
+    """
+
+    def __init__(self, w_t: torch.Tensor):
+        self.w_t = w_t  # (in, out), any strides
+        self._key: tuple | None = None
+        self._packed: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        try:
+            key = (self.w_t.data_ptr(), self.w_t._version)
+        except RuntimeError:  # an inference tensor has no version counter: it cannot be edited in place
+            key = (self.w_t.data_ptr(), None)
+        if key != self._key:
+            w = self.w_t.detach().t()  # (out, in)
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT)
+            self._key = key
+        return self._packed
+
+
+def linear(
+    x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None, packed: PackedWeight | None = None
+) -> torch.Tensor:
+    """``x @ w_t (+ bias)`` for x (M, K) and w_t (K, N) (any strides, e.g. ``weight.t()``);
+    ``packed`` (a ``PackedWeight`` of ``w_t``) lets oneDNN run it on its prepacked copy."""
+    if w_t.dtype == torch.float32 and _is_plain_cpu_gemm(x):
+        backend = active()
+        if backend == "onednn" and packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed.get(), bias, "none", [], "")
+        if backend == "openblas":
+            _match_torch_threads()
+            out = torch.empty(x.shape[0], w_t.shape[1], dtype=torch.float32)
+            np.matmul(_array(x), _array(w_t), out=out.numpy())
+            return out.add_(bias) if bias is not None else out
     return torch.addmm(bias, x, w_t) if bias is not None else x @ w_t

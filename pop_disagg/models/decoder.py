@@ -173,6 +173,7 @@ class CausalLM(nn.Module):
         self._inv_freq: dict[str, torch.Tensor] = {}
         self._fused: dict[tuple[int, ...], tuple] = {}
         self._head_t: tuple | None = None  # (key, (hidden, vocab) copy of the LM head), see compute_logits
+        self._head_packed: cpu_blas.PackedWeight | None = None  # oneDNN's copy of the LM head
 
     def fuse_weights(self) -> None:
         """One GEMM for q/k/v and one for gate/up in every full layer (after the weights are real).
@@ -187,6 +188,7 @@ class CausalLM(nn.Module):
                 layer.mlp.fuse()
         self._fused.clear()
         self._head_t = None
+        self._head_packed = None
 
     def _apply(self, fn, recurse=True):
         # ``.to()``/``.half()`` replace parameter storage: the fused views would go stale, so fuse again.
@@ -293,7 +295,7 @@ class CausalLM(nn.Module):
 
     def _store_run_kv(self, run: tuple[int, ...], h: torch.Tensor, cos_sin: CosSin, attn) -> None:
         """Independent K/V for a run of skipped layers from one norm + one GEMM (shape (T, hidden))."""
-        weight, bias = self._fused_weights(run)
+        weight, bias, packed = self._fused_weights(run)
         first_norm = self.model.layers[run[0]].input_layernorm
         x = first_norm.normalize(h).to(h.dtype)  # weight-free RMS norm; weights are folded in
         kv_size = self.arch.kv_size
@@ -302,13 +304,14 @@ class CausalLM(nn.Module):
         # of the run's K/V leaving after one big GEMM (the transfer tail); the FLOPs
         # are the same. Otherwise one GEMM for the whole run.
         per_layer = getattr(attn, "stream_kv", False)
-        kv = None if per_layer else cpu_blas.linear(x, weight.t(), bias)  # (T, len(run) * 2 * kv_size)
+        kv = None if per_layer else cpu_blas.linear(x, weight.t(), bias, packed[0])  # (T, len(run) * 2 * kv_size)
         for i, l in enumerate(run):
             proj = self.model.layers[l].self_attn
             base = 2 * i * kv_size
             if per_layer:
                 rows = slice(base, base + 2 * kv_size)
-                kv_l, base_l = cpu_blas.linear(x, weight[rows].t(), bias[rows] if bias is not None else None), 0
+                b = bias[rows] if bias is not None else None
+                kv_l, base_l = cpu_blas.linear(x, weight[rows].t(), b, packed[1 + i]), 0
             else:
                 kv_l, base_l = kv, base
             k, v = proj.finish_kv(
@@ -326,7 +329,7 @@ class CausalLM(nn.Module):
         )
         cached = self._fused.get(run)
         if cached is not None and cached[0] == version:
-            return cached[1], cached[2]
+            return cached[1:]
         ws, bs = [], []
         with torch.no_grad():
             for ly in layers:
@@ -337,26 +340,38 @@ class CausalLM(nn.Module):
                         bs.append(proj.bias.float())
             weight = torch.cat(ws).to(self.dtype)
             bias = torch.cat(bs).to(self.dtype) if bs else None
-        self._fused[run] = (version, weight, bias)
-        return weight, bias
+        # oneDNN copies of the run's GEMM and of each layer's rows (a streaming sink's per-layer GEMMs).
+        rows = 2 * self.arch.kv_size
+        packed = [cpu_blas.PackedWeight(weight.t())]
+        packed += [cpu_blas.PackedWeight(weight[i * rows : (i + 1) * rows].t()) for i in range(len(run))]
+        self._fused[run] = (version, weight, bias, packed)
+        return weight, bias, packed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head (+ Gemma soft-capping) on (N, hidden) -> (N, vocab) float32."""
         if self.is_prefill_only:
             raise RuntimeError("a prefill-only model has no final norm or LM head")
         h = self.model.norm(hidden)
-        logits = cpu_blas.linear(h, self.head_t(h)).float()
+        logits = cpu_blas.linear(h, self.head_t(h), None, self._packed_head()).float()
         cap = self.arch.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def _packed_head(self) -> cpu_blas.PackedWeight:
+        """oneDNN's copy of the LM head (used from two rows up; remade if the weight is replaced or edited)."""
+        weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
+        if self._head_packed is None or self._head_packed.w_t._base is not weight:
+            self._head_packed = cpu_blas.PackedWeight(weight.t())
+        return self._head_packed
+
     def head_t(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head as (hidden, vocab) for a GEMM over ``h``: the contiguous copy (``_row_head``)
         where that layout is the faster one, else a transposed view of the checkpoint's weight."""
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        if h.device.type == "cpu" and not torch.compiler.is_compiling() and (h.shape[0] == 1 or cpu_blas.takes(h)):
-            return self._row_head(weight)
+        if h.device.type == "cpu" and not torch.compiler.is_compiling():
+            if h.shape[0] == 1 or (cpu_blas.takes(h) and cpu_blas.active() == "openblas"):
+                return self._row_head(weight)  # oneDNN reads its own packed copy from two rows up
         return weight.t()
 
     def _row_head(self, weight: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,7 @@ class FusedLinear:
                     lin.bias = nn.Parameter(self.bias[start : start + n], requires_grad=False)
                 start += n
         self._members = [(lin, lin.weight) for lin in linears]
+        self.packed = cpu_blas.PackedWeight(self.weight_t)  # oneDNN's copy, made on first use
 
     def is_current(self) -> bool:
         # A member whose weight was replaced (``.to()``, ``load_state_dict(assign=True)``) or that
@@ -156,7 +157,7 @@ class FusedLinear:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, in) -> (T, sum of outs), the members' outputs side by side."""
-        return cpu_blas.linear(x, self.weight_t, self.bias)
+        return cpu_blas.linear(x, self.weight_t, self.bias, self.packed)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         # x: (T, in) -> one (T, out_i) slice per member.
@@ -180,9 +181,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.activation = activation
         self.gate_up: FusedLinear | None = None  # set by ``fuse()`` once the weights are real
+        self.down: FusedLinear | None = None  # down_proj alone in the (in, out) layout, also by ``fuse()``
 
     def fuse(self) -> None:
         self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
+        self.down = fuse_linears([self.down_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.gate_up is not None and self.gate_up.is_current()
@@ -193,9 +196,12 @@ class MLP(nn.Module):
         if fused and self.activation != "gelu_tanh" and not torch.is_grad_enabled():
             # In place on the fused GEMM's output (no two fresh (T, inter) tensors per layer; the down
             # GEMM reads the strided half as it is). Calibration differentiates: out of place there.
-            return linear(self.down_proj, F.silu(gate, inplace=True).mul_(up))
+            return self._down(F.silu(gate, inplace=True).mul_(up))
         gate = F.gelu(gate, approximate="tanh") if self.activation == "gelu_tanh" else F.silu(gate)
-        return linear(self.down_proj, gate * up)
+        return self._down(gate * up)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down.project(x) if self.down is not None and self.down.is_current() else linear(self.down_proj, x)
 
 
 def linear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
