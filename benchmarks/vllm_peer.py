@@ -73,6 +73,8 @@ def measure(generate, spec: dict) -> dict:
     out["tokens"] = generate(prompts_all[:1], spec["decode_new"])[0]
     for length in spec["prefill_lens"]:
         for b in spec["prefill_batches"]:
+            if b * length > spec["max_prefill_tokens"]:
+                continue
             prompts = [p[:length] for p in spec["prefill_prompts"][:b]]
             t = _best(lambda: generate(prompts, 1), spec["prefill_repeats"])
             out["prefill"].append({"len": length, "batch": b, "t_s": t, "tok_s": b * length / t})
@@ -223,6 +225,7 @@ def make_spec(args) -> dict:
         "prefill_batches": prefill_batches,
         "prefill_prompts": prompts(max(prefill_batches), max(prefill_lens)),
         "max_num_batched_tokens": max(max(prefill_lens) * max(prefill_batches), 8192),
+        "max_prefill_tokens": args.max_prefill_tokens,
         "kv_cache_gib": args.kv_cache_gib,
         "cpu_blas": args.cpu_blas,
     }
@@ -313,6 +316,9 @@ def main() -> None:
     p.add_argument("--prefill-batches", default="1,8")
     p.add_argument("--repeats", type=int, default=3, help="best of this many after a warm-up (decode)")
     p.add_argument("--prefill-repeats", type=int, default=2, help="best of this many after a warm-up (prefill)")
+    p.add_argument(
+        "--max-prefill-tokens", type=int, default=1 << 30, help="skip prefill cases of more tokens (batch x length)"
+    )
     p.add_argument("--no-pop", action="store_true", help="skip our POP prefill cases")
     p.add_argument("--cpu-blas", default="auto", help="our engine's CPU GEMM backend (models/cpu_blas.py)")
     p.add_argument("--kv-cache-gib", type=int, default=2)

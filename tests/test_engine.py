@@ -59,7 +59,7 @@ def test_kv_cache_sized_from_budget(tiny_ckpt):
     eng = LLMEngine(EngineConfig(model=path, kv_cache_memory_mb=2, block_size=8), model=model, model_path=path)
     per_block = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * 8
     assert eng.blocks.num_blocks == 2 * 2**20 // per_block
-    assert eng.kv_cache.k.shape == (a.num_layers, eng.blocks.num_blocks, 8, a.num_kv_heads, a.head_dim)
+    assert eng.kv_cache.k.shape == (a.num_layers, a.num_kv_heads, eng.blocks.num_blocks, 8, a.head_dim)
 
 
 def test_block_manager_accounting():

@@ -145,7 +145,7 @@ def test_ablation_switches_change_exactly_what_they_claim(tiny_ckpt):
             out = real_open(prefixes, m)
             for seq in out[0]:
                 for layer in plan.skip_layers:
-                    scorer.kv_cache.k[layer, seq.slots] = 1e3
+                    scorer.kv_cache.k[layer, :, seq.slots] = 1e3  # (L, Hkv, blocks of one slot, 1, D)
             return out
 
         scorer.open = open_then_corrupt

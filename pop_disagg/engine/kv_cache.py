@@ -17,7 +17,7 @@ A cached block is named by ``block_hash(parent, token ids, key)``: the hash of t
 its tokens, and a key saying how its K/V were computed (the scheduler's plan key and the positions
 the pruned prefill wrote, see ``scheduler.py``), so equal tokens computed differently never match.
 
-``KVCache`` owns the two tensors, ``(num_layers, num_blocks, block_size, Hkv, D)``, allocated
+``KVCache`` owns the two tensors, head-major ``(num_layers, Hkv, num_blocks, block_size, D)``, allocated
 once from a memory budget.
 """
 
@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ..models.arch import ModelArch
-from ..models.attention import write_slots
+from ..models.attention import cache_shape, read_slots, write_slots
 from ..pop.plan import PrunePlan
 
 
@@ -150,7 +150,7 @@ def num_blocks_for_budget(arch: ModelArch, dtype: torch.dtype, block_size: int, 
 
 class KVCache:
     def __init__(self, arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        shape = (arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+        shape = cache_shape(arch.num_layers, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
@@ -161,5 +161,4 @@ class KVCache:
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V at flat ``slots`` (T,) -> two (T, Hkv, D) tensors (used to check transfers)."""
-        flat = (-1,) + tuple(self.k.shape[3:])
-        return self.k[layer].view(flat).index_select(0, slots), self.v[layer].view(flat).index_select(0, slots)
+        return read_slots(self.k, layer, slots), read_slots(self.v, layer, slots)

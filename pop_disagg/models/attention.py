@@ -29,21 +29,42 @@ from torch.nn.attention.bias import causal_lower_right
 KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+# The paged cache is head-major: (L, Hkv, num_blocks, block_size, D) per K and V, i.e. per layer and
+# head one run of slots. Gathering a batch's context then gives (Hkv, B, S, D) contiguous, which a
+# decode step's attention reads as one batched GEMM per head group; from the slot-major layout the
+# same gather gave (B, S, Hkv, D), and attention over its (B, Hkv, S, D) view ran 1.1-2.2x slower
+# on a CPU (SDPA copies or strides through it; benchmarks/results/decode/README.md).
+
+
+def cache_shape(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple:
+    return (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
+
+
+def flat_layers(cache: torch.Tensor) -> torch.Tensor:
+    """(L, Hkv, num_blocks, block_size, D) -> (L, Hkv, num_slots, D), a view."""
+    nl, hkv, nb, bs, d = cache.shape
+    return cache.view(nl, hkv, nb * bs, d)
+
+
 def write_slots(
     k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    """Write (T, Hkv, D) K/V at flat slots (T,) of a (L, num_blocks, block_size, Hkv, D) cache."""
-    flat = (-1,) + tuple(k_cache.shape[3:])
-    _write_flat(k_cache[layer].view(flat), v_cache[layer].view(flat), slots, k, v)
+    """Write (T, Hkv, D) K/V at flat slots (T,) of a (L, Hkv, num_blocks, block_size, D) cache."""
+    _write_flat(flat_layers(k_cache)[layer], flat_layers(v_cache)[layer], slots, k, v)
+
+
+def read_slots(cache: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
+    """(T, Hkv, D) of ``layer`` at flat ``slots`` (T,), a copy."""
+    return flat_layers(cache)[layer].index_select(1, slots).transpose(0, 1)
 
 
 def _write_flat(
     k_dst: torch.Tensor, v_dst: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    """Write (T, Hkv, D) K/V at ``slots`` of one layer's flat (num_slots, Hkv, D) cache views."""
+    """Write (T, Hkv, D) K/V at ``slots`` of one layer's flat (Hkv, num_slots, D) cache views."""
     dt = k_dst.dtype
-    k_dst.index_copy_(0, slots, k if k.dtype == dt else k.to(dt))
-    v_dst.index_copy_(0, slots, v if v.dtype == dt else v.to(dt))
+    k_dst.index_copy_(1, slots, (k if k.dtype == dt else k.to(dt)).transpose(0, 1))
+    v_dst.index_copy_(1, slots, (v if v.dtype == dt else v.to(dt)).transpose(0, 1))
 
 
 def _sdpa(q, k, v, mask, scale, is_causal=False):
@@ -147,7 +168,7 @@ class ChunkedPrefillAttention(PrefillAttention):
 class PagedAttention:
     """One query token per sequence attending to its whole context in paged KV blocks.
 
-    ``k_cache``/``v_cache``: (num_layers, num_blocks, block_size, Hkv, D).
+    ``k_cache``/``v_cache``: (num_layers, Hkv, num_blocks, block_size, D) (``cache_shape``).
     ``slot_mapping``: (B,) flat slot of each new token. ``slot_table``: (B, S) flat slot of every
     context position (padded). ``context_lens``: (B,) keys visible including the new token.
     ``masked_prefix``: research ablation "without independent K/V": in ``masked_layers``, the first
@@ -172,9 +193,8 @@ class PagedAttention:
         self._masks: dict = {}
         # Per-step views and the flat slot list, made once for every layer. Per-op dispatch is
         # most of a small decode step's cost on a CPU (benchmarks/results/decode/README.md, "Decode speed").
-        nl, nb, bs = self.k_cache.shape[:3]
-        self._k_flat = self.k_cache.view(nl, nb * bs, *self.k_cache.shape[3:])
-        self._v_flat = self.v_cache.view(nl, nb * bs, *self.v_cache.shape[3:])
+        self._k_flat = flat_layers(self.k_cache)  # (L, Hkv, num_slots, D)
+        self._v_flat = flat_layers(self.v_cache)
         self._flat_slots = self.slot_table.reshape(-1)
 
     def _mask(self, layer: int, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -205,29 +225,47 @@ class PagedAttention:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         _write_flat(self._k_flat[layer], self._v_flat[layer], self.slot_mapping, k, v)
 
-    def _gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sequence's context K/V from its blocks -> two (B, Hkv, S, D) tensors."""
+    def _gather_head_major(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's context K/V from its blocks -> two contiguous (Hkv, B, S, D) tensors."""
         b, s = self.slot_table.shape
+        hkv, d = self._k_flat.shape[1], self._k_flat.shape[3]
         # index_select, not advanced indexing: the latter is ~100x slower on CPU for this gather.
-        keys = self._k_flat[layer].index_select(0, self._flat_slots).view(b, s, *self.k_cache.shape[3:])
-        vals = self._v_flat[layer].index_select(0, self._flat_slots).view(b, s, *self.v_cache.shape[3:])
-        return keys.transpose(1, 2), vals.transpose(1, 2)
+        keys = self._k_flat[layer].index_select(1, self._flat_slots).view(hkv, b, s, d)
+        vals = self._v_flat[layer].index_select(1, self._flat_slots).view(hkv, b, s, d)
+        return keys, vals
+
+    def _gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's context K/V from its blocks -> two (B, Hkv, S, D) views."""
+        keys, vals = self._gather_head_major(layer)
+        return keys.transpose(0, 1), vals.transpose(0, 1)
 
     def attend(self, layer, q, k, v, window: int | None, scale: float) -> torch.Tensor:
         # q: (B, H, D); the new k/v were already stored, so everything comes from the cache.
-        # Grouped-query attention without expanding K/V to H heads (``enable_gqa``): the gathered
-        # (B, Hkv, S, D) context is read as is, instead of a repeat_interleave copy of K and V
-        # per layer per step (3x the context for SmolLM2, 4x for Llama-3; see benchmarks/results/decode/README.md).
-        keys, vals = self._gather(layer)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),
-            keys,
-            vals,
-            attn_mask=self._mask(layer, window, q.dtype),
-            scale=scale,
-            enable_gqa=keys.shape[1] != q.shape[1],
-        )
-        return out.squeeze(2)  # (B, H, D)
+        # Grouped-query attention without expanding K/V to H heads: the g = H / Hkv query heads of a
+        # group are that group's rows, so on a CPU each head group is one (B, g, D) x (B, D, S) GEMM
+        # over its contiguous (B, S, D) context, softmax, and one GEMM against V. SDPA's CPU kernel
+        # with one query per sequence ran 1.1-2.2x slower than these three calls on the same data
+        # (benchmarks/results/decode/README.md). On CUDA SDPA's kernels stay (CUDA graphs capture them).
+        keys, vals = self._gather_head_major(layer)  # (Hkv, B, S, D)
+        hkv, b, s, d = keys.shape
+        mask = self._mask(layer, window, q.dtype)  # (B, 1, 1, S) or None
+        if q.is_cuda:
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(2),
+                keys.transpose(0, 1),
+                vals.transpose(0, 1),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=hkv != q.shape[1],
+            )
+            return out.squeeze(2)  # (B, H, D)
+        g = q.shape[1] // hkv
+        qg = q.view(b, hkv, g, d).transpose(0, 1).reshape(hkv * b, g, d)  # (Hkv*B, g, D), a small copy
+        scores = torch.bmm(qg, keys.view(hkv * b, s, d).transpose(1, 2)).mul_(scale)  # (Hkv*B, g, S)
+        if mask is not None:
+            scores.view(hkv, b, g, s).add_(mask.view(1, b, 1, s))
+        out = torch.bmm(torch.softmax(scores, dim=-1), vals.view(hkv * b, s, d))  # (Hkv*B, g, D)
+        return out.view(hkv, b, g, d).transpose(0, 1).reshape(b, hkv * g, d)  # (B, H, D)
 
 
 @dataclass
