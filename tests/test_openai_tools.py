@@ -248,3 +248,135 @@ def test_bad_structured_output_names_the_field(http, extra, param):
         assert err["param"] == param and err["message"].startswith(param), err
     ok = http.post("/v1/completions", json={"model": SERVED, "prompt": "Hi", "max_tokens": 1})
     assert ok.status_code == 200
+
+
+# ---- lm-evaluation-harness against the server ----------------------------------------------------
+LM_EVAL_TOL = 2e-3  # per-choice log-likelihood, served vs in-process (float32 kernels differ)
+
+
+def _lm_eval(model: str, model_args: str, task: str, limit: int, monkeypatch) -> dict:
+    import pathlib
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])  # the task YAMLs name data from the root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tm = TaskManager(include_path="tests/data/lm_eval", include_defaults=False)
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=[task], task_manager=tm, limit=limit, log_samples=True
+    )
+
+
+def _served_args(server, smollm2_dir) -> str:
+    url = f"{server.http_url}/v1/completions"
+    return f"model={SERVED},base_url={url},tokenizer={smollm2_dir},tokenizer_backend=huggingface,max_retries=1"
+
+
+def test_lm_eval_loglikelihood_equals_hf(server, smollm2_dir, monkeypatch):
+    """lm-eval's local-completions on the POP server (prompt scoring on the full model, the default)
+    == lm-eval's own in-process HF model: every choice's log-likelihood, hence the accuracy."""
+    served = _lm_eval("local-completions", _served_args(server, smollm2_dir), "pop_mc", 8, monkeypatch)
+    hf = _lm_eval("hf", f"pretrained={smollm2_dir},dtype=float32,device=cpu", "pop_mc", 8, monkeypatch)
+    for a, b in zip(served["samples"]["pop_mc"], hf["samples"]["pop_mc"]):
+        assert a["doc_id"] == b["doc_id"]
+        assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], abs=LM_EVAL_TOL)
+    for metric in ("acc,none", "acc_norm,none"):
+        assert served["results"]["pop_mc"][metric] == hf["results"]["pop_mc"][metric]
+
+
+def test_lm_eval_generate_until_equals_the_engine(server, smollm2_dir, monkeypatch):
+    """generate_until (greedy) on the POP server == lm-eval's in-process ``pop-disagg`` model with
+    the server's plan: the same answers, the same exact-match score."""
+    import lm_eval.models  # noqa: F401  (the harness's own model types, before ours joins the registry)
+
+    import pop_disagg.eval.lm_eval_adapter  # noqa: F401  (registers the model type)
+
+    skip = ";".join(str(i) for i in server.deployment.family.default_plan.skip_layers)
+    served = _lm_eval("local-completions", _served_args(server, smollm2_dir), "pop_gen", 6, monkeypatch)
+    local = _lm_eval("pop-disagg", f"model={smollm2_dir},skip_layers={skip}", "pop_gen", 6, monkeypatch)
+    assert [s["resps"] for s in served["samples"]["pop_gen"]] == [s["resps"] for s in local["samples"]["pop_gen"]]
+    key = "exact_match,none"
+    assert served["results"]["pop_gen"][key] == local["results"]["pop_gen"][key]
+
+
+# ---- fuzzing the new request fields --------------------------------------------------------------
+def _bodies():
+    from hypothesis import strategies as st
+
+    text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=12)
+    ints = st.one_of(st.integers(-2, 12), st.integers(-(2**40), 2**40))
+    ids = st.lists(st.integers(0, 49151), min_size=1, max_size=6)
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers(-5, 5) | text,
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(text, c, max_size=3),
+        max_leaves=6,
+    )
+    fields = {
+        "echo": st.booleans(),
+        "logprobs": st.one_of(st.integers(-1, 22), st.none()),
+        "max_tokens": st.integers(-1, 6),
+        "n": st.integers(0, 3),
+        "prompt_logprobs_mode": st.sampled_from(["full", "pop", "POP", "", "both"]),
+        "num_context_tokens": ints,
+        "response_format": st.one_of(
+            st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "yaml"])}),
+            st.fixed_dictionaries(
+                {
+                    "type": st.just("json_schema"),
+                    "json_schema": st.fixed_dictionaries({"name": text, "schema": json_values}),
+                }
+            ),
+            json_values,
+        ),
+        "guided_choice": st.one_of(st.lists(text, max_size=3), json_values),
+        "guided_regex": st.one_of(st.sampled_from(["[a-c]{1,3}", "a(", "x|y", "[z-a]", "\\d{2}"]), text),
+        "guided_json": json_values,
+        "guided_grammar": st.one_of(st.sampled_from(['root ::= "a" | "b"', "root ::= x"]), text),
+        "structured_outputs": st.one_of(
+            st.dictionaries(st.sampled_from(["choice", "regex", "json", "yaml"]), json_values, max_size=2), json_values
+        ),
+    }
+
+    @st.composite
+    def body(draw):
+        is_chat = draw(st.booleans())
+        b = {"model": SERVED, "temperature": draw(st.sampled_from([0, 0.8])), "seed": 1}
+        if is_chat:
+            b["messages"] = [{"role": "user", "content": draw(text) or "hi"}]
+        else:
+            b["prompt"] = draw(st.one_of(text, ids, st.lists(ids, min_size=1, max_size=3)))
+        for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=4, unique=True)):
+            if not (is_chat and name in ("echo", "prompt_logprobs_mode", "num_context_tokens")):
+                b[name] = draw(fields[name])
+        b.setdefault("max_tokens", 4)
+        return "/v1/chat/completions" if is_chat else "/v1/completions", b
+
+    return body()
+
+
+def test_fuzzed_new_fields_get_an_answer_or_a_400_naming_one(http):
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(case=_bodies())
+    def run(case):
+        path, body = case
+        resp = http.post(path, json=body)
+        if resp.status_code == 400:
+            err = resp.json()["error"]
+            assert err["param"] is not None and err["message"].startswith(err["param"]), (body, err)
+            assert err["param"].split("[")[0].split(".")[0] in body, (body, err)
+            return
+        assert resp.status_code == 200, (body, resp.status_code, resp.text)
+        out = resp.json()
+        num_prompts = (
+            len(body["prompt"]) if isinstance(body.get("prompt"), list) and isinstance(body["prompt"][0], list) else 1
+        )
+        assert len(out["choices"]) == num_prompts * body.get("n", 1)
+        if body.get("echo") and body.get("logprobs") is not None and "prompt" in body:
+            assert all(c["logprobs"]["token_logprobs"][0] is None for c in out["choices"])
+
+    run()
+    ok = http.post("/v1/completions", json={"model": SERVED, "prompt": "Hi", "max_tokens": 2, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2

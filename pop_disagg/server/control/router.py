@@ -249,28 +249,30 @@ class Router:
             self._release(req, att)
 
     async def _begin(self, req: _Request, attempt: int) -> _Attempt:
-        """Choose the decode worker and (disaggregated, more than one prompt token) the prefill
-        worker and its plan; count the work against both."""
-        # The prefix the prefill worker encodes: x_1..x_{N-1}, or a scoring request's context (none:
-        # the decode worker runs the whole prompt on the full model).
-        n = req.call.params.num_pruned_prompt_tokens(len(req.call.prompt_token_ids)) + 1
+        """Choose the decode worker and (disaggregated, a prefix to prefill) the prefill worker and
+        its plan; count the work against both."""
+        num_prefix = self._prefix_len(req)
         dslot = self._pick_decode()
-        pslot = await self._pick_prefill(req, dslot) if self.is_disaggregated and n > 1 else None
+        pslot = await self._pick_prefill(req, dslot) if self.is_disaggregated and num_prefix > 0 else None
         att = _Attempt(req.rid if attempt == 0 else f"{req.rid}#{attempt}", dslot, dslot.actor, dslot.down, pslot)
         if pslot is not None and self.depth is not None:
             if attempt == 0:  # chosen once, kept across re-runs
-                req.plan_index = self.depth.choose(pslot.index, n - 1, req.call.plan_index)
-            self.depth.on_submit(pslot.index, att.wid, n - 1, req.plan_index)
+                req.plan_index = self.depth.choose(pslot.index, num_prefix, req.call.plan_index)
+            self.depth.on_submit(pslot.index, att.wid, num_prefix, req.plan_index)
         self._decode_load[att.decode] += 1
         if pslot is not None:
-            self._prefill_load[pslot.index] += n - 1
+            self._prefill_load[pslot.index] += num_prefix
         return att
+
+    @staticmethod
+    def _prefix_len(req: _Request) -> int:
+        """The prompt prefix the prefill worker encodes: ``x_1..x_{N-1}``, or a scoring request's
+        context (none in the ``full`` mode: the decode worker runs the whole prompt on the full model)."""
+        return req.call.params.num_pruned_prompt_tokens(len(req.call.prompt_token_ids))
 
     def _start_prefill(self, req: _Request, att: _Attempt, transfer_id: int) -> None:
         if att.pslot is not None:
-            prefix = req.call.prompt_token_ids[
-                : req.call.params.num_pruned_prompt_tokens(len(req.call.prompt_token_ids))
-            ]
+            prefix = req.call.prompt_token_ids[: self._prefix_len(req)]
             att.prefill_task = asyncio.create_task(
                 self._prefill(att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index)
             )
