@@ -149,6 +149,18 @@ def test_bad_scoring_values_name_the_field(http, extra, param):
     assert ok.status_code == 200
 
 
+def test_scoring_under_an_ablation_plan_is_refused_naming_echo():
+    from pop_disagg.engine.sampling import SamplingParams
+    from pop_disagg.limits import InvalidRequest, ModelLimits
+    from pop_disagg.server.frontend.http_api import CompletionRequest
+    from pop_disagg.server.frontend.scoring import scoring_params
+
+    req = CompletionRequest(model=SERVED, prompt=[1, 2, 3], echo=True, logprobs=1)
+    with pytest.raises(InvalidRequest, match="^echo: prompt scoring is not served under an ablation"):
+        scoring_params(req, SamplingParams(), 3, ModelLimits(100, 64, can_score_prompt=False))
+    assert scoring_params(req, SamplingParams(), 3, ModelLimits(100, 64)).prompt_logprobs == 1
+
+
 # ---- structured output ---------------------------------------------------------------------------
 PET = {
     "type": "object",

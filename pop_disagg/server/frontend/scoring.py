@@ -48,7 +48,11 @@ def scoring_params(req, params: SamplingParams, num_prompt_tokens: int, limits: 
         "num_context_tokens": 1 if req.num_context_tokens is None else req.num_context_tokens,
     }
     scored = updated_params(params, "echo", **update)
-    limits.check_scoring(num_prompt_tokens, scored)
+    try:
+        limits.check_scoring(num_prompt_tokens, scored)
+    except InvalidRequest as exc:  # the engine's field names, as this API spells them
+        name = "echo" if exc.field_name == "prompt_logprobs" else exc.field_name
+        raise InvalidRequest(name, str(exc).split(": ", 1)[1]) from None
     return scored
 
 
