@@ -10,7 +10,7 @@ The rules (vLLM's): a prompt has at least one token, ids inside the vocabulary, 
 ``context_limit - 1`` tokens (room for one new token); ``1 <= max_new_tokens`` and
 ``prompt + max_new_tokens <= context_limit``; a ``prune_ratio`` names a plan of the served family;
 token ids the sampling parameters name (``stop_token_ids``, ``logit_bias`` keys) are in the
-vocabulary. Ranges that need no model (temperature, penalties, ``min_tokens <= max_new_tokens``)
+vocabulary; a scoring request's context is inside its prompt. Ranges that need no model (temperature, penalties, ``min_tokens <= max_new_tokens``)
 are ``SamplingParams``' own validators.
 """
 
@@ -35,6 +35,10 @@ class ModelLimits:
     vocab_size: int
     context_limit: int
     prune_ratios: tuple[float, ...] = ()  # the served plan family, mildest first
+    # Prompt scoring needs a plan without the ablation switches: with boundary handling off the
+    # pruned pass samples the first token, with independent K/V off the decode steps mask a
+    # prefix of N-1 positions; a scoring request's pruned context is shorter than both assume.
+    can_score_prompt: bool = True
 
     def check_token_ids(self, field_name: str, ids) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -65,11 +69,28 @@ class ModelLimits:
         self.check_token_ids("stop_token_ids", params.stop_token_ids)
         self.check_token_ids("logit_bias", params.logit_bias)
 
+    def check_scoring(self, num_prompt_tokens: int, params) -> None:
+        """A request that scores its prompt (``prompt_logprobs``): served here, context inside the prompt."""
+        if params.prompt_logprobs is None:
+            return
+        if not self.can_score_prompt:
+            raise InvalidRequest(
+                "prompt_logprobs",
+                "prompt scoring is not served under an ablation plan (boundary handling or independent K/V off)",
+            )
+        if params.num_context_tokens > num_prompt_tokens:
+            raise InvalidRequest(
+                "num_context_tokens",
+                f"{params.num_context_tokens} exceeds the prompt's {num_prompt_tokens} tokens",
+            )
+
     def check(self, prompt_token_ids: list[int], params) -> None:
-        """The whole request: prompt, length against the context, the token ids of its parameters."""
+        """The whole request: prompt, length against the context, the token ids of its parameters,
+        prompt scoring."""
         self.check_prompt(prompt_token_ids)
         self.check_max_new_tokens(len(prompt_token_ids), params.max_new_tokens)
         self.check_params(params)
+        self.check_scoring(len(prompt_token_ids), params)
 
     def plan_index(self, prune_ratio: float | None) -> int | None:
         """The index in the served family of the plan ``prune_ratio`` names (None: the server picks)."""

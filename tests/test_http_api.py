@@ -243,7 +243,7 @@ BAD = [
         400,
         "top_logprobs",
     ),
-    ("unknown-parameter", "/v1/completions", {"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+    ("refused-parameter", "/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
     ("missing-prompt", "/v1/completions", {}, 400, "prompt"),
 ]
 

@@ -327,17 +327,33 @@ def test_tokenize_detokenize_version(http, oa, server):
     assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
 
 
-def test_ignored_and_neutral_fields_are_accepted(http, caplog):
+def test_ignored_unknown_and_neutral_fields_are_accepted(http, caplog):
     import logging
 
     body = {"model": SERVED, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    ref = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
     extra = {"user": "u1", "service_tier": "auto", "spaces_between_special_tokens": False, "tools": [], "suffix": None}
+    extra |= {"frobnicate": 1, "add_special_tokens": True, "echo": False}  # unknown (vLLM: warned), neutral
     with caplog.at_level(logging.WARNING, logger="pop_disagg.serve"):
         for _ in range(2):
             resp = http.post("/v1/completions", json={**body, **extra})
             assert resp.status_code == 200, resp.text
+            assert resp.json()["choices"][0]["text"] == ref  # ignoring them changed nothing
+        chat = {"model": SERVED, "messages": MESSAGES, "max_tokens": 2, "add_special_tokens": False}
+        chat |= {"add_generation_prompt": True, "continue_final_message": False, "echo": False, "temprature": 0.5}
+        assert http.post("/v1/chat/completions", json=chat).status_code == 200
     warned = [r.getMessage() for r in caplog.records if "accepted and ignored" in r.getMessage()]
-    assert sum("'service_tier'" in w for w in warned) <= 1  # once per field name, per process
+    assert sum("'service_tier'" in w for w in warned) == 1  # once per field name, per process
+    assert sum("'frobnicate'" in w and "not a parameter" in w for w in warned) == 1
+    assert any("'temprature'" in w for w in warned)  # a misspelt option is named in the log
+
+
+def test_warned_names_are_bounded(monkeypatch):
+    from pop_disagg.server.frontend import openai_fields
+
+    monkeypatch.setattr(openai_fields, "_warned", set())
+    openai_fields.check_extra({f"x{i}": 1 for i in range(openai_fields.MAX_WARNED_NAMES + 50)})
+    assert len(openai_fields._warned) == openai_fields.MAX_WARNED_NAMES
 
 
 REFUSALS = [
@@ -350,15 +366,19 @@ REFUSALS = [
     ({"logit_bias": {"99999999": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logprobs": 21}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"suffix": "x"}, "suffix"),
     ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
-    ({"frobnicate": 1}, "frobnicate"),
+    ({"add_special_tokens": False}, "add_special_tokens"),
+    ({"min_p": 0.1}, "min_p"),
 ]
 CHAT_REFUSALS = [
     ({"logprobs": True, "top_logprobs": 25}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"echo": True}, "echo"),
+    ({"continue_final_message": True}, "continue_final_message"),
+    ({"add_special_tokens": True}, "add_special_tokens"),
 ]
 
 

@@ -1,7 +1,8 @@
 """The decode worker: the full model, the paged KV cache and a step loop over ``LLMEngine``.
 
 Disaggregated: ``reserve`` allocates blocks for a request's prefix ``x_1..x_{N-1}`` and hands out
-a transfer id; the link's ``KVReceiver`` writes the arriving prefix K/V straight into those blocks;
+a transfer id (a scoring request's transfer is only its context, the rest of its prompt runs here on
+the full model: ``SamplingParams.num_pruned_prompt_tokens``); the link's ``KVReceiver`` writes the arriving prefix K/V straight into those blocks;
 when the last layer is in, the request is admitted with ``num_computed_tokens = N-1`` and its first
 decode step feeds the boundary token ``x_N``; decoding then takes blocks on demand. When the cache
 runs out the engine preempts its newest running request: a transferred one is re-prefilled here
@@ -50,6 +51,7 @@ class Tokens:
     is_finished: bool
     finish_reason: str | None
     logprobs: list | None = None  # a TokenLogprob per token, when the request asked for logprobs
+    prompt_logprobs: list | None = None  # a scoring request's prompt scores, with its first token only
     num_cached_tokens: int = 0  # prompt tokens the engine's prefix cache held (colocated)
 
 
@@ -144,7 +146,8 @@ class DecodeWorker:
         A one-token prompt needs no transfer: it is admitted at once and the id is 0. ``deadline``
         (wall clock): the worker drops the request by itself once it passes.
         """
-        if len(prompt_token_ids) > 1 and self.is_link_broken(link):
+        n = params.num_pruned_prompt_tokens(len(prompt_token_ids))  # the prefix the link brings
+        if n > 0 and self.is_link_broken(link):
             raise RuntimeError(
                 f"link from prefill worker {link} is broken: {self.receivers[link].broken if link in self.receivers else 'not attached'}"
             )
@@ -155,7 +158,6 @@ class DecodeWorker:
             self._sinks[request_id] = sink
             if deadline is not None:
                 self._deadlines[request_id] = deadline
-            n = len(prompt_token_ids) - 1
             if n == 0:
                 self.engine.admit_prefilled(request_id, 0)
                 tid = 0
@@ -278,7 +280,9 @@ class DecodeWorker:
                     self._sinks.pop(out.request_id, None)
                     self._deadlines.pop(out.request_id, None)
                 if sink is not None:
-                    tokens = Tokens(out.new_token_ids, out.finished, out.finish_reason, out.new_logprobs)
+                    tokens = Tokens(
+                        out.new_token_ids, out.finished, out.finish_reason, out.new_logprobs, out.prompt_logprobs
+                    )
                     tokens.num_cached_tokens = out.num_cached_tokens
                     events.append((sink, tokens))
         for sink, event in events:

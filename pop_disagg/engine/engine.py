@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig
-from ..limits import ModelLimits
+from ..limits import InvalidRequest, ModelLimits
 from ..models import cpu_blas
 from ..models.arch import ModelArch
 from ..models.decoder import CausalLM
@@ -42,6 +42,9 @@ class RequestOutput:
     logprobs: list | None = None
     new_logprobs: list | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
+    # When the request scores its prompt (params.prompt_logprobs), on its first and last outputs:
+    # one entry per prompt token, a TokenLogprob or None (the first token, the context's; prompt_logprobs.py).
+    prompt_logprobs: list | None = None
 
 
 def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
@@ -75,7 +78,11 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.plan = config.plan(self.arch)
         self.context_limit = config.context_limit(self.arch)
-        self.limits = ModelLimits(self.arch.vocab_size, self.context_limit)
+        self.limits = ModelLimits(
+            self.arch.vocab_size,
+            self.context_limit,
+            can_score_prompt=self.plan.boundary_handling and self.plan.independent_kv,
+        )
         device = model.device
         dtype = resolve_dtype(config.dtype)
         num_blocks = num_blocks_for_budget(self.arch, dtype, config.block_size, kv_budget_bytes(config, device))
@@ -109,6 +116,7 @@ class LLMEngine:
             is_chunked=config.enable_chunked_prefill,
             eos_token_ids=tuple(sorted(self.eos_token_ids)),
         )
+        self._grammars = None  # structured output's compiled grammars, built on first use
         self._out: dict[str, OutputText] = {}  # per request: text and its stop strings
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -128,6 +136,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         req = Request(request_id, list(prompt_token_ids), params, make_generator(params.seed, self.model.device))
+        req.grammar = self._grammar(params)
         self.scheduler.add(req)
         self._requests[request_id] = req
         if self.tokenizer is not None:
@@ -145,12 +154,37 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         req = Request(request_id, list(prompt_token_ids), params, make_generator(params.seed, self.model.device))
+        req.grammar = self._grammar(params)
         if not self.scheduler.reserve(req):
             return None
         self._requests[request_id] = req
         if self.tokenizer is not None:
             self._out[request_id] = OutputText.for_params(self.tokenizer, params)
         return req
+
+    def _grammar(self, params: SamplingParams):
+        """A structured-output request's grammar matcher (None for free text); the grammars are
+        built for this model's tokenizer on first use (a decode worker's engine has no tokenizer
+        of its own: it is read from the checkpoint then)."""
+        if params.structured is None:
+            return None
+        if self._grammars is None:
+            from .structured import Grammars
+
+            tokenizer = self.tokenizer
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                from ..models.registry import resolve_model
+
+                tokenizer = AutoTokenizer.from_pretrained(self.model_path or str(resolve_model(self.config.model)))
+            self._grammars = Grammars(tokenizer, self.arch.vocab_size, sorted(self.eos_token_ids))
+        from .structured import GrammarError
+
+        try:
+            return self._grammars.matcher(params.structured)
+        except GrammarError as exc:
+            raise InvalidRequest("structured", str(exc)) from None
 
     def admit_prefilled(self, request_id: str, num_computed_tokens: int) -> None:
         """The first ``num_computed_tokens`` prompt positions are in the request's blocks: decode it."""
@@ -216,6 +250,11 @@ class LLMEngine:
                         else (None, None)
                     ),
                     req.num_cached_tokens or 0,
+                    (
+                        list(req.prompt_logprobs)
+                        if req.prompt_logprobs is not None and (req.num_output_tokens == 1 or req.is_finished)
+                        else None
+                    ),
                 )
             )
         return outputs

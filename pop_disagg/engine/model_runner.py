@@ -17,7 +17,9 @@ Owns the model, the KV cache tensors and the prune plan. The kinds of step:
   plain ``decode``, compiled path included.
 * ``recompute(reqs, num_tokens)``: a preempted request's positions that the full model first
   computed (its boundary token, its generated tokens), re-run through every layer as several new
-  tokens over the paged cache, like the decode steps that wrote them; nothing is sampled.
+  tokens over the paged cache, like the decode steps that wrote them; nothing is sampled. A
+  scoring request's full-model prompt positions run here too, and get their logprobs
+  (``prompt_logprobs.py``).
 
 A request whose prefix starts in cached blocks (prefix cache) is prefilled as a chunk: its new
 positions attend to the cached ones in its blocks, the plan's layers skipped as in ``prefill``.
@@ -33,6 +35,7 @@ from torch.nn.utils.rnn import pad_sequence
 from ..models.attention import ExtendAttention, MixedAttention, PagedAttention, PrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
+from . import prompt_logprobs
 from .compiled_decode import BucketedDecode
 from .kv_cache import BlockManager, KVCache
 from .request import Request
@@ -233,7 +236,9 @@ class ModelRunner:
         if not reqs:
             return
         ids, pos, attn = self.chunk_inputs(reqs, num_tokens, is_full_model=True)
-        self.model(ids, pos, attn)
+        hidden = self.model(ids, pos, attn)
+        if any(r.prompt_logprobs is not None for r in reqs):  # prompt scoring: these are its positions
+            prompt_logprobs.score_positions(self.model, hidden, reqs, [r.num_computed_tokens for r in reqs], num_tokens)
         for req, n in zip(reqs, num_tokens):
             req.num_computed_tokens += n
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import prompt_logprobs
 from .sampling import SamplingParams
 
 
@@ -60,6 +61,13 @@ class Request:
     num_cached_tokens: int | None = None
     num_preemptions: int = 0
     is_kv_local: bool = True  # False while its prefix K/V came from another worker (not publishable)
+    # With params.prompt_logprobs: a TokenLogprob per scored prompt token, None for the unscored
+    # (the first, the context's); grows as its full-model positions run (prompt_logprobs.py).
+    prompt_logprobs: list | None = None
+    grammar: object | None = None  # structured output: its xgrammar matcher (structured.py), set by the engine
+
+    def __post_init__(self) -> None:
+        self.prompt_logprobs = prompt_logprobs.initial(len(self.prompt_token_ids), self.params)
 
     @property
     def num_prompt_tokens(self) -> int:

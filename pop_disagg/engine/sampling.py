@@ -5,7 +5,8 @@ the same tokens whatever else shares its batch.
 
 ``sample_requests`` is the runner's one entry point: the raw logits of a step go through the
 logits processors a request asks for (``process_logits``: ``min_tokens``, ``logit_bias``, then the
-repetition / frequency / presence penalties, vLLM's order and formulas), then ``sample``
+repetition / frequency / presence penalties, vLLM's order and formulas), its grammar's mask
+(structured output, ``structured.py``), then ``sample``
 (temperature, top-k, top-p). Logprobs are taken from the *raw* logits, before any of that (vLLM's
 default ``--logprobs-mode raw_logprobs``), and only for requests that ask: a step where nobody
 asks, or nobody has a penalty, costs nothing extra.
@@ -19,6 +20,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch.nn.utils.rnn import pad_sequence
+
+from . import structured
+from .structured import StructuredSpec
 
 SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20  # top logprobs per token at most (OpenAI's top_logprobs limit, vLLM's default max_logprobs)
@@ -48,6 +52,16 @@ class SamplingParams(BaseModel):
         None, ge=0, le=MAX_LOGPROBS, description="return each token's raw logprob and this many top ones; None: none"
     )
     skip_special_tokens: bool = True  # in the detokenized text
+    # Prompt scoring (``prompt_logprobs.py``): the prompt's tokens after its first
+    # ``num_context_tokens`` get their logprob under the full model (teacher-forced, raw logits).
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="score the prompt: each scored token's logprob and this many top ones"
+    )
+    num_context_tokens: int = Field(
+        1, ge=1, description="with prompt_logprobs: leading prompt tokens prefilled under the plan, not scored"
+    )
+    # Structured output (``structured.py``): the text must match this; None: free text.
+    structured: StructuredSpec | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -63,6 +77,13 @@ class SamplingParams(BaseModel):
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
         return self
 
+    @model_validator(mode="after")
+    def _grammar_ends_with_eos(self) -> SamplingParams:
+        # A complete grammar allows only EOS: masking it (ignore_eos, min_tokens) would leave nothing.
+        if self.structured is not None and (self.ignore_eos or self.min_tokens):
+            raise ValueError("structured output ends with EOS: it cannot be combined with ignore_eos or min_tokens")
+        return self
+
     @property
     def has_logits_processing(self) -> bool:
         """Whether ``process_logits`` changes this request's logits at all."""
@@ -73,6 +94,18 @@ class SamplingParams(BaseModel):
             or self.min_tokens
             or self.logit_bias
         )
+
+    def num_pruned_prompt_tokens(self, num_prompt_tokens: int) -> int:
+        """Prompt positions the prefill encodes under the plan; the rest run the full model.
+
+        A generation request: all but the last, ``x_1..x_{N-1}`` (``x_N`` is the first decode
+        step). A scoring request: all but the last of its context, so that every scored token's
+        distribution comes from a full-model position (1 context token: nothing pruned, the whole
+        prompt on the full model; C: POP's reading of a likelihood task, context prefilled by POP
+        and the continuation teacher-forced through the full model)."""
+        if self.prompt_logprobs is None:
+            return num_prompt_tokens - 1
+        return min(self.num_context_tokens, num_prompt_tokens) - 1
 
     @field_validator("stop")
     @classmethod
@@ -229,7 +262,9 @@ def sample_requests(logits: torch.Tensor, reqs: list, eos_token_ids=()) -> list[
     ``TokenLogprob`` appended to ``req.output_logprobs`` (the engine appends the token itself), so
     that list stays aligned with ``output_token_ids``."""
     params = [r.params for r in reqs]
-    tokens = sample(process_logits(logits, reqs, eos_token_ids), params, [r.generator for r in reqs])
+    processed = structured.mask_logits(process_logits(logits, reqs, eos_token_ids), reqs)
+    tokens = sample(processed, params, [r.generator for r in reqs])
+    structured.accept_tokens(reqs, tokens)
     ks = [p.logprobs for p in params]
     for r, lp in zip(reqs, token_logprobs(logits, tokens, ks)):
         if lp is not None:

@@ -43,7 +43,9 @@ KV blocks, as vLLM takes them (docs/serving.md, "KV memory"):
 * Disaggregated decode (``reserve``/``admit``): blocks for the transferred prefix are held while
   its K/V arrive; decoding then grows on demand. Transferred K/V are never published (another
   worker computed them, maybe under another plan). A preempted transferred request is re-prefilled
-  here, under this engine's plan, and is local from then on.
+  here, under this engine's plan, and is local from then on. A scoring request's transferred
+  prefix is only its context (``SamplingParams.num_pruned_prompt_tokens``): the rest of its prompt
+  runs here on the full model before its first decode step.
 """
 
 from __future__ import annotations
@@ -114,12 +116,16 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.reserved: list[Request] = []  # disaggregated decode: blocks held, K/V in transit
+        self.partial: list[Request] = []  # admitted with a transferred prefix short of their prefix
         self.stats = SchedulerStats()
 
     # ---- a request's phases, from its counters --------------------------------------------------
     def prefill_len(self, req: Request) -> int:
-        """Positions the pruned prefill computes (the rest run the full model)."""
-        return req.num_prompt_tokens if self.prefill_covers_last else req.num_prompt_tokens - 1
+        """Positions the pruned prefill computes (the rest run the full model; a scoring request
+        runs more of its prompt there, ``SamplingParams.num_pruned_prompt_tokens``)."""
+        if self.prefill_covers_last:
+            return req.num_prompt_tokens
+        return req.params.num_pruned_prompt_tokens(req.num_prompt_tokens)
 
     def prefix_len(self, req: Request) -> int:
         """Positions in its blocks before its next decode step: the prompt prefix, or for a preempted
@@ -186,7 +192,7 @@ class Scheduler:
         """The longest run of cached blocks ``req`` can start from. Capped below its prefix length so
         the next step has a token to compute (the boundary token, or the pruned pass's last token
         when that pass samples)."""
-        if self.prefix_key is None:
+        if self.prefix_key is None or req.prompt_logprobs is not None:  # scoring computes every position
             return []
         limit = self.prefix_len(req) - (1 if self._samples_from_prefill(req) else 0)
         hits = []
@@ -263,7 +269,7 @@ class Scheduler:
         if self.enable_chunked_prefill:
             return self._schedule_chunked()
         step = SchedulerOutput(prefill=[], decode=[])
-        num_tokens = 0
+        num_tokens = self._schedule_partial(step)
         while self.waiting and self._has_seat():
             req = self.waiting[0]
             hits = self._cached_prefix(req)
@@ -294,6 +300,20 @@ class Scheduler:
             step.decode.append(req)
             i += 1
         return step
+
+    def _schedule_partial(self, step: SchedulerOutput) -> int:
+        """Whole-prompt steps: admitted requests whose transferred prefix stops short of their
+        prefix (a scoring request's context) run the rest on the full model first; returns the
+        tokens scheduled. (Chunked steps give such requests chunks like any partial prefill.)"""
+        num_tokens = 0
+        for req in self.partial:
+            if req.status == RequestStatus.RUNNING and not self.is_prefilled(req):
+                n = self.prefix_len(req) - req.num_computed_tokens
+                step.recompute.append(req)
+                step.num_recompute_tokens.append(n)
+                num_tokens += n
+        self.partial.clear()
+        return num_tokens
 
     def _schedule_chunked(self) -> SchedulerOutput:
         step = SchedulerOutput(prefill=[], decode=[])
@@ -378,7 +398,7 @@ class Scheduler:
         self._check_fits(req)
         if self.waiting or not self._has_seat():
             return False
-        n = self.blocks.blocks_for(req.num_prompt_tokens - 1)
+        n = self.blocks.blocks_for(self.prefix_len(req))
         if n > self.blocks.num_free_blocks:
             return False
         req.block_table = self.blocks.allocate_blocks(n)
@@ -391,6 +411,8 @@ class Scheduler:
         self.reserved.remove(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
+        if not self.enable_chunked_prefill and not self.is_prefilled(req):
+            self.partial.append(req)
 
     def finish(self, req: Request) -> None:
         """Release a request's blocks (finished or aborted) and drop it from the queues."""

@@ -106,7 +106,12 @@ class Server:
         dep = self.deployment
         engine = self.config.worker_engine
         context_limit = engine.context_limit(dep.arch)
-        self.limits = ModelLimits(dep.arch.vocab_size, context_limit, dep.family.ratios)
+        self.limits = ModelLimits(
+            dep.arch.vocab_size,
+            context_limit,
+            dep.family.ratios,
+            can_score_prompt=all(p.boundary_handling and p.independent_kv for p in dep.family.plans),
+        )
         # Asked once: every decode worker has the same budget, the smallest cache decides what fits.
         num_blocks = [s["num_blocks"] for s in await asyncio.gather(*[a.stats.remote() for a in dep.decode])]
         max_queued = self.max_queued_requests or default_max_queued_requests(num_blocks, engine.max_num_seqs)

@@ -32,6 +32,8 @@ class Delta:
     # One per token of token_ids when the request asked for logprobs (params.logprobs), else None.
     # Computed by the decode worker's engine for every token (the boundary token's included).
     logprobs: list[TokenLogprob] | None = None
+    # A scoring request's prompt scores (one per prompt token, None where unscored), on its first delta.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -60,3 +62,4 @@ class GenerateResult:
     timings: Timings = field(default_factory=Timings)
     logprobs: list[TokenLogprob] | None = None  # as in Delta: aligned with token_ids
     num_cached_tokens: int = 0  # of the prompt, found in the engine's prefix cache
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # a scoring request's, whole (see Delta)

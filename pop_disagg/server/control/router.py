@@ -91,6 +91,7 @@ class _Request:
     last_time: float | None = None
     plan_index: int | None = None  # the family plan its prefill runs (None: no depth controller / nothing to prefill)
     num_cached_tokens: int = 0  # prompt tokens the decode worker's prefix cache held (colocated)
+    prompt_logprobs: list | None = None  # a scoring request's prompt scores, from its first tokens
 
     def remaining_s(self) -> float | None:
         return None if self.call.deadline is None else self.call.deadline - time.time()
@@ -248,24 +249,30 @@ class Router:
             self._release(req, att)
 
     async def _begin(self, req: _Request, attempt: int) -> _Attempt:
-        """Choose the decode worker and (disaggregated, more than one prompt token) the prefill
-        worker and its plan; count the work against both."""
-        n = len(req.call.prompt_token_ids)
+        """Choose the decode worker and (disaggregated, a prefix to prefill) the prefill worker and
+        its plan; count the work against both."""
+        num_prefix = self._prefix_len(req)
         dslot = self._pick_decode()
-        pslot = await self._pick_prefill(req, dslot) if self.is_disaggregated and n > 1 else None
+        pslot = await self._pick_prefill(req, dslot) if self.is_disaggregated and num_prefix > 0 else None
         att = _Attempt(req.rid if attempt == 0 else f"{req.rid}#{attempt}", dslot, dslot.actor, dslot.down, pslot)
         if pslot is not None and self.depth is not None:
             if attempt == 0:  # chosen once, kept across re-runs
-                req.plan_index = self.depth.choose(pslot.index, n - 1, req.call.plan_index)
-            self.depth.on_submit(pslot.index, att.wid, n - 1, req.plan_index)
+                req.plan_index = self.depth.choose(pslot.index, num_prefix, req.call.plan_index)
+            self.depth.on_submit(pslot.index, att.wid, num_prefix, req.plan_index)
         self._decode_load[att.decode] += 1
         if pslot is not None:
-            self._prefill_load[pslot.index] += n - 1
+            self._prefill_load[pslot.index] += num_prefix
         return att
+
+    @staticmethod
+    def _prefix_len(req: _Request) -> int:
+        """The prompt prefix the prefill worker encodes: ``x_1..x_{N-1}``, or a scoring request's
+        context (none in the ``full`` mode: the decode worker runs the whole prompt on the full model)."""
+        return req.call.params.num_pruned_prompt_tokens(len(req.call.prompt_token_ids))
 
     def _start_prefill(self, req: _Request, att: _Attempt, transfer_id: int) -> None:
         if att.pslot is not None:
-            prefix = req.call.prompt_token_ids[:-1]
+            prefix = req.call.prompt_token_ids[: self._prefix_len(req)]
             att.prefill_task = asyncio.create_task(
                 self._prefill(att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index)
             )
@@ -286,6 +293,8 @@ class Router:
                 req.kv_time = ev.time
                 continue
             req.num_cached_tokens = max(req.num_cached_tokens, ev.num_cached_tokens)
+            if ev.prompt_logprobs is not None:
+                req.prompt_logprobs = ev.prompt_logprobs
             for i, tok in enumerate(ev.token_ids):
                 if req.finish is not None:
                     break  # a stop string ended it; the worker may have run ahead
@@ -313,7 +322,9 @@ class Router:
     @staticmethod
     def _delta(req: _Request, new_ids: list[int]) -> Delta:
         logprobs = req.logprobs[len(req.logprobs) - len(new_ids) :] if req.call.params.logprobs is not None else None
-        return Delta(req.rid, req.out.take(is_finished=req.finish is not None), new_ids, logprobs)
+        is_first = len(new_ids) == len(req.tokens)
+        prompt = req.prompt_logprobs if is_first else None
+        return Delta(req.rid, req.out.take(is_finished=req.finish is not None), new_ids, logprobs, prompt)
 
     async def _result(self, req: _Request, att: _Attempt, last: Delta) -> GenerateResult:
         """The finished request's totals and timings (waits for the prefill's own report)."""
@@ -343,6 +354,7 @@ class Router:
             timings,
             last.logprobs,
             req.num_cached_tokens,
+            req.prompt_logprobs,
         )
         self.observer.finished(req.rid, result, is_transferred=att.prefill_task is not None)
         return result

@@ -4,8 +4,8 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/mo
 ``GET /health`` (200 serving / 503 not), ``GET /metrics`` (Prometheus text, when the server has
 metrics), and vLLM's ``/tokenize``, ``/detokenize``, ``/version`` (``tokenize_api.py``). Chat
 messages and their template live in ``chat.py``, generated tokens' logprobs in OpenAI's shapes in
-``openai_logprobs.py``, and fields beyond the request models are sorted (ignored with a warning,
-or refused) by ``openai_fields.py``. FastAPI parses the bodies into the pydantic models below; uvicorn serves the app as a task
+``openai_logprobs.py``, and fields beyond the request models are sorted (accepted with a warning,
+or refused naming them) by ``openai_fields.py``. FastAPI parses the bodies into the pydantic models below; uvicorn serves the app as a task
 on the gRPC server's loop (``HttpFrontEnd``), so both front ends share one ``Router``.
 
 Life of a request:
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -47,7 +48,7 @@ from ..._proto import generation_pb2 as pb
 from ...limits import InvalidRequest, ModelLimits
 from ..control.calls import GenerateCall, GenerateResult
 from ..errors import ServingError, Unauthenticated
-from . import fanout, openai_fields, protocol, tokenize_api
+from . import fanout, openai_fields, protocol, scoring, structured_output, tokenize_api
 from .chat import ChatMessage, render_chat
 from .openai_logprobs import LogprobsRenderer
 
@@ -55,6 +56,7 @@ log = logging.getLogger("pop_disagg.serve")
 
 MAX_BODY_BYTES = 4 << 20  # gRPC's default receive limit: both front ends take the same requests
 MAX_N = 16  # samples per request at most: each is a request of its own (blocks, a decode slot)
+MAX_PROMPTS = 64  # prompts in one completions request (a batch, as lm-eval sends): one request each
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default (the gRPC API defaults to greedy)
 
 
@@ -94,13 +96,27 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    # Structured output (structured_output.py): at most one of these.
+    response_format: structured_output.ResponseFormat | None = None
+    structured_outputs: structured_output.StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt before the text; with logprobs, scored (scoring.py)")
     best_of: int | None = None
+    prompt_logprobs_mode: scoring.Mode | None = Field(None, description="with echo + logprobs: full (default) | pop")
+    num_context_tokens: int | None = Field(None, description='with prompt_logprobs_mode "pop": the context length')
+
+    @property
+    def is_prompt_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: the prompt (scored) without a completion."""
+        return self.echo and self.max_tokens == 0
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -185,7 +201,6 @@ def _unsupported(req: _SamplingRequest) -> None:
     checks = [("n", not 1 <= req.n <= MAX_N, f"must be in [1, {MAX_N}], got {req.n}")]
     if isinstance(req, CompletionRequest):
         checks += [
-            ("echo", req.echo, "echo is not supported"),
             ("best_of", req.best_of not in (None, req.n), "only best_of == n is supported (no ranking of samples)"),
         ]
     else:
@@ -193,7 +208,7 @@ def _unsupported(req: _SamplingRequest) -> None:
     for param, is_bad, why in checks:
         if is_bad:
             raise InvalidRequest(param, why)
-    openai_fields.check_extra(req.model_extra)
+    openai_fields.check_extra(req.model_extra, is_chat=isinstance(req, ChatCompletionRequest))
 
 
 def logprobs_count(req: _SamplingRequest) -> int | None:
@@ -225,8 +240,8 @@ def to_generate_request(
         msg.prompt = prompt
     if prompt_ids is not None:
         _set(msg, "prompt_token_ids", prompt_ids, "prompt")
-    if max_tokens is not None:
-        _set(msg, "max_new_tokens", max_tokens, max_param)
+    if max_tokens is not None:  # echo with max_tokens 0: one token is generated and dropped
+        _set(msg, "max_new_tokens", 1 if not is_chat and req.is_prompt_only else max_tokens, max_param)
     _set(msg, "temperature", DEFAULT_TEMPERATURE if req.temperature is None else req.temperature, "temperature")
     if req.top_p is not None:
         _set(msg, "top_p", req.top_p, "top_p")
@@ -256,44 +271,70 @@ def to_generate_request(
     return msg, rename
 
 
-def parse_call(req: _SamplingRequest, tokenizer, limits: ModelLimits) -> GenerateCall:
-    """Validate with the gRPC API's rules (``protocol.parse_generate``), naming OpenAI's parameters."""
-    _unsupported(req)
+def _prompts(req: _SamplingRequest, tokenizer) -> list[tuple[str | None, list[int] | None]]:
+    """(text, ids) of each prompt, exactly one of them set: chat has one, completions one or a batch."""
     if isinstance(req, ChatCompletionRequest):
-        prompt, prompt_ids = None, render_chat(tokenizer, req.messages)
-    elif isinstance(req.prompt, str):
-        prompt, prompt_ids = req.prompt, None
-    elif req.prompt and isinstance(req.prompt[0], str):
-        if len(req.prompt) != 1:
-            raise InvalidRequest("prompt", "a batch of prompts is not supported: send one prompt per request")
-        prompt, prompt_ids = req.prompt[0], None
-    else:
-        prompt, prompt_ids = None, list(req.prompt)
-    msg, rename = to_generate_request(req, prompt, prompt_ids)
-    try:
-        return protocol.parse_generate(msg, tokenizer, limits)
-    except InvalidRequest as exc:
-        param = rename.get(exc.field_name, exc.field_name)
-        raise InvalidRequest(param, str(exc).split(": ", 1)[1]) from None
+        return [(None, render_chat(tokenizer, req.messages))]
+    p = req.prompt
+    if isinstance(p, str):
+        return [(p, None)]
+    if not p or isinstance(p[0], int):
+        return [(None, list(p))]
+    if len(p) > MAX_PROMPTS:
+        raise InvalidRequest("prompt", f"a batch of at most {MAX_PROMPTS} prompts, got {len(p)}")
+    return [(x, None) if isinstance(x, str) else (None, list(x)) for x in p]
+
+
+def parse_calls(
+    req: _SamplingRequest, tokenizer, limits: ModelLimits, check_grammar=None
+) -> list[tuple[GenerateCall, str | None]]:
+    """One call per prompt (with the prompt's text, when it came as text), validated with the gRPC
+    API's rules (``protocol.parse_generate``), naming OpenAI's parameters; completions' prompt
+    scoring added (``scoring.scoring_params``), and structured output, its spec compiled here by
+    ``check_grammar`` (``structured_output.EdgeCheck``)."""
+    _unsupported(req)
+    structured = structured_output.spec_of(req)
+    if structured is not None:
+        check_grammar(*structured)
+    calls = []
+    for prompt, prompt_ids in _prompts(req, tokenizer):
+        msg, rename = to_generate_request(req, prompt, prompt_ids)
+        try:
+            call = protocol.parse_generate(msg, tokenizer, limits)
+        except InvalidRequest as exc:
+            param = rename.get(exc.field_name, exc.field_name)
+            raise InvalidRequest(param, str(exc).split(": ", 1)[1]) from None
+        if isinstance(req, CompletionRequest):
+            params = scoring.scoring_params(req, call.params, len(call.prompt_token_ids), limits)
+            call = dataclasses.replace(call, params=params)
+        if structured is not None:
+            params = protocol.updated_params(call.params, structured[1], structured=structured[0])
+            call = dataclasses.replace(call, params=params)
+        calls.append((call, prompt))
+    return calls
 
 
 # ---- responses -----------------------------------------------------------------------------------
-def _usage(results: list[GenerateResult]) -> dict:
-    """One request's usage: the prompt once, the completion tokens of every choice (OpenAI's for n > 1);
-    ``cached_tokens``: the prompt tokens the prefix cache held (the first choice's: one prompt)."""
-    n, m = results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results)
+def _usage(results: list[GenerateResult], n: int, is_prompt_only: bool = False) -> dict:
+    """One request's usage: each prompt once (choice ``i * n`` is prompt ``i``'s first sample), the
+    completion tokens of every choice (OpenAI's for n > 1; none for an echoed prompt alone);
+    ``cached_tokens``: the prompt tokens the prefix cache held."""
+    firsts = results[::n]
+    prompt = sum(r.num_prompt_tokens for r in firsts)
+    completion = 0 if is_prompt_only else sum(r.num_output_tokens for r in results)
     return {
-        "prompt_tokens": n,
-        "completion_tokens": m,
-        "total_tokens": n + m,
-        "prompt_tokens_details": {"cached_tokens": results[0].num_cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(r.num_cached_tokens for r in firsts)},
     }
 
 
 class _Render:
-    """OpenAI's JSON for one request: unary body and stream chunks (completion or chat)."""
+    """OpenAI's JSON for one request: unary body and stream chunks (completion or chat). Choice
+    ``i * n + j`` is sample ``j`` of prompt ``i``."""
 
-    def __init__(self, req: _SamplingRequest, model: str, tokenizer, num_prompt_tokens: int):
+    def __init__(self, req: _SamplingRequest, model: str, tokenizer, calls: list[GenerateCall], texts: list):
         self.is_chat = isinstance(req, ChatCompletionRequest)
         self.model, self.created = model, int(time.time())
         self.id = f"{'chatcmpl' if self.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -301,20 +342,38 @@ class _Render:
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous_usage = self.include_usage and opts.continuous_usage_stats  # as vLLM: both needed
+        self.n = req.n
+        self.calls = calls  # one per choice
+        # Echo (completions): the prompt before the text, as sent (a token-id prompt decoded).
+        self.is_echo = not self.is_chat and req.echo
+        self.is_prompt_only = not self.is_chat and req.is_prompt_only
+        if self.is_echo:
+            self.echo_texts = [
+                t if t is not None else tokenizer.decode(c.prompt_token_ids) for c, t in zip(calls, texts)
+            ]
         # One logprobs renderer per choice (completions' text offsets are per choice).
         self.logprobs = (
-            [LogprobsRenderer(tokenizer, self.is_chat) for _ in range(req.n)]
-            if logprobs_count(req) is not None
-            else None
+            [LogprobsRenderer(tokenizer, self.is_chat) for _ in calls] if logprobs_count(req) is not None else None
         )
-        self.num_prompt_tokens, self.num_streamed = num_prompt_tokens, 0
+        self.num_prompt_tokens = sum(len(c.prompt_token_ids) for c in calls[:: self.n])
+        self.num_streamed = 0
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def _choice(self, index: int, item, finish_reason: str | None, *, is_delta: bool, is_first: bool = False) -> dict:
-        text = item.text
-        logprobs = self.logprobs[index].render(item.logprobs or []) if self.logprobs is not None else None
+        text, token_ids, generated = item.text, list(item.token_ids), item.logprobs or []
+        if self.is_prompt_only:  # the token generated to end the request is not part of the answer
+            text, token_ids, generated, finish_reason = "", [], [], finish_reason and "length"
+        logprobs = self.logprobs[index].render(generated) if self.logprobs is not None else None
+        if self.is_echo and is_first:
+            text = self.echo_texts[index] + text
+            if self.logprobs is not None:
+                # The prompt's entries go first: render them before the generated ones' offsets.
+                renderer = self.logprobs[index]
+                renderer.text_offset = 0
+                head = scoring.echo_logprobs(renderer, self.calls[index].prompt_token_ids, item.prompt_logprobs)
+                logprobs = scoring.joined(head, renderer.render(generated))
         if not self.is_chat:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         elif is_delta:
@@ -332,17 +391,18 @@ class _Render:
                 "finish_reason": finish_reason,
             }
         if self.return_token_ids:
-            choice["token_ids"] = list(item.token_ids)
+            choice["token_ids"] = token_ids
         return choice
 
     def body(self, results: list[GenerateResult]) -> dict:
         out = self._head("chat.completion" if self.is_chat else "text_completion")
-        choices = [self._choice(i, r, r.finish_reason, is_delta=False) for i, r in enumerate(results)]
-        return {**out, "choices": choices, "usage": _usage(results)}
+        choices = [self._choice(i, r, r.finish_reason, is_delta=False, is_first=True) for i, r in enumerate(results)]
+        return {**out, "choices": choices, "usage": _usage(results, self.n, self.is_prompt_only)}
 
     def chunk(self, index: int, item, is_first: bool) -> dict | None:
         finish = item.finish_reason if isinstance(item, GenerateResult) else None
-        self.num_streamed += len(item.token_ids)  # counted even when this chunk is held back
+        if not self.is_prompt_only:
+            self.num_streamed += len(item.token_ids)  # counted even when this chunk is held back
         shows_tokens = (self.return_token_ids or self.logprobs is not None) and item.token_ids
         if not (item.text or finish or is_first or shows_tokens):
             return None  # held back text (a possible stop string) with nothing to show
@@ -357,7 +417,7 @@ class _Render:
 
     def usage_chunk(self, results: list[GenerateResult]) -> dict:
         out = self._head("chat.completion.chunk" if self.is_chat else "text_completion")
-        return {**out, "choices": [], "usage": _usage(results)}
+        return {**out, "choices": [], "usage": _usage(results, self.n, self.is_prompt_only)}
 
 
 def _sse(obj: dict | str) -> str:
@@ -497,13 +557,15 @@ def create_app(server) -> FastAPI:
             )
 
     tokenize_api.add_routes(app, dep.tokenizer, limits, check_model)
+    check_grammar = structured_output.EdgeCheck(dep.tokenizer, dep.arch.vocab_size)
 
     async def generate(req: _SamplingRequest, request: Request):
         try:
             check_model(req.model)
-            call = parse_call(req, dep.tokenizer, limits)
-            calls = fanout.sample_calls(call, req.n)
-            render = _Render(req, model_name, dep.tokenizer, len(call.prompt_token_ids))
+            parsed = parse_calls(req, dep.tokenizer, limits, check_grammar)
+            calls = [c for call, _ in parsed for c in fanout.sample_calls(call, req.n)]
+            texts = [text for _, text in parsed for _ in range(req.n)]
+            render = _Render(req, model_name, dep.tokenizer, calls, texts)
             if not req.stream:
                 results = await _unless_disconnected(fanout.generate_all(server.router, calls), request)
                 return JSONResponse(render.body(results))

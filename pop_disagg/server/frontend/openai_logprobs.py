@@ -23,14 +23,14 @@ class LogprobsRenderer:
         self.text_offset = 0
         self._strings: dict[int, str] = {}
 
-    def _token(self, token_id: int) -> str:
+    def token_string(self, token_id: int) -> str:
         s = self._strings.get(token_id)
         if s is None:
             s = self._strings[token_id] = self.tokenizer.decode([token_id])
         return s
 
     def _entry(self, token_id: int, logprob: float) -> dict:
-        s = self._token(token_id)
+        s = self.token_string(token_id)
         return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
 
     def render(self, logprobs: list) -> dict:
@@ -44,11 +44,11 @@ class LogprobsRenderer:
             }
         tokens, offsets, tops = [], [], []
         for lp in logprobs:
-            s = self._token(lp.token_id)
+            s = self.token_string(lp.token_id)
             tokens.append(s)
             offsets.append(self.text_offset)
             self.text_offset += len(s)
-            tops.append({self._token(t): v for t, v in lp.top} | {s: lp.logprob})
+            tops.append({self.token_string(t): v for t, v in lp.top} | {s: lp.logprob})
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in logprobs],

@@ -87,6 +87,17 @@ def parse_generate(msg: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> G
     return GenerateCall(ids, params, request_id, plan_index)
 
 
+def updated_params(params: SamplingParams, field_name: str, **update) -> SamplingParams:
+    """``params`` with ``update`` applied, validated again: ``InvalidRequest`` naming the field at
+    fault (``field_name`` for a check across fields). For what the HTTP API adds beyond the message."""
+    try:
+        return SamplingParams(**{**params.model_dump(), **update})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else field_name
+        raise InvalidRequest(name, err["msg"].removeprefix("Value error, ")) from None
+
+
 def _timings(t: Timings) -> pb.Timings:
     return pb.Timings(
         queue_s=t.queue_s,
