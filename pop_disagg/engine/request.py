@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kv_cache import PrefixKey
 from .sampling import SamplingParams
 
 
@@ -59,7 +60,8 @@ class Request:
     num_published_blocks: int = 0
     num_cached_tokens: int | None = None
     num_preemptions: int = 0
-    is_kv_local: bool = True  # False while its prefix K/V came from another worker (not publishable)
+    is_kv_local: bool = True  # False while its prefix K/V come from another worker (not publishable)
+    prefix_key: PrefixKey | None = None  # how another worker computes its prefix; None: this engine's plan
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -39,7 +39,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ...disagg.decode_worker import Failed, KVReceived
 from ...engine.detokenizer import OutputText
@@ -104,9 +104,10 @@ class _Attempt:
     dslot: object  # the decode worker's supervisor slot
     dactor: object  # its actor at the start of the attempt (a replacement is another attempt)
     down: asyncio.Future  # resolves when the supervisor declares that decode worker lost
-    pslot: object | None  # the prefill worker's slot; None: colocated, or a one-token prompt
+    pslot: object | None  # the prefill worker's slot; None: colocated, a one-token prompt, or nothing to send
     prefill_died: bool = False
     prefill_task: asyncio.Task | None = None
+    num_held_tokens: int = 0  # prefix tokens the decode worker's prefix cache held at its reservation
 
     @property
     def decode(self) -> int:
@@ -115,6 +116,17 @@ class _Attempt:
     @property
     def prefill(self) -> int | None:
         return None if self.pslot is None else self.pslot.index
+
+
+def kv_aware_choice(
+    num_request_blocks: int, overlaps: list[int], active: list[int], overlap_weight: float = 1.0
+) -> int:
+    """The decode worker to send a request to, as Dynamo's KV router scores them: the blocks it
+    would still have to prefill (``num_request_blocks`` less the longest cached prefix it holds,
+    ``overlaps[i]`` blocks), weighted by ``overlap_weight``, plus the blocks its running requests
+    hold (``active[i]``); the lowest cost wins, ties to the first."""
+    costs = [overlap_weight * (num_request_blocks - o) + a for o, a in zip(overlaps, active)]
+    return costs.index(min(costs))
 
 
 def least_loaded_prefill(choices: list, loads: list[int], same_node) -> object:
@@ -133,8 +145,12 @@ class Router:
         worker_timeout_s: float = 30.0,
         observer: RequestObserver | None = None,
         depth: DepthController | None = None,
+        block_size: int = 16,
+        is_prefix_caching: bool = False,
     ):
         self.sup = supervisor
+        self.block_size = block_size  # the decode workers' KV block size (the KV-aware choice counts blocks)
+        self.is_prefix_caching = is_prefix_caching
         self.observer = observer or RequestObserver()  # admission control and metrics
         self.depth = depth
         self.tokenizer = tokenizer
@@ -150,9 +166,13 @@ class Router:
     def num_running(self) -> int:
         return len(self._active)
 
-    async def generate(self, call: GenerateCall) -> GenerateResult:
+    async def generate(self, call: GenerateCall, on_first_token: Callable[[], None] | None = None) -> GenerateResult:
+        """The whole result; ``on_first_token`` is called when the first token (or the end) arrives."""
         text, tokens, logprobs = [], [], []
         async for item in self.stream(call):
+            if on_first_token is not None:
+                on_first_token()
+                on_first_token = None
             text.append(item.text)
             tokens += item.token_ids
             logprobs += item.logprobs or []
@@ -226,12 +246,14 @@ class Router:
             # Stop strings are applied here (``req.out``), not on the workers.
             params = req.call.params.model_copy(update={"stop": ()})
             link = att.prefill if self.is_disaggregated else None
-            gen = att.dactor.generate.remote(att.wid, req.call.prompt_token_ids, params, link, req.call.deadline)
+            gen = att.dactor.generate.remote(
+                att.wid, req.call.prompt_token_ids, params, link, req.call.deadline, req.plan_index
+            )
             delta = Delta(req.rid, "", [])
             async with contextlib.aclosing(self._events(gen, att.down, req)) as events:
                 async for kind, payload in events:
                     if kind == "reserved":  # the decode worker holds the blocks: start the prefill
-                        self._start_prefill(req, att, transfer_id=payload)
+                        self._start_prefill(req, att, *payload)
                         continue
                     delta = self._delta(req, self._take_events(req, att, payload))
                     if req.finish is not None:
@@ -251,7 +273,7 @@ class Router:
         """Choose the decode worker and (disaggregated, more than one prompt token) the prefill
         worker and its plan; count the work against both."""
         n = len(req.call.prompt_token_ids)
-        dslot = self._pick_decode()
+        dslot = await self._pick_decode(req)
         pslot = await self._pick_prefill(req, dslot) if self.is_disaggregated and n > 1 else None
         att = _Attempt(req.rid if attempt == 0 else f"{req.rid}#{attempt}", dslot, dslot.actor, dslot.down, pslot)
         if pslot is not None and self.depth is not None:
@@ -263,12 +285,25 @@ class Router:
             self._prefill_load[pslot.index] += n - 1
         return att
 
-    def _start_prefill(self, req: _Request, att: _Attempt, transfer_id: int) -> None:
-        if att.pslot is not None:
-            prefix = req.call.prompt_token_ids[:-1]
-            att.prefill_task = asyncio.create_task(
-                self._prefill(att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index)
+    def _start_prefill(self, req: _Request, att: _Attempt, transfer_id: int, num_held_tokens: int) -> None:
+        """The decode worker reserved the request, holding ``num_held_tokens`` of its prefix already:
+        the prefill worker sends the rest. Transfer id 0: nothing to send (the decode worker had it
+        all, or prefills the short rest itself), so the prefill worker is released untouched."""
+        att.num_held_tokens = num_held_tokens
+        if att.pslot is None:
+            return
+        prefix = req.call.prompt_token_ids[:-1]
+        if transfer_id == 0:
+            self._prefill_load[att.pslot.index] -= len(prefix)
+            if self.depth is not None:
+                self.depth.on_done(att.pslot.index, att.wid)
+            att.pslot = None
+            return
+        att.prefill_task = asyncio.create_task(
+            self._prefill(
+                att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index, num_held_tokens
             )
+        )
 
     def _take_events(self, req: _Request, att: _Attempt, events: list) -> list[int]:
         """Apply one batch of decode-worker events to the request; returns the new token ids.
@@ -325,6 +360,7 @@ class Router:
         if att.prefill_task is not None:
             outcome = await asyncio.wait_for(att.prefill_task, timeout=10)
             if outcome is not None:
+                req.num_cached_tokens = max(req.num_cached_tokens, outcome.num_cached_tokens)
                 timings.queue_s, timings.prefill_s = outcome.queue_s, outcome.prefill_s
                 if req.kv_time is not None:
                     timings.transfer_s = max(0.0, req.kv_time - outcome.compute_end)
@@ -344,7 +380,8 @@ class Router:
             last.logprobs,
             req.num_cached_tokens,
         )
-        self.observer.finished(req.rid, result, is_transferred=att.prefill_task is not None)
+        n_sent = n - 1 - att.num_held_tokens if att.prefill_task is not None else None
+        self.observer.finished(req.rid, result, n_sent)
         return result
 
     def _release(self, req: _Request, att: _Attempt) -> None:
@@ -360,12 +397,27 @@ class Router:
         if att.prefill_task is not None and not att.prefill_task.done():
             att.prefill_task.cancel()
 
-    def _pick_decode(self):
+    async def _pick_decode(self, req: _Request):
+        """The serving decode worker with the fewest requests in flight; with several and the prefix
+        cache on, the one ``kv_aware_choice`` scores best from their answers to a probe (longest
+        cached prefix of this prompt under its plan, blocks in use), ties by requests in flight.
+        The probe names the request's own plan or the default one: an adaptive depth choice is
+        made after the worker is picked."""
         serving = [s for s in self.sup.decode if s.is_serving]
         if not serving:
             states = ", ".join(f"{s.name} {s.state.value}" for s in self.sup.decode)
             raise WorkerUnavailable(f"no decode worker is serving ({states}); retry shortly")
-        return min(serving, key=lambda s: self._decode_load[s.index])
+        serving.sort(key=lambda s: self._decode_load[s.index])
+        prompt = req.call.prompt_token_ids
+        if len(serving) == 1 or not self.is_prefix_caching or len(prompt) < 2:
+            return serving[0]
+        probes = await asyncio.gather(
+            *(s.actor.probe.remote(prompt, req.call.plan_index) for s in serving), return_exceptions=True
+        )
+        probes = [(0, 0) if isinstance(p, BaseException) else p for p in probes]  # a lost worker: no overlap
+        bs = self.block_size
+        pick = kv_aware_choice(-(-len(prompt) // bs), [c // bs for c, _ in probes], [a for _, a in probes])
+        return serving[pick]
 
     async def _pick_prefill(self, req: _Request, dslot):
         """The least-loaded prefill worker whose link to ``dslot`` is up (ties: the same node).
@@ -429,13 +481,16 @@ class Router:
         prefix_ids: list[int],
         deadline: float | None,
         plan_index: int | None = None,
+        send_start: int = 0,
     ):
         import ray
 
         p, pactor = pslot.index, pslot.actor
         outcome = None
         try:
-            outcome = await pactor.prefill.remote(att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index)
+            outcome = await pactor.prefill.remote(
+                att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index, send_start
+            )
         except ray.exceptions.RayActorError as exc:
             att.prefill_died = True
             self.sup.report_failure(pslot, pactor, f"process died ({exc.__class__.__name__})")
