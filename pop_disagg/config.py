@@ -146,7 +146,7 @@ class ServeConfig(BaseModel):
     max_local_prefill_tokens: int = Field(
         DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
         ge=0,
-        description="disaggregated: a prompt whose prefix the decode worker's prefix cache holds but for at most this many tokens is prefilled there, with no transfer",
+        description="disaggregated: a prompt whose prefix the decode worker's prefix cache holds in part, but for at most this many tokens, is prefilled there, with no transfer",
     )
     kv_correction: str | None = Field(
         None,

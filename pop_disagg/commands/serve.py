@@ -63,7 +63,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--max-local-prefill-tokens",
         type=int,
         default=DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
-        help="disaggregated: when the decode worker's prefix cache holds all of a prompt's prefix but at most this many tokens, it prefills them itself (same plan) and nothing is transferred; 0: only a prefix cached whole",
+        help="disaggregated: when the decode worker's prefix cache holds part of a prompt's prefix and at most this many tokens are missing, it prefills them itself (same plan) and nothing is transferred; 0: only a prefix cached whole",
     )
     p.add_argument(
         "--address",

@@ -6,8 +6,8 @@ when the last layer is in, the request is admitted with ``num_computed_tokens = 
 decode step feeds the boundary token ``x_N``; decoding then takes blocks on demand. Reserved with
 the prefill worker's ``PrefixKey``, a request first takes the blocks cached under it
 (``Reservation.num_cached_tokens``: the transfer starts there, its first message group names that
-start), and its blocks are published under the key once admitted. A request whose uncached rest
-is at most ``max_local_prefill_tokens`` (and whose key is this engine's own) is instead queued
+start), and its blocks are published under the key once admitted. A request that hits the cache and
+whose uncached rest is at most ``max_local_prefill_tokens`` (and whose key is this engine's own) is instead queued
 here like a colocated one and prefilled under the same plan: transfer id 0, nothing is sent. When the cache
 runs out the engine preempts its newest running request: a transferred one is re-prefilled here
 (this worker holds every layer) under this engine's plan, and its stream goes on where it was
@@ -166,8 +166,8 @@ class DecodeWorker:
 
         ``prefix_key``: how the prefill worker computes the prefix (its plan and K/V correction).
         Given, the blocks cached under it are the request's first blocks and the transfer covers
-        only the rest (``Reservation.num_cached_tokens`` on); when that rest is at most
-        ``max_local_prefill_tokens`` and the key is this engine's own, the request is queued here
+        only the rest (``Reservation.num_cached_tokens`` on); when there was a hit, the rest is at
+        most ``max_local_prefill_tokens`` and the key is this engine's own, the request is queued here
         like a colocated one and prefilled under the same plan, with no transfer. A one-token
         prompt, or a prefix cached whole, needs no transfer: it is admitted at once (id 0).
         ``deadline`` (wall clock): the worker drops the request by itself once it passes.
@@ -180,7 +180,7 @@ class DecodeWorker:
         with self._lock:
             if prefix_key is not None and n > 0 and prefix_key == self.engine.prefix_key:
                 num_cached = self.engine.num_cached_prefix_tokens(prompt_token_ids)
-                if n - num_cached <= self.max_local_prefill_tokens:
+                if num_cached and n - num_cached <= self.max_local_prefill_tokens:
                     self.engine.add_request(prompt_token_ids, params, request_id)
                     self._track(request_id, sink, deadline)
                     self.num_local_prefill_tokens += n - num_cached

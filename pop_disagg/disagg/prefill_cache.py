@@ -68,17 +68,19 @@ class PrefillCache:
         self.num_hit_tokens += len(hits) * bs
         return CachedPrefix(hits + fresh, hashes, len(hits))
 
-    def kv(self, layer: int, entry: CachedPrefix, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # ``kv`` and ``write`` take the task's block table as it was when its step began: an abort may
+    # release the task meanwhile, but its blocks are handed out again only by a later step.
+    def kv(self, layer: int, block_table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s K/V of cached positions ``start..end-1``: two (end - start, Hkv, D)."""
-        slots = torch.tensor(self.blocks.slots(entry.block_table, start, end), device=self.pool.k.device)
+        slots = torch.tensor(self.blocks.slots(block_table, start, end), device=self.pool.k.device)
         return self.pool.read(layer, slots)
 
-    def write(self, layer: int, entry: CachedPrefix, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, block_table: list[int], start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """K/V (n, Hkv, D) of positions ``start..start+n-1``; those past the task's blocks are not kept."""
-        end = min(start + k.shape[0], len(entry.block_table) * self.block_size)
+        end = min(start + k.shape[0], len(block_table) * self.block_size)
         if end <= start:
             return
-        slots = torch.tensor(self.blocks.slots(entry.block_table, start, end), device=self.pool.k.device)
+        slots = torch.tensor(self.blocks.slots(block_table, start, end), device=self.pool.k.device)
         self.pool.write(layer, slots, k[: end - start], v[: end - start])
 
     def finish(self, entry: CachedPrefix, publish: bool) -> None:

@@ -263,12 +263,18 @@ class PrefillWorker:
         for t in tasks:
             t.num_step_tokens += cu[-1]
         is_last = [a + n == len(t.prefix_ids) for t, a, n in items]
-        for t, a, _ in items:
-            if t.cached is not None and a == t.num_cache_hits and a and not t.kv_buffer:
+        with self._cv:  # each task's blocks in the prefix cache as this step starts
+            tables = [list(t.cached.block_table) if t.cached is not None else [] for t in tasks]
+        for (t, a, _), table in zip(items, tables):
+            if table and a == t.num_cache_hits and a and not t.kv_buffer:
                 # Its first chunk after cached blocks: their kept layers' K/V are what it attends to.
                 kept = set(range(self.model.arch.num_layers)) - set(plan.skip_layers)
-                t.kv_buffer = {layer: self.cache.kv(layer, t.cached, 0, a) for layer in kept}
-        sends = [self._send_range(t, a, n) for t, a, n in items]  # (first position sent, from cache until)
+                t.kv_buffer = {layer: self.cache.kv(layer, table, 0, a) for layer in kept}
+        # (first position sent, end of the part read from the cache); a task released meanwhile
+        # (aborted: the decode worker drops what arrives for it) reads nothing from the cache.
+        sends = [
+            self._send_range(t, a, n) if table else (max(a, t.send_start), 0) for (t, a, n), table in zip(items, tables)
+        ]
         groups: list[tuple[KVSender, SendBatch, list[int]]] = []  # (sender, batch, its items)
         for link in sorted({t.link for t in tasks}):
             mine = [i for i, t in enumerate(tasks) if t.link == link and sends[i][0] < starts[i] + items[i][2]]
@@ -289,9 +295,9 @@ class PrefillWorker:
         def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             # k, v: (T, Hkv, D) for the whole batch -> each link's tokens go out now.
             if cache is not None:
-                for i, t in enumerate(tasks):
-                    if t.cached is not None and t.cached.block_table:
-                        cache.write(layer, t.cached, starts[i], k[cu[i] : cu[i + 1]], v[cu[i] : cu[i + 1]])
+                for i, table in enumerate(tables):
+                    if table:
+                        cache.write(layer, table, starts[i], k[cu[i] : cu[i + 1]], v[cu[i] : cu[i + 1]])
             for sender, batch, mine in groups:
                 if layer == last_layer:
                     batch.compute_end = time.time()  # all K/V exist; the rest of the pass is unused
@@ -304,7 +310,7 @@ class PrefillWorker:
                 for i in mine:
                     first, cached_until = sends[i]
                     if first < cached_until:  # the decode worker lacks cached positions: from the pool
-                        ck, cv = cache.kv(layer, tasks[i].cached, first, cached_until)
+                        ck, cv = cache.kv(layer, tables[i], first, cached_until)
                         ks.append(ck)
                         vs.append(cv)
                     lo = cu[i] + max(first, starts[i]) - starts[i]
