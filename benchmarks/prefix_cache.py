@@ -184,6 +184,13 @@ class Served:
         stop(self.proc)
 
 
+def kv_bytes_per_token(model_dir: str) -> int:
+    """float32 K and V of every layer for one token, from the checkpoint's config.json."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim * 4
+
+
 # ---- clients ------------------------------------------------------------------------------------
 def vllm_bench(url: str, args, out_dir: Path, name: str) -> dict:
     cmd = [str(VLLM), "bench", "serve", "--backend", "openai", "--base-url", url, "--model", NAME]
@@ -348,7 +355,12 @@ def concurrency(args) -> None:
     budget = int(args.kv_mb * 2**20)
     result = {"machine_before": machine(), "args": vars(args), "kv_budget_bytes": budget, "systems": {}}
     for system in args.systems.split(","):
-        extra = ["--kv-cache-memory-bytes", str(budget)] if system == "vllm" else ["--kv-cache-mb", str(args.kv_mb)]
+        # vLLM-CPU sizes its cache from VLLM_CPU_KVCACHE_SPACE (whole GiB) and ignores
+        # --kv-cache-memory-bytes; its block count can be overridden (blocks of 128 tokens on CPU).
+        # Its log says what it got: "CPU KV cache size: N tokens".
+        extra = ["--kv-cache-mb", str(args.kv_mb)]
+        if system == "vllm":
+            extra = ["--num-gpu-blocks-override", str(budget // (kv_bytes_per_token(args.model_dir) * 128))]
         with Served(system, args, out / "logs", extra, tag="-concurrency") as served:
             row = asyncio.run(concurrency_run(served, args.num_requests, args.max_tokens))
             row["uptime_after"] = machine()["uptime"]
@@ -455,7 +467,7 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--conversations", type=int, default=4)
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--kv-mb", type=float, default=96, help="concurrency: the KV budget of every server")
+    p.add_argument("--kv-mb", type=int, default=96, help="concurrency: the KV budget of every server (MiB)")
     p.add_argument("--num-requests", type=int, default=16, help="concurrency: requests sent at once")
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--prefix-len", type=int, default=256, help="crossover: the shared, cached prefix")

@@ -123,7 +123,7 @@ class PlacementConfig(BaseModel):
 
 # Where prefilling the uncached rest on the decode worker costs no more than a KV transfer round
 # trip (docs/serving.md, "Across the split": how it was measured).
-DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 32
+DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 64
 
 
 class ServeConfig(BaseModel):

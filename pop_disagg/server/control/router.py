@@ -5,7 +5,11 @@ For a request of ``N`` prompt tokens it picks the serving decode worker and (dis
 them (requests for decode, prompt tokens for prefill), opens the decode worker's stream (which
 reserves the blocks), submits the prefix ``x_1..x_{N-1}`` to the prefill worker with the transfer
 id, and turns the decode events into text: incremental detokenization and stop strings live here,
-not on the GPU workers.
+not on the GPU workers. With several decode workers and the prefix cache on, the decode worker is
+the one ``kv_aware_choice`` scores best (its cached prefix of the prompt against its blocks in use).
+The reservation says how many prefix tokens the decode worker already holds: the prefill worker
+sends only the rest, and nothing at all (no prefill) when the decode worker holds the whole prefix
+or prefills a short rest itself (docs/serving.md, "Across the split").
 
 Failures, and how each one ends (every path frees the request's blocks on every worker):
 
