@@ -121,6 +121,11 @@ class PlacementConfig(BaseModel):
     )
 
 
+# Where prefilling the uncached rest on the decode worker costs no more than a KV transfer round
+# trip (docs/serving.md, "Across the split": how it was measured).
+DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 64
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -138,6 +143,11 @@ class ServeConfig(BaseModel):
         description="a request whose KV transfer failed is re-prefilled (recompute) or failed with UNAVAILABLE",
     )
     num_threads: int = Field(1, ge=1, description="torch threads per worker actor")
+    max_local_prefill_tokens: int = Field(
+        DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
+        ge=0,
+        description="disaggregated: a prompt whose prefix the decode worker's prefix cache holds in part, but for at most this many tokens, is prefilled there, with no transfer",
+    )
     kv_correction: str | None = Field(
         None,
         description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)",

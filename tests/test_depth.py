@@ -179,8 +179,9 @@ class Pair:
         self.threads.append(t)
 
     def submit(self, rid, prompt, params, plan):
-        tid = self.decode.reserve(rid, prompt, params, 0, self.events.setdefault(rid, []).append)
-        assert tid is not None
+        res = self.decode.reserve(rid, prompt, params, 0, self.events.setdefault(rid, []).append)
+        assert res is not None
+        tid = res.transfer_id
         self.prefill.submit(
             PrefillTask(rid, tid, 0, prompt[:-1], lambda o: self.outcomes.__setitem__(o.request_id, o), plan=plan)
         )

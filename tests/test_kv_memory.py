@@ -383,8 +383,9 @@ def test_disaggregated_request_preempted_on_the_decode_worker_is_reprefilled_the
     try:
         for i, p in enumerate(prompts):
             rid = f"r{i}"
-            tid = decode.reserve(rid, p, _greedy(14), 0, events[rid].append)
-            assert tid is not None  # the prompt's blocks only: all four fit at once
+            res = decode.reserve(rid, p, _greedy(14), 0, events[rid].append)
+            assert res is not None
+            tid = res.transfer_id  # the prompt's blocks only: all four fit at once
             prefill.submit(PrefillTask(rid, tid, 0, p[:-1], lambda o: None))
         deadline = time.monotonic() + 60
         while not all(any(isinstance(e, Tokens) and e.is_finished for e in evs) for evs in events.values()):
@@ -403,16 +404,20 @@ def test_disaggregated_request_preempted_on_the_decode_worker_is_reprefilled_the
 
 # ---- served ---------------------------------------------------------------------------------------
 def test_colocated_server_reports_cached_tokens_and_engine_counters(ray_instance, tiny_ckpt):
-    """Through the router: ``usage.prompt_tokens_details.cached_tokens`` of a repeated prompt, and the
+    """Through the router: ``usage.prompt_tokens_details.cached_tokens`` of a repeated prompt (gRPC's
+    ``Usage.cached_tokens`` too), ``n`` samples sharing the prompt's blocks, and the
     engine counters on ``/metrics`` (a tight cache, so that requests in flight together preempt)."""
     import json
     import time
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
+    import grpc
     import ray
     from prometheus_client.parser import text_string_to_metric_families
 
+    from pop_disagg._proto import generation_pb2 as pb
+    from pop_disagg._proto import generation_pb2_grpc as pb_grpc
     from pop_disagg.config import ServeConfig
     from pop_disagg.server.app import BackgroundServer
 
@@ -432,6 +437,14 @@ def test_colocated_server_reports_cached_tokens_and_engine_counters(ray_instance
         with urllib.request.urlopen(req, timeout=60) as resp:
             return json.loads(resp.read())["usage"]
 
+    def sample(prompt, n=1, seed=11):
+        body = {"model": path, "prompt": prompt, "max_tokens": 6, "temperature": 1.0, "seed": seed, "n": n}
+        req = urllib.request.Request(
+            srv.http_url + "/v1/completions", json.dumps(body).encode(), headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())
+
     def scrape():
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=10) as resp:
             text = resp.read().decode()
@@ -441,6 +454,24 @@ def test_colocated_server_reports_cached_tokens_and_engine_counters(ray_instance
         prompt = _ids(300, 18)
         assert complete(prompt)["prompt_tokens_details"]["cached_tokens"] == 0
         assert complete(prompt)["prompt_tokens_details"]["cached_tokens"] == 16  # 17-token prefix: 4 blocks
+        # gRPC: the same count in Usage, unary and on a stream's last message; a new prompt has none.
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            ask = lambda ids: pb.GenerateRequest(prompt_token_ids=ids, max_new_tokens=4, ignore_eos=True)  # noqa: E731
+            assert stub.Generate(ask(prompt), timeout=60).usage.cached_tokens == 16
+            last = list(stub.GenerateStream(ask(prompt), timeout=60))[-1]
+            assert last.usage.cached_tokens == 16 and last.usage.prompt_tokens == 18
+            assert stub.Generate(ask(_ids(301, 18)), timeout=60).usage.cached_tokens == 0
+        # n = 3 samples of a new prompt share its blocks: samples 1 and 2 find its 4 prefix blocks
+        # cached (computing 12 blocks' worth of prompt less than three separate prompts at once
+        # would), and each sample's text is that of a request of its own with seed + i.
+        time.sleep(0.5)  # the counters are polled every 0.1 s: let the requests above land first
+        hits = scrape()["pop_disagg:prefix_cache_hits_total"]
+        shared = _ids(302, 18)
+        texts = [c["text"] for c in sample(shared, n=3)["choices"]]
+        time.sleep(0.5)
+        assert scrape()["pop_disagg:prefix_cache_hits_total"] - hits == 2 * 16
+        assert texts == [sample(shared, seed=11 + i)["choices"][0]["text"] for i in range(3)]
         # Slow steps keep the four in flight together; each wants 10 of the 12 blocks.
         ray.get(srv.deployment.decode[0].inject_fault.remote("slow_decode", 0.01))
         with ThreadPoolExecutor(4) as pool:

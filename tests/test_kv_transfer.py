@@ -64,8 +64,9 @@ class Pair:
 
     def submit(self, request_id, prompt, params, deadline=None):
         events = self.events.setdefault(request_id, [])
-        tid = self.decode.reserve(request_id, prompt, params, 0, events.append, deadline=deadline)
-        assert tid is not None
+        res = self.decode.reserve(request_id, prompt, params, 0, events.append, deadline=deadline)
+        assert res is not None
+        tid = res.transfer_id
         if len(prompt) > 1:
             self.prefill.submit(
                 PrefillTask(
@@ -239,7 +240,7 @@ def test_chunked_prefill_worker_kv_equals_one_shot_and_short_prompts_pass_long_o
         pair.prefill.pause_until = float("inf")
         params = SamplingParams(max_new_tokens=2, ignore_eos=True)
         for rid, prompt in (("long", long), ("short", short)):
-            tid = pair.decode.reserve(rid, prompt, params, 0, pair.events.setdefault(rid, []).append)
+            tid = pair.decode.reserve(rid, prompt, params, 0, pair.events.setdefault(rid, []).append).transfer_id
             pair.prefill.submit(PrefillTask(rid, tid, 0, prompt[:-1], lambda o: order.append(o.request_id)))
         req = pair.engine._requests["long"]
         slots = torch.tensor(pair.engine.blocks.slots(req.block_table, 0, len(long) - 1))

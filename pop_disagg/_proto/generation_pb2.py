@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epop_disagg/v1/generation.proto\x12\rpop_disagg.v1\"\x96\x06\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x17\n\nrequest_id\x18\x0b \x01(\tH\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\t\x88\x01\x01\x12\x41\n\nlogit_bias\x18\x10 \x03(\x0b\x32-.pop_disagg.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x11 \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0b\x88\x01\x01\x12\x18\n\x0bprune_ratio\x18\x14 \x01(\x01H\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_request_idB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x0e\n\x0c_prune_ratio\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"b\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x19.pop_disagg.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xa9\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\x18\n\x0bprune_ratio\x18\x14 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\x12num_skipped_layers\x18\x15 \x01(\x05\x42\x0e\n\x0c_prune_ratio\"\xf8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pop_disagg.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.pop_disagg.v1.Usage\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.pop_disagg.v1.Timings\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.pop_disagg.v1.TokenLogprob\"\xfe\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pop_disagg.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.pop_disagg.v1.Usage\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.pop_disagg.v1.Timings\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.pop_disagg.v1.TokenLogprob\"\x0f\n\rHealthRequest\"\xd0\x01\n\x0eHealthResponse\x12\x12\n\nis_serving\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1b\n\x13num_prefill_workers\x18\x03 \x01(\x05\x12\x1a\n\x12num_decode_workers\x18\x04 \x01(\x05\x12\x32\n\nplacements\x18\x14 \x03(\x0b\x32\x1e.pop_disagg.v1.WorkerPlacement\x12,\n\x07workers\x18\x05 \x03(\x0b\x32\x1b.pop_disagg.v1.WorkerHealth\"}\n\x0cWorkerHealth\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.pop_disagg.v1.WorkerState\x12\x14\n\x0cnum_restarts\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x83\x01\n\x0fWorkerPlacement\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07node_ip\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07gpu_ids\x18\x06 \x03(\x05\x12\x10\n\x08owns_gpu\x18\x07 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\x80\x03\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rcontext_limit\x18\x05 \x01(\x05\x12\x10\n\x08topology\x18\x06 \x01(\t\x12\x0f\n\x07prefill\x18\x07 \x01(\t\x12\x13\n\x0bskip_layers\x18\x08 \x03(\x05\x12\x0c\n\x04plan\x18\t \x01(\t\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x32\n\nplacements\x18\x1e \x03(\x0b\x32\x1e.pop_disagg.v1.WorkerPlacement\x12\x14\n\x0cprune_ratios\x18\x14 \x03(\x01\x12\x1b\n\x13\x64\x65\x66\x61ult_prune_ratio\x18\x15 \x01(\x01\x12\x1c\n\x14prefill_weight_bytes\x18\x16 \x01(\x03\x12\x16\n\x0e\x61\x64\x61ptive_depth\x18\x17 \x01(\x08\x12\x13\n\x0bttft_slo_ms\x18\x18 \x01(\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*y\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_SERVING\x10\x01\x12\x1b\n\x17WORKER_STATE_RESTARTING\x10\x02\x12\x15\n\x11WORKER_STATE_DEAD\x10\x03\x32\xce\x02\n\nGeneration\x12K\n\x08Generate\x12\x1e.pop_disagg.v1.GenerateRequest\x1a\x1f.pop_disagg.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.pop_disagg.v1.GenerateRequest\x1a%.pop_disagg.v1.GenerateStreamResponse0\x01\x12\x45\n\x06Health\x12\x1c.pop_disagg.v1.HealthRequest\x1a\x1d.pop_disagg.v1.HealthResponse\x12Q\n\x0cGetModelInfo\x12\x1f.pop_disagg.v1.ModelInfoRequest\x1a .pop_disagg.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epop_disagg/v1/generation.proto\x12\rpop_disagg.v1\"\x96\x06\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x17\n\nrequest_id\x18\x0b \x01(\tH\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\t\x88\x01\x01\x12\x41\n\nlogit_bias\x18\x10 \x03(\x0b\x32-.pop_disagg.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x11 \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0b\x88\x01\x01\x12\x18\n\x0bprune_ratio\x18\x14 \x01(\x01H\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_request_idB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x0e\n\x0c_prune_ratio\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"b\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x19.pop_disagg.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xa9\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\x18\n\x0bprune_ratio\x18\x14 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\x12num_skipped_layers\x18\x15 \x01(\x05\x42\x0e\n\x0c_prune_ratio\"\xf8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pop_disagg.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.pop_disagg.v1.Usage\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.pop_disagg.v1.Timings\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.pop_disagg.v1.TokenLogprob\"\xfe\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pop_disagg.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.pop_disagg.v1.Usage\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.pop_disagg.v1.Timings\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.pop_disagg.v1.TokenLogprob\"\x0f\n\rHealthRequest\"\xd0\x01\n\x0eHealthResponse\x12\x12\n\nis_serving\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1b\n\x13num_prefill_workers\x18\x03 \x01(\x05\x12\x1a\n\x12num_decode_workers\x18\x04 \x01(\x05\x12\x32\n\nplacements\x18\x14 \x03(\x0b\x32\x1e.pop_disagg.v1.WorkerPlacement\x12,\n\x07workers\x18\x05 \x03(\x0b\x32\x1b.pop_disagg.v1.WorkerHealth\"}\n\x0cWorkerHealth\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.pop_disagg.v1.WorkerState\x12\x14\n\x0cnum_restarts\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x83\x01\n\x0fWorkerPlacement\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07node_ip\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07gpu_ids\x18\x06 \x03(\x05\x12\x10\n\x08owns_gpu\x18\x07 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\x80\x03\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rcontext_limit\x18\x05 \x01(\x05\x12\x10\n\x08topology\x18\x06 \x01(\t\x12\x0f\n\x07prefill\x18\x07 \x01(\t\x12\x13\n\x0bskip_layers\x18\x08 \x03(\x05\x12\x0c\n\x04plan\x18\t \x01(\t\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x32\n\nplacements\x18\x1e \x03(\x0b\x32\x1e.pop_disagg.v1.WorkerPlacement\x12\x14\n\x0cprune_ratios\x18\x14 \x03(\x01\x12\x1b\n\x13\x64\x65\x66\x61ult_prune_ratio\x18\x15 \x01(\x01\x12\x1c\n\x14prefill_weight_bytes\x18\x16 \x01(\x03\x12\x16\n\x0e\x61\x64\x61ptive_depth\x18\x17 \x01(\x08\x12\x13\n\x0bttft_slo_ms\x18\x18 \x01(\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*y\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_SERVING\x10\x01\x12\x1b\n\x17WORKER_STATE_RESTARTING\x10\x02\x12\x15\n\x11WORKER_STATE_DEAD\x10\x03\x32\xce\x02\n\nGeneration\x12K\n\x08Generate\x12\x1e.pop_disagg.v1.GenerateRequest\x1a\x1f.pop_disagg.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.pop_disagg.v1.GenerateRequest\x1a%.pop_disagg.v1.GenerateStreamResponse0\x01\x12\x45\n\x06Health\x12\x1c.pop_disagg.v1.HealthRequest\x1a\x1d.pop_disagg.v1.HealthResponse\x12Q\n\x0cGetModelInfo\x12\x1f.pop_disagg.v1.ModelInfoRequest\x1a .pop_disagg.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2626
-  _globals['_FINISHREASON']._serialized_end=2746
-  _globals['_WORKERSTATE']._serialized_start=2748
-  _globals['_WORKERSTATE']._serialized_end=2869
+  _globals['_FINISHREASON']._serialized_start=2649
+  _globals['_FINISHREASON']._serialized_end=2769
+  _globals['_WORKERSTATE']._serialized_start=2771
+  _globals['_WORKERSTATE']._serialized_end=2892
   _globals['_GENERATEREQUEST']._serialized_start=50
   _globals['_GENERATEREQUEST']._serialized_end=840
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=579
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=627
   _globals['_USAGE']._serialized_start=842
-  _globals['_USAGE']._serialized_end=899
-  _globals['_TOKENLOGPROB']._serialized_start=901
-  _globals['_TOKENLOGPROB']._serialized_end=999
-  _globals['_TOPLOGPROB']._serialized_start=1001
-  _globals['_TOPLOGPROB']._serialized_end=1048
-  _globals['_TIMINGS']._serialized_start=1051
-  _globals['_TIMINGS']._serialized_end=1220
-  _globals['_GENERATERESPONSE']._serialized_start=1223
-  _globals['_GENERATERESPONSE']._serialized_end=1471
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1474
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1728
-  _globals['_HEALTHREQUEST']._serialized_start=1730
-  _globals['_HEALTHREQUEST']._serialized_end=1745
-  _globals['_HEALTHRESPONSE']._serialized_start=1748
-  _globals['_HEALTHRESPONSE']._serialized_end=1956
-  _globals['_WORKERHEALTH']._serialized_start=1958
-  _globals['_WORKERHEALTH']._serialized_end=2083
-  _globals['_WORKERPLACEMENT']._serialized_start=2086
-  _globals['_WORKERPLACEMENT']._serialized_end=2217
-  _globals['_MODELINFOREQUEST']._serialized_start=2219
-  _globals['_MODELINFOREQUEST']._serialized_end=2237
-  _globals['_MODELINFORESPONSE']._serialized_start=2240
-  _globals['_MODELINFORESPONSE']._serialized_end=2624
-  _globals['_GENERATION']._serialized_start=2872
-  _globals['_GENERATION']._serialized_end=3206
+  _globals['_USAGE']._serialized_end=922
+  _globals['_TOKENLOGPROB']._serialized_start=924
+  _globals['_TOKENLOGPROB']._serialized_end=1022
+  _globals['_TOPLOGPROB']._serialized_start=1024
+  _globals['_TOPLOGPROB']._serialized_end=1071
+  _globals['_TIMINGS']._serialized_start=1074
+  _globals['_TIMINGS']._serialized_end=1243
+  _globals['_GENERATERESPONSE']._serialized_start=1246
+  _globals['_GENERATERESPONSE']._serialized_end=1494
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1497
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1751
+  _globals['_HEALTHREQUEST']._serialized_start=1753
+  _globals['_HEALTHREQUEST']._serialized_end=1768
+  _globals['_HEALTHRESPONSE']._serialized_start=1771
+  _globals['_HEALTHRESPONSE']._serialized_end=1979
+  _globals['_WORKERHEALTH']._serialized_start=1981
+  _globals['_WORKERHEALTH']._serialized_end=2106
+  _globals['_WORKERPLACEMENT']._serialized_start=2109
+  _globals['_WORKERPLACEMENT']._serialized_end=2240
+  _globals['_MODELINFOREQUEST']._serialized_start=2242
+  _globals['_MODELINFOREQUEST']._serialized_end=2260
+  _globals['_MODELINFORESPONSE']._serialized_start=2263
+  _globals['_MODELINFORESPONSE']._serialized_end=2647
+  _globals['_GENERATION']._serialized_start=2895
+  _globals['_GENERATION']._serialized_end=3229
 # @@protoc_insertion_point(module_scope)

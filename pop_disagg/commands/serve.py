@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 
+from ..config import DEFAULT_MAX_LOCAL_PREFILL_TOKENS
 from .common import add_batching_args, add_model_args, add_prune_args, prune_config
 
 
@@ -57,6 +58,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default="recompute",
         choices=["recompute", "fail"],
         help="a request whose KV transfer failed is re-prefilled (recompute) or fails with UNAVAILABLE; a request whose prefill worker died is always re-prefilled",
+    )
+    p.add_argument(
+        "--max-local-prefill-tokens",
+        type=int,
+        default=DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
+        help="disaggregated: when the decode worker's prefix cache holds part of a prompt's prefix and at most this many tokens are missing, it prefills them itself (same plan) and nothing is transferred; 0: only a prefix cached whole",
     )
     p.add_argument(
         "--address",
@@ -195,6 +202,7 @@ def serve_config(args: argparse.Namespace):
         transfer_timeout_s=args.transfer_timeout,
         worker_timeout_s=args.worker_timeout,
         kv_failure_policy=args.kv_failure_policy,
+        max_local_prefill_tokens=args.max_local_prefill_tokens,
         num_threads=threads,
         kv_correction=args.kv_correction,
         placement=PlacementConfig(

@@ -4,7 +4,12 @@ Disaggregated: ``reserve`` allocates blocks for a request's prefix ``x_1..x_{N-1
 a transfer id (a scoring request's transfer is only its context, the rest of its prompt runs here on
 the full model: ``SamplingParams.num_pruned_prompt_tokens``); the link's ``KVReceiver`` writes the arriving prefix K/V straight into those blocks;
 when the last layer is in, the request is admitted with ``num_computed_tokens = N-1`` and its first
-decode step feeds the boundary token ``x_N``; decoding then takes blocks on demand. When the cache
+decode step feeds the boundary token ``x_N``; decoding then takes blocks on demand. Reserved with
+the prefill worker's ``PrefixKey``, a request first takes the blocks cached under it
+(``Reservation.num_cached_tokens``: the transfer starts there, its first message group names that
+start), and its blocks are published under the key once admitted. A request that hits the cache and
+whose uncached rest is at most ``max_local_prefill_tokens`` (and whose key is this engine's own) is instead queued
+here like a colocated one and prefilled under the same plan: transfer id 0, nothing is sent. When the cache
 runs out the engine preempts its newest running request: a transferred one is re-prefilled here
 (this worker holds every layer) under this engine's plan, and its stream goes on where it was
 (``engine/scheduler.py``). Under POP every step here is a one-token step, so new requests' boundary
@@ -34,6 +39,7 @@ from typing import Callable, Literal
 import torch
 
 from ..engine.engine import LLMEngine
+from ..engine.kv_cache import PrefixKey
 from ..engine.sampling import SamplingParams
 from .kv_transfer import KVReceiver, Transfer, TransferError, TransferState, TransferTable, Transport
 
@@ -56,6 +62,16 @@ class Tokens:
 
 
 @dataclass
+class Reservation:
+    """What ``reserve`` set up for a request: its transfer id (0: nothing will be sent) and the prompt
+    positions already in its blocks (prefix-cache hits), from which the prefill worker sends."""
+
+    transfer_id: int
+    num_cached_tokens: int = 0
+    is_local: bool = False  # this worker prefills the uncached suffix itself (``max_local_prefill_tokens``)
+
+
+@dataclass
 class Failed:
     message: str
     kind: Literal["worker", "kv_transfer", "deadline"] = "worker"  # kv_transfer: the router may re-prefill
@@ -68,9 +84,13 @@ log = logging.getLogger("pop_disagg.decode")
 
 
 class DecodeWorker:
-    def __init__(self, engine: LLMEngine, transfer_timeout_s: float = 30.0):
+    def __init__(self, engine: LLMEngine, transfer_timeout_s: float = 30.0, max_local_prefill_tokens: int = 0):
         self.engine = engine
         self.transfer_timeout_s = transfer_timeout_s
+        # A reserved request whose uncached prefix is at most this long is prefilled here, no transfer.
+        self.max_local_prefill_tokens = max_local_prefill_tokens
+        self.num_transferred_tokens = 0  # prefix tokens whose K/V arrived over a link
+        self.num_local_prefill_tokens = 0  # uncached prefix tokens of reserved requests prefilled here
         self.table = TransferTable()
         self.receivers: dict[int, KVReceiver] = {}
         self._sinks: dict[str, Sink] = {}
@@ -121,6 +141,8 @@ class DecodeWorker:
             "num_preemptions": st.num_preemptions,
             "prefix_cache_queries": st.num_prefix_cache_queries,
             "prefix_cache_hits": st.num_prefix_cache_hits,
+            "kv_transfer_tokens": self.num_transferred_tokens,
+            "local_prefill_tokens": self.num_local_prefill_tokens,
         }
 
     @property
@@ -140,11 +162,17 @@ class DecodeWorker:
         link: int,
         sink: Sink,
         deadline: float | None = None,
-    ) -> int | None:
-        """Hold blocks for the request; returns its transfer id, or None when the cache is full.
+        prefix_key: PrefixKey | None = None,
+    ) -> Reservation | None:
+        """Hold blocks for the request; None when the cache is full.
 
-        A one-token prompt needs no transfer: it is admitted at once and the id is 0. ``deadline``
-        (wall clock): the worker drops the request by itself once it passes.
+        ``prefix_key``: how the prefill worker computes the prefix (its plan and K/V correction).
+        Given, the blocks cached under it are the request's first blocks and the transfer covers
+        only the rest (``Reservation.num_cached_tokens`` on); when there was a hit, the rest is at
+        most ``max_local_prefill_tokens`` and the key is this engine's own, the request is queued here
+        like a colocated one and prefilled under the same plan, with no transfer. A one-token
+        prompt, or a prefix cached whole, needs no transfer: it is admitted at once (id 0).
+        ``deadline`` (wall clock): the worker drops the request by itself once it passes.
         """
         n = params.num_pruned_prompt_tokens(len(prompt_token_ids))  # the prefix the link brings
         if n > 0 and self.is_link_broken(link):
@@ -152,14 +180,22 @@ class DecodeWorker:
                 f"link from prefill worker {link} is broken: {self.receivers[link].broken if link in self.receivers else 'not attached'}"
             )
         with self._lock:
-            req = self.engine.reserve_request(prompt_token_ids, params, request_id)
+            # A scoring request computes every position (the prefix cache does not serve it): never local.
+            if prefix_key is not None and n > 0 and prefix_key == self.engine.prefix_key and params.prompt_logprobs is None:
+                num_cached = self.engine.num_cached_prefix_tokens(prompt_token_ids)
+                if num_cached and n - num_cached <= self.max_local_prefill_tokens:
+                    self.engine.add_request(prompt_token_ids, params, request_id)
+                    self._track(request_id, sink, deadline)
+                    self.num_local_prefill_tokens += n - num_cached
+                    self._work.set()
+                    return Reservation(0, num_cached, is_local=True)
+            req = self.engine.reserve_request(prompt_token_ids, params, request_id, prefix_key)
             if req is None:
                 return None
-            self._sinks[request_id] = sink
-            if deadline is not None:
-                self._deadlines[request_id] = deadline
-            if n == 0:
-                self.engine.admit_prefilled(request_id, 0)
+            self._track(request_id, sink, deadline)
+            num_cached = req.num_computed_tokens
+            if num_cached == n:
+                self.engine.admit_prefilled(request_id, n)
                 tid = 0
             else:
                 tid = self.table.new_id()
@@ -168,12 +204,30 @@ class DecodeWorker:
                     dtype=torch.long,
                     device=self.engine.kv_cache.k.device,
                 )
-                self.table.transfers[tid] = Transfer(tid, request_id, n, slots, link)
+                self.table.transfers[tid] = Transfer(tid, request_id, n, slots, link, num_received=num_cached)
                 self._transfer_of[request_id] = tid
         if tid == 0:
             sink(KVReceived(time.time()))
             self._work.set()
-        return tid
+        return Reservation(tid, num_cached)
+
+    def _track(self, request_id: str, sink: Sink, deadline: float | None) -> None:
+        self._sinks[request_id] = sink
+        if deadline is not None:
+            self._deadlines[request_id] = deadline
+
+    def num_cached_prefix_tokens(self, prompt_token_ids: list[int], prefix_key: PrefixKey | None) -> int:
+        """Prompt tokens the prefix cache holds for this prompt under ``prefix_key`` (the router's probe)."""
+        if prefix_key is None:
+            return 0
+        with self._lock:
+            return self.engine.num_cached_prefix_tokens(prompt_token_ids, prefix_key)
+
+    @property
+    def num_active_blocks(self) -> int:
+        """Blocks held by requests (neither free nor evictable)."""
+        blocks = self.engine.blocks
+        return blocks.num_blocks - blocks.num_free_blocks
 
     def add_local(
         self,
@@ -186,9 +240,7 @@ class DecodeWorker:
         """Colocated topology: this engine prefills the request itself."""
         with self._lock:
             self.engine.add_request(prompt_token_ids, params, request_id)
-            self._sinks[request_id] = sink
-            if deadline is not None:
-                self._deadlines[request_id] = deadline
+            self._track(request_id, sink, deadline)
         self._work.set()
 
     def abort(self, request_id: str, error: str | None = None, kind: str = "worker") -> bool:
@@ -225,8 +277,7 @@ class DecodeWorker:
         prefix, or one chunk of a chunked prefill: chunks come in order)."""
         with self._lock:
             t = self.table.transfers.get(transfer_id)
-            expected_state = TransferState.RESERVED if start == 0 else TransferState.SENDING
-            if t is None or t.state != expected_state:
+            if t is None or t.state not in (TransferState.RESERVED, TransferState.SENDING):
                 return None  # cancelled: the data is read off the link and dropped
             if start != t.num_received or start + num_tokens > t.num_tokens:
                 raise TransferError(
@@ -246,6 +297,7 @@ class DecodeWorker:
             if t.state != TransferState.SENDING:
                 return  # cancelled while in flight
             t.num_received = t.chunk_start + t.chunk_tokens
+            self.num_transferred_tokens += t.chunk_tokens
             if t.num_received < t.num_tokens:
                 return  # more chunks of this prefix follow
             t.state, t.received_time = TransferState.RECEIVED, time.time()

@@ -8,7 +8,9 @@ worker's ``TransferTable`` and changed only under the decode worker's lock:
     SENDING   the link's header naming this transfer id arrived; layer K/V are being received
               into a staging buffer and written into the reserved blocks (index_copy by slot).
               A chunked prefill sends the prefix in several message groups, each naming where its
-              tokens start; the transfer stays SENDING between them, chunks arrive in order.
+              tokens start; the transfer stays SENDING between them, chunks arrive in order. When
+              the decode worker's prefix cache held the first ``h`` positions, the first group
+              starts at ``h`` (``Transfer.num_received`` starts there): only the rest is sent.
     RECEIVED  every layer of every token is written; the request joins the decode batch (first
               step: x_N).
     FAILED    timeout, dead peer, broken link or cancellation. The decode worker frees the blocks
@@ -433,7 +435,7 @@ class Transfer:
     state: TransferState = TransferState.RESERVED
     error: str | None = None
     received_time: float = 0.0  # wall clock
-    num_received: int = 0  # prefix tokens whose every layer is written (chunks arrive in order)
+    num_received: int = 0  # prefix tokens whose every layer is in (chunks arrive in order; cache hits count)
     chunk_start: int = 0  # the message group being received: its first prefix position ...
     chunk_tokens: int = 0  # ... and its number of tokens (the whole prefix unless chunked)
 

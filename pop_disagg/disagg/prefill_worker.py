@@ -19,6 +19,12 @@ kept layers' K/V stay in a per-task buffer for its later chunks to attend to
 (``ChunkedPrefillAttention``); each chunk's K/V leave at once, naming their start position, and
 the decode worker writes them at that offset. ``on_done`` fires when the last chunk is sent.
 
+Prefix reuse (``cache``, ``prefill_cache.py``): a task first takes the blocks its prefix finds
+cached there and encodes from after them (their kept layers' K/V seed its attention buffers, as
+earlier chunks' do); what it encodes into its full blocks is published after its last chunk. A
+task sends from ``send_start`` on (the decode worker holds the positions before): cached positions
+from the pool, then the computed ones; a chunk wholly below ``send_start`` sends nothing.
+
 Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
 deadline passed while waiting (dropped before its batch is taken; a chunked prompt also between
 its chunks), or its link was re-created while it waited (``purge_link``). Fault hook for tests:
@@ -36,10 +42,12 @@ from typing import Callable
 
 import torch
 
+from ..engine.kv_cache import PrefixKey
 from ..models.attention import ChunkedPrefillAttention, PrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from .kv_transfer import KVSender, SendBatch
+from .prefill_cache import CachedPrefix, PrefillCache
 
 
 @dataclass
@@ -53,6 +61,7 @@ class PrefillOutcome:
     compute_end: float  # the last layer's K/V existed
     sent_time: float  # last layer handed to the transport
     num_batch_tokens: int = 0  # prompt tokens in the forward pass that held it (throughput = this / prefill_s)
+    num_cached_tokens: int = 0  # prefix tokens found in this worker's prefix cache (not encoded again)
 
 
 @dataclass
@@ -65,6 +74,7 @@ class PrefillTask:
     submit_time: float = 0.0
     plan: PrunePlan | None = None  # None: the worker's default plan
     deadline: float | None = None  # wall clock: dropped unstarted once it passes
+    send_start: int = 0  # the decode worker holds positions before this (its prefix cache): not sent
     # Chunked prefill progress (worker-owned): tokens already sent, the kept layers' K/V of those
     # tokens, when the first chunk started, prompt tokens of the steps that carried it, done flag.
     num_done: int = 0
@@ -72,6 +82,9 @@ class PrefillTask:
     start_time: float = 0.0
     num_step_tokens: int = 0
     is_reported: bool = False
+    # Prefix cache (worker-owned): its blocks there, and the positions found cached (not encoded).
+    cached: CachedPrefix | None = None
+    num_cache_hits: int = 0
 
 
 log = logging.getLogger("pop_disagg.prefill")
@@ -90,6 +103,8 @@ class PrefillWorker:
         senders: dict[int, KVSender],
         max_num_batched_tokens: int = 8192,
         enable_chunked_prefill: bool = False,
+        cache: PrefillCache | None = None,
+        prefix_key: Callable[[PrunePlan], PrefixKey] | None = None,
     ):
         if not plan.independent_kv or not plan.boundary_handling:
             raise ValueError(
@@ -98,6 +113,10 @@ class PrefillWorker:
         self.model, self.plan, self.senders = model, plan, senders
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        # Prefix cache (prefill_cache.py) and how a plan's K/V are named there; both or neither.
+        self.cache, self.prefix_key = (
+            (cache, prefix_key) if cache is not None and prefix_key is not None else (None, None)
+        )
         self.waiting: deque[PrefillTask] = deque()
         self._cv = threading.Condition()
         self._num_waiting_tokens = 0
@@ -125,6 +144,9 @@ class PrefillWorker:
                 )
             )
             return
+        if not 0 <= task.send_start < len(task.prefix_ids):
+            _fail(task, f"send_start {task.send_start}: nothing of a {len(task.prefix_ids)}-token prefix to send")
+            return
         task.submit_time = time.time()
         with self._cv:
             self.waiting.append(task)
@@ -146,6 +168,7 @@ class PrefillWorker:
                 self.waiting.remove(task)
                 self._num_waiting_tokens -= len(task.prefix_ids) - task.num_done
                 task.is_reported = True
+                self._release(task, publish=False)
         for task in doomed:
             _fail(task, why)
         return len(doomed)
@@ -165,6 +188,7 @@ class PrefillWorker:
                 self._num_waiting_tokens -= len(task.prefix_ids) - task.num_done
                 task.is_reported = True
                 task.kv_buffer = {}  # its earlier chunks' kept-layer K/V
+                self._release(task, publish=False)
                 log.info(
                     "request %s: deadline passed while waiting for prefill%s; dropped",
                     task.request_id,
@@ -172,6 +196,8 @@ class PrefillWorker:
                 )
                 _fail(task, "deadline exceeded")
                 continue
+            if self.cache is not None and head.cached is None:
+                self._start_cached(head)
             remaining = len(head.prefix_ids) - head.num_done
             if self.enable_chunked_prefill:
                 if num_tokens >= budget or any(
@@ -191,6 +217,17 @@ class PrefillWorker:
             num_tokens += n
         self._num_waiting_tokens -= num_tokens
         return batch
+
+    def _start_cached(self, task: PrefillTask) -> None:
+        """First look at a task (under the lock): take its cached blocks; it encodes from after them."""
+        task.cached = self.cache.start(task.prefix_ids, self.prefix_key(task.plan or self.plan))
+        task.num_cache_hits = task.num_done = task.cached.num_hit_tokens(self.cache.block_size)
+        self._num_waiting_tokens -= task.num_cache_hits
+
+    def _release(self, task: PrefillTask, publish: bool) -> None:
+        """Drop the task's hold on its cached blocks (under the lock), publishing them after its last chunk."""
+        if task.cached is not None and task.cached.block_table:
+            self.cache.finish(task.cached, publish)
 
     def run(self, stop: threading.Event) -> None:
         """The worker loop: wait for prompts, prefill a batch, repeat until ``stop`` is set."""
@@ -226,26 +263,61 @@ class PrefillWorker:
         for t in tasks:
             t.num_step_tokens += cu[-1]
         is_last = [a + n == len(t.prefix_ids) for t, a, n in items]
-        groups: list[tuple[KVSender, SendBatch, int, int]] = []  # (sender, batch, token start, token end)
+        with self._cv:  # each task's blocks in the prefix cache as this step starts
+            tables = [list(t.cached.block_table) if t.cached is not None else [] for t in tasks]
+        for (t, a, _), table in zip(items, tables):
+            if table and a == t.num_cache_hits and a and not t.kv_buffer:
+                # Its first chunk after cached blocks: their kept layers' K/V are what it attends to.
+                kept = set(range(self.model.arch.num_layers)) - set(plan.skip_layers)
+                t.kv_buffer = {layer: self.cache.kv(layer, table, 0, a) for layer in kept}
+        # (first position sent, end of the part read from the cache); a task released meanwhile
+        # (aborted: the decode worker drops what arrives for it) reads nothing from the cache.
+        sends = [
+            self._send_range(t, a, n) if table else (max(a, t.send_start), 0) for (t, a, n), table in zip(items, tables)
+        ]
+        groups: list[tuple[KVSender, SendBatch, list[int]]] = []  # (sender, batch, its items)
         for link in sorted({t.link for t in tasks}):
-            mine = [i for i, t in enumerate(tasks) if t.link == link]
+            mine = [i for i, t in enumerate(tasks) if t.link == link and sends[i][0] < starts[i] + items[i][2]]
+            if not mine:
+                continue  # these chunks are all below what the decode worker holds: nothing to send
             batch = SendBatch(
                 [tasks[i].transfer_id for i in mine],
-                [items[i][2] for i in mine],
+                [starts[i] + items[i][2] - sends[i][0] for i in mine],
                 self._on_sent(tasks, mine, is_last),
-                starts=[starts[i] for i in mine],
+                starts=[sends[i][0] for i in mine],
             )
             self.senders[link].begin(batch)
-            groups.append((self.senders[link], batch, cu[mine[0]], cu[mine[-1] + 1]))
+            groups.append((self.senders[link], batch, mine))
 
         last_layer = self.model.arch.num_layers - 1
+        cache = self.cache
 
         def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            # k, v: (T, Hkv, D) for the whole batch -> each link's slice goes out now.
-            for sender, batch, a, b in groups:
+            # k, v: (T, Hkv, D) for the whole batch -> each link's tokens go out now.
+            if cache is not None:
+                for i, table in enumerate(tables):
+                    if table:
+                        cache.write(layer, table, starts[i], k[cu[i] : cu[i + 1]], v[cu[i] : cu[i + 1]])
+            for sender, batch, mine in groups:
                 if layer == last_layer:
                     batch.compute_end = time.time()  # all K/V exist; the rest of the pass is unused
-                sender.send_layer(batch, layer, k[a:b], v[a:b])
+                if mine[-1] - mine[0] + 1 == len(mine) and all(sends[i] == (starts[i], 0) for i in mine):
+                    # every chunk whole and adjacent: one slice of the batch
+                    a, b = cu[mine[0]], cu[mine[-1] + 1]
+                    sender.send_layer(batch, layer, k[a:b], v[a:b])
+                    continue
+                ks, vs = [], []
+                for i in mine:
+                    first, cached_until = sends[i]
+                    if first < cached_until:  # the decode worker lacks cached positions: from the pool
+                        ck, cv = cache.kv(layer, tables[i], first, cached_until)
+                        ks.append(ck)
+                        vs.append(cv)
+                    lo = cu[i] + max(first, starts[i]) - starts[i]
+                    ks.append(k[lo : cu[i + 1]])
+                    vs.append(v[lo : cu[i + 1]])
+                one = len(ks) == 1
+                sender.send_layer(batch, layer, ks[0] if one else torch.cat(ks), vs[0] if one else torch.cat(vs))
 
         if all(a == 0 for a in starts) and all(is_last):  # whole prefixes: no buffers to keep
             attn = PrefillAttention(cu, sink=sink, stream_kv=True)
@@ -254,14 +326,28 @@ class PrefillWorker:
                 cu, sink=sink, stream_kv=True, buffers=[t.kv_buffer for t in tasks], keep=[not x for x in is_last]
             )
         device = self.model.device
+        is_ok = True
         try:
             self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), attn, plan=plan)
         except Exception as exc:  # e.g. out of memory: fail these requests, keep the links in step
-            for sender, batch, _, _ in groups:
+            is_ok = False
+            for sender, batch, _ in groups:
                 sender.abandon(batch, f"prefill failed: {exc!r}")
+        with self._cv:
+            for t, last in zip(tasks, is_last):
+                if last or not is_ok:
+                    self._release(t, publish=is_ok)
         for t, last in zip(tasks, is_last):
             if last:
                 t.kv_buffer = {}
+
+    def _send_range(self, task: PrefillTask, start: int, n: int) -> tuple[int, int]:
+        """What of the chunk ``start..start+n-1`` goes on the wire: (first position sent, end of the
+        part read from the cache). The decode worker holds everything before ``send_start``; the
+        first chunk after cache hits also carries the hits the decode worker lacks."""
+        if task.num_cache_hits and start == task.num_cache_hits and task.send_start < start:
+            return task.send_start, start
+        return max(start, task.send_start), 0
 
     def _on_sent(self, tasks: list[PrefillTask], mine: list[int], is_last: list[bool]) -> Callable[[SendBatch], None]:
         def done(batch: SendBatch) -> None:
@@ -274,6 +360,7 @@ class PrefillWorker:
                         if t in self.waiting:
                             self.waiting.remove(t)
                             self._num_waiting_tokens -= len(t.prefix_ids) - t.num_done
+                        self._release(t, publish=False)
                 elif not is_last[i]:
                     continue  # more chunks follow
                 with self._cv:
@@ -290,6 +377,7 @@ class PrefillWorker:
                         compute_end,
                         batch.finish_time,
                         t.num_step_tokens,
+                        t.num_cache_hits,
                     )
                 )
 

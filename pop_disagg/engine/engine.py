@@ -19,8 +19,9 @@ from ..models import cpu_blas
 from ..models.arch import ModelArch
 from ..models.decoder import CausalLM
 from ..models.loader import load_model, resolve_dtype
+from ..pop.plan import PrunePlan
 from .detokenizer import OutputText
-from .kv_cache import BlockManager, KVCache, num_blocks_for_budget, plan_cache_key
+from .kv_cache import BlockManager, KVCache, PrefixKey, num_blocks_for_budget, plan_cache_key
 from .model_runner import ModelRunner
 from .request import FinishReason, Request
 from .sampling import SamplingParams, make_generator
@@ -144,17 +145,46 @@ class LLMEngine:
         return request_id
 
     # ---- disaggregated decode hooks (the decode worker's prompt K/V arrives from a prefill worker) --
-    def reserve_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> Request | None:
+    def prefix_key_for(self, plan: PrunePlan, kv_correction: str | None = None) -> PrefixKey | None:
+        """The key under which a prefix computed with ``plan`` (and a K/V correction) is cached
+        here; None when prefix caching is off. ``plan_cache_key`` of the engine's model name, which
+        a prefill worker built from the same configuration computes alike."""
+        if not self.config.enable_prefix_caching:
+            return None
+        return PrefixKey(
+            plan_cache_key(self.model_path or self.config.model, plan, kv_correction), not plan.skip_layers
+        )
+
+    @property
+    def prefix_key(self) -> PrefixKey | None:
+        """The key of what this engine's own prefills write (None: prefix caching off)."""
+        return self.scheduler.prefix_key
+
+    def num_cached_prefix_tokens(self, prompt_token_ids: list[int], prefix_key: PrefixKey | None = None) -> int:
+        """Prompt tokens a new request would find in the prefix cache now, under ``prefix_key``
+        (default this engine's plan); nothing is taken."""
+        probe = Request("", list(prompt_token_ids), SamplingParams(), prefix_key=prefix_key)
+        return self.scheduler.num_cached_prefix_tokens(probe)
+
+    def reserve_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        prefix_key: PrefixKey | None = None,
+    ) -> Request | None:
         """Hold KV blocks for a request whose prompt prefix another worker encodes; None when full.
 
-        The caller writes the prefix K/V into ``request.block_table`` and then calls
-        ``admit_prefilled``; ``abort`` releases the blocks at any point before or after.
+        The caller writes the prefix K/V into ``request.block_table`` from
+        ``request.num_computed_tokens`` on (0, or with ``prefix_key``, after the blocks cached
+        under it) and then calls ``admit_prefilled``; ``abort`` releases the blocks at any point.
         """
         self.validate(prompt_token_ids, params)
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         req = Request(request_id, list(prompt_token_ids), params, make_generator(params.seed, self.model.device))
         req.grammar = self._grammar(params)
+        req.prefix_key = prefix_key
         if not self.scheduler.reserve(req):
             return None
         self._requests[request_id] = req

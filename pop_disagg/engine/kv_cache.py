@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -54,6 +55,33 @@ def plan_cache_key(model: str, plan: PrunePlan, kv_correction: str | None = None
         f"|boundary={plan.boundary_handling}|kv_correction={kv_correction}"
     )
     return hashlib.sha256(text.encode()).digest()
+
+
+@dataclass(frozen=True)
+class PrefixKey:
+    """How a request's prefix K/V were computed, as the prefix cache names its blocks: the plan key
+    (``plan_cache_key``) and whether that plan skips nothing (then prefill and decode write the same
+    K/V and a block's key does not say which wrote it)."""
+
+    plan: bytes
+    is_full_model: bool
+
+    def block(self, num_pruned: int) -> bytes:
+        """The key of a block of which the pruned prefill wrote ``num_pruned`` positions."""
+        return self.plan if self.is_full_model else self.plan + num_pruned.to_bytes(4, "little")
+
+
+def prefill_block_hashes(prefix_ids: Sequence[int], key: PrefixKey, block_size: int) -> list[bytes]:
+    """Names of the full blocks of a prefix that the pruned prefill writes whole (``x_1..x_{N-1}``):
+    what the engine's scheduler publishes for them, so a prefill worker and a decode worker name
+    the same K/V alike."""
+    hashes: list[bytes] = []
+    block_key = key.block(block_size)
+    for i in range(len(prefix_ids) // block_size):
+        hashes.append(
+            block_hash(hashes[-1] if hashes else b"", prefix_ids[i * block_size : (i + 1) * block_size], block_key)
+        )
+    return hashes
 
 
 class BlockManager:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import prompt_logprobs
+from .kv_cache import PrefixKey
 from .sampling import SamplingParams
 
 
@@ -60,7 +61,8 @@ class Request:
     num_published_blocks: int = 0
     num_cached_tokens: int | None = None
     num_preemptions: int = 0
-    is_kv_local: bool = True  # False while its prefix K/V came from another worker (not publishable)
+    is_kv_local: bool = True  # False while its prefix K/V come from another worker (not publishable)
+    prefix_key: PrefixKey | None = None  # how another worker computes its prefix; None: this engine's plan
     # With params.prompt_logprobs: a TokenLogprob per scored prompt token, None for the unscored
     # (the first, the context's); grows as its full-model positions run (prompt_logprobs.py).
     prompt_logprobs: list | None = None

@@ -41,11 +41,13 @@ KV blocks, as vLLM takes them (docs/serving.md, "KV memory"):
   blocks another request prefilled with the same plan; a preempted one also its own full-model
   blocks; under the full model a multi-turn follow-up also the earlier turn's generated blocks.
 * Disaggregated decode (``reserve``/``admit``): blocks for the transferred prefix are held while
-  its K/V arrive; decoding then grows on demand. Transferred K/V are never published (another
-  worker computed them, maybe under another plan). A preempted transferred request is re-prefilled
-  here, under this engine's plan, and is local from then on. A scoring request's transferred
-  prefix is only its context (``SamplingParams.num_pruned_prompt_tokens``): the rest of its prompt
-  runs here on the full model before its first decode step.
+  its K/V arrive; decoding then grows on demand. Reserved with the key the prefill worker computes
+  under (``Request.prefix_key``: its plan and K/V correction), the request first takes the blocks
+  cached under that key, only the rest is transferred, and its blocks are published under that key
+  once admitted; without a key transferred K/V are never published. A preempted transferred
+  request is re-prefilled here, under this engine's plan, and is local from then on. A scoring
+  request's transferred prefix is only its context (``SamplingParams.num_pruned_prompt_tokens``):
+  the rest of its prompt runs here on the full model before its first decode step.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .kv_cache import BlockManager, block_hash
+from .kv_cache import BlockManager, PrefixKey, block_hash
 from .request import Request, RequestStatus
 
 
@@ -111,8 +113,7 @@ class Scheduler:
         self.prefill_covers_last = prefill_covers_last
         # Prefix cache: None = off; else the plan's key (kv_cache.plan_cache_key). Under the empty
         # plan prefill and decode write the same K/V, so a block's key does not say which wrote it.
-        self.prefix_key = prefix_key
-        self.is_prefill_full_model = is_prefill_full_model
+        self.prefix_key = None if prefix_key is None else PrefixKey(prefix_key, is_prefill_full_model)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.reserved: list[Request] = []  # disaggregated decode: blocks held, K/V in transit
@@ -170,14 +171,16 @@ class Scheduler:
         return len(self.running) + len(self.reserved) < self.max_num_seqs
 
     # ---- blocks ---------------------------------------------------------------------------------
+    def key_of(self, req: Request) -> PrefixKey:
+        """The key ``req``'s blocks are named under: its own (a transferred prefix computed under
+        another plan of the family, or with a K/V correction) or this engine's plan."""
+        return req.prefix_key or self.prefix_key
+
     def _block_key(self, req: Request, index: int) -> bytes:
         """The prefix key of block ``index`` of ``req``: the plan and, unless prefill is the full
         model, how many of the block's positions the pruned prefill wrote."""
-        if self.is_prefill_full_model:
-            return self.prefix_key
         bs = self.blocks.block_size
-        num_pruned = min(max(self.prefill_len(req) - index * bs, 0), bs)
-        return self.prefix_key + num_pruned.to_bytes(4, "little")
+        return self.key_of(req).block(min(max(self.prefill_len(req) - index * bs, 0), bs))
 
     def _block_hash(self, req: Request, index: int) -> bytes:
         bs = self.blocks.block_size
@@ -217,6 +220,13 @@ class Scheduler:
         if num_new > self.blocks.num_free_blocks - self.blocks.num_evictable_among(hits):
             return False
         self.waiting.popleft()
+        self._start_after(req, hits, num_new)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return True
+
+    def _start_after(self, req: Request, hits: list[int], num_new: int) -> None:
+        """Give ``req`` its cache hits and ``num_new`` fresh blocks; it computes from after the hits."""
         self.blocks.take(hits)
         req.block_table = hits + self.blocks.allocate_blocks(num_new)
         num_cached = len(hits) * self.blocks.block_size
@@ -227,9 +237,10 @@ class Scheduler:
         if self.prefix_key is not None:
             self.stats.num_prefix_cache_queries += req.num_tokens
             self.stats.num_prefix_cache_hits += num_cached
-        req.status = RequestStatus.RUNNING
-        self.running.append(req)
-        return True
+
+    def num_cached_prefix_tokens(self, req: Request) -> int:
+        """Prompt positions a fresh ``req`` would find cached now (a look, nothing is taken)."""
+        return len(self._cached_prefix(req)) * self.blocks.block_size
 
     def _grow(self, req: Request, num_tokens: int, step: SchedulerOutput | None) -> bool:
         """Blocks for ``req``'s first ``num_tokens`` positions, preempting the newest running requests
@@ -258,7 +269,9 @@ class Scheduler:
         req.block_table = []
         req.num_computed_tokens = 0
         req.num_published_blocks = 0
-        req.is_kv_local = True  # a transferred prefix is re-prefilled here
+        req.is_kv_local = True  # a transferred prefix is re-prefilled here, under this engine's plan
+        if req.prefix_key is not None:
+            req.prefix_key, req.block_hashes = None, []
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.stats.num_preemptions += 1
@@ -394,21 +407,33 @@ class Scheduler:
         The request's prompt K/V is then written into ``req.block_table`` from outside (a KV
         transfer), and ``admit`` puts it in the decode batch, where it takes blocks on demand.
         Preempted requests waiting to be re-prefilled here go first: nothing is reserved meanwhile.
+
+        With ``req.prefix_key`` (how the sending worker computes the prefix) and the prefix cache
+        on, the request starts from the longest run of blocks cached under that key:
+        ``num_computed_tokens`` says where the transfer starts, and once admitted its blocks are
+        published under that key like any computed here. Without a key nothing is looked up and
+        the transferred blocks are never published.
         """
         self._check_fits(req)
         if self.waiting or not self._has_seat():
             return False
-        n = self.blocks.blocks_for(self.prefix_len(req))
-        if n > self.blocks.num_free_blocks:
+        hits = self._cached_prefix(req) if req.prefix_key is not None else []
+        n = self.blocks.blocks_for(self.prefix_len(req)) - len(hits)
+        if n > self.blocks.num_free_blocks - self.blocks.num_evictable_among(hits):
             return False
-        req.block_table = self.blocks.allocate_blocks(n)
+        if req.prefix_key is not None:
+            self._start_after(req, hits, n)
+        else:
+            req.block_table = self.blocks.allocate_blocks(n)
         req.is_kv_local = False
         self.reserved.append(req)
         return True
 
     def admit(self, req: Request) -> None:
-        """A reserved request whose prompt prefix is in its blocks joins the running (decode) set."""
+        """A reserved request whose prompt prefix is in its blocks joins the running (decode) set;
+        reserved under a key, its blocks are published from its first step on."""
         self.reserved.remove(req)
+        req.is_kv_local = req.prefix_key is not None
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         if not self.enable_chunked_prefill and not self.is_prefilled(req):

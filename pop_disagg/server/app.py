@@ -128,6 +128,8 @@ class Server:
             cfg.worker_timeout_s,
             observer=ServerObserver(self.admission, self.metrics),
             depth=make_depth_controller(dep, self.metrics.registry),
+            block_size=cfg.engine.block_size,
+            is_prefix_caching=cfg.engine.enable_prefix_caching,
         )
         interceptors = (
             [BearerAuthInterceptor(self.auth_token, lambda: self.metrics.count_failure("UNAUTHENTICATED"))]

@@ -14,7 +14,8 @@ What counts when (the router's observer calls ``admitted``, ``tokens``, ``finish
   every token handed to the client.
 - histograms: TTFT at the first token; E2E latency, TPOT (``(last - first token) / (tokens - 1)``,
   the per-request mean) and the KV transfer time (prefill end -> KV written on the decode worker)
-  for finished requests; ``kv_transfer_bytes_total`` is the K/V payload of finished transfers.
+  for finished requests; ``kv_transfer_bytes_total`` is the K/V payload of finished transfers (the
+  uncached suffix of each prefix: what the decode worker's prefix cache held did not move).
 - ``kv_blocks_free`` / ``kv_blocks_total{worker}``: set by the server's poll of the decode workers
   (free counts evictable prefix-cache blocks: an allocation can take them).
 - ``num_preemptions_total``, ``prefix_cache_queries_total`` / ``prefix_cache_hits_total`` (tokens
@@ -216,7 +217,10 @@ class ServerMetrics:
             self.ttft.observe(now - live.arrival)
         self.generation_tokens.inc(num_new)
 
-    def finished(self, request_id: str, finish_reason: str, transfer_s: float | None) -> None:
+    def finished(
+        self, request_id: str, finish_reason: str, transfer_s: float | None, num_transferred_tokens: int | None = None
+    ) -> None:
+        """``num_transferred_tokens``: prefix tokens whose K/V crossed a link (the uncached suffix)."""
         live = self._end(request_id)
         if live is None:
             return
@@ -224,9 +228,9 @@ class ServerMetrics:
         self.e2e.observe(time.perf_counter() - live.arrival)
         if live.num_output_tokens > 1:
             self.tpot.observe((live.last_token - live.first_token) / (live.num_output_tokens - 1))
-        if self.is_disaggregated and live.num_prompt_tokens > 1:
-            # The prefix x_1..x_{N-1} moved (a one-token prompt has nothing to move).
-            self.kv_transfer_bytes.inc((live.num_prompt_tokens - 1) * self.kv_bytes_per_token)
+        if self.is_disaggregated and num_transferred_tokens:
+            # The uncached part of the prefix x_1..x_{N-1} moved (the decode worker held the rest).
+            self.kv_transfer_bytes.inc(num_transferred_tokens * self.kv_bytes_per_token)
             if transfer_s is not None:
                 self.kv_transfer.observe(transfer_s)
 

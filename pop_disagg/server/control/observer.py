@@ -23,8 +23,8 @@ class RequestObserver:
     def tokens(self, request_id: str, num_new: int) -> None:
         pass
 
-    def finished(self, request_id: str, result: GenerateResult, is_transferred: bool) -> None:
-        pass
+    def finished(self, request_id: str, result: GenerateResult, num_transferred_tokens: int | None) -> None:
+        """``num_transferred_tokens``: prefix tokens whose K/V crossed a link (None: no transfer)."""
 
     def failed(self, request_id: str, exc: BaseException | None) -> None:
         pass
@@ -46,9 +46,15 @@ class ServerObserver(RequestObserver):
         self.admission.started(request_id)
         self.metrics.tokens(request_id, num_new)
 
-    def finished(self, request_id: str, result: GenerateResult, is_transferred: bool) -> None:
+    def finished(self, request_id: str, result: GenerateResult, num_transferred_tokens: int | None) -> None:
         self.admission.done(request_id)
-        self.metrics.finished(request_id, result.finish_reason, result.timings.transfer_s if is_transferred else None)
+        is_transferred = num_transferred_tokens is not None
+        self.metrics.finished(
+            request_id,
+            result.finish_reason,
+            result.timings.transfer_s if is_transferred else None,
+            num_transferred_tokens,
+        )
 
     def failed(self, request_id: str, exc: BaseException | None) -> None:
         self.admission.done(request_id)

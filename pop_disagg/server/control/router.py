@@ -5,7 +5,11 @@ For a request of ``N`` prompt tokens it picks the serving decode worker and (dis
 them (requests for decode, prompt tokens for prefill), opens the decode worker's stream (which
 reserves the blocks), submits the prefix ``x_1..x_{N-1}`` to the prefill worker with the transfer
 id, and turns the decode events into text: incremental detokenization and stop strings live here,
-not on the GPU workers.
+not on the GPU workers. With several decode workers and the prefix cache on, the decode worker is
+the one ``kv_aware_choice`` scores best (its cached prefix of the prompt against its blocks in use).
+The reservation says how many prefix tokens the decode worker already holds: the prefill worker
+sends only the rest, and nothing at all (no prefill) when the decode worker holds the whole prefix
+or prefills a short rest itself (docs/serving.md, "Across the split").
 
 Failures, and how each one ends (every path frees the request's blocks on every worker):
 
@@ -39,7 +43,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ...disagg.decode_worker import Failed, KVReceived
 from ...engine.detokenizer import OutputText
@@ -105,9 +109,10 @@ class _Attempt:
     dslot: object  # the decode worker's supervisor slot
     dactor: object  # its actor at the start of the attempt (a replacement is another attempt)
     down: asyncio.Future  # resolves when the supervisor declares that decode worker lost
-    pslot: object | None  # the prefill worker's slot; None: colocated, or a one-token prompt
+    pslot: object | None  # the prefill worker's slot; None: colocated, a one-token prompt, or nothing to send
     prefill_died: bool = False
     prefill_task: asyncio.Task | None = None
+    num_held_tokens: int = 0  # prefix tokens the decode worker's prefix cache held at its reservation
 
     @property
     def decode(self) -> int:
@@ -116,6 +121,17 @@ class _Attempt:
     @property
     def prefill(self) -> int | None:
         return None if self.pslot is None else self.pslot.index
+
+
+def kv_aware_choice(
+    num_request_blocks: int, overlaps: list[int], active: list[int], overlap_weight: float = 1.0
+) -> int:
+    """The decode worker to send a request to, as Dynamo's KV router scores them: the blocks it
+    would still have to prefill (``num_request_blocks`` less the longest cached prefix it holds,
+    ``overlaps[i]`` blocks), weighted by ``overlap_weight``, plus the blocks its running requests
+    hold (``active[i]``); the lowest cost wins, ties to the first."""
+    costs = [overlap_weight * (num_request_blocks - o) + a for o, a in zip(overlaps, active)]
+    return costs.index(min(costs))
 
 
 def least_loaded_prefill(choices: list, loads: list[int], same_node) -> object:
@@ -134,8 +150,12 @@ class Router:
         worker_timeout_s: float = 30.0,
         observer: RequestObserver | None = None,
         depth: DepthController | None = None,
+        block_size: int = 16,
+        is_prefix_caching: bool = False,
     ):
         self.sup = supervisor
+        self.block_size = block_size  # the decode workers' KV block size (the KV-aware choice counts blocks)
+        self.is_prefix_caching = is_prefix_caching
         self.observer = observer or RequestObserver()  # admission control and metrics
         self.depth = depth
         self.tokenizer = tokenizer
@@ -151,9 +171,13 @@ class Router:
     def num_running(self) -> int:
         return len(self._active)
 
-    async def generate(self, call: GenerateCall) -> GenerateResult:
+    async def generate(self, call: GenerateCall, on_first_token: Callable[[], None] | None = None) -> GenerateResult:
+        """The whole result; ``on_first_token`` is called when the first token (or the end) arrives."""
         text, tokens, logprobs = [], [], []
         async for item in self.stream(call):
+            if on_first_token is not None:
+                on_first_token()
+                on_first_token = None
             text.append(item.text)
             tokens += item.token_ids
             logprobs += item.logprobs or []
@@ -227,12 +251,14 @@ class Router:
             # Stop strings are applied here (``req.out``), not on the workers.
             params = req.call.params.model_copy(update={"stop": ()})
             link = att.prefill if self.is_disaggregated else None
-            gen = att.dactor.generate.remote(att.wid, req.call.prompt_token_ids, params, link, req.call.deadline)
+            gen = att.dactor.generate.remote(
+                att.wid, req.call.prompt_token_ids, params, link, req.call.deadline, req.plan_index
+            )
             delta = Delta(req.rid, "", [])
             async with contextlib.aclosing(self._events(gen, att.down, req)) as events:
                 async for kind, payload in events:
                     if kind == "reserved":  # the decode worker holds the blocks: start the prefill
-                        self._start_prefill(req, att, transfer_id=payload)
+                        self._start_prefill(req, att, *payload)
                         continue
                     delta = self._delta(req, self._take_events(req, att, payload))
                     if req.finish is not None:
@@ -252,7 +278,7 @@ class Router:
         """Choose the decode worker and (disaggregated, a prefix to prefill) the prefill worker and
         its plan; count the work against both."""
         num_prefix = self._prefix_len(req)
-        dslot = self._pick_decode()
+        dslot = await self._pick_decode(req)
         pslot = await self._pick_prefill(req, dslot) if self.is_disaggregated and num_prefix > 0 else None
         att = _Attempt(req.rid if attempt == 0 else f"{req.rid}#{attempt}", dslot, dslot.actor, dslot.down, pslot)
         if pslot is not None and self.depth is not None:
@@ -270,12 +296,25 @@ class Router:
         context (none in the ``full`` mode: the decode worker runs the whole prompt on the full model)."""
         return req.call.params.num_pruned_prompt_tokens(len(req.call.prompt_token_ids))
 
-    def _start_prefill(self, req: _Request, att: _Attempt, transfer_id: int) -> None:
-        if att.pslot is not None:
-            prefix = req.call.prompt_token_ids[: self._prefix_len(req)]
-            att.prefill_task = asyncio.create_task(
-                self._prefill(att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index)
+    def _start_prefill(self, req: _Request, att: _Attempt, transfer_id: int, num_held_tokens: int) -> None:
+        """The decode worker reserved the request, holding ``num_held_tokens`` of its prefix already:
+        the prefill worker sends the rest. Transfer id 0: nothing to send (the decode worker had it
+        all, or prefills the short rest itself), so the prefill worker is released untouched."""
+        att.num_held_tokens = num_held_tokens
+        if att.pslot is None:
+            return
+        prefix = req.call.prompt_token_ids[: self._prefix_len(req)]
+        if transfer_id == 0:
+            self._prefill_load[att.pslot.index] -= len(prefix)
+            if self.depth is not None:
+                self.depth.on_done(att.pslot.index, att.wid)
+            att.pslot = None
+            return
+        att.prefill_task = asyncio.create_task(
+            self._prefill(
+                att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index, num_held_tokens
             )
+        )
 
     def _take_events(self, req: _Request, att: _Attempt, events: list) -> list[int]:
         """Apply one batch of decode-worker events to the request; returns the new token ids.
@@ -336,6 +375,7 @@ class Router:
         if att.prefill_task is not None:
             outcome = await asyncio.wait_for(att.prefill_task, timeout=10)
             if outcome is not None:
+                req.num_cached_tokens = max(req.num_cached_tokens, outcome.num_cached_tokens)
                 timings.queue_s, timings.prefill_s = outcome.queue_s, outcome.prefill_s
                 if req.kv_time is not None:
                     timings.transfer_s = max(0.0, req.kv_time - outcome.compute_end)
@@ -356,7 +396,8 @@ class Router:
             req.num_cached_tokens,
             req.prompt_logprobs,
         )
-        self.observer.finished(req.rid, result, is_transferred=att.prefill_task is not None)
+        n_sent = self._prefix_len(req) - att.num_held_tokens if att.prefill_task is not None else None
+        self.observer.finished(req.rid, result, n_sent)
         return result
 
     def _release(self, req: _Request, att: _Attempt) -> None:
@@ -372,12 +413,27 @@ class Router:
         if att.prefill_task is not None and not att.prefill_task.done():
             att.prefill_task.cancel()
 
-    def _pick_decode(self):
+    async def _pick_decode(self, req: _Request):
+        """The serving decode worker with the fewest requests in flight; with several and the prefix
+        cache on, the one ``kv_aware_choice`` scores best from their answers to a probe (longest
+        cached prefix of this prompt under its plan, blocks in use), ties by requests in flight.
+        The probe names the request's own plan or the default one: an adaptive depth choice is
+        made after the worker is picked."""
         serving = [s for s in self.sup.decode if s.is_serving]
         if not serving:
             states = ", ".join(f"{s.name} {s.state.value}" for s in self.sup.decode)
             raise WorkerUnavailable(f"no decode worker is serving ({states}); retry shortly")
-        return min(serving, key=lambda s: self._decode_load[s.index])
+        serving.sort(key=lambda s: self._decode_load[s.index])
+        prompt = req.call.prompt_token_ids
+        if len(serving) == 1 or not self.is_prefix_caching or len(prompt) < 2:
+            return serving[0]
+        probes = await asyncio.gather(
+            *(s.actor.probe.remote(prompt, req.call.plan_index) for s in serving), return_exceptions=True
+        )
+        probes = [(0, 0) if isinstance(p, BaseException) else p for p in probes]  # a lost worker: no overlap
+        bs = self.block_size
+        pick = kv_aware_choice(-(-len(prompt) // bs), [c // bs for c, _ in probes], [a for _, a in probes])
+        return serving[pick]
 
     async def _pick_prefill(self, req: _Request, dslot):
         """The least-loaded prefill worker whose link to ``dslot`` is up (ties: the same node).
@@ -441,13 +497,16 @@ class Router:
         prefix_ids: list[int],
         deadline: float | None,
         plan_index: int | None = None,
+        send_start: int = 0,
     ):
         import ray
 
         p, pactor = pslot.index, pslot.actor
         outcome = None
         try:
-            outcome = await pactor.prefill.remote(att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index)
+            outcome = await pactor.prefill.remote(
+                att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index, send_start
+            )
         except ray.exceptions.RayActorError as exc:
             att.prefill_died = True
             self.sup.report_failure(pslot, pactor, f"process died ({exc.__class__.__name__})")

@@ -1,7 +1,10 @@
 """``n`` > 1: n independent samples of one prompt, as n router calls.
 
-Each sample is a request of its own to the router (its own id, blocks, decode slot; the prompt is
-prefilled once per sample, since nothing shares prefixes across requests). With a ``seed``, sample
+Each sample is a request of its own to the router (its own id, blocks, decode slot). They share
+the prompt's blocks through the prefix cache: the first sample goes alone until its first token
+(by then its prompt's full blocks are published), and the others start then, each taking those
+blocks and computing from the first block it does not share (the boundary token's on; with
+disaggregation nothing is transferred for them, see docs/serving.md). With a ``seed``, sample
 ``i`` uses ``seed + i``, so a seeded request is reproducible yet its samples differ. Unary: the n
 results are awaited together. Streaming: every stream's first item is awaited before the response
 starts (a refusal keeps its status), then ``merged`` interleaves the streams' items as they come,
@@ -46,14 +49,30 @@ async def _gather_or_cancel(awaitables) -> list:
 
 
 async def generate_all(router, calls: list[GenerateCall]) -> list[GenerateResult]:
-    """The n unary results; if one fails, the others are cancelled (aborted on their workers)."""
-    return await _gather_or_cancel(router.generate(c) for c in calls)
+    """The n unary results (the others start at the first one's first token); if one fails, the
+    others are cancelled (aborted on their workers)."""
+    if len(calls) == 1:
+        return [await router.generate(calls[0])]
+    started = asyncio.Event()
+    first = asyncio.ensure_future(router.generate(calls[0], on_first_token=started.set))
+    waiting = asyncio.ensure_future(started.wait())
+    try:
+        await asyncio.wait([first, waiting], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        raise
+    finally:
+        waiting.cancel()
+    return await _gather_or_cancel([first, *(router.generate(c) for c in calls[1:])])
 
 
 async def first_items(streams: list) -> list:
-    """Each stream's first item; if one fails, the others are cancelled and closed and it raises."""
+    """Each stream's first item, the first stream's before the others start (they reuse its
+    prompt's blocks); if one fails, the others are cancelled and closed and it raises."""
     try:
-        return await _gather_or_cancel(s.__anext__() for s in streams)
+        head = await streams[0].__anext__()
+        return [head, *await _gather_or_cancel(s.__anext__() for s in streams[1:])]
     except BaseException:
         for s in streams:
             await s.aclose()

@@ -128,7 +128,11 @@ def _result_fields(r: GenerateResult) -> dict:
         text=r.text,
         token_ids=r.token_ids,
         finish_reason=FINISH_REASONS[r.finish_reason],
-        usage=pb.Usage(prompt_tokens=r.num_prompt_tokens, completion_tokens=r.num_output_tokens),
+        usage=pb.Usage(
+            prompt_tokens=r.num_prompt_tokens,
+            completion_tokens=r.num_output_tokens,
+            cached_tokens=r.num_cached_tokens,
+        ),
         timings=_timings(r.timings),
         logprobs=_logprobs(r.logprobs),
     )

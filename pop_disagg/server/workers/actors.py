@@ -42,6 +42,30 @@ def _setup(spec: WorkerSpec):
     return str(resolve_model(spec.engine.model)), load_model
 
 
+def _prefix_key(spec: WorkerSpec, plan):
+    """How a prefix computed under ``plan`` is named in both workers' prefix caches (the decode
+    engine names its own prefills the same way: the configured model, no correction)."""
+    from ...engine.kv_cache import PrefixKey, plan_cache_key
+
+    return PrefixKey(plan_cache_key(spec.engine.model, plan, spec.kv_correction), not plan.skip_layers)
+
+
+def _prefill_cache(spec: WorkerSpec, model):
+    """The prefill worker's prefix cache (every layer's K/V of the blocks it encoded) in the KV
+    budget (``kv_cache_memory_mb``, else 512 MiB: not a share of free GPU memory, which a decode
+    worker on the same GPU needs), and its key function; (None, None) with prefix caching off."""
+    if not spec.engine.enable_prefix_caching:
+        return None, None
+    from ...disagg.prefill_cache import PrefillCache
+    from ...engine.kv_cache import num_blocks_for_budget
+
+    e = spec.engine
+    budget = int((e.kv_cache_memory_mb or 512) * 2**20)
+    num_blocks = num_blocks_for_budget(model.arch, model.dtype, e.block_size, budget)
+    cache = PrefillCache(model.arch, num_blocks, e.block_size, model.dtype, model.device)
+    return cache, lambda plan: _prefix_key(spec, plan)
+
+
 class _Tombstones:
     """Request ids aborted before they arrived; forgotten after ``ttl_s``."""
 
@@ -111,7 +135,12 @@ class PrefillActor(_Shell):
         self._stores = {}  # decode index -> the rendezvous this end hosts for that link
         self._aborted = _Tombstones()
         self.worker = PrefillWorker(
-            self.model, spec.plan, self.senders, spec.engine.max_num_batched_tokens, spec.engine.enable_chunked_prefill
+            self.model,
+            spec.plan,
+            self.senders,
+            spec.engine.max_num_batched_tokens,
+            spec.engine.enable_chunked_prefill,
+            *_prefill_cache(spec, self.model),
         )
         self._warm_up()
         self._start_loop(self.worker)
@@ -169,10 +198,12 @@ class PrefillActor(_Shell):
         prefix_ids: list[int],
         deadline: float | None = None,
         plan_index: int | None = None,
+        send_start: int = 0,
     ):
         """Prefill ``prefix_ids`` with the family's plan ``plan_index`` (None: the default) and send its
-        K/V to decode worker ``link``; returns the outcome once the last layer is on the wire
-        (``outcome.error`` set if it failed)."""
+        K/V from position ``send_start`` on (the decode worker holds the rest) to decode worker
+        ``link``; returns the outcome once the last layer is on the wire (``outcome.error`` set if
+        it failed)."""
         from ...disagg.prefill_worker import PrefillOutcome, PrefillTask
 
         if request_id in self._aborted:
@@ -190,6 +221,7 @@ class PrefillActor(_Shell):
                 lambda o: loop.call_soon_threadsafe(done.set_result, o),
                 deadline=deadline,
                 plan=plan,
+                send_start=send_start,
             )
         )
         return await done
@@ -241,7 +273,8 @@ class DecodeActor(_Shell):
         path, load_model = _setup(spec)
         engine = LLMEngine(spec.engine, model=load_model(path, spec.engine.dtype, spec.engine.device))
         engine.eos_token_ids |= set(spec.eos_token_ids)  # no tokenizer here: the router passes its EOS
-        self.worker = DecodeWorker(engine, spec.transfer_timeout_s)
+        self.worker = DecodeWorker(engine, spec.transfer_timeout_s, spec.max_local_prefill_tokens)
+        self.spec = spec
         self._aborted = _Tombstones()
         self._start_loop(self.worker)
 
@@ -265,11 +298,33 @@ class DecodeActor(_Shell):
         )
         self.worker.attach_link(link, transport)
 
+    def _key(self, plan_index: int | None):
+        """The prefix key of the family plan ``plan_index`` (None: the default); None with caching off."""
+        if not self.spec.engine.enable_prefix_caching:
+            return None
+        family = self.spec.family
+        plan = family.plans[plan_index] if plan_index is not None and family else self.spec.plan
+        return _prefix_key(self.spec, plan)
+
+    async def probe(self, prompt_token_ids: list[int], plan_index: int | None = None) -> tuple[int, int]:
+        """For the router's KV-aware choice: (prompt tokens cached under the plan, blocks in use)."""
+        return self.worker.num_cached_prefix_tokens(
+            prompt_token_ids, self._key(plan_index)
+        ), self.worker.num_active_blocks
+
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params, link: int | None, deadline: float | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params,
+        link: int | None,
+        deadline: float | None = None,
+        plan_index: int | None = None,
     ):
         """Stream a request. ``link``: the prefill worker that sends its K/V; None = colocated.
-        ``deadline`` (wall clock): past it the request ends with ``Failed(kind="deadline")``."""
+        ``deadline`` (wall clock): past it the request ends with ``Failed(kind="deadline")``.
+        ``plan_index``: the family plan its prefill runs (names its blocks in the prefix cache).
+        The first item is ``("reserved", (transfer id, prompt tokens already held))``."""
         from ...disagg.decode_worker import Failed, Tokens
 
         loop = asyncio.get_running_loop()
@@ -279,7 +334,7 @@ class DecodeActor(_Shell):
         try:
             if link is None:
                 self.worker.add_local(request_id, prompt_token_ids, params, sink, deadline)
-                yield ("reserved", 0)
+                yield ("reserved", (0, 0))
             else:
                 while True:
                     if request_id in self._aborted:
@@ -291,15 +346,17 @@ class DecodeActor(_Shell):
                         yield ("events", [Failed("deadline exceeded while waiting for KV blocks", "deadline")])
                         return
                     try:
-                        tid = self.worker.reserve(request_id, prompt_token_ids, params, link, sink, deadline)
+                        res = self.worker.reserve(
+                            request_id, prompt_token_ids, params, link, sink, deadline, self._key(plan_index)
+                        )
                     except RuntimeError as exc:  # the link is broken: the router may re-prefill elsewhere
                         is_done = True
                         yield ("events", [Failed(str(exc), "kv_transfer")])
                         return
-                    if tid is not None:
+                    if res is not None:
                         break
                     await asyncio.sleep(0.005)  # cache full: wait for running requests to finish
-                yield ("reserved", tid)
+                yield ("reserved", (res.transfer_id, res.num_cached_tokens))
             while not is_done:
                 batch = [await events.get()]
                 while not events.empty():

@@ -28,6 +28,7 @@ class WorkerSpec:
     family: PlanFamily | None = (
         None  # plans a request may pick (``plan`` is its default); the prefill model is built for the mildest
     )
+    max_local_prefill_tokens: int = 0  # decode worker: prefill an uncached rest this short itself
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class DeploymentSpec:
             tuple(sorted(eos)),
             config.kv_correction,
             family,
+            config.max_local_prefill_tokens,
         )
         return cls(arch, tokenizer, family, plan, worker, weight_bytes_of(arch, family.union_plan, engine.dtype))
 
