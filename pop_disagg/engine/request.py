@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.multimodal import PromptImages
 from .sampling import SamplingParams
 
 
@@ -60,6 +61,14 @@ class Request:
     num_cached_tokens: int | None = None
     num_preemptions: int = 0
     is_kv_local: bool = True  # False while its prefix K/V came from another worker (not publishable)
+    # A prompt with images: their placeholder rows' vision features and multimodal positions
+    # (the engine encodes them when the request is added). Such a prompt bypasses the prefix cache:
+    # its placeholder token ids say nothing about which image they hold.
+    images: PromptImages | None = None
+
+    @property
+    def is_prefix_cacheable(self) -> bool:
+        return self.images is None
 
     @property
     def num_prompt_tokens(self) -> int:
