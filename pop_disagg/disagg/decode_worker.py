@@ -138,6 +138,7 @@ class DecodeWorker:
         link: int,
         sink: Sink,
         deadline: float | None = None,
+        remote_image_delta: int | None = None,
     ) -> int | None:
         """Hold blocks for the request; returns its transfer id, or None when the cache is full.
 
@@ -149,7 +150,7 @@ class DecodeWorker:
                 f"link from prefill worker {link} is broken: {self.receivers[link].broken if link in self.receivers else 'not attached'}"
             )
         with self._lock:
-            req = self.engine.reserve_request(prompt_token_ids, params, request_id)
+            req = self.engine.reserve_request(prompt_token_ids, params, request_id, remote_image_delta)
             if req is None:
                 return None
             self._sinks[request_id] = sink
@@ -180,10 +181,11 @@ class DecodeWorker:
         params: SamplingParams,
         sink: Sink,
         deadline: float | None = None,
+        images: tuple = (),
     ) -> None:
-        """Colocated topology: this engine prefills the request itself."""
+        """Colocated topology: this engine prefills the request itself (and encodes its images)."""
         with self._lock:
-            self.engine.add_request(prompt_token_ids, params, request_id)
+            self.engine.add_request(prompt_token_ids, params, request_id, images=list(images) or None)
             self._sinks[request_id] = sink
             if deadline is not None:
                 self._deadlines[request_id] = deadline
@@ -281,8 +283,19 @@ class DecodeWorker:
                     tokens = Tokens(out.new_token_ids, out.finished, out.finish_reason, out.new_logprobs)
                     tokens.num_cached_tokens = out.num_cached_tokens
                     events.append((sink, tokens))
+            # A preempted transferred request is re-prefilled here, but not one with images: they
+            # never come to this worker (only K/V do).
+            stranded = [
+                r.request_id
+                for r in self.engine.scheduler.waiting
+                if r.images is not None and r.images.is_remote and r.num_computed_tokens == 0
+            ]
         for sink, event in events:
             sink(event)
+        for request_id in stranded:
+            self.abort(
+                request_id, "preempted under KV pressure; its images were encoded on the prefill worker", "worker"
+            )
         return True
 
     def run(self, stop: threading.Event) -> None:

@@ -19,6 +19,11 @@ kept layers' K/V stay in a per-task buffer for its later chunks to attend to
 (``ChunkedPrefillAttention``); each chunk's K/V leave at once, naming their start position, and
 the decode worker writes them at that offset. ``on_done`` fires when the last chunk is sent.
 
+Images (vision-language models): a task may carry its prompt's images as the image processor left
+them; the worker's vision encoder runs them in the task's first step (their time is part of that
+step's prefill), and the image rows then go through the pass like any prompt row (the plan skips
+their layers). Only K/V leave the worker, never pixels or features.
+
 Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
 deadline passed while waiting (dropped before its batch is taken; a chunked prompt also between
 its chunks), or its link was re-created while it waited (``purge_link``). Fault hook for tests:
@@ -36,7 +41,8 @@ from typing import Callable
 
 import torch
 
-from ..models.attention import ChunkedPrefillAttention, PrefillAttention
+from ..engine import mm_inputs
+from ..models.attention import ChunkedPrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from .kv_transfer import KVSender, SendBatch
@@ -69,6 +75,10 @@ class PrefillTask:
     # tokens, when the first chunk started, prompt tokens of the steps that carried it, done flag.
     num_done: int = 0
     kv_buffer: dict = field(default_factory=dict)
+    # Vision-language models: the prompt's images (``ProcessedImage``), then (worker-owned) their
+    # encoded rows (``PromptImages``), made in the task's first step.
+    images: list = field(default_factory=list)
+    encoded: object | None = None
     start_time: float = 0.0
     num_step_tokens: int = 0
     is_reported: bool = False
@@ -102,6 +112,16 @@ class PrefillWorker:
         self._cv = threading.Condition()
         self._num_waiting_tokens = 0
         self.pause_until = 0.0  # fault hook: no batch is taken before this wall-clock time
+        self.vision = None  # (VisionEncoder, VisionSpec) of a vision-language checkpoint, see load_vision
+
+    def load_vision(self, model_path: str) -> None:
+        """The checkpoint's vision encoder: this worker encodes its prompts' images."""
+        from transformers import AutoTokenizer
+
+        from ..models.vision import VisionEncoder, VisionSpec
+
+        spec = VisionSpec.from_pretrained(model_path, AutoTokenizer.from_pretrained(model_path))
+        self.vision = (VisionEncoder(model_path, self.model.dtype, self.model.device), spec)
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -247,21 +267,45 @@ class PrefillWorker:
                     batch.compute_end = time.time()  # all K/V exist; the rest of the pass is unused
                 sender.send_layer(batch, layer, k[a:b], v[a:b])
 
+        try:
+            images = self._encode(tasks)
+        except Exception as exc:  # a bad image must not stop the worker: fail these requests
+            for sender, batch, _, _ in groups:
+                sender.abandon(batch, f"vision encoder failed: {exc!r}")
+            return
+        counts = [n for _, _, n in items]
         if all(a == 0 for a in starts) and all(is_last):  # whole prefixes: no buffers to keep
-            attn = PrefillAttention(cu, sink=sink, stream_kv=True)
+            is_bidirectional = self.vision is not None and self.vision[1].is_bidirectional
+            attn = mm_inputs.prefill_attention(images, counts, cu, sink, is_bidirectional, stream_kv=True)
         else:
             attn = ChunkedPrefillAttention(
                 cu, sink=sink, stream_kv=True, buffers=[t.kv_buffer for t in tasks], keep=[not x for x in is_last]
             )
         device = self.model.device
         try:
-            self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), attn, plan=plan)
+            positions = mm_inputs.step_positions(
+                images, starts, counts, torch.tensor(pos, device=device), self.model.arch.mrope_section is not None
+            )
+            vision = mm_inputs.step_vision(images, starts, counts)
+            self.model(torch.tensor(ids, device=device), positions, attn, plan=plan, vision=vision)
         except Exception as exc:  # e.g. out of memory: fail these requests, keep the links in step
             for sender, batch, _, _ in groups:
                 sender.abandon(batch, f"prefill failed: {exc!r}")
         for t, last in zip(tasks, is_last):
             if last:
                 t.kv_buffer = {}
+
+    def _encode(self, tasks: list[PrefillTask]) -> list:
+        """Each task's encoded images (None without), running the vision encoder for those not yet done."""
+        from ..models.vision import prompt_images
+
+        for t in tasks:
+            if t.images and t.encoded is None:
+                encoder, spec = self.vision
+                features, deepstack = encoder.encode(t.images)
+                t.encoded = prompt_images(spec, t.prefix_ids, t.images, features, deepstack)
+                t.images = []  # the pixels are not needed again
+        return [t.encoded for t in tasks]
 
     def _on_sent(self, tasks: list[PrefillTask], mine: list[int], is_last: list[bool]) -> Callable[[SendBatch], None]:
         def done(batch: SendBatch) -> None:

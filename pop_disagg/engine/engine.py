@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig
-from ..limits import InvalidRequest, ModelLimits
+from ..limits import ModelLimits
 from ..models import cpu_blas
 from ..models.arch import ModelArch
 from ..models.decoder import CausalLM
@@ -80,14 +80,13 @@ class LLMEngine:
 
             tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer = tokenizer
-        # Vision-language checkpoints: the image tokens, the image processor and the vision encoder.
+        # Vision-language checkpoints: the image tokens, the image processor and the vision encoder
+        # (``load_vision``; a disaggregated decode worker has none: its K/V come encoded).
         self.vision_spec: VisionSpec | None = None
         self.image_inputs: ImageInputs | None = None
         self.vision: VisionEncoder | None = None
         if self.arch.vision_family is not None and model_path is not None:
-            self.vision_spec = VisionSpec.from_pretrained(model_path, tokenizer)
-            self.image_inputs = ImageInputs(model_path, self.vision_spec)
-            self.vision = VisionEncoder(model_path, model.dtype, model.device)
+            self.load_vision(model_path)
         self.plan = config.plan(self.arch)
         self.context_limit = config.context_limit(self.arch)
         self.limits = ModelLimits(self.arch.vocab_size, self.context_limit)
@@ -128,6 +127,15 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
+    def load_vision(self, model_path: str) -> None:
+        """Load the vision-language checkpoint's image tokens, image processor and vision encoder."""
+        from transformers import AutoTokenizer
+
+        tokenizer = self.tokenizer if self.tokenizer is not None else AutoTokenizer.from_pretrained(model_path)
+        self.vision_spec = VisionSpec.from_pretrained(model_path, tokenizer)
+        self.image_inputs = ImageInputs(model_path, self.vision_spec)
+        self.vision = VisionEncoder(model_path, self.model.dtype, self.model.device)
+
     # ---- requests ------------------------------------------------------------------------------
     def validate(
         self, prompt_token_ids: list[int], params: SamplingParams, images: list[ProcessedImage] | None = None
@@ -136,10 +144,7 @@ class LLMEngine:
         serve: the same rules the server applies at its edge (``pop_disagg/limits.py``, and for
         images ``vision.check_image_prompt``)."""
         self.limits.check(list(prompt_token_ids), params)
-        check_image_prompt(self.vision_spec, list(prompt_token_ids), images or [])
-        if images and self.vision_spec.is_bidirectional and self.config.enable_chunked_prefill:
-            # An image sees its own later tokens: its rows must be prefilled in one pass.
-            raise InvalidRequest("images", "this model's images need one-pass prefill (run without chunked prefill)")
+        check_image_prompt(self.vision_spec, list(prompt_token_ids), images or [], self.config.enable_chunked_prefill)
 
     def encode_images(self, prompt_token_ids: list[int], images: list[ProcessedImage] | None) -> PromptImages | None:
         """The vision encoder over the request's images (once each) -> its image rows, or None."""
@@ -169,16 +174,26 @@ class LLMEngine:
         return request_id
 
     # ---- disaggregated decode hooks (the decode worker's prompt K/V arrives from a prefill worker) --
-    def reserve_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> Request | None:
+    def reserve_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        remote_image_delta: int | None = None,
+    ) -> Request | None:
         """Hold KV blocks for a request whose prompt prefix another worker encodes; None when full.
 
         The caller writes the prefix K/V into ``request.block_table`` and then calls
         ``admit_prefilled``; ``abort`` releases the blocks at any point before or after.
+        ``remote_image_delta``: the prompt has images, encoded where it was prefilled; only the
+        position offset after the prompt comes here (``PromptImages.remote``).
         """
-        self.validate(prompt_token_ids, params)
+        self.limits.check(list(prompt_token_ids), params)
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         req = Request(request_id, list(prompt_token_ids), params, make_generator(params.seed, self.model.device))
+        if remote_image_delta is not None:
+            req.images = PromptImages.remote(remote_image_delta, self.arch.hidden_size)
         if not self.scheduler.reserve(req):
             return None
         self._requests[request_id] = req

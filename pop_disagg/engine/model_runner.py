@@ -122,9 +122,10 @@ class ModelRunner:
         slot_mapping = self._tensor(slots)
         sink = lambda layer, k, v: self.kv_cache.write(layer, slot_mapping, k, v)  # noqa: E731
         starts = [0] * len(reqs)
-        attn = mm_inputs.prefill_attention(reqs, num_tokens, cu, sink, self.is_bidirectional_image)
-        positions = mm_inputs.step_positions(reqs, starts, num_tokens, self._tensor(pos), self.is_mrope)
-        vision = mm_inputs.step_vision(reqs, starts, num_tokens)
+        images = [r.images for r in reqs]
+        attn = mm_inputs.prefill_attention(images, num_tokens, cu, sink, self.is_bidirectional_image)
+        positions = mm_inputs.step_positions(images, starts, num_tokens, self._tensor(pos), self.is_mrope)
+        vision = mm_inputs.step_vision(images, starts, num_tokens)
         hidden = self.model(self._tensor(ids), positions, attn, plan=self.plan, vision=vision)
         for req, n in zip(reqs, num_tokens):
             req.num_computed_tokens = n
@@ -174,7 +175,7 @@ class ModelRunner:
         attn = PagedAttention(
             self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, pos + 1, masked_prefix, masked_layers, dense
         )
-        return ids, mm_inputs.decode_positions(reqs, pos), attn
+        return ids, mm_inputs.decode_positions([r.images for r in reqs], pos), attn
 
     @torch.inference_mode()
     def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
@@ -182,7 +183,7 @@ class ModelRunner:
         if (
             self.bucketed is not None
             and attn.masked_prefix is None
-            and not mm_inputs.has_images(reqs)
+            and not mm_inputs.has_images([r.images for r in reqs])
             and self.bucketed.handles(len(reqs))
         ):  # the K/V ablation and requests with images stay eager
             logits = self.bucketed(ids, pos, attn.slot_mapping, attn.slot_table)
@@ -238,7 +239,11 @@ class ModelRunner:
             cu_seqlens=cu,
         )
         starts = [r.num_computed_tokens for r in reqs]
-        return self._tensor(ids), mm_inputs.step_positions(reqs, starts, num_tokens, pos_t, self.is_mrope), attn
+        return (
+            self._tensor(ids),
+            mm_inputs.step_positions([r.images for r in reqs], starts, num_tokens, pos_t, self.is_mrope),
+            attn,
+        )
 
     @torch.inference_mode()
     def recompute(self, reqs: list[Request], num_tokens: list[int]) -> None:
@@ -249,7 +254,10 @@ class ModelRunner:
             return
         ids, pos, attn = self.chunk_inputs(reqs, num_tokens, is_full_model=True)
         self.model(
-            ids, pos, attn, vision=mm_inputs.step_vision(reqs, [r.num_computed_tokens for r in reqs], num_tokens)
+            ids,
+            pos,
+            attn,
+            vision=mm_inputs.step_vision([r.images for r in reqs], [r.num_computed_tokens for r in reqs], num_tokens),
         )
         for req, n in zip(reqs, num_tokens):
             req.num_computed_tokens += n
@@ -267,7 +275,9 @@ class ModelRunner:
             return (decode, self.decode(decode)) if decode else ([], [])
         ids, pos, attn = self.chunk_inputs(chunks, num_tokens)
         d = len(decode)
-        vision = mm_inputs.step_vision(chunks, [r.num_computed_tokens for r in chunks], num_tokens, first_row=d)
+        vision = mm_inputs.step_vision(
+            [r.images for r in chunks], [r.num_computed_tokens for r in chunks], num_tokens, first_row=d
+        )
         for req, n in zip(chunks, num_tokens):
             # Before the decode rows' inputs: a request whose chunk ends its prefix is also a decode
             # row of this step (its boundary token at position N-1, see scheduler.py).

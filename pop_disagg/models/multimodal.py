@@ -38,6 +38,12 @@ class PromptImages:
     spans: list[tuple[int, int]] = field(default_factory=list)  # each image's [start, end) positions
     mrope: torch.Tensor | None = None  # (3, N) multimodal positions of the prompt (Qwen-VL)
     mrope_delta: int = 0  # position p >= N has multimodal position p + delta on every axis
+    is_remote: bool = False  # only the offset: the images were encoded where the prompt was prefilled
+
+    @classmethod
+    def remote(cls, mrope_delta: int, hidden_size: int) -> "PromptImages":
+        """What a disaggregated decode worker holds of a prompt's images: their position offset."""
+        return cls([], torch.zeros(0, hidden_size), mrope_delta=mrope_delta, is_remote=True)
 
     @property
     def num_images(self) -> int:

@@ -128,10 +128,15 @@ class ImageInputs:
         return "".join(out)
 
 
-def check_image_prompt(spec: VisionSpec | None, prompt_ids: list[int], images: list[ProcessedImage]) -> None:
+def check_image_prompt(
+    spec: VisionSpec | None, prompt_ids: list[int], images: list[ProcessedImage], is_chunked_prefill: bool = False
+) -> None:
     """The rule for a prompt with images: its placeholder tokens are exactly the images' tokens
     (in runs, one per image, in order) and its last token is text (the boundary token that runs
-    the full model and samples is never an image row)."""
+    the full model and samples is never an image row). A model whose images see themselves both
+    ways (Gemma-3) prefills them in one pass, so not under chunked prefill."""
+    if images and spec is not None and spec.is_bidirectional and is_chunked_prefill:
+        raise InvalidRequest("images", "this model's images need one-pass prefill (run without chunked prefill)")
     if not images:
         if spec is not None and spec.image_token_id in prompt_ids:
             raise InvalidRequest("images", "the prompt has image placeholder tokens but no images")

@@ -117,6 +117,14 @@ class _Attempt:
         return None if self.pslot is None else self.pslot.index
 
 
+def _image_args(call: GenerateCall, link: int | None) -> dict:
+    """What the decode worker gets of a request's images: colocated, the images (its engine
+    encodes them); disaggregated, only the position offset after the prompt (K/V come encoded)."""
+    if not call.images:
+        return {}
+    return {"images": call.images} if link is None else {"remote_image_delta": call.mrope_delta}
+
+
 def least_loaded_prefill(choices: list, loads: list[int], same_node) -> object:
     """The prefill worker (slot) with the fewest prompt tokens queued; among equally loaded ones
     (an idle server: all zero), one on the decode worker's node, whose K/V then cross no network."""
@@ -226,7 +234,9 @@ class Router:
             # Stop strings are applied here (``req.out``), not on the workers.
             params = req.call.params.model_copy(update={"stop": ()})
             link = att.prefill if self.is_disaggregated else None
-            gen = att.dactor.generate.remote(att.wid, req.call.prompt_token_ids, params, link, req.call.deadline)
+            gen = att.dactor.generate.remote(
+                att.wid, req.call.prompt_token_ids, params, link, req.call.deadline, **_image_args(req.call, link)
+            )
             delta = Delta(req.rid, "", [])
             async with contextlib.aclosing(self._events(gen, att.down, req)) as events:
                 async for kind, payload in events:
@@ -267,7 +277,9 @@ class Router:
         if att.pslot is not None:
             prefix = req.call.prompt_token_ids[:-1]
             att.prefill_task = asyncio.create_task(
-                self._prefill(att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index)
+                self._prefill(
+                    att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index, req.call.images
+                )
             )
 
     def _take_events(self, req: _Request, att: _Attempt, events: list) -> list[int]:
@@ -429,13 +441,18 @@ class Router:
         prefix_ids: list[int],
         deadline: float | None,
         plan_index: int | None = None,
+        images: tuple = (),
     ):
         import ray
 
         p, pactor = pslot.index, pslot.actor
         outcome = None
         try:
-            outcome = await pactor.prefill.remote(att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index)
+            # The images go to the prefill worker, whose vision encoder runs them; never to the decode side.
+            extra = {"images": images} if images else {}
+            outcome = await pactor.prefill.remote(
+                att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index, **extra
+            )
         except ray.exceptions.RayActorError as exc:
             att.prefill_died = True
             self.sup.report_failure(pslot, pactor, f"process died ({exc.__class__.__name__})")

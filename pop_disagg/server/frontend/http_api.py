@@ -48,7 +48,7 @@ from ...limits import InvalidRequest, ModelLimits
 from ..control.calls import GenerateCall, GenerateResult
 from ..errors import ServingError, Unauthenticated
 from . import fanout, openai_fields, protocol, tokenize_api
-from .chat import ChatMessage, render_chat
+from .chat import ChatMessage, render_chat, render_chat_text
 from .openai_logprobs import LogprobsRenderer
 
 log = logging.getLogger("pop_disagg.serve")
@@ -256,10 +256,16 @@ def to_generate_request(
     return msg, rename
 
 
-def parse_call(req: _SamplingRequest, tokenizer, limits: ModelLimits) -> GenerateCall:
-    """Validate with the gRPC API's rules (``protocol.parse_generate``), naming OpenAI's parameters."""
+def parse_call(req: _SamplingRequest, tokenizer, limits: ModelLimits, media=None) -> GenerateCall:
+    """Validate with the gRPC API's rules (``protocol.parse_generate``), naming OpenAI's parameters.
+    ``media``: the served model's image rules (``multimodal.MediaEdge``), for chat image parts."""
     _unsupported(req)
-    if isinstance(req, ChatCompletionRequest):
+    images = []
+    if isinstance(req, ChatCompletionRequest) and media is not None and media.inputs is not None:
+        images = media.chat_images(req.messages)
+        text = render_chat_text(tokenizer, req.messages, image_placeholder=media.spec.placeholder)
+        prompt, prompt_ids = None, media.prompt(tokenizer, text, images, add_special_tokens=False)
+    elif isinstance(req, ChatCompletionRequest):
         prompt, prompt_ids = None, render_chat(tokenizer, req.messages)
     elif isinstance(req.prompt, str):
         prompt, prompt_ids = req.prompt, None
@@ -271,7 +277,7 @@ def parse_call(req: _SamplingRequest, tokenizer, limits: ModelLimits) -> Generat
         prompt, prompt_ids = None, list(req.prompt)
     msg, rename = to_generate_request(req, prompt, prompt_ids)
     try:
-        return protocol.parse_generate(msg, tokenizer, limits)
+        return protocol.parse_generate(msg, tokenizer, limits, media, images)
     except InvalidRequest as exc:
         param = rename.get(exc.field_name, exc.field_name)
         raise InvalidRequest(param, str(exc).split(": ", 1)[1]) from None
@@ -501,7 +507,12 @@ def create_app(server) -> FastAPI:
     async def generate(req: _SamplingRequest, request: Request):
         try:
             check_model(req.model)
-            call = parse_call(req, dep.tokenizer, limits)
+            media = server.media
+            if isinstance(req, ChatCompletionRequest) and any(m.image_urls for m in req.messages):
+                # Fetching, decoding and resizing images is blocking work: off the event loop.
+                call = await asyncio.to_thread(parse_call, req, dep.tokenizer, limits, media)
+            else:
+                call = parse_call(req, dep.tokenizer, limits, media)
             calls = fanout.sample_calls(call, req.n)
             render = _Render(req, model_name, dep.tokenizer, len(call.prompt_token_ids))
             if not req.stream:

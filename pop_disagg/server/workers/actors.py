@@ -113,6 +113,8 @@ class PrefillActor(_Shell):
         self.worker = PrefillWorker(
             self.model, spec.plan, self.senders, spec.engine.max_num_batched_tokens, spec.engine.enable_chunked_prefill
         )
+        if self.model.arch.vision_family is not None:
+            self.worker.load_vision(path)  # this worker encodes its prompts' images
         self._warm_up()
         self._start_loop(self.worker)
 
@@ -169,10 +171,12 @@ class PrefillActor(_Shell):
         prefix_ids: list[int],
         deadline: float | None = None,
         plan_index: int | None = None,
+        images: tuple = (),
     ):
         """Prefill ``prefix_ids`` with the family's plan ``plan_index`` (None: the default) and send its
         K/V to decode worker ``link``; returns the outcome once the last layer is on the wire
-        (``outcome.error`` set if it failed)."""
+        (``outcome.error`` set if it failed). ``images``: the prompt's, encoded by this worker's
+        vision encoder in the prefill step."""
         from ...disagg.prefill_worker import PrefillOutcome, PrefillTask
 
         if request_id in self._aborted:
@@ -190,6 +194,7 @@ class PrefillActor(_Shell):
                 lambda o: loop.call_soon_threadsafe(done.set_result, o),
                 deadline=deadline,
                 plan=plan,
+                images=list(images),
             )
         )
         return await done
@@ -241,6 +246,8 @@ class DecodeActor(_Shell):
         path, load_model = _setup(spec)
         engine = LLMEngine(spec.engine, model=load_model(path, spec.engine.dtype, spec.engine.device))
         engine.eos_token_ids |= set(spec.eos_token_ids)  # no tokenizer here: the router passes its EOS
+        if spec.is_colocated and engine.arch.vision_family is not None:
+            engine.load_vision(path)  # a colocated engine encodes its requests' images itself
         self.worker = DecodeWorker(engine, spec.transfer_timeout_s)
         self._aborted = _Tombstones()
         self._start_loop(self.worker)
@@ -266,10 +273,19 @@ class DecodeActor(_Shell):
         self.worker.attach_link(link, transport)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params, link: int | None, deadline: float | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params,
+        link: int | None,
+        deadline: float | None = None,
+        images: tuple = (),
+        remote_image_delta: int | None = None,
     ):
         """Stream a request. ``link``: the prefill worker that sends its K/V; None = colocated.
-        ``deadline`` (wall clock): past it the request ends with ``Failed(kind="deadline")``."""
+        ``deadline`` (wall clock): past it the request ends with ``Failed(kind="deadline")``.
+        ``images`` (colocated): encoded here; ``remote_image_delta`` (disaggregated): the prompt's
+        images were encoded on the prefill worker, this is their position offset."""
         from ...disagg.decode_worker import Failed, Tokens
 
         loop = asyncio.get_running_loop()
@@ -278,7 +294,9 @@ class DecodeActor(_Shell):
         is_done = False
         try:
             if link is None:
-                self.worker.add_local(request_id, prompt_token_ids, params, sink, deadline)
+                await asyncio.to_thread(  # encoding images is blocking work
+                    self.worker.add_local, request_id, prompt_token_ids, params, sink, deadline, images
+                ) if images else self.worker.add_local(request_id, prompt_token_ids, params, sink, deadline)
                 yield ("reserved", 0)
             else:
                 while True:
@@ -291,7 +309,9 @@ class DecodeActor(_Shell):
                         yield ("events", [Failed("deadline exceeded while waiting for KV blocks", "deadline")])
                         return
                     try:
-                        tid = self.worker.reserve(request_id, prompt_token_ids, params, link, sink, deadline)
+                        tid = self.worker.reserve(
+                            request_id, prompt_token_ids, params, link, sink, deadline, remote_image_delta
+                        )
                     except RuntimeError as exc:  # the link is broken: the router may re-prefill elsewhere
                         is_done = True
                         yield ("events", [Failed(str(exc), "kv_transfer")])

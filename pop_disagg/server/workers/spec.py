@@ -28,6 +28,7 @@ class WorkerSpec:
     family: PlanFamily | None = (
         None  # plans a request may pick (``plan`` is its default); the prefill model is built for the mildest
     )
+    is_colocated: bool = False  # the decode worker's engine prefills (and encodes images) itself
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class DeploymentSpec:
             tuple(sorted(eos)),
             config.kv_correction,
             family,
+            not config.is_disaggregated,
         )
         return cls(arch, tokenizer, family, plan, worker, weight_bytes_of(arch, family.union_plan, engine.dtype))
 
