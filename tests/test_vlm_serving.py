@@ -261,3 +261,25 @@ def test_colocated_server_with_images_equals_engine(vl_path, ray_instance, refer
         assert got.choices[0].message.content == want.text
     finally:
         srv.stop()
+
+
+def test_an_image_larger_than_the_text_body_limit_is_served(server, http):
+    from pop_disagg.server.frontend.http_api import MAX_BODY_BYTES
+
+    big = _png(1500, 1500, seed=50)  # noise: ~6.7 MB of PNG, ~9 MB as base64
+    assert len(big) > MAX_BODY_BYTES
+    body = {"model": "tiny-vl", "max_tokens": 2, "messages": [{"role": "user", "content": _content("big {}", [big])}]}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_limit_mm_per_prompt_takes_vllm_forms():
+    from pop_disagg.server.frontend.multimodal import parse_mm_limit
+
+    assert parse_mm_limit("image=3") == 3
+    assert parse_mm_limit('{"image": 0}') == 0
+    with pytest.raises(ValueError, match="only images are served, not video"):
+        parse_mm_limit("image=1,video=2")
+    with pytest.raises(ValueError, match="expected image=N"):
+        parse_mm_limit("three")

@@ -429,6 +429,14 @@ async def _unless_disconnected(aw, request: Request):
 
 
 # ---- the app -------------------------------------------------------------------------------------
+def max_body_bytes(server) -> int:
+    """``MAX_BODY_BYTES``, plus room for the base64 images a prompt may carry (vision-language models)."""
+    media = getattr(server, "media", None)
+    if media is None or media.spec is None:
+        return MAX_BODY_BYTES
+    return MAX_BODY_BYTES + media.config.max_images_per_prompt * (media.config.max_image_bytes * 4 // 3 + 64)
+
+
 class _Guard:
     """ASGI middleware: body size limit for every request, bearer token for ``/v1/*``."""
 
@@ -440,10 +448,11 @@ class _Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length", "0")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before reading a byte of it
+        limit = max_body_bytes(self.server)
+        if declared.isdigit() and int(declared) > limit:  # refused before reading a byte of it
             too_large = _error(
                 413,
-                f"request body of {declared} bytes exceeds {MAX_BODY_BYTES} bytes",
+                f"request body of {declared} bytes exceeds {limit} bytes",
                 "invalid_request_error",
                 code="request_too_large",
             )
@@ -463,8 +472,8 @@ class _Guard:
             message = await receive()
             if message["type"] == "http.request":
                 num_bytes += len(message.get("body", b""))
-                if num_bytes > MAX_BODY_BYTES:
-                    raise HTTPException(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+                if num_bytes > limit:
+                    raise HTTPException(413, f"request body exceeds {limit} bytes")
             return message
 
         await self.app(scope, counted, send)
