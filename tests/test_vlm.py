@@ -172,3 +172,121 @@ def test_image_prompt_rules(tiny_vlm, tiny_ckpt):
     text = _engine(tiny_ckpt("qwen3"))
     with pytest.raises(InvalidRequest, match="images: the served model takes no images"):
         text.add_request([5, 6, 7], params, images=images[:1])
+
+
+def _disaggregated_pair(path, engine: LLMEngine):
+    """An in-process prefill worker (with its vision encoder) and decode worker on a fake link."""
+    from pop_disagg.disagg.decode_worker import DecodeWorker
+    from pop_disagg.disagg.kv_transfer import FakeTransport, KVSender
+    from pop_disagg.disagg.prefill_worker import PrefillWorker
+
+    decode = DecodeWorker(engine, transfer_timeout_s=10)
+    a, b = FakeTransport.pair()
+    arch = engine.arch
+    sender = KVSender(a, arch.num_layers, (arch.num_kv_heads, arch.head_dim), torch.float32, 10)
+    decode.attach_link(0, b)
+    prefill = PrefillWorker(load_model(path, prefill_only_plan=engine.plan), engine.plan, {0: sender})
+    prefill.load_vision(path)
+    return prefill, decode, sender
+
+
+def _serve_disaggregated(path, decode_engine: LLMEngine, prompts, max_new: int) -> dict:
+    """Each (ids, images, mrope delta) through the pair; -> request id -> its events."""
+    import threading
+    import time
+
+    from pop_disagg.disagg.decode_worker import Failed, Tokens
+    from pop_disagg.disagg.prefill_worker import PrefillTask
+
+    prefill, decode, sender = _disaggregated_pair(path, decode_engine)
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in (prefill, decode)]
+    for t in threads:
+        t.start()
+    events = {f"r{i}": [] for i in range(len(prompts))}
+    try:
+        for i, (ids, images, delta) in enumerate(prompts):
+            rid = f"r{i}"
+            params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+            tid = decode.reserve(rid, ids, params, 0, events[rid].append, remote_image_delta=delta)
+            assert tid is not None
+            prefill.submit(PrefillTask(rid, tid, 0, ids[:-1], lambda o: None, images=list(images or [])))
+        deadline = time.monotonic() + 60
+        while not all(
+            any(isinstance(e, (Tokens, Failed)) and getattr(e, "is_finished", True) for e in v) for v in events.values()
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        sender.close()
+        stop.set()
+        for t in threads:
+            t.join(2)
+    return events
+
+
+def test_disaggregated_pair_with_images_equals_engine(tiny_vlm, vlm_arch):
+    """The prefill worker encodes the images and prunes their rows; the decode worker, which never
+    sees pixels or features (only K/V and the position offset), streams the engine's tokens."""
+    from pop_disagg.disagg.decode_worker import Tokens
+    from pop_disagg.models.multimodal import mrope_positions
+
+    path = tiny_vlm(vlm_arch)
+    engine = _engine(path)
+    prompts = [_prompt(engine, SIZES["two"], seed=8), _prompt(engine, SIZES["one"], seed=9)]
+    text_only = engine.tokenizer.encode("Hello, world! How are you", add_special_tokens=False)
+    expected = engine.generate(
+        [p for p, _ in prompts] + [text_only],
+        SamplingParams(max_new_tokens=6, ignore_eos=True),
+        images=[im for _, im in prompts] + [None],
+    )
+    spec = engine.vision_spec
+
+    def delta(ids, images):
+        if spec.family != "qwen3_vl":
+            return 0
+        return mrope_positions(ids, spec.image_token_id, [im.grid_thw for im in images], spec.merge_size)[1]
+
+    work = [(ids, ims, delta(ids, ims)) for ids, ims in prompts] + [(text_only, None, None)]
+    if vlm_arch == "qwen3_vl":
+        assert all(d != 0 for _, _, d in work[:2])  # the offset matters: the test would be vacuous
+    decode_engine = LLMEngine(engine.config, model=load_model(path))  # no vision encoder: K/V only
+    assert decode_engine.vision is None
+    events = _serve_disaggregated(path, decode_engine, work, 6)
+    for i, out in enumerate(expected):
+        got = [t for e in events[f"r{i}"] if isinstance(e, Tokens) for t in e.token_ids]
+        assert got == out.token_ids, f"request {i}"
+    assert decode_engine.blocks.num_free_blocks == decode_engine.blocks.num_blocks
+
+
+def test_image_request_preempted_on_the_decode_worker_fails_clearly(tiny_vlm):
+    """Its images never reach the decode worker, so it cannot be re-prefilled there: it ends with a
+    clear failure (never tokens computed without its images), the others finish, nothing leaks."""
+    from pop_disagg.disagg.decode_worker import Failed, Tokens
+    from pop_disagg.models.multimodal import mrope_positions
+
+    path = tiny_vlm("qwen3_vl")
+    engine = _engine(path)
+    spec = engine.vision_spec
+    prompts = [_prompt(engine, SIZES["one"], seed=20 + i) for i in range(3)]
+    expected = engine.generate(
+        [p for p, _ in prompts], SamplingParams(max_new_tokens=20, ignore_eos=True), images=[im for _, im in prompts]
+    )
+    work = [
+        (ids, ims, mrope_positions(ids, spec.image_token_id, [im.grid_thw for im in ims], spec.merge_size)[1])
+        for ids, ims in prompts
+    ]
+    block = engine.config.block_size
+    need = -(-len(work[0][0]) // block)  # blocks of one prompt
+    mb = (3 * need + 2) * engine.arch.kv_bytes_per_token(4) * block / 2**20  # all prompts, little room to decode
+    decode_engine = LLMEngine(engine.config.model_copy(update={"kv_cache_memory_mb": mb}), model=load_model(path))
+    events = _serve_disaggregated(path, decode_engine, work, 20)
+    failed = [rid for rid, evs in events.items() if any(isinstance(e, Failed) for e in evs)]
+    assert failed, "no request was preempted: the test would be vacuous"
+    for i, out in enumerate(expected):
+        evs = events[f"r{i}"]
+        if f"r{i}" in failed:
+            assert any(isinstance(e, Failed) and "images were encoded on the prefill worker" in e.message for e in evs)
+        else:
+            assert [t for e in evs if isinstance(e, Tokens) for t in e.token_ids] == out.token_ids
+    assert decode_engine.blocks.num_free_blocks == decode_engine.blocks.num_blocks

@@ -45,10 +45,6 @@ class PromptImages:
         """What a disaggregated decode worker holds of a prompt's images: their position offset."""
         return cls([], torch.zeros(0, hidden_size), mrope_delta=mrope_delta, is_remote=True)
 
-    @property
-    def num_images(self) -> int:
-        return len(self.spans)
-
     def rows_between(self, start: int, end: int) -> tuple[list[int], slice]:
         """Placeholder positions in ``start..end-1`` and the slice of ``embeds`` they take."""
         i0, i1 = bisect.bisect_left(self.positions, start), bisect.bisect_left(self.positions, end)

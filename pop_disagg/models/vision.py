@@ -21,7 +21,6 @@ checkpoint's safetensors. The pieces, in the order a request meets them:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,11 +83,6 @@ class ProcessedImage:
     pixel_values: torch.Tensor  # Qwen: (patches, C * T * P * P); Gemma: (3, S, S)
     grid_thw: tuple[int, int, int] | None  # Qwen: the patch grid; Gemma: None
     num_tokens: int  # placeholder tokens the image takes in the prompt
-
-    @property
-    def digest(self) -> bytes:
-        """The pixels' identity (prefix-cache keys, tests)."""
-        return hashlib.sha256(self.pixel_values.float().numpy().tobytes()).digest()
 
 
 class ImageInputs:

@@ -64,7 +64,7 @@ def render_chat_text(
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("messages", "the served model has no chat template: use /v1/completions")
     if image_placeholder is None and any(m.image_urls for m in messages):
-        raise InvalidRequest("messages", "image parts are not accepted here (the served model takes no images)")
+        raise InvalidRequest("messages", "image_url parts need a vision-language model (and /tokenize takes none)")
     return tokenizer.apply_chat_template(
         [{"role": m.role, "content": m.prompt_text(image_placeholder or "")} for m in messages],
         add_generation_prompt=add_generation_prompt,

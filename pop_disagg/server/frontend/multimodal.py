@@ -55,17 +55,15 @@ def parse_mm_limit(text: str) -> int:
 class MediaEdge:
     """The served model's image rules and processor (None when the model takes no images)."""
 
-    def __init__(self, config: MediaConfig, inputs: ImageInputs | None):
+    def __init__(self, config: MediaConfig, inputs: ImageInputs | None, is_chunked_prefill: bool = False):
         self.config = config
         self.inputs = inputs
-        self.chunked_prefill = False
+        self.is_chunked_prefill = is_chunked_prefill  # the workers prefill in chunks (a rule for Gemma-3)
 
     @classmethod
     def of(cls, config: MediaConfig, model_path, tokenizer, enable_chunked_prefill: bool = False) -> "MediaEdge":
         spec = VisionSpec.from_pretrained(model_path, tokenizer)
-        edge = cls(config, ImageInputs(model_path, spec) if spec is not None else None)
-        edge.chunked_prefill = enable_chunked_prefill
-        return edge
+        return cls(config, ImageInputs(model_path, spec) if spec is not None else None, enable_chunked_prefill)
 
     @property
     def spec(self) -> VisionSpec | None:
@@ -186,7 +184,7 @@ class MediaEdge:
 
     def for_ids(self, ids: list[int], images: list[ProcessedImage]) -> None:
         """The image rule on a tokenized prompt (``vision.check_image_prompt``)."""
-        check_image_prompt(self.spec, ids, images, self.chunked_prefill)
+        check_image_prompt(self.spec, ids, images, self.is_chunked_prefill)
 
     def mrope_delta(self, ids: list[int], images: list[ProcessedImage]) -> int:
         """The position offset after the prompt (Qwen-VL), for the decode side."""
