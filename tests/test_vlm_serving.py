@@ -274,6 +274,18 @@ def test_an_image_larger_than_the_text_body_limit_is_served(server, http):
     assert r.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_serve_flags_reach_the_media_config():
+    from pop_disagg.cli import build_parser
+    from pop_disagg.commands.serve import serve_config
+
+    args = build_parser().parse_args(
+        ["serve", "--limit-mm-per-prompt", '{"image": 3}', "--allowed-media-domains", "images.example.com, 127.0.0.1"]
+    )
+    media = serve_config(args).media
+    assert media.max_images_per_prompt == 3 and media.allowed_media_domains == ("images.example.com", "127.0.0.1")
+    assert serve_config(build_parser().parse_args(["serve"])).media == MediaConfig()
+
+
 def test_limit_mm_per_prompt_takes_vllm_forms():
     from pop_disagg.server.frontend.multimodal import parse_mm_limit
 
