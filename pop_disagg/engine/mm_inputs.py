@@ -3,13 +3,13 @@ and the prefill attention an image needs.
 
 A request with images carries its ``PromptImages`` (``request.images``, made by the engine when
 it is added: the vision encoder runs once per image, before the prompt's prefill). A step covers
-positions ``start..start+n-1`` of each of its sequences; these helpers take the sequences'
+positions ``start..start+n-1`` of each of its sequences; these functions take the sequences'
 ``PromptImages`` (None for a text prompt) and turn that into what the decoder takes: ``VisionRows``
 for the image rows in the slice, (3, T) positions for a Qwen-VL model (only when a sequence of
 the step has images: text-only positions are equal on all three axes, which is ordinary RoPE) and,
 for Gemma-3, attention that lets an image see itself both ways. Decode rows only need their
 offset: position ``p`` becomes ``p + delta`` (``PromptImages.mrope_delta``). The disaggregated
-prefill worker uses the same helpers for its tasks.
+prefill worker uses the same functions for its tasks.
 """
 
 from __future__ import annotations
