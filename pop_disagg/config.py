@@ -126,6 +126,21 @@ class PlacementConfig(BaseModel):
 DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 64
 
 
+class MediaConfig(BaseModel):
+    """Images a request may bring (vision-language models), checked at the edge (``server/frontend/multimodal.py``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_images_per_prompt: int = Field(4, ge=0, description="vLLM's --limit-mm-per-prompt image=N")
+    allowed_media_domains: tuple[str, ...] = Field(
+        (), description="hosts whose http(s) image URLs are fetched; none: only data: URLs (vLLM's flag)"
+    )
+    max_image_bytes: int = Field(20 * 2**20, gt=0, description="an encoded image's size at most")
+    max_image_pixels: int = Field(7680 * 4320, gt=0, description="width x height at most (read from the header)")
+    min_image_side: int = Field(8, ge=1, description="width and height at least")
+    fetch_timeout_s: float = Field(10.0, gt=0)
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -153,6 +168,7 @@ class ServeConfig(BaseModel):
         description="least-squares K/V for the skipped layers (pop-disagg eval fidelity's kv_correction.safetensors)",
     )
     placement: PlacementConfig = PlacementConfig()
+    media: MediaConfig = MediaConfig()
     prune_ratios: tuple[float, ...] | None = Field(
         None, description="a last-layers plan family; the first ratio is the default"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pop_disagg.models.tiny import ARCHS, make_tiny_model
+from pop_disagg.models.tiny import ARCHS, VLM_ARCHS, make_tiny_model, make_tiny_vlm
 
 torch.set_num_threads(2)
 
@@ -25,6 +25,24 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """tiny_vlm(arch) -> folder of a tiny random vision-language checkpoint (cached per session)."""
+    cache: dict[str, str] = {}
+
+    def get(arch: str = "qwen3_vl") -> str:
+        if arch not in cache:
+            cache[arch] = str(make_tiny_vlm(tmp_path_factory.mktemp(f"tiny-{arch}"), arch))
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(params=VLM_ARCHS)
+def vlm_arch(request) -> str:
     return request.param
 
 

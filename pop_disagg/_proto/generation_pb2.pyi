@@ -30,7 +30,7 @@ WORKER_STATE_RESTARTING: WorkerState
 WORKER_STATE_DEAD: WorkerState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_token_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "request_id", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias", "logprobs", "skip_special_tokens", "prune_ratio")
+    __slots__ = ("prompt", "prompt_token_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "request_id", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias", "logprobs", "skip_special_tokens", "prune_ratio", "images")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRUNE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_new_tokens: int
@@ -76,7 +77,8 @@ class GenerateRequest(_message.Message):
     logprobs: int
     skip_special_tokens: bool
     prune_ratio: float
-    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., request_id: _Optional[str] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ..., prune_ratio: _Optional[float] = ...) -> None: ...
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., request_id: _Optional[str] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., min_tokens: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ..., prune_ratio: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
@@ -217,7 +219,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "family", "num_layers", "vocab_size", "context_limit", "topology", "prefill", "skip_layers", "plan", "eos_token_ids", "placements", "prune_ratios", "default_prune_ratio", "prefill_weight_bytes", "adaptive_depth", "ttft_slo_ms")
+    __slots__ = ("model", "family", "num_layers", "vocab_size", "context_limit", "topology", "prefill", "skip_layers", "plan", "eos_token_ids", "placements", "prune_ratios", "default_prune_ratio", "prefill_weight_bytes", "adaptive_depth", "ttft_slo_ms", "image_placeholder", "max_images_per_prompt")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +236,8 @@ class ModelInfoResponse(_message.Message):
     PREFILL_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PLACEHOLDER_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_PROMPT_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     num_layers: int
@@ -250,4 +254,6 @@ class ModelInfoResponse(_message.Message):
     prefill_weight_bytes: int
     adaptive_depth: bool
     ttft_slo_ms: float
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., topology: _Optional[str] = ..., prefill: _Optional[str] = ..., skip_layers: _Optional[_Iterable[int]] = ..., plan: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., placements: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ..., prune_ratios: _Optional[_Iterable[float]] = ..., default_prune_ratio: _Optional[float] = ..., prefill_weight_bytes: _Optional[int] = ..., adaptive_depth: _Optional[bool] = ..., ttft_slo_ms: _Optional[float] = ...) -> None: ...
+    image_placeholder: str
+    max_images_per_prompt: int
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., topology: _Optional[str] = ..., prefill: _Optional[str] = ..., skip_layers: _Optional[_Iterable[int]] = ..., plan: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., placements: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ..., prune_ratios: _Optional[_Iterable[float]] = ..., default_prune_ratio: _Optional[float] = ..., prefill_weight_bytes: _Optional[int] = ..., adaptive_depth: _Optional[bool] = ..., ttft_slo_ms: _Optional[float] = ..., image_placeholder: _Optional[str] = ..., max_images_per_prompt: _Optional[int] = ...) -> None: ...

@@ -7,6 +7,11 @@ Three formats, told apart by the first non-blank line:
   chat template and the generation prompt appended;
 * plain text, one prompt per line.
 
+For a vision-language model a chat message's ``content`` may also be a list of OpenAI parts,
+``{"type": "text", "text": ...}`` and ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}``
+(the LLaVA-Instruct style samples the paper calibrates VLMs on); ``encode_image_prompt`` renders
+each image as the model's placeholder, runs the checkpoint's image processor and expands it.
+
 A bad record (not JSON, neither field, empty) is reported with its line number and skipped; a file
 that is missing, unreadable or holds no usable prompt is an error.
 """
@@ -41,13 +46,17 @@ def _parse_json_record(obj, line: int) -> PromptRecord:
             isinstance(messages, list)
             and messages
             and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and (isinstance(m.get("content"), str) or _is_parts(m.get("content")))
                 for m in messages
             )
         )
         if not ok:
-            raise ValueError("'messages' must be a non-empty list of {role, content} strings")
-        if not any(m["content"].strip() for m in messages):
+            raise ValueError(
+                "'messages' must be a non-empty list of {role, content} (a string or text/image_url parts)"
+            )
+        if not any(_has_content(m["content"]) for m in messages):
             raise ValueError("'messages' are all empty")
         return PromptRecord(line, messages=tuple(messages))
     if "prompt" in obj:
@@ -55,6 +64,72 @@ def _parse_json_record(obj, line: int) -> PromptRecord:
             raise ValueError("'prompt' must be a non-empty string")
         return PromptRecord(line, prompt=obj["prompt"])
     raise ValueError("record has neither 'prompt' nor 'messages'")
+
+
+def _is_parts(content) -> bool:
+    return isinstance(content, list) and all(
+        isinstance(p, dict)
+        and (
+            (p.get("type") == "text" and isinstance(p.get("text"), str))
+            or (p.get("type") == "image_url" and isinstance((p.get("image_url") or {}).get("url"), str))
+        )
+        for p in content
+    )
+
+
+def _has_content(content) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(p["type"] == "image_url" or p["text"].strip() for p in content)
+
+
+def image_urls(record: PromptRecord) -> list[str]:
+    """The record's image URLs, in order (none for a text record)."""
+    return [
+        p["image_url"]["url"]
+        for m in record.messages or ()
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if p["type"] == "image_url"
+    ]
+
+
+def _data_url_image(url: str):
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    head, _, payload = url.partition(",")
+    if not (head.startswith("data:image/") and head.endswith(";base64")):
+        raise ValueError("calibration images must be data:image/...;base64 URLs")
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(payload, validate=True))).convert("RGB")
+    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"an image does not decode ({exc.__class__.__name__})") from None
+
+
+def encode_image_prompt(record: PromptRecord, tokenizer, image_inputs, max_prompt_tokens: int):
+    """Token ids and processed images of a record with image parts (``image_inputs``: the
+    checkpoint's ``models.vision.ImageInputs``). Not truncated: a cut would split an image, so a
+    longer prompt is a ValueError (the caller skips the record)."""
+    images = [image_inputs.process(_data_url_image(url)) for url in image_urls(record)]
+    placeholder = image_inputs.spec.placeholder
+    messages = [
+        {
+            "role": m["role"],
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else "".join(p["text"] if p["type"] == "text" else placeholder for p in m["content"]),
+        }
+        for m in record.messages
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = list(tokenizer.encode(image_inputs.expand(text, images), add_special_tokens=False))
+    if len(ids) > max_prompt_tokens:
+        raise ValueError(f"{len(ids)} prompt tokens with its images, over --max-prompt-tokens {max_prompt_tokens}")
+    return ids, images
 
 
 def read_prompts(path: str | Path) -> LoadedPrompts:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..models.attention import PrefillAttention
 from ..models.decoder import CausalLM
+from ..models.multimodal import ImageBlockPrefillAttention, PromptImages, VisionRows
 
 
 def stage_gates(
@@ -38,19 +39,37 @@ def stage_gates(
 
 
 def gated_hidden(
-    model: CausalLM, token_ids: torch.Tensor, num_prompt_tokens: int, g_prefill: torch.Tensor, g_decode: torch.Tensor
+    model: CausalLM,
+    token_ids: torch.Tensor,
+    num_prompt_tokens: int,
+    g_prefill: torch.Tensor,
+    g_decode: torch.Tensor,
+    images: PromptImages | None = None,
 ) -> torch.Tensor:
-    """Teacher-forced pass over ``token_ids`` (T,) with stage gates; returns hidden (T, hidden)."""
+    """Teacher-forced pass over ``token_ids`` (T,) with stage gates; returns hidden (T, hidden).
+    ``images``: the prompt's encoded images (a vision-language model): their rows, multimodal
+    positions and image attention, as the engine's prefill has them."""
     t = token_ids.shape[0]
     # Gates stay float32 leaves; the cast to the model dtype sits inside the graph, so the sum of a
     # gate's gradient over positions happens in float32 even for a bf16 model.
     gates = stage_gates(g_prefill, g_decode, num_prompt_tokens, t).to(model.dtype)  # (L, T, 1)
     positions = torch.arange(t, device=token_ids.device)
-    return model(token_ids, positions, PrefillAttention([0, t]), gates=gates)
+    if images is None:
+        return model(token_ids, positions, PrefillAttention([0, t]), gates=gates)
+    if images.mrope is not None:
+        positions = images.rope_positions(0, t).to(token_ids.device)
+    is_bidirectional = model.arch.vision_family == "gemma3"
+    attn = ImageBlockPrefillAttention([0, t], spans=[images.spans]) if is_bidirectional else PrefillAttention([0, t])
+    return model(token_ids, positions, attn, gates=gates, vision=VisionRows.gather([(images, 0, t, 0)]))
 
 
 def response_logits(
-    model: CausalLM, prompt_ids: list[int], response_ids: list[int], g_prefill: torch.Tensor, g_decode: torch.Tensor
+    model: CausalLM,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    g_prefill: torch.Tensor,
+    g_decode: torch.Tensor,
+    images: PromptImages | None = None,
 ) -> torch.Tensor:
     """Logits (R, vocab) float32 that predict each response token, from one gated pass.
 
@@ -61,7 +80,7 @@ def response_logits(
         raise ValueError("calibration needs a non-empty prompt and a non-empty response")
     n = len(prompt_ids)
     ids = torch.tensor(prompt_ids + response_ids[:-1], dtype=torch.long, device=model.device)
-    hidden = gated_hidden(model, ids, n, g_prefill, g_decode)
+    hidden = gated_hidden(model, ids, n, g_prefill, g_decode, images)
     return model.compute_logits(hidden[n - 1 :])  # (R, vocab)
 
 
@@ -72,20 +91,25 @@ def unit_gates(model: CausalLM) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def response_loss(
-    model: CausalLM, prompt_ids: list[int], response_ids: list[int], g_prefill: torch.Tensor, g_decode: torch.Tensor
+    model: CausalLM,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    g_prefill: torch.Tensor,
+    g_decode: torch.Tensor,
+    images: PromptImages | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of the response tokens (paper eq. 12), a scalar float32."""
-    logits = response_logits(model, prompt_ids, response_ids, g_prefill, g_decode)
+    logits = response_logits(model, prompt_ids, response_ids, g_prefill, g_decode, images)
     targets = torch.tensor(response_ids, dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def gate_gradients(
-    model: CausalLM, prompt_ids: list[int], response_ids: list[int]
+    model: CausalLM, prompt_ids: list[int], response_ids: list[int], images: PromptImages | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """dL/dg_pre and dL/dg_dec at g = 1 (each (L,) float32, on CPU) and the loss value."""
     g_prefill, g_decode = unit_gates(model)
-    loss = response_loss(model, prompt_ids, response_ids, g_prefill, g_decode)
+    loss = response_loss(model, prompt_ids, response_ids, g_prefill, g_decode, images)
     # allow_unused: with a one-token prompt no position is prefill; the gradient is then exactly 0.
     grad_pre, grad_dec = torch.autograd.grad(loss, [g_prefill, g_decode], allow_unused=True)
     zeros = torch.zeros_like(g_prefill)

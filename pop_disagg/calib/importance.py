@@ -144,14 +144,18 @@ def engine_sampler(
         prune=PruneConfig(no_prune=True),
     )
     engine = LLMEngine(config, model=model, tokenizer=tokenizer)
+    if model.arch.vision_family is not None:
+        engine.load_vision(model_name)  # image prompts: the engine encodes their images
 
-    def sample(prompts: list[list[int]], first_index: int) -> list[list[int]]:
+    def sample(prompts: list[list[int]], first_index: int, images: list | None = None) -> list[list[int]]:
         params = [
             SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + first_index + j)
             for j in range(len(prompts))
         ]
-        return [out.token_ids for out in engine.generate(prompts, params)]
+        return [out.token_ids for out in engine.generate(prompts, params, images=images)]
 
+    # The gated passes need each image prompt's encoded rows: the same encoder, once per prompt.
+    sample.encode_images = engine.encode_images
     return sample
 
 
@@ -161,20 +165,26 @@ def measure_importance(
     sampler: Sampler,
     sample_batch: int = 1,
     on_sample: Callable[[int, float], None] | None = None,
+    images: list | None = None,
 ) -> tuple[ImportanceAccumulator, dict]:
     """Accumulate squared gate gradients over ``prompts``; returns the sums and run statistics.
 
     Responses are sampled ``sample_batch`` prompts at a time; gradients are always one sample at a
     time, so the backward graph never holds more than one sequence.
     ``on_sample(num_response_tokens, loss)`` is called after each sample (progress bars).
+    ``images``: per prompt its processed images (None for a text prompt; a vision-language model
+    and ``engine_sampler``'s sampler, which encodes them).
     """
     acc = ImportanceAccumulator(model.arch.num_layers)
     num_prompt, num_response, loss_sum = 0, 0, 0.0
     t0 = time.perf_counter()
     for start in range(0, len(prompts), sample_batch):
         chunk = prompts[start : start + sample_batch]
-        for prompt_ids, response_ids in zip(chunk, sampler(chunk, start)):
-            grad_pre, grad_dec, loss = gate_gradients(model, prompt_ids, response_ids)
+        chunk_images = images[start : start + sample_batch] if images else [None] * len(chunk)
+        responses = sampler(chunk, start, chunk_images) if images else sampler(chunk, start)
+        for prompt_ids, response_ids, ims in zip(chunk, responses, chunk_images):
+            encoded = sampler.encode_images(prompt_ids, ims) if ims else None
+            grad_pre, grad_dec, loss = gate_gradients(model, prompt_ids, response_ids, encoded)
             acc.add(grad_pre, grad_dec)
             num_prompt += len(prompt_ids)
             num_response += len(response_ids)

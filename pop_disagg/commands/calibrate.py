@@ -15,7 +15,7 @@ def register(sub) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="JSONL with 'prompt' or chat 'messages' per line, or plain text (one prompt per line)",
+        help="JSONL with 'prompt' or chat 'messages' per line (a VLM: content parts with data-URL images), or plain text (one prompt per line)",
     )
     p.add_argument("--num-samples", type=int, default=200, help="calibration samples (the paper uses 200)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest sampled response")
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from ..calib.data import encode_prompt, read_prompts
+    from ..calib.data import encode_image_prompt, encode_prompt, image_urls, read_prompts
     from ..calib.importance import CalibrationSettings, ImportanceProfile, engine_sampler, measure_importance
     from ..models.loader import load_model
     from ..models.registry import resolve_model
@@ -57,7 +57,28 @@ def run(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     model = load_model(path, args.dtype, args.device)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    prompts = [encode_prompt(r, tokenizer, args.max_prompt_tokens) for r in records]
+    prompts, images = [], []
+    image_inputs = None
+    if model.arch.vision_family is not None and any(image_urls(r) for r in records):
+        from ..models.vision import ImageInputs, VisionSpec
+
+        image_inputs = ImageInputs(path, VisionSpec.from_pretrained(path, tokenizer))
+    for r in records:
+        if not image_urls(r):
+            prompts.append(encode_prompt(r, tokenizer, args.max_prompt_tokens))
+            images.append(None)
+            continue
+        if image_inputs is None:
+            raise ValueError(f"{args.data}:{r.line}: an image sample, but {args.model} takes no images")
+        try:
+            ids, ims = encode_image_prompt(r, tokenizer, image_inputs, args.max_prompt_tokens)
+        except ValueError as exc:
+            print(f"[calibrate] skipped {args.data}:{r.line}: {exc}", file=sys.stderr)
+            continue
+        prompts.append(ids)
+        images.append(ims)
+    if not prompts:
+        raise ValueError(f"{args.data}: no usable prompts")
     sampler = engine_sampler(
         model,
         tokenizer,
@@ -79,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(resp_tokens=num_response_tokens, loss_per_tok=f"{loss / max(num_response_tokens, 1):.2f}")
         bar.update(1)
 
-    acc, stats = measure_importance(model, prompts, sampler, args.sample_batch, on_sample)
+    acc, stats = measure_importance(
+        model, prompts, sampler, args.sample_batch, on_sample, images if any(images) else None
+    )
     bar.close()
     prefill, decode = acc.means()
     settings = CalibrationSettings(

@@ -108,6 +108,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ttft-slo-ms", type=float, default=None, help="TTFT target of --adaptive-depth (ms)")
     p.add_argument(
+        "--limit-mm-per-prompt",
+        default=None,
+        help="vision-language models: images per prompt at most, vLLM's form image=N or '{\"image\": N}' (default 4)",
+    )
+    p.add_argument(
+        "--allowed-media-domains",
+        default=None,
+        help="comma-separated hosts whose http(s) image URLs are fetched; default none (data: URLs only)",
+    )
+    p.add_argument(
         "--depth-rule",
         choices=["lookahead", "greedy"],
         default="lookahead",
@@ -208,8 +218,22 @@ def serve_config(args: argparse.Namespace):
         placement=PlacementConfig(
             strategy=args.placement, timeout_s=args.placement_timeout, cpus_per_worker=args.cpus_per_worker
         ),
+        media=media_config(args),
         **depth,
     )
+
+
+def media_config(args: argparse.Namespace):
+    """``--limit-mm-per-prompt`` / ``--allowed-media-domains`` -> ``MediaConfig``."""
+    from ..config import MediaConfig
+    from ..server.frontend.multimodal import parse_mm_limit
+
+    fields = {}
+    if getattr(args, "limit_mm_per_prompt", None) is not None:
+        fields["max_images_per_prompt"] = parse_mm_limit(args.limit_mm_per_prompt)
+    if getattr(args, "allowed_media_domains", None):
+        fields["allowed_media_domains"] = tuple(d.strip() for d in args.allowed_media_domains.split(",") if d.strip())
+    return MediaConfig(**fields)
 
 
 def init_ray(address: str | None) -> None:

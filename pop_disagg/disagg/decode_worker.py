@@ -163,6 +163,7 @@ class DecodeWorker:
         sink: Sink,
         deadline: float | None = None,
         prefix_key: PrefixKey | None = None,
+        remote_image_delta: int | None = None,
     ) -> Reservation | None:
         """Hold blocks for the request; None when the cache is full.
 
@@ -181,7 +182,12 @@ class DecodeWorker:
             )
         with self._lock:
             # A scoring request computes every position (the prefix cache does not serve it): never local.
-            if prefix_key is not None and n > 0 and prefix_key == self.engine.prefix_key and params.prompt_logprobs is None:
+            if (
+                prefix_key is not None
+                and n > 0
+                and prefix_key == self.engine.prefix_key
+                and params.prompt_logprobs is None
+            ):
                 num_cached = self.engine.num_cached_prefix_tokens(prompt_token_ids)
                 if num_cached and n - num_cached <= self.max_local_prefill_tokens:
                     self.engine.add_request(prompt_token_ids, params, request_id)
@@ -189,7 +195,7 @@ class DecodeWorker:
                     self.num_local_prefill_tokens += n - num_cached
                     self._work.set()
                     return Reservation(0, num_cached, is_local=True)
-            req = self.engine.reserve_request(prompt_token_ids, params, request_id, prefix_key)
+            req = self.engine.reserve_request(prompt_token_ids, params, request_id, prefix_key, remote_image_delta)
             if req is None:
                 return None
             self._track(request_id, sink, deadline)
@@ -236,10 +242,11 @@ class DecodeWorker:
         params: SamplingParams,
         sink: Sink,
         deadline: float | None = None,
+        images: tuple = (),
     ) -> None:
-        """Colocated topology: this engine prefills the request itself."""
+        """Colocated topology: this engine prefills the request itself (and encodes its images)."""
         with self._lock:
-            self.engine.add_request(prompt_token_ids, params, request_id)
+            self.engine.add_request(prompt_token_ids, params, request_id, images=list(images) or None)
             self._track(request_id, sink, deadline)
         self._work.set()
 
@@ -337,8 +344,19 @@ class DecodeWorker:
                     )
                     tokens.num_cached_tokens = out.num_cached_tokens
                     events.append((sink, tokens))
+            # A preempted transferred request is re-prefilled here, but not one with images: they
+            # never come to this worker (only K/V do).
+            stranded = [
+                r.request_id
+                for r in self.engine.scheduler.waiting
+                if r.images is not None and r.images.is_remote and r.num_computed_tokens == 0
+            ]
         for sink, event in events:
             sink(event)
+        for request_id in stranded:
+            self.abort(
+                request_id, "preempted under KV pressure; its images were encoded on the prefill worker", "worker"
+            )
         return True
 
     def run(self, stop: threading.Event) -> None:

@@ -25,6 +25,11 @@ earlier chunks' do); what it encodes into its full blocks is published after its
 task sends from ``send_start`` on (the decode worker holds the positions before): cached positions
 from the pool, then the computed ones; a chunk wholly below ``send_start`` sends nothing.
 
+Images (vision-language models): a task may carry its prompt's images as the image processor left
+them; the worker's vision encoder runs them in the task's first step (their time is part of that
+step's prefill), and the image rows then go through the pass like any prompt row (the plan skips
+their layers). Only K/V leave the worker, never pixels or features.
+
 Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
 deadline passed while waiting (dropped before its batch is taken; a chunked prompt also between
 its chunks), or its link was re-created while it waited (``purge_link``). Fault hook for tests:
@@ -42,8 +47,9 @@ from typing import Callable
 
 import torch
 
+from ..engine import mm_inputs
 from ..engine.kv_cache import PrefixKey
-from ..models.attention import ChunkedPrefillAttention, PrefillAttention
+from ..models.attention import ChunkedPrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from .kv_transfer import KVSender, SendBatch
@@ -79,6 +85,10 @@ class PrefillTask:
     # tokens, when the first chunk started, prompt tokens of the steps that carried it, done flag.
     num_done: int = 0
     kv_buffer: dict = field(default_factory=dict)
+    # Vision-language models: the prompt's images (``ProcessedImage``), then (worker-owned) their
+    # encoded rows (``PromptImages``), made in the task's first step.
+    images: list = field(default_factory=list)
+    encoded: object | None = None
     start_time: float = 0.0
     num_step_tokens: int = 0
     is_reported: bool = False
@@ -121,6 +131,16 @@ class PrefillWorker:
         self._cv = threading.Condition()
         self._num_waiting_tokens = 0
         self.pause_until = 0.0  # fault hook: no batch is taken before this wall-clock time
+        self.vision = None  # (VisionEncoder, VisionSpec) of a vision-language checkpoint, see load_vision
+
+    def load_vision(self, model_path: str) -> None:
+        """The checkpoint's vision encoder: this worker encodes its prompts' images."""
+        from transformers import AutoTokenizer
+
+        from ..models.vision import VisionEncoder, VisionSpec
+
+        spec = VisionSpec.from_pretrained(model_path, AutoTokenizer.from_pretrained(model_path))
+        self.vision = (VisionEncoder(model_path, self.model.dtype, self.model.device), spec)
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -319,8 +339,16 @@ class PrefillWorker:
                 one = len(ks) == 1
                 sender.send_layer(batch, layer, ks[0] if one else torch.cat(ks), vs[0] if one else torch.cat(vs))
 
+        try:
+            images = self._encode(tasks)
+        except Exception as exc:  # a bad image must not stop the worker: fail these requests
+            for sender, batch, _, _ in groups:
+                sender.abandon(batch, f"vision encoder failed: {exc!r}")
+            return
+        counts = [n for _, _, n in items]
         if all(a == 0 for a in starts) and all(is_last):  # whole prefixes: no buffers to keep
-            attn = PrefillAttention(cu, sink=sink, stream_kv=True)
+            is_bidirectional = self.vision is not None and self.vision[1].is_bidirectional
+            attn = mm_inputs.prefill_attention(images, counts, cu, sink, is_bidirectional, stream_kv=True)
         else:
             attn = ChunkedPrefillAttention(
                 cu, sink=sink, stream_kv=True, buffers=[t.kv_buffer for t in tasks], keep=[not x for x in is_last]
@@ -328,7 +356,11 @@ class PrefillWorker:
         device = self.model.device
         is_ok = True
         try:
-            self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), attn, plan=plan)
+            positions = mm_inputs.step_positions(
+                images, starts, counts, torch.tensor(pos, device=device), self.model.arch.mrope_section is not None
+            )
+            vision = mm_inputs.step_vision(images, starts, counts)
+            self.model(torch.tensor(ids, device=device), positions, attn, plan=plan, vision=vision)
         except Exception as exc:  # e.g. out of memory: fail these requests, keep the links in step
             is_ok = False
             for sender, batch, _ in groups:
@@ -348,6 +380,18 @@ class PrefillWorker:
         if task.num_cache_hits and start == task.num_cache_hits and task.send_start < start:
             return task.send_start, start
         return max(start, task.send_start), 0
+
+    def _encode(self, tasks: list[PrefillTask]) -> list:
+        """Each task's encoded images (None without), running the vision encoder for those not yet done."""
+        from ..models.vision import prompt_images
+
+        for t in tasks:
+            if t.images and t.encoded is None:
+                encoder, spec = self.vision
+                features, deepstack = encoder.encode(t.images)
+                t.encoded = prompt_images(spec, t.prefix_ids, t.images, features, deepstack)
+                t.images = []  # the pixels are not needed again
+        return [t.encoded for t in tasks]
 
     def _on_sent(self, tasks: list[PrefillTask], mine: list[int], is_last: list[bool]) -> Callable[[SendBatch], None]:
         def done(batch: SendBatch) -> None:

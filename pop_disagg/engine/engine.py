@@ -3,6 +3,11 @@
 ``step()`` is the whole loop: schedule -> run -> update. It imports neither Ray nor gRPC; the
 server's workers wrap the same pieces (scheduler, runner, request state). KV blocks are taken on
 demand, with recompute preemption and a prefix cache (``scheduler.py``); ``stats`` counts both.
+
+A vision-language checkpoint also loads its vision encoder (``models/vision.py``): a request may
+bring images (``ProcessedImage``, from the checkpoint's image processor), encoded once per image
+when the request is added, before its prompt is prefilled; their placeholder tokens are then prompt
+tokens like any other (the plan skips their layers in prefill).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from ..models import cpu_blas
 from ..models.arch import ModelArch
 from ..models.decoder import CausalLM
 from ..models.loader import load_model, resolve_dtype
+from ..models.multimodal import PromptImages
+from ..models.vision import ImageInputs, ProcessedImage, VisionEncoder, VisionSpec, check_image_prompt, prompt_images
 from ..pop.plan import PrunePlan
 from .detokenizer import OutputText
 from .kv_cache import BlockManager, KVCache, PrefixKey, num_blocks_for_budget, plan_cache_key
@@ -77,6 +84,13 @@ class LLMEngine:
 
             tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer = tokenizer
+        # Vision-language checkpoints: the image tokens, the image processor and the vision encoder
+        # (``load_vision``; a disaggregated decode worker has none: its K/V come encoded).
+        self.vision_spec: VisionSpec | None = None
+        self.image_inputs: ImageInputs | None = None
+        self.vision: VisionEncoder | None = None
+        if self.arch.vision_family is not None and model_path is not None:
+            self.load_vision(model_path)
         self.plan = config.plan(self.arch)
         self.context_limit = config.context_limit(self.arch)
         self.limits = ModelLimits(
@@ -122,22 +136,47 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
+    def load_vision(self, model_path: str) -> None:
+        """Load the vision-language checkpoint's image tokens, image processor and vision encoder."""
+        from transformers import AutoTokenizer
+
+        tokenizer = self.tokenizer if self.tokenizer is not None else AutoTokenizer.from_pretrained(model_path)
+        self.vision_spec = VisionSpec.from_pretrained(model_path, tokenizer)
+        self.image_inputs = ImageInputs(model_path, self.vision_spec)
+        self.vision = VisionEncoder(model_path, self.model.dtype, self.model.device)
+
     # ---- requests ------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(
+        self, prompt_token_ids: list[int], params: SamplingParams, images: list[ProcessedImage] | None = None
+    ) -> None:
         """Raise ``InvalidRequest`` (a ValueError naming the field) for a request this engine cannot
-        serve: the same rules the server applies at its edge (``pop_disagg/limits.py``)."""
+        serve: the same rules the server applies at its edge (``pop_disagg/limits.py``, and for
+        images ``vision.check_image_prompt``)."""
         self.limits.check(list(prompt_token_ids), params)
+        check_image_prompt(self.vision_spec, list(prompt_token_ids), images or [], self.config.enable_chunked_prefill)
+
+    def encode_images(self, prompt_token_ids: list[int], images: list[ProcessedImage] | None) -> PromptImages | None:
+        """The vision encoder over the request's images (once each) -> its image rows, or None."""
+        if not images:
+            return None
+        features, deepstack = self.vision.encode(images)
+        return prompt_images(self.vision_spec, list(prompt_token_ids), images, features, deepstack)
 
     def add_request(
-        self, prompt_token_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        images: list[ProcessedImage] | None = None,
     ) -> str:
         params = params or SamplingParams()
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, images)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         req = Request(request_id, list(prompt_token_ids), params, make_generator(params.seed, self.model.device))
         req.grammar = self._grammar(params)
+        req.images = self.encode_images(prompt_token_ids, images)
         self.scheduler.add(req)
         self._requests[request_id] = req
         if self.tokenizer is not None:
@@ -172,19 +211,24 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str,
         prefix_key: PrefixKey | None = None,
+        remote_image_delta: int | None = None,
     ) -> Request | None:
         """Hold KV blocks for a request whose prompt prefix another worker encodes; None when full.
 
         The caller writes the prefix K/V into ``request.block_table`` from
         ``request.num_computed_tokens`` on (0, or with ``prefix_key``, after the blocks cached
         under it) and then calls ``admit_prefilled``; ``abort`` releases the blocks at any point.
+        ``remote_image_delta``: the prompt has images, encoded where it was prefilled; only the
+        position offset after the prompt comes here (``PromptImages.remote``).
         """
-        self.validate(prompt_token_ids, params)
+        self.limits.check(list(prompt_token_ids), params)
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         req = Request(request_id, list(prompt_token_ids), params, make_generator(params.seed, self.model.device))
         req.grammar = self._grammar(params)
         req.prefix_key = prefix_key
+        if remote_image_delta is not None:
+            req.images = PromptImages.remote(remote_image_delta, self.arch.hidden_size)
         if not self.scheduler.reserve(req):
             return None
         self._requests[request_id] = req
@@ -298,11 +342,15 @@ class LLMEngine:
         return None
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        images: list[list[ProcessedImage] | None] | None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion (continuous batching) and return final outputs in order."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        images = images or [None] * len(prompts)
+        ids = [self.add_request(p, sp, images=im) for p, sp, im in zip(prompts, params_list, images)]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():

@@ -23,6 +23,10 @@ Owns the model, the KV cache tensors and the prune plan. The kinds of step:
 
 A request whose prefix starts in cached blocks (prefix cache) is prefilled as a chunk: its new
 positions attend to the cached ones in its blocks, the plan's layers skipped as in ``prefill``.
+
+A request with images (``request.images``) runs the same steps: its image rows take the vision
+features and its positions are multimodal (``mm_inputs.py``); image rows are prompt rows like any
+other, so the plan skips their layers too.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ import weakref
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..models.attention import ExtendAttention, MixedAttention, PagedAttention, PrefillAttention
+from ..models.attention import ExtendAttention, MixedAttention, PagedAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
-from . import prompt_logprobs
+from . import mm_inputs, prompt_logprobs
 from .compiled_decode import BucketedDecode
 from .kv_cache import BlockManager, KVCache
 from .request import Request
@@ -64,6 +68,8 @@ class ModelRunner:
         self.blocks = blocks
         self.plan = plan
         self.device = model.device
+        self.is_mrope = model.arch.mrope_section is not None
+        self.is_bidirectional_image = model.arch.vision_family == "gemma3"
         self._table_cache: weakref.WeakKeyDictionary[Request, tuple[list[int], int, torch.Tensor]] = (
             weakref.WeakKeyDictionary()
         )
@@ -116,8 +122,13 @@ class ModelRunner:
             slots += self.blocks.slots(req.block_table, 0, n)
             cu.append(cu[-1] + n)
         slot_mapping = self._tensor(slots)
-        attn = PrefillAttention(cu, sink=lambda layer, k, v: self.kv_cache.write(layer, slot_mapping, k, v))
-        hidden = self.model(self._tensor(ids), self._tensor(pos), attn, plan=self.plan)
+        sink = lambda layer, k, v: self.kv_cache.write(layer, slot_mapping, k, v)  # noqa: E731
+        starts = [0] * len(reqs)
+        images = [r.images for r in reqs]
+        attn = mm_inputs.prefill_attention(images, num_tokens, cu, sink, self.is_bidirectional_image)
+        positions = mm_inputs.step_positions(images, starts, num_tokens, self._tensor(pos), self.is_mrope)
+        vision = mm_inputs.step_vision(images, starts, num_tokens)
+        hidden = self.model(self._tensor(ids), positions, attn, plan=self.plan, vision=vision)
         for req, n in zip(reqs, num_tokens):
             req.num_computed_tokens = n
         if self.plan.boundary_handling:
@@ -166,14 +177,17 @@ class ModelRunner:
         attn = PagedAttention(
             self.kv_cache.k, self.kv_cache.v, slot_mapping, slot_table, pos + 1, masked_prefix, masked_layers, dense
         )
-        return ids, pos, attn
+        return ids, mm_inputs.decode_positions([r.images for r in reqs], pos), attn
 
     @torch.inference_mode()
     def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
         ids, pos, attn = self.decode_inputs(reqs)
         if (
-            self.bucketed is not None and attn.masked_prefix is None and self.bucketed.handles(len(reqs))
-        ):  # the K/V ablation stays eager
+            self.bucketed is not None
+            and attn.masked_prefix is None
+            and not mm_inputs.has_images([r.images for r in reqs])
+            and self.bucketed.handles(len(reqs))
+        ):  # the K/V ablation and requests with images stay eager
             logits = self.bucketed(ids, pos, attn.slot_mapping, attn.slot_table)
         else:
             logits = self.model.compute_logits(self.model(ids, pos, attn))
@@ -226,7 +240,12 @@ class ModelRunner:
             masked_layers,
             cu_seqlens=cu,
         )
-        return self._tensor(ids), pos_t, attn
+        starts = [r.num_computed_tokens for r in reqs]
+        return (
+            self._tensor(ids),
+            mm_inputs.step_positions([r.images for r in reqs], starts, num_tokens, pos_t, self.is_mrope),
+            attn,
+        )
 
     @torch.inference_mode()
     def recompute(self, reqs: list[Request], num_tokens: list[int]) -> None:
@@ -236,7 +255,12 @@ class ModelRunner:
         if not reqs:
             return
         ids, pos, attn = self.chunk_inputs(reqs, num_tokens, is_full_model=True)
-        hidden = self.model(ids, pos, attn)
+        hidden = self.model(
+            ids,
+            pos,
+            attn,
+            vision=mm_inputs.step_vision([r.images for r in reqs], [r.num_computed_tokens for r in reqs], num_tokens),
+        )
         if any(r.prompt_logprobs is not None for r in reqs):  # prompt scoring: these are its positions
             prompt_logprobs.score_positions(self.model, hidden, reqs, [r.num_computed_tokens for r in reqs], num_tokens)
         for req, n in zip(reqs, num_tokens):
@@ -254,15 +278,18 @@ class ModelRunner:
         if not chunks:
             return (decode, self.decode(decode)) if decode else ([], [])
         ids, pos, attn = self.chunk_inputs(chunks, num_tokens)
+        d = len(decode)
+        vision = mm_inputs.step_vision(
+            [r.images for r in chunks], [r.num_computed_tokens for r in chunks], num_tokens, first_row=d
+        )
         for req, n in zip(chunks, num_tokens):
             # Before the decode rows' inputs: a request whose chunk ends its prefix is also a decode
             # row of this step (its boundary token at position N-1, see scheduler.py).
             req.num_computed_tokens += n
-        d = len(decode)
         if decode:
             d_ids, d_pos, d_attn = self.decode_inputs(decode)
-            ids, pos, attn = torch.cat([d_ids, ids]), torch.cat([d_pos, pos]), MixedAttention(d_attn, attn)
-        hidden = self.model(ids, pos, attn, plan=self.plan, num_full_rows=d)  # (T, hidden)
+            ids, pos, attn = torch.cat([d_ids, ids]), mm_inputs.join_positions(d_pos, pos), MixedAttention(d_attn, attn)
+        hidden = self.model(ids, pos, attn, plan=self.plan, num_full_rows=d, vision=vision)  # (T, hidden)
         rows, reqs = list(range(d)), list(decode)
         end = d
         for req, n in zip(chunks, num_tokens):

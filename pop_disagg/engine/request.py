@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.multimodal import PromptImages
 from . import prompt_logprobs
 from .kv_cache import PrefixKey
 from .sampling import SamplingParams
@@ -67,9 +68,17 @@ class Request:
     # (the first, the context's); grows as its full-model positions run (prompt_logprobs.py).
     prompt_logprobs: list | None = None
     grammar: object | None = None  # structured output: its xgrammar matcher (structured.py), set by the engine
+    # A prompt with images: their placeholder rows' vision features and multimodal positions
+    # (the engine encodes them when the request is added). Such a prompt bypasses the prefix cache:
+    # its placeholder token ids say nothing about which image they hold.
+    images: PromptImages | None = None
 
     def __post_init__(self) -> None:
         self.prompt_logprobs = prompt_logprobs.initial(len(self.prompt_token_ids), self.params)
+
+    @property
+    def is_prefix_cacheable(self) -> bool:
+        return self.images is None
 
     @property
     def num_prompt_tokens(self) -> int:

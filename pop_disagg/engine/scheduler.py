@@ -195,7 +195,7 @@ class Scheduler:
         """The longest run of cached blocks ``req`` can start from. Capped below its prefix length so
         the next step has a token to compute (the boundary token, or the pruned pass's last token
         when that pass samples)."""
-        if self.prefix_key is None or req.prompt_logprobs is not None:  # scoring computes every position
+        if self.prefix_key is None or req.prompt_logprobs is not None or not req.is_prefix_cacheable:
             return []
         limit = self.prefix_len(req) - (1 if self._samples_from_prefill(req) else 0)
         hits = []
@@ -397,7 +397,7 @@ class Scheduler:
         if self.prefix_key is None:
             return
         for req in {id(r): r for r in step.prefill + step.recompute + step.decode}.values():
-            if req.is_kv_local and req.status == RequestStatus.RUNNING:
+            if req.is_kv_local and req.is_prefix_cacheable and req.status == RequestStatus.RUNNING:
                 self._publish(req)
 
     # ---- disaggregated decode: prompt K/V written by another worker -----------------------------

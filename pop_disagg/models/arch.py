@@ -1,7 +1,9 @@
 """Model architecture description: one frozen record parsed from a checkpoint's ``config.json``.
 
-Owns the translation from the Hugging Face config zoo (Llama, Mistral, Qwen2, Qwen3, Gemma-3 text)
-into the handful of switches our single decoder implementation needs. We parse the raw JSON rather
+Owns the translation from the Hugging Face config zoo (Llama, Mistral, Qwen2, Qwen3, Gemma-3 text,
+and the language models of the Qwen3-VL and Gemma-3 vision-language checkpoints, whose text
+settings sit under ``text_config``) into the handful of switches our single decoder implementation
+needs. We parse the raw JSON rather
 than a ``transformers`` config object so both the old (``rope_theta`` + ``rope_scaling``) and the
 new (``rope_parameters``) layouts load, whatever Transformers version the user has.
 """
@@ -21,7 +23,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
+    "Qwen3VLForConditionalGeneration": "qwen3",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
+# Vision-language checkpoints: their language model is one of the families above (read from
+# ``text_config``); the vision tower is described by ``vision.py``'s ``VisionSpec``.
+VISION_ARCHITECTURES = {"Qwen3VLForConditionalGeneration": "qwen3_vl", "Gemma3ForConditionalGeneration": "gemma3"}
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -68,6 +75,12 @@ class ModelArch(BaseModel):
     final_logit_softcapping: float | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # Vision-language checkpoints: which vision family, Qwen-VL's multimodal RoPE sections
+    # (frequencies per temporal/height/width axis, interleaved as Qwen3-VL does) and how many early
+    # layers receive Qwen3-VL's DeepStack visual features.
+    vision_family: Literal["qwen3_vl", "gemma3"] | None = None
+    mrope_section: tuple[int, int, int] | None = None
+    num_deepstack_layers: int = 0
 
     @property
     def is_gemma(self) -> bool:
@@ -125,6 +138,9 @@ class ModelArch(BaseModel):
     @classmethod
     def from_hf_dict(cls, raw: dict, source: str = "config.json") -> "ModelArch":
         archs = raw.get("architectures") or []
+        vision_family = next((VISION_ARCHITECTURES[a] for a in archs if a in VISION_ARCHITECTURES), None)
+        if vision_family is not None:
+            return _vision_language_arch(cls, raw, archs, vision_family, source)
         family = None
         for name in archs:
             family = SUPPORTED_ARCHITECTURES.get(name)
@@ -229,3 +245,31 @@ def _rope_specs(raw: dict, family: str, source: str) -> tuple[RopeSpec, RopeSpec
     if params:
         return _rope_spec(params, theta, source), None
     return _rope_spec(raw.get("rope_scaling"), theta, source), None
+
+
+def _vision_language_arch(cls, raw: dict, archs: list, vision_family: str, source: str) -> ModelArch:
+    """The language model of a vision-language checkpoint: ``text_config`` read as a text config,
+    plus the top-level fields that stay outside it (tied embeddings, end-of-sequence ids)."""
+    text = dict(raw.get("text_config") or {})
+    text["architectures"] = ["Qwen3ForCausalLM" if vision_family == "qwen3_vl" else "Gemma3ForCausalLM"]
+    for key in ("tie_word_embeddings", "eos_token_id", "bos_token_id"):
+        if key in raw and (key == "tie_word_embeddings" or key not in text):
+            text[key] = raw[key]
+    base = cls.from_hf_dict(text, source)
+    extra: dict = {"vision_family": vision_family}
+    if vision_family == "qwen3_vl":
+        # Transformers' defaults where a saved config leaves them out: sections (24, 20, 20), three
+        # DeepStack layers (vision blocks 8, 16 and 24).
+        params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        section = params.get("mrope_section", (24, 20, 20))
+        if len(section) != 3 or not params.get("mrope_interleaved", True):
+            raise ModelConfigError(f"{source}: Qwen3-VL needs interleaved rope_parameters.mrope_section of 3 sizes")
+        if sum(section) != base.head_dim // 2:
+            raise ModelConfigError(
+                f"{source}: mrope_section {section} does not cover head_dim/2 = {base.head_dim // 2}"
+            )
+        extra["mrope_section"] = tuple(section)
+        extra["num_deepstack_layers"] = len(
+            (raw.get("vision_config") or {}).get("deepstack_visual_indexes", (8, 16, 24))
+        )
+    return base.model_copy(update=extra)

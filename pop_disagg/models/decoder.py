@@ -13,6 +13,11 @@ weight folded in, then each layer's own bias / k-norm / RoPE. A *prefill-only* i
 for one plan and holds just the pieces that path touches (``SkippedLayer``): no MLP, no Q/O
 projections, no final norm, no LM head. It also runs any deeper plan (skip set a superset of its
 own): that is how one prefill worker serves a nested plan family.
+
+Vision-language checkpoints run the same stack: ``vision`` (a ``multimodal.VisionRows``) puts the
+vision encoder's features in the image placeholder rows after the embedding and, for Qwen3-VL,
+adds its DeepStack features after the first layers; ``(3, T)`` positions are Qwen-VL's multimodal
+RoPE. Image rows are prompt rows like any other: the plan skips their layers too.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..pop.plan import PrunePlan
 from . import cpu_blas
 from .arch import ModelArch
 from .layers import MLP, FusedLinear, RMSNorm, apply_rope, fuse_linears, linear, rope_cos_sin, rope_inv_freq
+from .multimodal import mrope_cos_sin
 
 CosSin = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -228,6 +234,8 @@ class CausalLM(nn.Module):
         if not self._inv_freq:
             self.init_rope()
         kinds = set(self.arch.layer_types)
+        if positions.dim() == 2:  # (3, T) temporal/height/width positions: Qwen-VL's multimodal RoPE
+            return {k: mrope_cos_sin(self._inv_freq[k], positions, self.arch.mrope_section, self.dtype) for k in kinds}
         return {k: rope_cos_sin(self._inv_freq[k], positions, self.dtype) for k in kinds}
 
     # ---- forward ------------------------------------------------------------------------------
@@ -239,13 +247,15 @@ class CausalLM(nn.Module):
         plan: PrunePlan | None = None,
         gates: torch.Tensor | None = None,
         num_full_rows: int = 0,
+        vision=None,
     ) -> torch.Tensor:
         """Run the stack over flattened tokens; return final hidden states (T, hidden), pre-norm.
 
         ``plan``: layers to skip (POP prefill). ``gates``: (L, T, 1) virtual gates for calibration.
         ``num_full_rows``: the first rows are decode tokens of a chunked-prefill step (``attn`` is a
         ``MixedAttention``): they run every layer, the plan skips layers only for the prompt-chunk
-        rows after them.
+        rows after them. ``vision``: image rows of a vision-language prompt (``multimodal.VisionRows``);
+        ``positions`` may then be (3, T) multimodal RoPE positions.
         """
         skip = frozenset(plan.skip_layers) if plan is not None else frozenset()
         if self.is_prefill_only and (num_full_rows or not self.can_run(plan)):
@@ -255,21 +265,28 @@ class CausalLM(nn.Module):
             )
         cos_sin = self._cos_sin(positions)
         h = self.model.embed_tokens(input_ids)
+        if vision is not None:
+            h = vision.merge(h)  # image placeholder rows take the vision encoder's features
         layers = self.model.layers
         l = 0
         while l < len(layers):
             if l in skip:
                 run = [l]
-                while run[-1] + 1 in skip:
+                # A layer that receives DeepStack features ends a run: the layers after it see h + features.
+                while run[-1] + 1 in skip and run[-1] >= self.arch.num_deepstack_layers:
                     run.append(run[-1] + 1)
                 if num_full_rows:
                     h = self._mixed_run(tuple(run), h, cos_sin, attn, plan, num_full_rows)
                 elif plan.independent_kv:
                     self._store_run_kv(tuple(run), h, cos_sin, attn)
                 l = run[-1] + 1  # residual stream unchanged across the run
+                if vision is not None:
+                    h = vision.inject(run[-1], h)
                 continue
             gate = gates[l] if gates is not None else None
             h = layers[l](h, cos_sin, attn, gate)
+            if vision is not None:
+                h = vision.inject(l, h)
             l += 1
         return h
 

@@ -1,7 +1,8 @@
 """Checkpoint loading: build the model on the ``meta`` device, then stream only the tensors it
 declares out of the folder's safetensors files (one file, or many with an index).
 
-Tensors load under their Hugging Face names; ``CausalLM.fuse_weights`` then packs q/k/v and
+Tensors load under their Hugging Face names (a vision-language checkpoint's language model under
+its prefix, ``TEXT_LAYOUTS``; its vision tower loads in ``vision.py``); ``CausalLM.fuse_weights`` then packs q/k/v and
 gate/up into one GEMM each, keeping those names as views. Because a prefill-only instance never declares the skipped layers' attention/MLP weights or the
 LM head, those tensors are never read from disk: ``safe_open`` reads tensors lazily by name.
 """
@@ -70,7 +71,7 @@ def load_model(
     with torch.device("meta"):
         model = CausalLM(arch, prefill_only_plan)
     index = _weight_index(path)
-    wanted = dict(model.named_parameters())
+    wanted = {checkpoint_name(index, n, TEXT_LAYOUTS): n for n, _ in model.named_parameters()}
     missing = [n for n in wanted if n not in index]
     if missing:
         raise ModelConfigError(
@@ -83,11 +84,30 @@ def load_model(
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:
                 tensor = f.get_tensor(name)
-                _assign(model, name, tensor, dtype, device)
+                _assign(model, wanted[name], tensor, dtype, device)
     model.eval().requires_grad_(False)
     model.fuse_weights()  # q/k/v and gate/up as one GEMM each; the HF names stay as views
     model.init_rope()
     return model
+
+
+# Where a checkpoint keeps a tensor we name ``model.X`` / ``lm_head.X``: a text checkpoint as it is;
+# a vision-language one under ``model.language_model.`` (Transformers 5's layout) or
+# ``language_model.model.`` (the layout Gemma-3 and older checkpoints ship).
+TEXT_LAYOUTS = (
+    ("model.", "model."),
+    ("model.", "model.language_model."),
+    ("model.", "language_model.model."),
+    ("lm_head.", "lm_head."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def checkpoint_name(index: dict[str, Path], name: str, layouts: tuple[tuple[str, str], ...]) -> str:
+    """The checkpoint's name for our parameter ``name``: the first layout (our prefix -> theirs)
+    whose name the checkpoint holds (else the first candidate, which the caller reports missing)."""
+    candidates = [theirs + name[len(ours) :] for ours, theirs in layouts if name.startswith(ours)] or [name]
+    return next((c for c in candidates if c in index), candidates[0])
 
 
 def _assign(model: CausalLM, name: str, tensor: torch.Tensor, dtype, device) -> None:

@@ -31,6 +31,7 @@ from .control.observer import ServerObserver
 from .control.router import Router
 from .frontend.auth import BearerAuthInterceptor, check_token, server_credentials
 from .frontend.grpc_api import GrpcFrontEnd
+from .frontend.multimodal import MediaEdge
 from .workers.deploy import Deployment
 from .workers.supervisor import Supervisor
 
@@ -89,6 +90,7 @@ class Server:
         self.supervisor: Supervisor | None = None
         self._grpc: GrpcFrontEnd | None = None
         self.limits: ModelLimits | None = None
+        self.media: MediaEdge | None = None  # the image rules (vision-language models), set at start
         self._tasks: list[asyncio.Task] = []
         # HTTP front end (off when http_port is None) and the standard health service's state.
         self.http_port, self.health_interval_s = http_port, health_interval_s
@@ -101,6 +103,7 @@ class Server:
 
     async def start(self) -> int:
         from ..models.loader import resolve_dtype
+        from ..models.registry import resolve_model
 
         self.deployment = await asyncio.to_thread(Deployment.start, self.config)
         dep = self.deployment
@@ -111,6 +114,13 @@ class Server:
             context_limit,
             dep.family.ratios,
             can_score_prompt=all(p.boundary_handling and p.independent_kv for p in dep.family.plans),
+        )
+        self.media = await asyncio.to_thread(
+            MediaEdge.of,
+            self.config.media,
+            resolve_model(self.config.engine.model),
+            dep.tokenizer,
+            engine.enable_chunked_prefill,
         )
         # Asked once: every decode worker has the same budget, the smallest cache decides what fits.
         num_blocks = [s["num_blocks"] for s in await asyncio.gather(*[a.stats.remote() for a in dep.decode])]

@@ -20,6 +20,11 @@ class GenerateCall:
         None  # the request's plan in the served family (from its prune_ratio); None: the server picks
     )
     deadline: float | None = None  # wall clock (time.time()) from the client's deadline; None = none
+    # Vision-language models: the prompt's images as the checkpoint's image processor left them
+    # (``models.vision.ProcessedImage``), and the position offset of tokens after the prompt
+    # (Qwen-VL's multimodal RoPE; all the decode side needs of the images).
+    images: tuple = ()
+    mrope_delta: int = 0
 
 
 @dataclass

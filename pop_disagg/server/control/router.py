@@ -134,6 +134,14 @@ def kv_aware_choice(
     return costs.index(min(costs))
 
 
+def _image_args(call: GenerateCall, link: int | None) -> dict:
+    """What the decode worker gets of a request's images: colocated, the images (its engine
+    encodes them); disaggregated, only the position offset after the prompt (K/V come encoded)."""
+    if not call.images:
+        return {}
+    return {"images": call.images} if link is None else {"remote_image_delta": call.mrope_delta}
+
+
 def least_loaded_prefill(choices: list, loads: list[int], same_node) -> object:
     """The prefill worker (slot) with the fewest prompt tokens queued; among equally loaded ones
     (an idle server: all zero), one on the decode worker's node, whose K/V then cross no network."""
@@ -252,7 +260,13 @@ class Router:
             params = req.call.params.model_copy(update={"stop": ()})
             link = att.prefill if self.is_disaggregated else None
             gen = att.dactor.generate.remote(
-                att.wid, req.call.prompt_token_ids, params, link, req.call.deadline, req.plan_index
+                att.wid,
+                req.call.prompt_token_ids,
+                params,
+                link,
+                req.call.deadline,
+                req.plan_index,
+                **_image_args(req.call, link),
             )
             delta = Delta(req.rid, "", [])
             async with contextlib.aclosing(self._events(gen, att.down, req)) as events:
@@ -312,7 +326,15 @@ class Router:
             return
         att.prefill_task = asyncio.create_task(
             self._prefill(
-                att, att.pslot, att.dactor, transfer_id, prefix, req.call.deadline, req.plan_index, num_held_tokens
+                att,
+                att.pslot,
+                att.dactor,
+                transfer_id,
+                prefix,
+                req.call.deadline,
+                req.plan_index,
+                num_held_tokens,
+                req.call.images,
             )
         )
 
@@ -498,14 +520,17 @@ class Router:
         deadline: float | None,
         plan_index: int | None = None,
         send_start: int = 0,
+        images: tuple = (),
     ):
         import ray
 
         p, pactor = pslot.index, pslot.actor
         outcome = None
         try:
+            # The images go to the prefill worker, whose vision encoder runs them; never to the decode side.
+            extra = {"images": images} if images else {}
             outcome = await pactor.prefill.remote(
-                att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index, send_start
+                att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index, send_start, **extra
             )
         except ray.exceptions.RayActorError as exc:
             att.prefill_died = True

@@ -63,7 +63,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def _parse(self, request, context) -> GenerateCall:
         server = self.server
         try:
-            call = protocol.parse_generate(request, server.deployment.tokenizer, server.limits)
+            args = (request, server.deployment.tokenizer, server.limits, server.media)
+            # Decoding and resizing images is blocking work: off the event loop.
+            call = (
+                await asyncio.to_thread(protocol.parse_generate, *args)
+                if request.images
+                else protocol.parse_generate(*args)
+            )
         except InvalidRequest as exc:
             if server.metrics is not None:
                 server.metrics.count_failure("INVALID_ARGUMENT")
@@ -162,6 +168,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             prefill_weight_bytes=dep.prefill_weight_bytes,
             adaptive_depth=cfg.adaptive_depth,
             ttft_slo_ms=cfg.ttft_slo_ms or 0.0,
+            image_placeholder=self.server.media.spec.placeholder if self.server.media.spec else "",
+            max_images_per_prompt=cfg.media.max_images_per_prompt if self.server.media.spec else 0,
         )
 
 
@@ -172,6 +180,9 @@ class GrpcFrontEnd:
         self.servicer = GenerationServicer(server)
         # Refused by gRPC (RESOURCE_EXHAUSTED) before the message is parsed: nothing valid is this big.
         max_bytes = max(MIN_MAX_REQUEST_BYTES, BYTES_PER_CONTEXT_TOKEN * server.limits.context_limit)
+        if server.media.spec is not None:  # room for the images a prompt may carry
+            media = server.config.media
+            max_bytes += media.max_images_per_prompt * media.max_image_bytes
         self.grpc = grpc.aio.server(
             interceptors=interceptors or [], options=[("grpc.max_receive_message_length", max_bytes)]
         )

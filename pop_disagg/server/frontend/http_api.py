@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -49,7 +50,7 @@ from ...limits import InvalidRequest, ModelLimits
 from ..control.calls import GenerateCall, GenerateResult
 from ..errors import ServingError, Unauthenticated
 from . import fanout, openai_fields, protocol, scoring, structured_output, tokenize_api
-from .chat import ChatMessage, render_chat
+from .chat import ChatMessage, render_chat, render_chat_text
 from .openai_logprobs import LogprobsRenderer
 
 log = logging.getLogger("pop_disagg.serve")
@@ -286,21 +287,29 @@ def _prompts(req: _SamplingRequest, tokenizer) -> list[tuple[str | None, list[in
 
 
 def parse_calls(
-    req: _SamplingRequest, tokenizer, limits: ModelLimits, check_grammar=None
+    req: _SamplingRequest, tokenizer, limits: ModelLimits, check_grammar=None, media=None
 ) -> list[tuple[GenerateCall, str | None]]:
     """One call per prompt (with the prompt's text, when it came as text), validated with the gRPC
     API's rules (``protocol.parse_generate``), naming OpenAI's parameters; completions' prompt
     scoring added (``scoring.scoring_params``), and structured output, its spec compiled here by
-    ``check_grammar`` (``structured_output.EdgeCheck``)."""
+    ``check_grammar`` (``structured_output.EdgeCheck``). ``media``: the served model's image rules
+    (``multimodal.MediaEdge``), for chat image parts."""
     _unsupported(req)
     structured = structured_output.spec_of(req)
     if structured is not None:
         check_grammar(*structured)
+    images = []
+    if isinstance(req, ChatCompletionRequest) and media is not None and media.inputs is not None:
+        images = media.chat_images(req.messages)
+        text = render_chat_text(tokenizer, req.messages, image_placeholder=media.spec.placeholder)
+        prompts = [(None, media.prompt(tokenizer, text, images, add_special_tokens=False))]
+    else:
+        prompts = _prompts(req, tokenizer)
     calls = []
-    for prompt, prompt_ids in _prompts(req, tokenizer):
+    for prompt, prompt_ids in prompts:
         msg, rename = to_generate_request(req, prompt, prompt_ids)
         try:
-            call = protocol.parse_generate(msg, tokenizer, limits)
+            call = protocol.parse_generate(msg, tokenizer, limits, media, images)
         except InvalidRequest as exc:
             param = rename.get(exc.field_name, exc.field_name)
             raise InvalidRequest(param, str(exc).split(": ", 1)[1]) from None
@@ -483,6 +492,14 @@ async def _unless_disconnected(aw, request: Request):
 
 
 # ---- the app -------------------------------------------------------------------------------------
+def max_body_bytes(server) -> int:
+    """``MAX_BODY_BYTES``, plus room for the base64 images a prompt may carry (vision-language models)."""
+    media = getattr(server, "media", None)
+    if media is None or media.spec is None:
+        return MAX_BODY_BYTES
+    return MAX_BODY_BYTES + media.config.max_images_per_prompt * (media.config.max_image_bytes * 4 // 3 + 64)
+
+
 class _Guard:
     """ASGI middleware: body size limit for every request, bearer token for ``/v1/*``."""
 
@@ -494,10 +511,11 @@ class _Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length", "0")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before reading a byte of it
+        limit = max_body_bytes(self.server)
+        if declared.isdigit() and int(declared) > limit:  # refused before reading a byte of it
             too_large = _error(
                 413,
-                f"request body of {declared} bytes exceeds {MAX_BODY_BYTES} bytes",
+                f"request body of {declared} bytes exceeds {limit} bytes",
                 "invalid_request_error",
                 code="request_too_large",
             )
@@ -517,8 +535,8 @@ class _Guard:
             message = await receive()
             if message["type"] == "http.request":
                 num_bytes += len(message.get("body", b""))
-                if num_bytes > MAX_BODY_BYTES:
-                    raise HTTPException(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+                if num_bytes > limit:
+                    raise HTTPException(413, f"request body exceeds {limit} bytes")
             return message
 
         await self.app(scope, counted, send)
@@ -562,7 +580,13 @@ def create_app(server) -> FastAPI:
     async def generate(req: _SamplingRequest, request: Request):
         try:
             check_model(req.model)
-            parsed = parse_calls(req, dep.tokenizer, limits, check_grammar)
+            media = server.media
+            parse = functools.partial(parse_calls, req, dep.tokenizer, limits, check_grammar, media)
+            if isinstance(req, ChatCompletionRequest) and any(m.image_urls for m in req.messages):
+                # Fetching, decoding and resizing images is blocking work: off the event loop.
+                parsed = await asyncio.to_thread(parse)
+            else:
+                parsed = parse()
             calls = [c for call, _ in parsed for c in fanout.sample_calls(call, req.n)]
             texts = [text for _, text in parsed for _ in range(req.n)]
             render = _Render(req, model_name, dep.tokenizer, calls, texts)

@@ -29,20 +29,34 @@ FINISH_REASONS = {
 }
 
 
-def parse_generate(msg: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> GenerateCall:
+def parse_generate(
+    msg: pb.GenerateRequest, tokenizer, limits: ModelLimits, media=None, images: list | None = None
+) -> GenerateCall:
+    """``media``: the served model's image rules (``multimodal.MediaEdge``; None: no images).
+    ``images``: images already processed at the edge (the HTTP front end), instead of ``msg.images``."""
     has_text, has_ids = bool(msg.prompt), len(msg.prompt_token_ids) > 0
     if has_text and has_ids:
         raise InvalidRequest("prompt", "set exactly one of prompt and prompt_token_ids, not both")
     if not has_text and not has_ids:
         raise InvalidRequest("prompt", "empty prompt: set prompt or prompt_token_ids")
+    images = list(images or [])
+    if msg.images:
+        if media is None:
+            raise InvalidRequest("images", "the served model takes no images")
+        images = media.process([(data, None) for data in msg.images], "images")
     if has_ids:
         ids = list(msg.prompt_token_ids)
         limits.check_prompt(ids)
+    elif images:
+        ids = media.prompt(tokenizer, msg.prompt, images, add_special_tokens=True)
+        limits.check_prompt(ids, field_name="prompt")
     else:
         ids = list(tokenizer.encode(msg.prompt))
         if not ids:
             raise InvalidRequest("prompt", "the prompt tokenizes to zero tokens")
         limits.check_prompt(ids, field_name="prompt")
+    if media is not None:
+        media.for_ids(ids, images)
     max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
     limits.check_max_new_tokens(len(ids), max_new)
     temperature = msg.temperature if msg.HasField("temperature") else 0.0
@@ -84,7 +98,8 @@ def parse_generate(msg: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> G
     if request_id is not None and not request_id:
         raise InvalidRequest("request_id", "must be non-empty when set")
     plan_index = limits.plan_index(msg.prune_ratio if msg.HasField("prune_ratio") else None)
-    return GenerateCall(ids, params, request_id, plan_index)
+    delta = media.mrope_delta(ids, images) if images else 0
+    return GenerateCall(ids, params, request_id, plan_index, images=tuple(images), mrope_delta=delta)
 
 
 def updated_params(params: SamplingParams, field_name: str, **update) -> SamplingParams:

@@ -142,6 +142,8 @@ class PrefillActor(_Shell):
             spec.engine.enable_chunked_prefill,
             *_prefill_cache(spec, self.model),
         )
+        if self.model.arch.vision_family is not None:
+            self.worker.load_vision(path)  # this worker encodes its prompts' images
         self._warm_up()
         self._start_loop(self.worker)
 
@@ -199,11 +201,12 @@ class PrefillActor(_Shell):
         deadline: float | None = None,
         plan_index: int | None = None,
         send_start: int = 0,
+        images: tuple = (),
     ):
         """Prefill ``prefix_ids`` with the family's plan ``plan_index`` (None: the default) and send its
         K/V from position ``send_start`` on (the decode worker holds the rest) to decode worker
         ``link``; returns the outcome once the last layer is on the wire (``outcome.error`` set if
-        it failed)."""
+        it failed). ``images``: the prompt's, encoded by this worker's vision encoder in the prefill step."""
         from ...disagg.prefill_worker import PrefillOutcome, PrefillTask
 
         if request_id in self._aborted:
@@ -222,6 +225,7 @@ class PrefillActor(_Shell):
                 deadline=deadline,
                 plan=plan,
                 send_start=send_start,
+                images=list(images),
             )
         )
         return await done
@@ -273,6 +277,8 @@ class DecodeActor(_Shell):
         path, load_model = _setup(spec)
         engine = LLMEngine(spec.engine, model=load_model(path, spec.engine.dtype, spec.engine.device))
         engine.eos_token_ids |= set(spec.eos_token_ids)  # no tokenizer here: the router passes its EOS
+        if spec.is_colocated and engine.arch.vision_family is not None:
+            engine.load_vision(path)  # a colocated engine encodes its requests' images itself
         self.worker = DecodeWorker(engine, spec.transfer_timeout_s, spec.max_local_prefill_tokens)
         self.spec = spec
         self._aborted = _Tombstones()
@@ -320,10 +326,14 @@ class DecodeActor(_Shell):
         link: int | None,
         deadline: float | None = None,
         plan_index: int | None = None,
+        images: tuple = (),
+        remote_image_delta: int | None = None,
     ):
         """Stream a request. ``link``: the prefill worker that sends its K/V; None = colocated.
         ``deadline`` (wall clock): past it the request ends with ``Failed(kind="deadline")``.
         ``plan_index``: the family plan its prefill runs (names its blocks in the prefix cache).
+        ``images`` (colocated): encoded here; ``remote_image_delta`` (disaggregated): the prompt's
+        images were encoded on the prefill worker, this is their position offset.
         The first item is ``("reserved", (transfer id, prompt tokens already held))``."""
         from ...disagg.decode_worker import Failed, Tokens
 
@@ -333,7 +343,9 @@ class DecodeActor(_Shell):
         is_done = False
         try:
             if link is None:
-                self.worker.add_local(request_id, prompt_token_ids, params, sink, deadline)
+                await asyncio.to_thread(  # encoding images is blocking work
+                    self.worker.add_local, request_id, prompt_token_ids, params, sink, deadline, images
+                ) if images else self.worker.add_local(request_id, prompt_token_ids, params, sink, deadline)
                 yield ("reserved", (0, 0))
             else:
                 while True:
@@ -347,7 +359,14 @@ class DecodeActor(_Shell):
                         return
                     try:
                         res = self.worker.reserve(
-                            request_id, prompt_token_ids, params, link, sink, deadline, self._key(plan_index)
+                            request_id,
+                            prompt_token_ids,
+                            params,
+                            link,
+                            sink,
+                            deadline,
+                            self._key(plan_index),
+                            remote_image_delta,
                         )
                     except RuntimeError as exc:  # the link is broken: the router may re-prefill elsewhere
                         is_done = True

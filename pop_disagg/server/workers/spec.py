@@ -29,6 +29,7 @@ class WorkerSpec:
         None  # plans a request may pick (``plan`` is its default); the prefill model is built for the mildest
     )
     max_local_prefill_tokens: int = 0  # decode worker: prefill an uncached rest this short itself
+    is_colocated: bool = False  # the decode worker's engine prefills (and encodes images) itself
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class DeploymentSpec:
             config.kv_correction,
             family,
             config.max_local_prefill_tokens,
+            not config.is_disaggregated,
         )
         return cls(arch, tokenizer, family, plan, worker, weight_bytes_of(arch, family.union_plan, engine.dtype))
 
