@@ -208,8 +208,9 @@ def _serve_disaggregated(path, decode_engine: LLMEngine, prompts, max_new: int) 
         for i, (ids, images, delta) in enumerate(prompts):
             rid = f"r{i}"
             params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
-            tid = decode.reserve(rid, ids, params, 0, events[rid].append, remote_image_delta=delta)
-            assert tid is not None
+            res = decode.reserve(rid, ids, params, 0, events[rid].append, remote_image_delta=delta)
+            assert res is not None
+            tid = res.transfer_id
             prefill.submit(PrefillTask(rid, tid, 0, ids[:-1], lambda o: None, images=list(images or [])))
         deadline = time.monotonic() + 60
         while not all(

@@ -181,12 +181,14 @@ class DecodeWorker:
                 f"link from prefill worker {link} is broken: {self.receivers[link].broken if link in self.receivers else 'not attached'}"
             )
         with self._lock:
-            # A scoring request computes every position (the prefix cache does not serve it): never local.
+            # Never local: a scoring request (it computes every position, the prefix cache does not
+            # serve it) or one with images (encoded on the prefill worker).
             if (
                 prefix_key is not None
                 and n > 0
                 and prefix_key == self.engine.prefix_key
                 and params.prompt_logprobs is None
+                and remote_image_delta is None
             ):
                 num_cached = self.engine.num_cached_prefix_tokens(prompt_token_ids)
                 if num_cached and n - num_cached <= self.max_local_prefill_tokens:

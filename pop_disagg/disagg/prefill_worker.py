@@ -216,7 +216,8 @@ class PrefillWorker:
                 )
                 _fail(task, "deadline exceeded")
                 continue
-            if self.cache is not None and head.cached is None:
+            # A prompt with images bypasses the cache: its placeholder ids do not say which image they hold.
+            if self.cache is not None and head.cached is None and not head.images and head.encoded is None:
                 self._start_cached(head)
             remaining = len(head.prefix_ids) - head.num_done
             if self.enable_chunked_prefill:

@@ -19,6 +19,7 @@ greedy only (the paper's tasks decode greedily); sampling arguments are refused,
 
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401 - the harness's own model types first: registering ours before them hides them
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
