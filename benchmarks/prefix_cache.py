@@ -31,7 +31,6 @@ import json
 import os
 import random
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_configs import stop_server  # noqa: E402
+
 VLLM = Path(os.environ.get("VLLM_VENV", "/work/.venv-vllm")) / "bin" / "vllm"
 NAME = "smollm2"  # the model name both servers answer to
 
@@ -121,24 +124,6 @@ def wait_http(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float
     raise RuntimeError(f"{url} did not answer within {timeout_s:g}s (log: {log_path})")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def server_cmd(system: str, args, port: int, metrics_port: int, extra: list[str] = ()) -> tuple[list[str], dict]:
     """The command (and environment) that serves ``system`` on ``port``."""
     if system == "vllm":
@@ -176,12 +161,12 @@ class Served:
         try:
             wait_http(self.proc, self.url, self.log)
         except BaseException:
-            stop(self.proc)
+            stop_server(self.proc)
             raise
         return self
 
     def __exit__(self, *exc):
-        stop(self.proc)
+        stop_server(self.proc)
 
 
 def kv_bytes_per_token(model_dir: str) -> int:

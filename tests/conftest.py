@@ -10,17 +10,22 @@ from pop_disagg.models.tiny import ARCHS, VLM_ARCHS, make_tiny_model, make_tiny_
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    """tiny_ckpt(arch) -> folder of a tiny random checkpoint of that family (cached per session)."""
+def _folders_per_arch(tmp_path_factory, make, default: str):
+    """get(arch) -> folder made by ``make(folder, arch)`` once per session and arch."""
     cache: dict[str, str] = {}
 
-    def get(arch: str = "llama") -> str:
+    def get(arch: str = default) -> str:
         if arch not in cache:
-            cache[arch] = str(make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch))
+            cache[arch] = str(make(tmp_path_factory.mktemp(f"tiny-{arch}"), arch))
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """tiny_ckpt(arch) -> folder of a tiny random checkpoint of that family (cached per session)."""
+    return _folders_per_arch(tmp_path_factory, make_tiny_model, "llama")
 
 
 @pytest.fixture(params=ARCHS)
@@ -31,14 +36,7 @@ def arch(request) -> str:
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory):
     """tiny_vlm(arch) -> folder of a tiny random vision-language checkpoint (cached per session)."""
-    cache: dict[str, str] = {}
-
-    def get(arch: str = "qwen3_vl") -> str:
-        if arch not in cache:
-            cache[arch] = str(make_tiny_vlm(tmp_path_factory.mktemp(f"tiny-{arch}"), arch))
-        return cache[arch]
-
-    return get
+    return _folders_per_arch(tmp_path_factory, make_tiny_vlm, "qwen3_vl")
 
 
 @pytest.fixture(params=VLM_ARCHS)

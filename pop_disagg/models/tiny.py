@@ -114,13 +114,7 @@ def make_tiny_model(out: str | Path, arch: str = "llama", seed: int = 0, **overr
     cls = tf.Gemma3ForCausalLM if arch == "gemma3" else tf.AutoModelForCausalLM
     torch.manual_seed(seed)
     model = cls.from_config(cfg) if cls is tf.AutoModelForCausalLM else cls(cfg)
-    with torch.no_grad():
-        # Random init leaves norms at 1 (0 for Gemma): perturb them so folding/norm bugs show up.
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
+    _perturb(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
