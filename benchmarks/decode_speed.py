@@ -111,8 +111,10 @@ def model_gemms_s(model, batch: int, kind: str) -> dict:
     gemms = [(torch.randn(batch, w_t.shape[0], dtype=model.dtype, device=model.device), w_t) for w_t in weights]
     x_head = torch.randn(batch, model.arch.hidden_size, dtype=model.dtype, device=model.device)
     before = cpu_blas.active()
-    # One-row GEMMs stay with torch's under either setting (cpu_blas.MIN_ROWS): one column then.
-    backends = ["torch"] + (["openblas"] if batch >= cpu_blas.MIN_ROWS and cpu_blas.numpy_has_openblas() else [])
+    # One-row GEMMs stay with torch's under either setting (cpu_blas.MIN_OPENBLAS_ROWS): one column then.
+    backends = ["torch"] + (
+        ["openblas"] if batch >= cpu_blas.MIN_OPENBLAS_ROWS and cpu_blas.numpy_has_openblas() else []
+    )
     out = {}
     try:
         with torch.inference_mode():

@@ -227,33 +227,13 @@ def test_lean_decode_ops_are_bitwise_the_reference_formulas():
         assert (attn._mask(1, window, q.dtype) is None) == (dense and (window is None or s <= window))
 
 
-def test_one_row_logits_use_a_head_copy_that_follows_edits(tiny_ckpt):
-    """Batch-1 steps on a CPU read a (hidden, vocab) copy of the LM head: same logits as the
-    checkpoint layout, and rebuilt when the (tied) weight is edited in place."""
-    import torch.nn.functional as F
-
-    model = load_model(tiny_ckpt("llama"))
-    h = torch.randn(1, model.arch.hidden_size)
-    weight = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
-
-    def reference():
-        return F.linear(model.model.norm(h), weight).float()
-
-    with torch.inference_mode():
-        torch.testing.assert_close(model.compute_logits(h), reference(), atol=1e-5, rtol=1e-5)
-        assert model._head_t is not None  # the one-row path really ran
-        torch.testing.assert_close(model.compute_logits(h.repeat(3, 1))[1], reference()[0], atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        weight.mul_(-1.5)
-    with torch.inference_mode():
-        torch.testing.assert_close(model.compute_logits(h), reference(), atol=1e-5, rtol=1e-5)
-
-
+@pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("backend", ["torch", "openblas", "onednn"])
-def test_multi_row_logits_take_the_head_copy_only_under_openblas(tiny_ckpt, backend):
-    """From two rows up the copy serves OpenBLAS (faster over it at every M measured) and not
-    torch's MKL (faster over the checkpoint layout from 4 rows up); logits agree either way and
-    follow an in-place edit of the weight."""
+def test_logits_take_the_head_copy_where_its_layout_is_faster(tiny_ckpt, backend, rows):
+    """A (hidden, vocab) copy of the LM head serves torch's MKL at one row (faster over it than over
+    the checkpoint layout, slower from 4 rows up) and OpenBLAS at every row count; oneDNN reads its
+    own packed copy at every row count. Logits agree either way and follow an in-place edit of the
+    (tied) weight."""
     import torch.nn.functional as F
 
     from pop_disagg.models import cpu_blas
@@ -262,15 +242,16 @@ def test_multi_row_logits_take_the_head_copy_only_under_openblas(tiny_ckpt, back
     cpu_blas.configure(backend)
     try:
         model = load_model(tiny_ckpt("llama"))
-        h = torch.randn(5, model.arch.hidden_size)
+        h = torch.randn(rows, model.arch.hidden_size)
         weight = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
         with torch.inference_mode():
             torch.testing.assert_close(
                 model.compute_logits(h), F.linear(model.model.norm(h), weight).float(), atol=1e-5, rtol=1e-5
             )
-            assert (model._head_t is not None) == (backend == "openblas")
+            uses_copy = backend == "openblas" if rows > 1 else backend in ("torch", "openblas")
+            assert (model._head_t is not None) == uses_copy
         with torch.no_grad():
-            weight.mul_(0.5)
+            weight.mul_(-1.5)
         with torch.inference_mode():
             torch.testing.assert_close(
                 model.compute_logits(h), F.linear(model.model.norm(h), weight).float(), atol=1e-5, rtol=1e-5
@@ -321,3 +302,61 @@ def test_one_sequence_chunk_attention_lower_right_causal_equals_the_mask():
             got = attn.attend(1, q, None, None, None, 0.3)
             attn._lower_right = None
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "n, s, heads, kv_heads",
+    [(1, 1, 4, 4), (127, 127, 9, 3), (128, 128, 6, 2), (300, 300, 9, 3), (129, 400, 8, 2), (1, 77, 6, 3)],
+)
+def test_causal_blocks_equal_sdpa_with_the_causal_mask(n, s, heads, kv_heads):
+    """The CPU prefill attention built from oneDNN GEMMs over query blocks (``causal_blocks``) is
+    causal grouped-query attention: SDPA's result with the explicit mask, for prompts shorter than,
+    equal to and longer than a block, and for chunks whose earlier positions come first (s > n)."""
+    import torch.nn.functional as F
+
+    from pop_disagg.models import cpu_blas
+    from pop_disagg.models.attention import _causal_mask, causal_blocks, takes_causal_blocks
+
+    if not cpu_blas.has_onednn():
+        pytest.skip("torch built without oneDNN: causal_blocks is not taken on this machine")
+    before = cpu_blas.active()
+    cpu_blas.configure("onednn")
+    try:
+        g = torch.Generator().manual_seed(n + s)
+        q = torch.randn(n, heads, 16, generator=g)
+        k, v = (torch.randn(s, kv_heads, 16, generator=g) for _ in range(2))
+        with torch.inference_mode():
+            assert takes_causal_blocks(q, s, None) and not takes_causal_blocks(q, s, s - 1)
+            got = causal_blocks(q, k.transpose(0, 1), v.transpose(0, 1), 0.3)
+            want = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                attn_mask=_causal_mask(s, n, None, "cpu"),
+                scale=0.3,
+                enable_gqa=True,
+            )[0].transpose(0, 1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not takes_causal_blocks(q, s, None)  # autograd on (calibration): SDPA
+    finally:
+        cpu_blas.configure(before)
+
+
+def test_prefill_in_groups_equals_one_forward(tiny_ckpt):
+    """A prefill batch split into several forwards (``ModelRunner.prefill_group_tokens``) writes the
+    same K/V and gives the same tokens as one forward over every prompt."""
+    path = tiny_ckpt("llama")
+    prompts = [[3, 17, 5, 9, 30, 2, 11], [4, 8, 15, 16, 23, 42], [7] * 13, [2, 5]]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    runs = []
+    for group_tokens in (1 << 30, 8):
+        engine = LLMEngine(EngineConfig(model=path, kv_cache_memory_mb=4, block_size=4, enable_prefix_caching=False))
+        engine.runner.prefill_group_tokens = group_tokens
+        calls = []
+        forward = engine.runner._prefill_group
+        engine.runner._prefill_group = lambda reqs, n: calls.append(len(reqs)) or forward(reqs, n)
+        runs.append(([o.token_ids for o in engine.generate(prompts, params)], calls, engine.kv_cache.k.clone()))
+    (one_tokens, one_calls, one_k), (grouped_tokens, grouped_calls, grouped_k) = runs
+    assert one_calls == [4] and grouped_calls == [1, 1, 1, 1]  # 7, 6, 13 (alone, over 8), 2 tokens
+    assert grouped_tokens == one_tokens
+    torch.testing.assert_close(grouped_k, one_k, atol=1e-5, rtol=1e-5)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from . import cpu_blas
+
 KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -83,6 +85,59 @@ def _sdpa(q, k, v, mask, scale, is_causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
+# Query rows per block of ``causal_blocks``: the blocks skip the keys above the diagonal (62% of a
+# 512-token prompt's score FLOPs at 128, 53% at 2048) while each GEMM keeps 128 x (H / Hkv) rows.
+# SmolLM2's shapes, one Zen 5 thread: 4.2 ms against SDPA's 8.2 ms at 512 tokens, 49 vs 77 ms at
+# 2048; 64 and 256 were slower at both lengths.
+CAUSAL_BLOCK = 128
+
+
+def takes_causal_blocks(q: torch.Tensor, num_keys: int, window: int | None) -> bool:
+    """Whether ``causal_blocks`` runs this attention: CPU float32 under oneDNN GEMMs, no autograd
+    (calibration differentiates through SDPA), every key inside the sliding window if any."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and (window is None or num_keys <= window)
+        and cpu_blas.active() == "onednn"
+    )
+
+
+def causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal grouped-query attention of one sequence on a CPU, from oneDNN GEMMs.
+
+    q: (n, H, D), the last n of the sequence's S positions; k, v: (Hkv, S, D), head-major (any
+    strides) -> (n, H, D). Query ``i`` sees keys ``0 .. S - n + i``. Per head group, the g = H / Hkv
+    query heads of a block of ``CAUSAL_BLOCK`` positions are the rows of one scores GEMM against
+    the keys up to the block's end, then softmax and one GEMM against the values: torch's CPU flash
+    kernel for SDPA runs its head-dim-64 GEMMs at ~40 GFLOP/s, oneDNN at ~150 (``cpu_blas.mm_nt``).
+    """
+    n, h, d = q.shape
+    hkv, s = k.shape[0], k.shape[1]
+    g, start = h // hkv, s - n
+    # One pass: scaled, and grouped so that a block's g heads per position are contiguous rows.
+    qh = torch.empty(hkv, n, g, d, dtype=q.dtype)
+    torch.mul(q.view(n, hkv, g, d).permute(1, 0, 2, 3), scale, out=qh)
+    # Keys as (Hkv, S, D), values as (Hkv, D, S), contiguous: a block's keys are then a run of rows,
+    # and its values (``vt[j, :, :end]``, copied by ``mm_nt``) one small copy; oneDNN only takes
+    # contiguous operands at speed.
+    kh = k.contiguous()
+    vt = v.transpose(1, 2).contiguous()
+    out = torch.empty(n, hkv, g, d, dtype=q.dtype)
+    bq = CAUSAL_BLOCK
+    above = torch.full((bq, bq), float("-inf")).triu_(1)[:, None, :]  # (bq, 1, bq): key after query
+    for a in range(0, n, bq):
+        b = min(n, a + bq)
+        m, end = b - a, start + b
+        for j in range(hkv):
+            scores = cpu_blas.mm_nt(qh[j, a:b].view(m * g, d), kh[j, :end])  # (m * g, end)
+            scores.view(m, g, end)[:, :, end - m :].add_(above[:m, :, :m])
+            probs = torch.softmax(scores, dim=-1)
+            out[a:b, j] = cpu_blas.mm_nt(probs, vt[j, :, :end]).view(m, g, d)
+    return out.view(n, h, d)
+
+
 def _causal_mask(num_keys: int, num_queries: int, window: int | None, device) -> torch.Tensor:
     """(n, S) visibility of the last ``num_queries`` of ``num_keys`` positions: key j from query i
     iff j <= i and, with a sliding window, i - w < j (as Transformers defines it)."""
@@ -120,7 +175,11 @@ class PrefillAttention:
 
     @staticmethod
     def _attend_one(q, k, v, window, scale):
-        # (B, n, H, D) -> (B, H, n, D)
+        # (B, n, H, D) -> (B, n, H, D)
+        if takes_causal_blocks(q, q.shape[1], window):
+            return torch.stack(
+                [causal_blocks(q[i], k[i].transpose(0, 1), v[i].transpose(0, 1), scale) for i in range(q.shape[0])]
+            )
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         n = q.shape[2]
         if window is None or n <= window:
@@ -155,6 +214,9 @@ class ChunkedPrefillAttention(PrefillAttention):
                 self.buffers[i][layer] = (keys, vals)
             if keys.shape[0] == b - a:  # first chunk: plain causal attention
                 outs.append(self._attend_one(q[None, a:b], keys[None], vals[None], window, scale)[0])
+                continue
+            if takes_causal_blocks(q, keys.shape[0], window):
+                outs.append(causal_blocks(q[a:b], keys.transpose(0, 1), vals.transpose(0, 1), scale))
                 continue
             mask = _causal_mask(keys.shape[0], b - a, window, q.device)  # this chunk's queries over all its keys
             out = _sdpa(

@@ -4,11 +4,13 @@ OpenBLAS that numpy's wheels bundle.
 
 oneDNN (``onednn``, the default wherever torch has it): each weight is reordered once into the
 blocked layout oneDNN's kernels read (``mkldnn._reorder_linear_weight``), and every GEMM of two
-rows or more runs on that copy (``mkldnn._linear_pointwise``). On a 2-core AMD EPYC with AVX-512,
-one thread, SmolLM2's shapes at M = 16 ran 1.3-1.6x faster than ``F.linear`` and its LM head 2.2x
-(10.7 vs 23.8 ms), at M = 512 (prefill) 1.1-1.25x; one-row GEMMs are level with torch's, so the
-LM head's one-row GEMM keeps its own (hidden, vocab) copy (``decoder.CausalLM._row_head``). oneDNN
-picks its kernels by the CPU's ISA, not its vendor, which is why it beats MKL on AMD. The packed
+GEMM, one-row ones included, runs on that copy (``mkldnn._linear_pointwise``). On a 2-core AMD
+EPYC with AVX-512 (Zen 4), one thread, SmolLM2's shapes at M = 16 ran 1.3-1.6x faster than
+``F.linear`` and its LM head 2.2x (10.7 vs 23.8 ms), at M = 512 (prefill) 1.1-1.25x, and one-row
+GEMMs were level with MKL's; on a Zen 5 EPYC (avx512_vp2intersect) a one-row pass over all of
+SmolLM2's weights took 23.0 ms against MKL's 33.1 (the packed layout streams at ~23 GB/s), so
+oneDNN takes every row count. oneDNN picks its kernels by the CPU's ISA, not its vendor, which is
+why it beats MKL on AMD. The packed
 copy is made on first use and again after an in-place edit of the weight (``PackedWeight``), and
 costs one more copy of the weights in memory (540 MB for SmolLM2 in float32).
 
@@ -16,11 +18,11 @@ OpenBLAS (``openblas``): on an AMD EPYC with AVX2 only (MKL does not take its tu
 non-Intel CPUs) it ran SmolLM2's M = 16 gate/up GEMM ~1.4x faster than MKL and whole batch-16
 decode steps 17% faster (benchmarks/results/decode/README.md, "Decode speed"). It is called through
 numpy on the tensors' own memory (no copies), only where that is valid and paid: CPU float32, 2-D,
-at least ``MIN_ROWS`` rows, no autograd.
+at least ``MIN_OPENBLAS_ROWS`` rows, no autograd.
 
 ``linear(x, w_t, bias, packed)`` is the one entry point the decoder uses (``x @ w_t + bias``).
 Anything a backend does not take (autograd: calibration differentiates through the model; one row;
-other dtypes; ``torch.compile`` tracing), and every GEMM under ``backend="torch"``, is torch's
+other dtypes; ``torch.compile`` tracing; one row under OpenBLAS), and every GEMM under ``backend="torch"``, is torch's
 ``addmm``/``mm``.
 
 The choice is process-wide, like ``torch.set_num_threads``, and made once: ``"auto"`` (the default,
@@ -96,10 +98,10 @@ def resolve(backend: str) -> str:
     return backend
 
 
-# One-row GEMMs (batch-1 decode) stay with torch's: OpenBLAS's GEMV streamed the weights 10-25%
+# Under OpenBLAS one-row GEMMs (batch-1 decode) stay with torch's: OpenBLAS's GEMV streamed the weights 10-25%
 # faster in isolation, but whole batch-1 steps were no faster (in-process A/B: 57.6 vs 55.1 ms per
 # step; benchmark runs 1.46x vs 1.67x Transformers), the numpy round trip costing what it gained.
-MIN_ROWS = 2
+MIN_OPENBLAS_ROWS = 2
 _choice: str | None = None  # resolved on first use
 _threads: int | None = None  # OpenBLAS's thread count as last set
 
@@ -137,12 +139,11 @@ def _array(t: torch.Tensor) -> np.ndarray:
 
 
 def _is_plain_cpu_gemm(x: torch.Tensor) -> bool:
-    """A CPU float32 (M >= MIN_ROWS, K) input outside autograd and outside ``torch.compile`` tracing."""
+    """A CPU float32 (M, K) input outside autograd and outside ``torch.compile`` tracing."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 2
-        and x.shape[0] >= MIN_ROWS
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
     )
@@ -150,8 +151,11 @@ def _is_plain_cpu_gemm(x: torch.Tensor) -> bool:
 
 def takes(x: torch.Tensor) -> bool:
     """Whether ``linear`` sends a GEMM over input ``x`` (with float32 weights) to another library
-    than torch's own GEMM: OpenBLAS, or oneDNN when the weight is prepacked."""
-    return _is_plain_cpu_gemm(x) and active() in ("openblas", "onednn")
+    than torch's own GEMM: OpenBLAS (two rows or more), or oneDNN when the weight is prepacked."""
+    if not _is_plain_cpu_gemm(x):
+        return False
+    backend = active()
+    return backend == "onednn" or (backend == "openblas" and x.shape[0] >= MIN_OPENBLAS_ROWS)
 
 
 # The batch size oneDNN packs for. One packing serves every M: at M = 4..512 a weight packed for 16
@@ -193,9 +197,23 @@ def linear(
         backend = active()
         if backend == "onednn" and packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed.get(), bias, "none", [], "")
-        if backend == "openblas":
+        if backend == "openblas" and x.shape[0] >= MIN_OPENBLAS_ROWS:
             _match_torch_threads()
             out = torch.empty(x.shape[0], w_t.shape[1], dtype=torch.float32)
             np.matmul(_array(x), _array(w_t), out=out.numpy())
             return out.add_(bias) if bias is not None else out
     return torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
+
+
+def mm_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for (M, K) and (N, K) CPU float32 operands that are activations, not weights
+    (attention's queries against keys, probabilities against values; any row strides): oneDNN's GEMM
+    on the plain operands where it is the backend, else torch's. At attention's K = 64 (head dim)
+    oneDNN ran 1.9-2.1x MKL here (Zen 5, one thread: 166 vs 83 GFLOP/s for 1536 x 512 x 64 scores,
+    183 vs 86 for the values GEMM). Nothing is packed or cached: each call reads the operands as
+    they are, except that a non-contiguous ``w`` is copied first: oneDNN takes a strided plain
+    weight to a reference kernel ~1000x slower (0.35 ms -> 322 ms for 384 x 512 x 64)."""
+    if active() == "onednn" and _is_plain_cpu_gemm(x) and w.dtype == torch.float32:
+        w = w if w.is_contiguous() else w.contiguous()
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return x @ w.t()

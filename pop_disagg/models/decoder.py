@@ -387,13 +387,15 @@ class CausalLM(nn.Module):
         where that layout is the faster one, else a transposed view of the checkpoint's weight."""
         weight = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
         if h.device.type == "cpu" and not torch.compiler.is_compiling():
-            if h.shape[0] == 1 or (cpu_blas.takes(h) and cpu_blas.active() == "openblas"):
-                return self._row_head(weight)  # oneDNN reads its own packed copy from two rows up
+            if cpu_blas.takes(h) and cpu_blas.active() == "onednn":
+                return weight.t()  # unused: oneDNN reads its own packed copy
+            if h.shape[0] == 1 or cpu_blas.takes(h):  # MKL's one-row GEMM, or OpenBLAS
+                return self._row_head(weight)
         return weight.t()
 
     def _row_head(self, weight: torch.Tensor) -> torch.Tensor:
-        """The LM head as a (hidden, vocab) copy, for one-row CPU steps and every step whose GEMM
-        goes to OpenBLAS.
+        """The LM head as a (hidden, vocab) copy, for one-row CPU steps on torch's GEMM and every
+        step whose GEMM goes to OpenBLAS (oneDNN has its packed copy instead).
 
         MKL reads a one-row GEMM over that layout at ~22 GB/s here against ~12 GB/s over the
         checkpoint's (vocab, hidden) one (SmolLM2's tied head: 5 vs 9-10 ms of a ~50 ms step),
