@@ -13,6 +13,8 @@ Qwen-VL's multimodal rotary positions, and Gemma-3's attention within an image.
   the head reads the height axis when ``i % 3 == 1`` (within the first ``3 * section[1]``), the
   width axis when ``i % 3 == 2`` (within ``3 * section[2]``), else the temporal one ("interleaved").
   With all three axes equal this is ordinary RoPE, so decode steps pass one position, ``p + delta``.
+* ``ImageKeys``: a prompt's images as the prefix cache names them (each image's span and content
+  digest, ``kv_cache.block_hash``).
 * ``ImageBlockPrefillAttention``: Gemma-3 lets an image's tokens see each other both ways (causal
   OR same image; a sliding layer also keeps its window), as Transformers' Gemma-3 masks do.
 """
@@ -56,6 +58,30 @@ class PromptImages:
         head = self.mrope[:, start:end] if start < n else self.mrope[:, :0]
         tail = torch.arange(max(start, n), max(end, n)) + self.mrope_delta
         return torch.cat([head, tail.expand(3, -1)], dim=1)
+
+
+@dataclass(frozen=True)
+class ImageKeys:
+    """A prompt's images as the prefix cache sees them: each image's [start, end) placeholder
+    positions, a digest of its content (``vision.ProcessedImage.digest``: pixels and patch grid), and
+    whether an image's tokens attend to each other both ways (Gemma-3)."""
+
+    spans: tuple[tuple[int, int], ...]
+    digests: tuple[bytes, ...]
+    is_bidirectional: bool = False
+
+    def digests_between(self, start: int, end: int) -> bytes:
+        """The digests of the images with placeholder tokens among positions ``start..end-1``."""
+        return b"".join(d for (s, e), d in zip(self.spans, self.digests) if s < end and e > start)
+
+    def resumable(self, num_cached: int) -> int:
+        """Of ``num_cached`` cached prompt positions, how many a prefill may start after. An image
+        whose tokens see each other both ways is prefilled in one pass from the prompt's start
+        (a pass that starts later attends causally), so such a prompt reuses a prefix only when
+        it covers every image; otherwise all of it."""
+        if self.is_bidirectional and any(e > num_cached for _, e in self.spans):
+            return 0
+        return num_cached
 
 
 @dataclass

@@ -17,12 +17,17 @@ checkpoint's safetensors. The pieces, in the order a request meets them:
   where the prompt is prefilled (the engine, or a disaggregated prefill worker).
 * ``prompt_images``: the prompt's ids + features -> ``multimodal.PromptImages`` (positions,
   multimodal RoPE, spans), checked against the rules in ``check_image_prompt``.
+* ``image_keys``: the prompt's ids + images -> ``multimodal.ImageKeys`` (each image's span and
+  content digest), what names its blocks in the prefix cache. Made where the request is made
+  and carried with it; a ``ProcessedImage`` hashes its pixels once (``digest``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -30,7 +35,7 @@ from torch import nn
 
 from ..limits import InvalidRequest
 from .arch import VISION_ARCHITECTURES, ModelConfigError
-from .multimodal import PromptImages, mrope_positions
+from .multimodal import ImageKeys, PromptImages, mrope_positions
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,15 @@ class ProcessedImage:
     pixel_values: torch.Tensor  # Qwen: (patches, C * T * P * P); Gemma: (3, S, S)
     grid_thw: tuple[int, int, int] | None  # Qwen: the patch grid; Gemma: None
     num_tokens: int  # placeholder tokens the image takes in the prompt
+
+    @cached_property  # kept on the instance (and pickled with it): a request's images hash once
+    def digest(self) -> bytes:
+        """SHA-256 of the processed image: its pixel values (dtype, shape, bytes) and patch grid, i.e.
+        everything that decides its features and, for Qwen-VL, the positions after it."""
+        pixels = self.pixel_values.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{pixels.dtype}|{tuple(pixels.shape)}|{self.grid_thw}|".encode())
+        h.update(pixels.view(torch.uint8).numpy())
+        return h.digest()
 
 
 class ImageInputs:
@@ -137,21 +151,30 @@ def check_image_prompt(
         return
     if spec is None:
         raise InvalidRequest("images", "the served model takes no images")
-    runs, i, n = [], 0, len(prompt_ids)
-    while i < n:
-        if prompt_ids[i] == spec.image_token_id:
-            j = i
-            while j < n and prompt_ids[j] == spec.image_token_id:
-                j += 1
-            runs.append(j - i)
-            i = j
-        else:
-            i += 1
+    runs = [e - s for s, e in image_spans(prompt_ids, spec.image_token_id)]
     wanted = [im.num_tokens for im in images]
     if runs != wanted:
         raise InvalidRequest("images", f"the prompt's image token runs {runs} do not match the images' sizes {wanted}")
     if prompt_ids[-1] == spec.image_token_id:
         raise InvalidRequest("images", "the prompt may not end inside an image")
+
+
+def image_spans(prompt_ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of image placeholder tokens in a prompt, one per image."""
+    spans, start = [], None
+    for i, t in enumerate(prompt_ids + [None]):
+        if t == image_token_id and start is None:
+            start = i
+        elif t != image_token_id and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def image_keys(spec: VisionSpec, prompt_ids: list[int], images: list[ProcessedImage]) -> ImageKeys:
+    """What names the prompt's blocks in the prefix cache (after ``check_image_prompt``)."""
+    spans = image_spans(list(prompt_ids), spec.image_token_id)
+    return ImageKeys(tuple(spans), tuple(im.digest for im in images), spec.is_bidirectional)
 
 
 # Where checkpoints keep the vision tower and projector (Transformers 5's layout, then the layout
@@ -244,11 +267,4 @@ def prompt_images(
         grids = [im.grid_thw for im in images]
         mrope, delta, spans = mrope_positions(prompt_ids, spec.image_token_id, grids, spec.merge_size)
         return PromptImages(positions, embeds, deep, spans, mrope, delta)
-    spans, start = [], None
-    for i, t in enumerate(prompt_ids + [None]):
-        if t == spec.image_token_id and start is None:
-            start = i
-        elif t != spec.image_token_id and start is not None:
-            spans.append((start, i))
-            start = None
-    return PromptImages(positions, embeds, deep, spans)
+    return PromptImages(positions, embeds, deep, image_spans(prompt_ids, spec.image_token_id))
