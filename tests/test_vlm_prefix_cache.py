@@ -165,7 +165,7 @@ class _VisionSplit:
         spec = self.engine.vision_spec
         keys = image_keys(spec, ids, images)
         delta = 0
-        if spec.family == "qwen3_vl":
+        if spec.is_qwen:
             delta = mrope_positions(ids, spec.image_token_id, [im.grid_thw for im in images], spec.merge_size)[1]
         events, outcome = [], []
         res = self.decode.reserve(

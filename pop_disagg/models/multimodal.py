@@ -7,12 +7,14 @@ Qwen-VL's multimodal rotary positions, and Gemma-3's attention within an image.
 * ``VisionRows``: the image rows of one flattened forward (several requests, each a slice of its
   positions), with ``merge`` (features replace the placeholder embeddings) and ``inject``
   (DeepStack: features added to the residual stream after the first layers, as Qwen3-VL does).
-* ``mrope_positions`` / ``mrope_cos_sin``: Qwen3-VL's M-RoPE. Text tokens have one position on all
+* ``mrope_positions`` / ``mrope_cos_sin``: Qwen-VL's M-RoPE. Text tokens have one position on all
   three axes; an image's tokens have (start, start + row, start + column) on (temporal, height,
-  width), and the text after it continues from ``start + max(rows, columns)``. Frequency ``i`` of
-  the head reads the height axis when ``i % 3 == 1`` (within the first ``3 * section[1]``), the
-  width axis when ``i % 3 == 2`` (within ``3 * section[2]``), else the temporal one ("interleaved").
-  With all three axes equal this is ordinary RoPE, so decode steps pass one position, ``p + delta``.
+  width), and the text after it continues from ``start + max(rows, columns)``. Qwen3-VL: frequency
+  ``i`` of the head reads the height axis when ``i % 3 == 1`` (within the first ``3 * section[1]``),
+  the width axis when ``i % 3 == 2`` (within ``3 * section[2]``), else the temporal one
+  ("interleaved"); Qwen2.5-VL: the first ``section[0]`` frequencies read the temporal axis, the
+  next ``section[1]`` the height, the rest the width. With all three axes equal this is ordinary
+  RoPE, so decode steps pass one position, ``p + delta``.
 * ``ImageKeys``: a prompt's images as the prefix cache names them (each image's span and content
   digest, ``kv_cache.block_hash``).
 * ``ImageBlockPrefillAttention``: Gemma-3 lets an image's tokens see each other both ways (causal
@@ -126,8 +128,8 @@ class VisionRows:
 def mrope_positions(
     token_ids: list[int], image_token_id: int, grids: list[tuple[int, int, int]], merge_size: int
 ) -> tuple[torch.Tensor, int, list[tuple[int, int]]]:
-    """Qwen3-VL's (3, N) positions for a prompt whose images have patch grids ``grids`` (t, h, w)
-    -> (positions, delta for later tokens, each image's [start, end) span)."""
+    """Qwen-VL's (3, N) positions (Qwen3-VL and Qwen2.5-VL alike) for a prompt whose images have
+    patch grids ``grids`` (t, h, w) -> (positions, delta for later tokens, each image's span)."""
     out, spans = [], []
     pos, i, n = 0, 0, len(token_ids)
     grid_iter = iter(grids)
@@ -154,14 +156,22 @@ def mrope_positions(
 
 
 def mrope_cos_sin(
-    inv_freq: torch.Tensor, positions: torch.Tensor, section: tuple[int, int, int], dtype: torch.dtype
+    inv_freq: torch.Tensor,
+    positions: torch.Tensor,
+    section: tuple[int, int, int],
+    dtype: torch.dtype,
+    is_interleaved: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, T) positions -> (cos, signed sin), two (T, 1, head_dim) tensors, as ``layers.rope_cos_sin``."""
     half = inv_freq.shape[0]
     idx = torch.arange(half)
     axis = torch.zeros(half, dtype=torch.long)
-    axis[(idx % 3 == 1) & (idx < 3 * section[1])] = 1
-    axis[(idx % 3 == 2) & (idx < 3 * section[2])] = 2
+    if is_interleaved:
+        axis[(idx % 3 == 1) & (idx < 3 * section[1])] = 1
+        axis[(idx % 3 == 2) & (idx < 3 * section[2])] = 2
+    else:
+        axis[(idx >= section[0]) & (idx < section[0] + section[1])] = 1
+        axis[idx >= section[0] + section[1]] = 2
     freqs = positions.float()[axis.to(positions.device)].t() * inv_freq[None, :]  # (T, half)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
     sin = freqs.sin()[:, None, :]

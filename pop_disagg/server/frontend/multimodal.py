@@ -193,6 +193,6 @@ class MediaEdge:
     def mrope_delta(self, ids: list[int], images: list[ProcessedImage]) -> int:
         """The position offset after the prompt (Qwen-VL), for the decode side."""
         spec = self.spec
-        if spec.family != "qwen3_vl":
+        if not spec.is_qwen:
             return 0
         return mrope_positions(ids, spec.image_token_id, [im.grid_thw for im in images], spec.merge_size)[1]
