@@ -153,6 +153,15 @@ class _VisionSplit:
             prefix_key=lambda p: PrefixKey(plan_cache_key(path, p), not p.skip_layers),
         )
         self.prefill.load_vision(path)
+        self.num_encoded = 0  # images through the prefill worker's vision encoder
+        encoder = self.prefill.vision[0]
+        encode = encoder.encode
+
+        def counted(images):
+            self.num_encoded += len(images)
+            return encode(images)
+
+        encoder.encode = counted
         self.stop = threading.Event()
         self.threads = [
             threading.Thread(target=w.run, args=(self.stop,), daemon=True) for w in (self.prefill, self.decode)
@@ -230,11 +239,14 @@ def test_disaggregated_pair_reuses_image_prefixes_and_equals_cold(tiny_vlm, vlm_
         got, held, _ = split.run("same", *prompts["same"], reuse=True)
         _assert_same_answer(got, cold["same"], cold["other"], "same")
         assert held == _expected_hits(prompts, spec, "same", lambda p: len(p) - 1) > 0
-        # The prefill worker's pool (at least one prefix token left to encode): sent from there.
-        for name in ("other", "again"):
+        # The prefill worker's pool (at least one prefix token left to encode): sent from there. A
+        # prefix cached past the image needs no vision encoder ("again"), another image does.
+        for name, num_encoded in (("other", 1), ("again", 0)):
+            before = split.num_encoded
             got, held, encoded_hits = split.run(name, *prompts[name], reuse=False)
             _assert_same_answer(got, cold[name], cold[_other_of(name)], name)
             assert held == 0 and encoded_hits == _expected_hits(prompts, spec, name, lambda p: len(p) - 2), name
+            assert split.num_encoded - before == num_encoded, name
         assert split.cache.num_hit_tokens > 0
     finally:
         split.close()

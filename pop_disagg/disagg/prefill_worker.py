@@ -30,7 +30,8 @@ them; the worker's vision encoder runs them in the task's first step (their time
 step's prefill), and the image rows then go through the pass like any prompt row (the plan skips
 their layers). Only K/V leave the worker, never pixels or features. With the images' digests
 (``PrefillTask.image_keys``) such a prompt's blocks are cached like any other's, under names
-that say which images they hold.
+that say which images they hold; a task whose cached prefix covers every image skips the vision
+encoder (the same images again: a follow-up question on the same picture).
 
 Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
 deadline passed while waiting (dropped before its batch is taken; a chunked prompt also between
@@ -389,14 +390,19 @@ class PrefillWorker:
         return max(start, task.send_start), 0
 
     def _encode(self, tasks: list[PrefillTask]) -> list:
-        """Each task's encoded images (None without), running the vision encoder for those not yet done."""
-        from ..models.vision import prompt_images
+        """Each task's encoded images (None without), running the vision encoder for those not yet
+        done, unless the task's cached prefix covers every image (no row of its passes reads them)."""
+        from ..models.vision import cached_prompt_images, prompt_images
 
         for t in tasks:
             if t.images and t.encoded is None:
                 encoder, spec = self.vision
-                features, deepstack = encoder.encode(t.images)
-                t.encoded = prompt_images(spec, t.prefix_ids, t.images, features, deepstack)
+                keys = t.image_keys
+                if keys is not None and t.num_cache_hits >= keys.spans[-1][1]:
+                    t.encoded = cached_prompt_images(spec, t.prefix_ids, t.images, self.model.arch.hidden_size)
+                else:
+                    features, deepstack = encoder.encode(t.images)
+                    t.encoded = prompt_images(spec, t.prefix_ids, t.images, features, deepstack)
                 t.images = []  # the pixels are not needed again
         return [t.encoded for t in tasks]
 

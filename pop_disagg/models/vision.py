@@ -165,6 +165,20 @@ def check_image_prompt(
         raise InvalidRequest("images", "the prompt may not end inside an image")
 
 
+def cached_prompt_images(
+    spec: VisionSpec, prompt_ids: list[int], images: list[ProcessedImage], hidden_size: int
+) -> PromptImages:
+    """The prompt's images for a pass that starts after all of them (their rows' K/V come from a
+    prefix cache): no features, since no row of the pass takes one, only the multimodal positions
+    the later rows need (Qwen-VL). The vision encoder does not run."""
+    none = torch.zeros(0, hidden_size)
+    if spec.is_qwen:
+        grids = [im.grid_thw for im in images]
+        mrope, delta, spans = mrope_positions(prompt_ids, spec.image_token_id, grids, spec.merge_size)
+        return PromptImages([], none, [], spans, mrope, delta)
+    return PromptImages([], none, [], image_spans(prompt_ids, spec.image_token_id))
+
+
 def image_spans(prompt_ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
     """The [start, end) runs of image placeholder tokens in a prompt, one per image."""
     spans, start = [], None
