@@ -109,5 +109,14 @@ def test_eval_fidelity_on_an_image_file(tiny_vlm, tmp_path, capsys):
     assert "image prompts" in out.with_suffix(".md").read_text()
 
 
+def test_image_file_and_text_file_exclude_each_other():
+    from pydantic import ValidationError
+
+    from pop_disagg.eval.fidelity import FidelityConfig
+
+    with pytest.raises(ValidationError, match="give one"):
+        FidelityConfig(model="m", image_file="a.jsonl", text_file="b.txt")
+
+
 def math_finite(x) -> bool:
     return isinstance(x, float) and math.isfinite(x)

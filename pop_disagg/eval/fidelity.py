@@ -38,7 +38,7 @@ import sys
 import time
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from ..calib.kv_correction import DEFAULT_METHOD, METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
@@ -106,6 +106,12 @@ class FidelityConfig(BaseModel):
         for spec in v:
             RefitVariant.parse(spec)
         return v
+
+    @model_validator(mode="after")
+    def _one_kind_of_prompts(self) -> "FidelityConfig":
+        if self.image_file is not None and self.text_file is not None:
+            raise ValueError("image_file and text_file each replace the evaluation texts: give one")
+        return self
 
 
 class RefitVariant(BaseModel):
