@@ -141,8 +141,8 @@ def test_ablation_switches_change_exactly_what_they_claim(tiny_ckpt):
     def corrupted(method):
         real_open = scorer.open
 
-        def open_then_corrupt(prefixes, m):
-            out = real_open(prefixes, m)
+        def open_then_corrupt(prefixes, m, images=None):
+            out = real_open(prefixes, m, images)
             for seq in out[0]:
                 for layer in plan.skip_layers:
                     scorer.kv_cache.k[layer, :, seq.slots] = 1e3  # (L, Hkv, blocks of one slot, 1, D)

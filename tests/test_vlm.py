@@ -11,7 +11,7 @@ from pop_disagg.config import EngineConfig, PruneConfig
 from pop_disagg.engine.engine import LLMEngine
 from pop_disagg.engine.sampling import SamplingParams
 from pop_disagg.limits import InvalidRequest
-from pop_disagg.models.arch import ModelArch
+from pop_disagg.models.arch import ModelArch, ModelConfigError
 from pop_disagg.models.attention import PrefillAttention
 from pop_disagg.models.loader import load_model
 from pop_disagg.models.multimodal import ImageBlockPrefillAttention, VisionRows
@@ -25,7 +25,8 @@ SIZES = {"one": [(40, 70)], "two": [(64, 32), (48, 48)]}
 
 
 def _hf(path):
-    cls = tf.Qwen3VLForConditionalGeneration if "qwen3_vl" in str(path) else tf.Gemma3ForConditionalGeneration
+    classes = {"qwen3_vl": tf.Qwen3VLForConditionalGeneration, "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration}
+    cls = next((c for name, c in classes.items() if name in str(path)), tf.Gemma3ForConditionalGeneration)
     model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     model.generation_config.eos_token_id = None
     return model
@@ -65,10 +66,33 @@ def test_arch_reads_the_language_model_of_a_vision_checkpoint(tiny_vlm, vlm_arch
     arch = ModelArch.from_pretrained(tiny_vlm(vlm_arch))
     if vlm_arch == "qwen3_vl":
         assert (arch.family, arch.vision_family, arch.mrope_section) == ("qwen3", "qwen3_vl", (6, 5, 5))
-        assert arch.num_deepstack_layers == 2 and arch.head_dim == 32
+        assert arch.num_deepstack_layers == 2 and arch.head_dim == 32 and arch.is_mrope_interleaved
+    elif vlm_arch == "qwen2_5_vl":
+        assert (arch.family, arch.vision_family, arch.mrope_section) == ("qwen2", "qwen2_5_vl", (4, 6, 6))
+        assert arch.num_deepstack_layers == 0 and arch.head_dim == 32 and not arch.is_mrope_interleaved
+        assert arch.qkv_bias
     else:
         assert (arch.family, arch.vision_family, arch.mrope_section) == ("gemma3", "gemma3", None)
         assert "sliding" in arch.layer_types and arch.sliding_window == 8
+
+
+def test_qwen2_5_vl_config_as_published_reads_the_same(tiny_vlm):
+    """Published Qwen2.5-VL configs keep the language model's fields at the top level and name the
+    multimodal RoPE ``{"type": "mrope"}``; they read as the nested config Transformers 5 saves."""
+    import json
+    from pathlib import Path
+
+    raw = json.loads((Path(tiny_vlm("qwen2_5_vl")) / "config.json").read_text())
+    text = dict(raw.pop("text_config"))
+    rope = text.pop("rope_parameters")
+    flat = {**raw, **text, "rope_theta": rope["rope_theta"]}
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    assert ModelArch.from_hf_dict(flat) == ModelArch.from_hf_dict(
+        {**raw, "text_config": {**text, "rope_parameters": rope}}
+    )
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": [4, 6, 5]}
+    with pytest.raises(ModelConfigError, match="mrope_section"):
+        ModelArch.from_hf_dict(flat)
 
 
 @pytest.mark.parametrize("images", ["one", "two"])
@@ -84,7 +108,7 @@ def test_logits_over_text_and_images_match_transformers(tiny_vlm, vlm_arch, imag
     # multimodal positions; for Gemma-3, without an image seeing itself both ways) it fails.
     no_images = engine.model.compute_logits(_forward(engine, ids, processed, use_images=False))
     assert (expected - no_images).abs().max().item() > 1e-3
-    if vlm_arch == "qwen3_vl":
+    if vlm_arch != "gemma3_vision":
         flat = engine.model.compute_logits(_forward(engine, ids, processed, mrope=False))
         assert (expected - flat).abs().max().item() > 1e-3
     else:
@@ -244,12 +268,12 @@ def test_disaggregated_pair_with_images_equals_engine(tiny_vlm, vlm_arch):
     spec = engine.vision_spec
 
     def delta(ids, images):
-        if spec.family != "qwen3_vl":
+        if not spec.is_qwen:
             return 0
         return mrope_positions(ids, spec.image_token_id, [im.grid_thw for im in images], spec.merge_size)[1]
 
     work = [(ids, ims, delta(ids, ims)) for ids, ims in prompts] + [(text_only, None, None)]
-    if vlm_arch == "qwen3_vl":
+    if spec.is_qwen:
         assert all(d != 0 for _, _, d in work[:2])  # the offset matters: the test would be vacuous
     decode_engine = LLMEngine(engine.config, model=load_model(path))  # no vision encoder: K/V only
     assert decode_engine.vision is None

@@ -144,6 +144,42 @@ def test_grpc_image_bytes_equal_engine(server, stub, reference, case):
     assert list(by_ids.token_ids) == want.token_ids
 
 
+def test_prefix_caches_serve_only_the_same_image(server, stub, reference):
+    """Disaggregated, over gRPC: the same image behind the same text again comes from the prefix
+    caches (``cached_tokens``: all its prefix's whole blocks) with the engine's tokens and logprobs;
+    another image of the same size (the same token ids) reuses only the text before the image."""
+    text = "Describe the picture for a catalogue, carefully and briefly: {} thanks"
+    first, other = _png(48, 48, seed=60), _png(48, 48, seed=61)
+    ids, _ = _expected(reference, text, [first])
+    assert _expected(reference, text, [other])[0] == ids
+    inputs = reference.image_inputs
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+
+    def engine_answer(image: bytes):
+        from PIL import Image
+
+        processed = inputs.process(Image.open(io.BytesIO(image)).convert("RGB"))
+        out = reference.generate([ids], params, images=[[processed]])[0]
+        return out.token_ids, [lp.logprob for lp in out.logprobs]
+
+    def served(image: bytes):
+        msg = pb.GenerateRequest(
+            prompt_token_ids=ids, images=[image], max_new_tokens=MAX_NEW, ignore_eos=True, logprobs=1
+        )
+        return stub.Generate(msg, timeout=60)
+
+    block = reference.config.block_size
+    start = ids.index(reference.vision_spec.image_token_id)
+    assert block <= start  # text blocks before the image to reuse
+    for image, cached in [(first, None), (first, (len(ids) - 1) // block * block), (other, start // block * block)]:
+        want_ids, want_logprobs = engine_answer(image)
+        got = served(image)
+        assert list(got.token_ids) == want_ids
+        assert max(abs(lp.logprob - w) for lp, w in zip(got.logprobs, want_logprobs)) < 1e-4
+        if cached is not None:
+            assert got.usage.cached_tokens == cached
+
+
 def test_image_url_from_an_allowed_host_is_fetched(server, oa, reference):
     image = _png(40, 56, seed=20)
 

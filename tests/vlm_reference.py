@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import torch
 
+QWEN_TYPES = ("qwen3_vl", "qwen2_5_vl")
+
 
 def hf_inputs(model, prompt_ids: list[int], images) -> dict:
     """The keyword arguments Transformers' forward takes for ``prompt_ids`` with ``images``
     (``ProcessedImage``s, as the checkpoint's image processor made them)."""
     ids = torch.tensor([prompt_ids])
     token_types = (ids == model.config.image_token_id).long()
-    if model.config.model_type == "qwen3_vl":
+    if model.config.model_type in QWEN_TYPES:
         return dict(
             input_ids=ids,
             pixel_values=torch.cat([im.pixel_values for im in images]),
@@ -32,7 +34,7 @@ def hf_inputs(model, prompt_ids: list[int], images) -> dict:
 
 def _rotary(model, h, pos, layer_idx):
     lm = model.model.language_model
-    if model.config.model_type == "qwen3_vl":
+    if model.config.model_type in QWEN_TYPES:
         return lm.rotary_emb(h, pos)
     return lm.rotary_emb(h, pos, lm.config.layer_types[layer_idx])
 
@@ -42,13 +44,13 @@ def _prompt_state(model, inputs: dict, n: int):
     rotary positions, per-layer-type masks and the position offset after the prompt."""
     inner = model.model
     ids = inputs["input_ids"]
-    is_qwen = model.config.model_type == "qwen3_vl"
+    is_qwen = model.config.model_type in QWEN_TYPES
     embeds = inner.get_input_embeddings()(ids)
     image_mask = ids == model.config.image_token_id
     if is_qwen:
         out = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
         feats = torch.cat(out.pooler_output)
-        deepstack = [torch.cat(f) for f in out.deepstack_features]
+        deepstack = [torch.cat(f) for f in getattr(out, "deepstack_features", None) or []]  # none in Qwen2.5-VL
         pos, delta = inner.get_rope_index(
             ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
         )
@@ -86,6 +88,8 @@ def hf_vlm_pop_prefill(model, inputs: dict, skip: set[int]):
     """-> per-layer (k, v), each (1, Hkv, N-1, D), K after k-norm and RoPE, as Transformers computes."""
     if model.config.model_type == "qwen3_vl":
         from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+    elif model.config.model_type == "qwen2_5_vl":  # its rotary module lays out the M-RoPE sections
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
     else:
         from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
@@ -98,7 +102,8 @@ def hf_vlm_pop_prefill(model, inputs: dict, skip: set[int]):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         hd = attn.head_dim
-        k = attn.k_norm(attn.k_proj(x).view(1, n, -1, hd)).transpose(1, 2)
+        k = attn.k_proj(x).view(1, n, -1, hd)
+        k = (attn.k_norm(k) if hasattr(attn, "k_norm") else k).transpose(1, 2)  # Qwen2.5-VL has no k-norm
         v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
         cos, sin = _rotary(model, h, pos, l)
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
@@ -123,7 +128,7 @@ def hf_vlm_pop_generate(model, inputs: dict, skip: set[int], max_new_tokens: int
     cache = DynamicCache()
     for l, (k, v) in enumerate(hf_vlm_pop_prefill(model, inputs, skip)):
         cache.update(k, v, l)
-    is_qwen = model.config.model_type == "qwen3_vl"
+    is_qwen = model.config.model_type in QWEN_TYPES
     out, token = [], int(ids[0, -1])
     for _ in range(max_new_tokens):
         pos = torch.tensor([[n + delta]])

@@ -31,6 +31,16 @@ def register(sub) -> None:
     f.add_argument(
         "--text-file", help="own evaluation texts (blank-line-separated paragraphs) instead of Britannica + ShareGPT"
     )
+    f.add_argument(
+        "--image-file",
+        help="a vision-language model's image + text samples instead of the texts: JSONL of chat messages with data-URL images (what `calibrate` takes); a closing assistant message is the scored answer, else the full model's greedy one",
+    )
+    f.add_argument(
+        "--max-image-prompt-tokens",
+        type=int,
+        default=4096,
+        help="image samples whose prompt (with its image tokens) is longer are skipped",
+    )
     f.add_argument("--prompt-len", type=int, default=128)
     f.add_argument("--continuation-len", type=int, default=64)
     f.add_argument("--greedy-len", type=int, default=32)
@@ -116,6 +126,8 @@ def _config(args: argparse.Namespace):
         num_choice_examples=args.num_choice_examples,
         plan_file=args.prune_plan,
         text_file=args.text_file,
+        image_file=args.image_file,
+        max_image_prompt_tokens=args.max_image_prompt_tokens,
         num_calib_texts=args.num_calib_texts,
         seed=args.seed,
         only=tuple(args.only.split(",")) if args.only else None,

@@ -41,6 +41,7 @@ import torch
 from ..engine.engine import LLMEngine
 from ..engine.kv_cache import PrefixKey
 from ..engine.sampling import SamplingParams
+from ..models.multimodal import ImageKeys
 from .kv_transfer import KVReceiver, Transfer, TransferError, TransferState, TransferTable, Transport
 
 
@@ -164,6 +165,7 @@ class DecodeWorker:
         deadline: float | None = None,
         prefix_key: PrefixKey | None = None,
         remote_image_delta: int | None = None,
+        image_keys: ImageKeys | None = None,
     ) -> Reservation | None:
         """Hold blocks for the request; None when the cache is full.
 
@@ -174,6 +176,8 @@ class DecodeWorker:
         like a colocated one and prefilled under the same plan, with no transfer. A one-token
         prompt, or a prefix cached whole, needs no transfer: it is admitted at once (id 0).
         ``deadline`` (wall clock): the worker drops the request by itself once it passes.
+        ``remote_image_delta``/``image_keys``: the prompt has images (encoded on the prefill
+        worker): their position offset, and their spans and digests, which name its blocks.
         """
         n = params.num_pruned_prompt_tokens(len(prompt_token_ids))  # the prefix the link brings
         if n > 0 and self.is_link_broken(link):
@@ -197,7 +201,9 @@ class DecodeWorker:
                     self.num_local_prefill_tokens += n - num_cached
                     self._work.set()
                     return Reservation(0, num_cached, is_local=True)
-            req = self.engine.reserve_request(prompt_token_ids, params, request_id, prefix_key, remote_image_delta)
+            req = self.engine.reserve_request(
+                prompt_token_ids, params, request_id, prefix_key, remote_image_delta, image_keys
+            )
             if req is None:
                 return None
             self._track(request_id, sink, deadline)
@@ -224,12 +230,15 @@ class DecodeWorker:
         if deadline is not None:
             self._deadlines[request_id] = deadline
 
-    def num_cached_prefix_tokens(self, prompt_token_ids: list[int], prefix_key: PrefixKey | None) -> int:
-        """Prompt tokens the prefix cache holds for this prompt under ``prefix_key`` (the router's probe)."""
+    def num_cached_prefix_tokens(
+        self, prompt_token_ids: list[int], prefix_key: PrefixKey | None, image_keys: ImageKeys | None = None
+    ) -> int:
+        """Prompt tokens the prefix cache holds for this prompt (and its images) under ``prefix_key``
+        (the router's probe)."""
         if prefix_key is None:
             return 0
         with self._lock:
-            return self.engine.num_cached_prefix_tokens(prompt_token_ids, prefix_key)
+            return self.engine.num_cached_prefix_tokens(prompt_token_ids, prefix_key, image_keys)
 
     @property
     def num_active_blocks(self) -> int:

@@ -13,7 +13,8 @@ A prefill task's life in it (``PrefillWorker`` calls these under its lock; only 
 tensors are written outside it, into blocks the task holds):
 
     start    the longest cached run of the prefix's blocks is taken (capped so that at least one
-             token is left to encode, which keeps every task a forward pass) and fresh blocks are
+             token is left to encode, which keeps every task a forward pass; with images, named
+             with their digests too and capped by ``ImageKeys.resumable``) and fresh blocks are
              allocated for its other full blocks, when free (else those are not cached);
     kv/write the kept layers' K/V of the hits seed the task's attention buffers, every layer's K/V
              of hits the decode worker lacks is read for the wire, and what the pass computes for
@@ -30,6 +31,7 @@ import torch
 
 from ..engine.kv_cache import BlockManager, KVCache, PrefixKey, prefill_block_hashes
 from ..models.arch import ModelArch
+from ..models.multimodal import ImageKeys
 
 
 @dataclass
@@ -52,15 +54,17 @@ class PrefillCache:
         self.num_queried_tokens = 0  # prefix tokens looked up
         self.num_hit_tokens = 0  # of those, found cached
 
-    def start(self, prefix_ids: list[int], key: PrefixKey) -> CachedPrefix:
+    def start(self, prefix_ids: list[int], key: PrefixKey, images: ImageKeys | None = None) -> CachedPrefix:
         bs = self.block_size
-        hashes = prefill_block_hashes(prefix_ids, key, bs)
+        hashes = prefill_block_hashes(prefix_ids, key, bs, images)
         hits = []
         for h in hashes[: (len(prefix_ids) - 1) // bs]:  # at least one token left to encode
             block = self.blocks.cached_block(h)
             if block is None:
                 break
             hits.append(block)
+        if images is not None:
+            hits = hits[: images.resumable(len(hits) * bs) // bs]
         self.blocks.take(hits)
         num_new = len(hashes) - len(hits)
         fresh = self.blocks.allocate_blocks(num_new) if num_new <= self.blocks.num_free_blocks else []

@@ -28,7 +28,10 @@ from the pool, then the computed ones; a chunk wholly below ``send_start`` sends
 Images (vision-language models): a task may carry its prompt's images as the image processor left
 them; the worker's vision encoder runs them in the task's first step (their time is part of that
 step's prefill), and the image rows then go through the pass like any prompt row (the plan skips
-their layers). Only K/V leave the worker, never pixels or features.
+their layers). Only K/V leave the worker, never pixels or features. With the images' digests
+(``PrefillTask.image_keys``) such a prompt's blocks are cached like any other's, under names
+that say which images they hold; a task whose cached prefix covers every image skips the vision
+encoder (the same images again: a follow-up question on the same picture).
 
 Every task's ``on_done`` fires exactly once, also when it never runs: aborted while waiting, its
 deadline passed while waiting (dropped before its batch is taken; a chunked prompt also between
@@ -51,6 +54,7 @@ from ..engine import mm_inputs
 from ..engine.kv_cache import PrefixKey
 from ..models.attention import ChunkedPrefillAttention
 from ..models.decoder import CausalLM
+from ..models.multimodal import ImageKeys
 from ..pop.plan import PrunePlan
 from .kv_transfer import KVSender, SendBatch
 from .prefill_cache import CachedPrefix, PrefillCache
@@ -86,9 +90,11 @@ class PrefillTask:
     num_done: int = 0
     kv_buffer: dict = field(default_factory=dict)
     # Vision-language models: the prompt's images (``ProcessedImage``), then (worker-owned) their
-    # encoded rows (``PromptImages``), made in the task's first step.
+    # encoded rows (``PromptImages``), made in the task's first step; their spans and digests
+    # (``ImageKeys``), without which the task bypasses the prefix cache.
     images: list = field(default_factory=list)
     encoded: object | None = None
+    image_keys: ImageKeys | None = None
     start_time: float = 0.0
     num_step_tokens: int = 0
     is_reported: bool = False
@@ -216,8 +222,9 @@ class PrefillWorker:
                 )
                 _fail(task, "deadline exceeded")
                 continue
-            # A prompt with images bypasses the cache: its placeholder ids do not say which image they hold.
-            if self.cache is not None and head.cached is None and not head.images and head.encoded is None:
+            # A prompt with images needs their digests: its placeholder ids do not say which image they hold.
+            is_cacheable = head.image_keys is not None or (not head.images and head.encoded is None)
+            if self.cache is not None and head.cached is None and is_cacheable:
                 self._start_cached(head)
             remaining = len(head.prefix_ids) - head.num_done
             if self.enable_chunked_prefill:
@@ -241,7 +248,7 @@ class PrefillWorker:
 
     def _start_cached(self, task: PrefillTask) -> None:
         """First look at a task (under the lock): take its cached blocks; it encodes from after them."""
-        task.cached = self.cache.start(task.prefix_ids, self.prefix_key(task.plan or self.plan))
+        task.cached = self.cache.start(task.prefix_ids, self.prefix_key(task.plan or self.plan), task.image_keys)
         task.num_cache_hits = task.num_done = task.cached.num_hit_tokens(self.cache.block_size)
         self._num_waiting_tokens -= task.num_cache_hits
 
@@ -343,7 +350,7 @@ class PrefillWorker:
         try:
             images = self._encode(tasks)
         except Exception as exc:  # a bad image must not stop the worker: fail these requests
-            for sender, batch, _, _ in groups:
+            for sender, batch, _ in groups:
                 sender.abandon(batch, f"vision encoder failed: {exc!r}")
             return
         counts = [n for _, _, n in items]
@@ -383,14 +390,19 @@ class PrefillWorker:
         return max(start, task.send_start), 0
 
     def _encode(self, tasks: list[PrefillTask]) -> list:
-        """Each task's encoded images (None without), running the vision encoder for those not yet done."""
-        from ..models.vision import prompt_images
+        """Each task's encoded images (None without), running the vision encoder for those not yet
+        done, unless the task's cached prefix covers every image (no row of its passes reads them)."""
+        from ..models.vision import cached_prompt_images, prompt_images
 
         for t in tasks:
             if t.images and t.encoded is None:
                 encoder, spec = self.vision
-                features, deepstack = encoder.encode(t.images)
-                t.encoded = prompt_images(spec, t.prefix_ids, t.images, features, deepstack)
+                keys = t.image_keys
+                if keys is not None and t.num_cache_hits >= keys.spans[-1][1]:
+                    t.encoded = cached_prompt_images(spec, t.prefix_ids, t.images, self.model.arch.hidden_size)
+                else:
+                    features, deepstack = encoder.encode(t.images)
+                    t.encoded = prompt_images(spec, t.prefix_ids, t.images, features, deepstack)
                 t.images = []  # the pixels are not needed again
         return [t.encoded for t in tasks]
 

@@ -24,8 +24,16 @@ from ..models import cpu_blas
 from ..models.arch import ModelArch
 from ..models.decoder import CausalLM
 from ..models.loader import load_model, resolve_dtype
-from ..models.multimodal import PromptImages
-from ..models.vision import ImageInputs, ProcessedImage, VisionEncoder, VisionSpec, check_image_prompt, prompt_images
+from ..models.multimodal import ImageKeys, PromptImages
+from ..models.vision import (
+    ImageInputs,
+    ProcessedImage,
+    VisionEncoder,
+    VisionSpec,
+    check_image_prompt,
+    image_keys,
+    prompt_images,
+)
 from ..pop.plan import PrunePlan
 from .detokenizer import OutputText
 from .kv_cache import BlockManager, KVCache, PrefixKey, num_blocks_for_budget, plan_cache_key
@@ -177,6 +185,7 @@ class LLMEngine:
         req = Request(request_id, list(prompt_token_ids), params, make_generator(params.seed, self.model.device))
         req.grammar = self._grammar(params)
         req.images = self.encode_images(prompt_token_ids, images)
+        req.image_keys = image_keys(self.vision_spec, prompt_token_ids, images) if images else None
         self.scheduler.add(req)
         self._requests[request_id] = req
         if self.tokenizer is not None:
@@ -199,10 +208,12 @@ class LLMEngine:
         """The key of what this engine's own prefills write (None: prefix caching off)."""
         return self.scheduler.prefix_key
 
-    def num_cached_prefix_tokens(self, prompt_token_ids: list[int], prefix_key: PrefixKey | None = None) -> int:
+    def num_cached_prefix_tokens(
+        self, prompt_token_ids: list[int], prefix_key: PrefixKey | None = None, image_keys: ImageKeys | None = None
+    ) -> int:
         """Prompt tokens a new request would find in the prefix cache now, under ``prefix_key``
-        (default this engine's plan); nothing is taken."""
-        probe = Request("", list(prompt_token_ids), SamplingParams(), prefix_key=prefix_key)
+        (default this engine's plan; ``image_keys``: its images'); nothing is taken."""
+        probe = Request("", list(prompt_token_ids), SamplingParams(), prefix_key=prefix_key, image_keys=image_keys)
         return self.scheduler.num_cached_prefix_tokens(probe)
 
     def reserve_request(
@@ -212,6 +223,7 @@ class LLMEngine:
         request_id: str,
         prefix_key: PrefixKey | None = None,
         remote_image_delta: int | None = None,
+        image_keys: ImageKeys | None = None,
     ) -> Request | None:
         """Hold KV blocks for a request whose prompt prefix another worker encodes; None when full.
 
@@ -219,7 +231,8 @@ class LLMEngine:
         ``request.num_computed_tokens`` on (0, or with ``prefix_key``, after the blocks cached
         under it) and then calls ``admit_prefilled``; ``abort`` releases the blocks at any point.
         ``remote_image_delta``: the prompt has images, encoded where it was prefilled; only the
-        position offset after the prompt comes here (``PromptImages.remote``).
+        position offset after the prompt comes here (``PromptImages.remote``), and with
+        ``image_keys`` (the images' spans and digests) its blocks are named in the prefix cache.
         """
         self.limits.check(list(prompt_token_ids), params)
         if request_id in self._requests:
@@ -229,6 +242,7 @@ class LLMEngine:
         req.prefix_key = prefix_key
         if remote_image_delta is not None:
             req.images = PromptImages.remote(remote_image_delta, self.arch.hidden_size)
+            req.image_keys = image_keys
         if not self.scheduler.reserve(req):
             return None
         self._requests[request_id] = req

@@ -13,9 +13,15 @@ never touches tensors, so the scheduler can use it on any host. A block is in ex
 ones (their hash is forgotten); a referenced block is never handed out. Free and evictable blocks
 together are what ``num_free_blocks`` reports: both can be allocated.
 
-A cached block is named by ``block_hash(parent, token ids, key)``: the hash of the block before it,
-its tokens, and a key saying how its K/V were computed (the scheduler's plan key and the positions
-the pruned prefill wrote, see ``scheduler.py``), so equal tokens computed differently never match.
+A cached block is named by ``block_hash(parent, token ids, key, images)``: the hash of the block
+before it, its tokens, a key saying how its K/V were computed (the scheduler's plan key and the
+positions the pruned prefill wrote, see ``scheduler.py``), so equal tokens computed differently
+never match, and the content digests of the images whose placeholder tokens the block holds
+(``ImageKeys``, as vLLM folds its multimodal hashes into the block hash): an image prompt's
+placeholder ids are the same for every image of that size, the digest says which image it is.
+Through the parent every later block carries the digest too, which also covers what the image
+changes after it (Qwen-VL: the multimodal positions of the later text depend on its patch grid,
+which the digest covers).
 
 ``KVCache`` owns the two tensors, head-major ``(num_layers, Hkv, num_blocks, block_size, D)``, allocated
 once from a memory budget.
@@ -33,6 +39,7 @@ import torch
 
 from ..models.arch import ModelArch
 from ..models.attention import cache_shape, read_slots, write_slots
+from ..models.multimodal import ImageKeys
 from ..pop.plan import PrunePlan
 
 
@@ -40,10 +47,11 @@ class OutOfBlocks(RuntimeError):
     pass
 
 
-def block_hash(parent: bytes, token_ids: Sequence[int], key: bytes) -> bytes:
-    """Name of a full block: SHA-256 over its parent's name, its computation key and its token ids
-    (a cryptographic hash: one tenant cannot forge a collision to read another's K/V)."""
-    return hashlib.sha256(parent + key + array("q", token_ids).tobytes()).digest()
+def block_hash(parent: bytes, token_ids: Sequence[int], key: bytes, images: bytes = b"") -> bytes:
+    """Name of a full block: SHA-256 over its parent's name, its computation key, its token ids and
+    the digests of the images it holds placeholders of (``ImageKeys.digests_between``; a cryptographic
+    hash: one tenant cannot forge a collision to read another's K/V)."""
+    return hashlib.sha256(parent + key + array("q", token_ids).tobytes() + images).digest()
 
 
 def plan_cache_key(model: str, plan: PrunePlan, kv_correction: str | None = None) -> bytes:
@@ -71,16 +79,18 @@ class PrefixKey:
         return self.plan if self.is_full_model else self.plan + num_pruned.to_bytes(4, "little")
 
 
-def prefill_block_hashes(prefix_ids: Sequence[int], key: PrefixKey, block_size: int) -> list[bytes]:
+def prefill_block_hashes(
+    prefix_ids: Sequence[int], key: PrefixKey, block_size: int, images: ImageKeys | None = None
+) -> list[bytes]:
     """Names of the full blocks of a prefix that the pruned prefill writes whole (``x_1..x_{N-1}``):
     what the engine's scheduler publishes for them, so a prefill worker and a decode worker name
     the same K/V alike."""
     hashes: list[bytes] = []
     block_key = key.block(block_size)
     for i in range(len(prefix_ids) // block_size):
-        hashes.append(
-            block_hash(hashes[-1] if hashes else b"", prefix_ids[i * block_size : (i + 1) * block_size], block_key)
-        )
+        a, b = i * block_size, (i + 1) * block_size
+        digests = images.digests_between(a, b) if images is not None else b""
+        hashes.append(block_hash(hashes[-1] if hashes else b"", prefix_ids[a:b], block_key, digests))
     return hashes
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.multimodal import PromptImages
+from ..models.multimodal import ImageKeys, PromptImages
 from . import prompt_logprobs
 from .kv_cache import PrefixKey
 from .sampling import SamplingParams
@@ -69,16 +69,18 @@ class Request:
     prompt_logprobs: list | None = None
     grammar: object | None = None  # structured output: its xgrammar matcher (structured.py), set by the engine
     # A prompt with images: their placeholder rows' vision features and multimodal positions
-    # (the engine encodes them when the request is added). Such a prompt bypasses the prefix cache:
-    # its placeholder token ids say nothing about which image they hold.
+    # (the engine encodes them when the request is added), and what names its blocks in the
+    # prefix cache (each image's span and content digest, folded into the blocks that hold it).
     images: PromptImages | None = None
+    image_keys: ImageKeys | None = None
 
     def __post_init__(self) -> None:
         self.prompt_logprobs = prompt_logprobs.initial(len(self.prompt_token_ids), self.params)
 
     @property
     def is_prefix_cacheable(self) -> bool:
-        return self.images is None
+        """Its blocks can be named: its placeholder ids alone do not say which image they hold."""
+        return self.images is None or self.image_keys is not None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -40,6 +40,9 @@ KV blocks, as vLLM takes them (docs/serving.md, "KV memory"):
   token always runs (POP: through every layer). A fresh request under POP therefore reuses only
   blocks another request prefilled with the same plan; a preempted one also its own full-model
   blocks; under the full model a multi-turn follow-up also the earlier turn's generated blocks.
+  A prompt with images names its blocks with their digests too (``Request.image_keys``), so only
+  the same images behind the same tokens match; a model whose images attend both ways (Gemma-3)
+  reuses such a prefix only when it covers every image (``ImageKeys.resumable``).
 * Disaggregated decode (``reserve``/``admit``): blocks for the transferred prefix are held while
   its K/V arrive; decoding then grows on demand. Reserved with the key the prefill worker computes
   under (``Request.prefix_key``: its plan and K/V correction), the request first takes the blocks
@@ -188,7 +191,9 @@ class Scheduler:
         while len(hashes) <= index:
             i = len(hashes)
             parent = hashes[-1] if hashes else b""
-            hashes.append(block_hash(parent, req.token_ids_between(i * bs, (i + 1) * bs), self._block_key(req, i)))
+            a, b = i * bs, (i + 1) * bs
+            digests = req.image_keys.digests_between(a, b) if req.image_keys is not None else b""
+            hashes.append(block_hash(parent, req.token_ids_between(a, b), self._block_key(req, i), digests))
         return hashes[index]
 
     def _cached_prefix(self, req: Request) -> list[int]:
@@ -204,6 +209,8 @@ class Scheduler:
             if block is None:
                 break
             hits.append(block)
+        if req.image_keys is not None:
+            hits = hits[: req.image_keys.resumable(len(hits) * self.blocks.block_size) // self.blocks.block_size]
         return hits
 
     def _publish(self, req: Request) -> None:

@@ -21,7 +21,10 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from ..models.multimodal import PromptImages
 
 
 class DataNotInstalledError(FileNotFoundError):
@@ -112,6 +115,7 @@ class TextWindow:
     source: str
     prompt_ids: list[int]
     continuation_ids: list[int]
+    images: PromptImages | None = None  # an image prompt's encoded images (``image_data.py``)
 
 
 def text_file_paragraphs(path: str | Path) -> list[str]:

@@ -22,6 +22,12 @@ greedy agreement over the first 32 tokens, BIG-bench multiple-choice accuracy (l
 agreement with the full model's pick (left out, and listed as left out in the report, when BIG-bench
 is not prepared or no task is asked for); per layer, the cosine similarity between the method's prompt
 K/V and the full model's (the paper's Appendix A) and ShortGPT's Block Influence.
+
+On a vision-language model, ``image_file`` (a JSONL of chat samples with data-URL images, the
+format ``calibrate`` takes; ``image_data.py``) replaces the texts: perplexity, KL, top-1 and greedy
+agreement and the per-layer K/V similarity are then taken on image + text prompts, with the image
+rows pruned like any prompt rows. Block Influence and the K/V fit stay on the text calibration
+split, and BIG-bench is text.
 """
 
 from __future__ import annotations
@@ -32,11 +38,10 @@ import sys
 import time
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from ..calib.kv_correction import DEFAULT_METHOD, METHODS, KVCorrection, fit_kv_correction, load_corrected_prefill_model
-from ..models.attention import PrefillAttention
 from ..models.decoder import CausalLM
 from ..pop.plan import PrunePlan
 from . import metrics
@@ -50,7 +55,8 @@ from .data import (
     split_encode,
     text_windows,
 )
-from .scorer import CachedScorer, Method
+from .image_data import image_windows, with_greedy_answers
+from .scorer import CachedScorer, Method, prompt_pass
 from .static_prune import block_influence, matched_static_count, prefill_flops_saving, static_plan_from_influence
 
 PAPER_RATIOS = (0.2, 0.25, 1 / 3, 0.4, 0.5, 0.6)
@@ -80,6 +86,9 @@ class FidelityConfig(BaseModel):
     # Extra refit variants at every kv_fit ratio, e.g. ("state", "kv-chat", "kv-4x"): see RefitVariant.
     kv_fit_variants: tuple[str, ...] = ()
     text_file: str | None = None  # own texts (blank-line-separated paragraphs) instead of the packaged ones
+    # A VLM's image + text samples (JSONL chat messages with data-URL images) instead of the texts.
+    image_file: str | None = None
+    max_image_prompt_tokens: int = Field(4096, ge=2)  # longer image samples are skipped (never cut)
     only: tuple[str, ...] | None = None  # run only these method names (plus "full")
     seed: int = 0
     progress: bool = True
@@ -97,6 +106,12 @@ class FidelityConfig(BaseModel):
         for spec in v:
             RefitVariant.parse(spec)
         return v
+
+    @model_validator(mode="after")
+    def _one_kind_of_prompts(self) -> "FidelityConfig":
+        if self.image_file is not None and self.text_file is not None:
+            raise ValueError("image_file and text_file each replace the evaluation texts: give one")
+        return self
 
 
 class RefitVariant(BaseModel):
@@ -246,9 +261,23 @@ class FidelityRun:
     def load_data(self) -> None:
         t0 = time.perf_counter()
         c = self.cfg
-        self.texts: list[TextWindow] = text_windows(
-            self.tokenizer, c.num_texts, c.prompt_len, c.continuation_len, "eval", c.seed, c.text_file
-        )
+        self.skipped: list[str] = []
+        if c.image_file is not None:
+            self.texts, self.skipped = image_windows(
+                c.image_file,
+                self.tokenizer,
+                self.model_path,
+                self.model,
+                c.num_texts,
+                c.max_image_prompt_tokens,
+                c.continuation_len,
+            )
+            for line in self.skipped:
+                print(f"[pop-disagg] skipped {line}", file=sys.stderr)
+        else:
+            self.texts: list[TextWindow] = text_windows(
+                self.tokenizer, c.num_texts, c.prompt_len, c.continuation_len, "eval", c.seed, c.text_file
+            )
         self.calib_ids = self.calibration(TEXT_SOURCES, 1)
         self.tasks: dict[str, list[tuple[list[int], list[list[int]], int]]] = {}
         # Measures this run cannot take, with the reason: the report lists them (no silent gaps).
@@ -290,11 +319,23 @@ class FidelityRun:
             cache[key] = [w.prompt_ids + w.continuation_ids for w in windows]
         return cache[key]
 
+    def fill_answers(self, scorer: CachedScorer, full: Method) -> None:
+        """Image samples without an answer: the full model's greedy answer becomes their continuation."""
+        pending = [w for w in self.texts if not w.continuation_ids]
+        answers = []
+        for a in range(0, len(pending), 8):
+            chunk = pending[a : a + 8]
+            answers += scorer.greedy(
+                [w.prompt_ids for w in chunk], full, self.cfg.continuation_len, images=[w.images for w in chunk]
+            )
+        self.texts = with_greedy_answers(self.texts, answers)
+
     # ---- per method ---------------------------------------------------------------------------------
     def evaluate(self, method: Method, scorer: CachedScorer, reference: dict | None) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         prompts = [w.prompt_ids for w in self.texts]
         conts = [w.continuation_ids for w in self.texts]
+        images = [w.images for w in self.texts]
         out: dict = {
             "name": method.name,
             "group": method.group,
@@ -311,7 +352,12 @@ class FidelityRun:
         scores = []
         for a in range(0, len(prompts), 8):  # 8 texts per call bounds activation memory
             scores += scorer.score(
-                prompts[a : a + 8], conts[a : a + 8], method, keep_first=True, greedy_tokens=self.cfg.greedy_len
+                prompts[a : a + 8],
+                conts[a : a + 8],
+                method,
+                keep_first=True,
+                greedy_tokens=self.cfg.greedy_len,
+                images=images[a : a + 8],
             )
         greedy = [s.greedy_ids for s in scores]
         out["ppl"] = metrics.perplexity([s.token_logprobs for s in scores])
@@ -364,8 +410,14 @@ class FidelityRun:
         for w in self.texts:
             ids = w.prompt_ids[:-1]
             n = len(ids)
-            attn = PrefillAttention([0, n], sink=lambda l, k, v: got.setdefault(l, []).append((k.float(), v.float())))
-            model(torch.tensor(ids, device=model.device), torch.arange(n, device=model.device), attn, plan=plan)
+            pos, attn, vision = prompt_pass(
+                model.arch,
+                [w.images],
+                [n],
+                torch.arange(n, device=model.device),
+                lambda l, k, v: got.setdefault(l, []).append((k.float(), v.float())),
+            )
+            model(torch.tensor(ids, device=model.device), pos, attn, plan=plan, vision=vision)
         return {l: (torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv])) for l, kv in got.items()}
 
     def kv_similarity(self, full_kv, model: CausalLM, plan: PrunePlan) -> dict[str, list[float]]:
@@ -417,8 +469,11 @@ def run_fidelity(
             prefill_models[m.name] = load_corrected_prefill_model(model_path, corr, cfg.dtype, "cpu")
     run.timings["kv_fit"] = time.perf_counter() - t0
 
-    max_tokens = 16 * (cfg.prompt_len + max(cfg.continuation_len, cfg.greedy_len) + 8) + 4096
+    longest = max(cfg.prompt_len, *(len(w.prompt_ids) for w in run.texts))
+    max_tokens = 16 * (longest + max(cfg.continuation_len, cfg.greedy_len) + 8) + 4096
     scorer = CachedScorer(model, max_tokens, prefill_models)
+    if any(not w.continuation_ids for w in run.texts):
+        run.fill_answers(scorer, methods[0])
     results, reference = [], None
     bar = tqdm(methods, desc=f"fidelity {cfg.model}", disable=not cfg.progress)
     for m in bar:
@@ -458,6 +513,7 @@ def run_fidelity(
             "sources": sorted({w.source for w in run.texts}),
             "num_calib_tokens": sum(len(t) for t in run.calib_ids),
             "tasks": {k: len(v) for k, v in run.tasks.items()},
+            **(_image_data(run) if cfg.image_file is not None else {}),
         },
         "left_out": run.left_out,
         "methods": results,
@@ -480,6 +536,17 @@ def run_fidelity(
         },
         "hardware": _hardware(),
     }, corrections
+
+
+def _image_data(run: FidelityRun) -> dict:
+    """What the image prompts were: their number of images and prompt lengths, the samples skipped."""
+    lengths = [len(w.prompt_ids) for w in run.texts]
+    return {
+        "num_images": sum(len(w.images.spans) for w in run.texts),
+        "num_image_tokens": sum(len(w.images.positions) for w in run.texts),
+        "prompt_tokens": [min(lengths), max(lengths)],
+        "skipped": run.skipped,
+    }
 
 
 def _hardware() -> str:

@@ -58,13 +58,29 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _data_line(cfg: dict, data: dict) -> str:
+    """What the measures were taken on: texts, or a vision-language model's image prompts."""
+    sources = ", ".join(data["sources"])
+    if "num_images" not in data:
+        return (
+            f"{data['num_texts']} texts ({sources}), prompt {cfg['prompt_len']} + continuation "
+            f"{cfg['continuation_len']} tokens"
+        )
+    lo, hi = data["prompt_tokens"]
+    return (
+        f"{data['num_texts']} image prompts ({sources}; {data['num_images']} images, "
+        f"{data['num_image_tokens']} image tokens), prompts of {lo}-{hi} tokens + continuation "
+        f"{cfg['continuation_len']} tokens"
+    )
+
+
 def markdown_report(results: dict) -> str:
     cfg, data, arch = results["config"], results["data"], results["arch"]
     parts = [
         f"# Fidelity: {results['model']} ({arch['family']}, {arch['num_layers']} layers)",
         "",
-        f"{data['num_texts']} texts ({', '.join(data['sources'])}), prompt {cfg['prompt_len']} + continuation "
-        f"{cfg['continuation_len']} tokens; greedy agreement over {cfg['greedy_len']} tokens; BIG-bench "
+        _data_line(cfg, data)
+        + f"; greedy agreement over {cfg['greedy_len']} tokens; BIG-bench "
         + (", ".join(f"{k} ({v})" for k, v in data["tasks"].items()) or "none")
         + f"; calibration (Block Influence, K/V fit) {data['num_calib_tokens']} tokens from a disjoint split. "
         f"Total {results['timings_s']['total']:.0f} s on {results['hardware']}.",

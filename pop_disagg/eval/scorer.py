@@ -20,6 +20,12 @@ POP scoring for prompt ``x_1..x_N`` and continuation ``c_1..c_M`` (paper Sec. 3)
   ``c_1..c_{M-1}`` through the full model;
 * independent K/V off (ablation): the skipped layers' rows for the pruned positions are masked;
 * static pruning: the same layers are identities in both stages, so no K/V exist for them at all.
+
+Image prompts (a vision-language model): a prompt may come with its encoded images
+(``multimodal.PromptImages``, made once per prompt by the vision encoder, which no method prunes).
+The prompt pass then runs them as the engine's prefill does (``engine/mm_inputs.py``: features in
+the placeholder rows, Qwen-VL's multimodal positions, Gemma-3's two-way image attention), and
+every position after the prompt takes the prompt's multimodal offset, as the engine's decode steps.
 """
 
 from __future__ import annotations
@@ -30,15 +36,29 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
+from ..engine import mm_inputs
 from ..engine.kv_cache import BlockManager, KVCache
-from ..models.attention import ExtendAttention, PrefillAttention
+from ..models.attention import ExtendAttention
 from ..models.decoder import CausalLM
+from ..models.multimodal import PromptImages
 from ..pop.plan import PrunePlan
 
 # New tokens per extend forward (bounds activations; the key gather is per sequence).
 MAX_TOKENS_PER_FORWARD = 512
 # Rows per logits chunk: Gemma-3's 262k vocabulary makes (rows, vocab) float32 large.
 MAX_LOGIT_ROWS = 64
+
+
+def prompt_pass(arch, images: list[PromptImages | None], counts: list[int], pos: torch.Tensor, sink):
+    """(positions, attention, image rows) of one prompt pass over whole prompts of ``counts``
+    tokens back to back (``pos``: their (T,) positions), as the engine's prefill builds them."""
+    cu = [0]
+    for n in counts:
+        cu.append(cu[-1] + n)
+    starts = [0] * len(counts)
+    attn = mm_inputs.prefill_attention(images, counts, cu, sink, arch.vision_family == "gemma3")
+    positions = mm_inputs.step_positions(images, starts, counts, pos, arch.mrope_section is not None)
+    return positions, attn, mm_inputs.step_vision(images, starts, counts)
 
 
 class Method(BaseModel):
@@ -70,6 +90,7 @@ class Seq:
 
     slots: list[int] = field(default_factory=list)
     num_hidden_prefix: int = 0  # leading positions the skipped layers hold no K/V for
+    position_offset: int = 0  # after an image prompt: Qwen-VL's multimodal offset of later positions
 
 
 @dataclass
@@ -95,25 +116,35 @@ class CachedScorer:
 
     # ---- low level ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def open(self, prefixes: list[list[int]], method: Method) -> tuple[list[Seq], torch.Tensor | None]:
-        """Encode each prefix with the method's prompt pass. Returns the sequences and, when the
-        method takes the first token from the pruned pass, their last hidden states (B, H)."""
+    def open(
+        self, prefixes: list[list[int]], method: Method, images: list[PromptImages | None] | None = None
+    ) -> tuple[list[Seq], torch.Tensor | None]:
+        """Encode each prefix with the method's prompt pass (``images``: each prefix's encoded
+        images, None for a text one). Returns the sequences and, when the method takes the first
+        token from the pruned pass, their last hidden states (B, H)."""
         plan = method.decode_plan if method.is_static else method.plan
         masked = not method.is_static and not plan.independent_kv and bool(plan.skip_layers)
-        seqs = [Seq(self.blocks.allocate(len(p)), len(p) if masked else 0) for p in prefixes]
-        live = [(s, p) for s, p in zip(seqs, prefixes) if p]  # an empty prefix has nothing to encode
+        images = images or [None] * len(prefixes)
+        seqs = [
+            Seq(self.blocks.allocate(len(p)), len(p) if masked else 0, im.mrope_delta if im is not None else 0)
+            for p, im in zip(prefixes, images)
+        ]
+        live = [(s, p, im) for s, p, im in zip(seqs, prefixes, images) if p]  # an empty prefix has nothing to encode
         if not live:
             return seqs, None
         ids, pos, slots, cu = [], [], [], [0]
-        for s, p in live:
+        for s, p, _ in live:
             ids += p
             pos += range(len(p))
             slots += s.slots
             cu.append(cu[-1] + len(p))
         slot_mapping = self._tensor(slots)
-        attn = PrefillAttention(cu, sink=lambda layer, k, v: self.kv_cache.write(layer, slot_mapping, k, v))
+        sink = lambda layer, k, v: self.kv_cache.write(layer, slot_mapping, k, v)  # noqa: E731
         model = self.prefill_models.get(method.name, self.model)
-        hidden = model(self._tensor(ids), self._tensor(pos), attn, plan=None if plan.is_empty else plan)
+        positions, attn, vision = prompt_pass(
+            self.model.arch, [im for _, _, im in live], [len(p) for _, p, _ in live], self._tensor(pos), sink
+        )
+        hidden = model(self._tensor(ids), positions, attn, plan=None if plan.is_empty else plan, vision=vision)
         if method.boundary_handling:
             return seqs, None
         if len(live) != len(seqs):
@@ -164,7 +195,13 @@ class CachedScorer:
                     cu_seqlens=cu,
                 )
                 ids = self._tensor([t for i in chunk for t in token_lists[i]])
-                pos = self._tensor([len(seqs[i].slots) + j for i in chunk for j in range(len(token_lists[i]))])
+                pos = self._tensor(
+                    [
+                        len(seqs[i].slots) + j + seqs[i].position_offset
+                        for i in chunk
+                        for j in range(len(token_lists[i]))
+                    ]
+                )
                 hidden_rows.append(self.model(ids, pos, attn, plan=plan))
         except BaseException:
             for s in new_slots:
@@ -186,14 +223,14 @@ class CachedScorer:
             s.slots = []
 
     # ---- high level -----------------------------------------------------------------------------
-    def _start(self, prompts: list[list[int]], method: Method):
+    def _start(self, prompts: list[list[int]], method: Method, images: list[PromptImages | None] | None = None):
         """Open the prompts; return (seqs, first-token hidden or None, tokens still to feed)."""
         if any(len(p) < 1 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if method.boundary_handling:
-            seqs, _ = self.open([p[:-1] for p in prompts], method)
+            seqs, _ = self.open([p[:-1] for p in prompts], method, images)
             return seqs, None, [[p[-1]] for p in prompts]
-        seqs, last = self.open(prompts, method)
+        seqs, last = self.open(prompts, method, images)
         return seqs, last, [[] for _ in prompts]
 
     @torch.inference_mode()
@@ -204,10 +241,11 @@ class CachedScorer:
         method: Method,
         keep_first: bool = False,
         greedy_tokens: int = 0,
+        images: list[PromptImages | None] | None = None,
     ) -> list[ContinuationScore]:
-        """Teacher-forced log-probabilities of each continuation after its prompt; with
-        ``greedy_tokens``, also free-running greedy tokens from the same prompt cache."""
-        seqs, first_hidden, pending = self._start(prompts, method)
+        """Teacher-forced log-probabilities of each continuation after its prompt (and its images);
+        with ``greedy_tokens``, also free-running greedy tokens from the same prompt cache."""
+        seqs, first_hidden, pending = self._start(prompts, method, images)
         try:
             feed = [pend + c[:-1] for pend, c in zip(pending, continuations)]
             hidden = self.extend(seqs, feed, method, commit=False)
@@ -266,9 +304,10 @@ class CachedScorer:
         method: Method,
         max_new_tokens: int,
         stop_ids: set[int] | frozenset = frozenset(),
+        images: list[PromptImages | None] | None = None,
     ) -> list[list[int]]:
-        """Free-running greedy decoding, all prompts as one batch of one-token steps."""
-        seqs, first_hidden, pending = self._start(prompts, method)
+        """Free-running greedy decoding, all prompts (and their images) as one batch of one-token steps."""
+        seqs, first_hidden, pending = self._start(prompts, method, images)
         try:
             return self._decode_greedy(seqs, first_hidden, pending, method, max_new_tokens, stop_ids)
         finally:

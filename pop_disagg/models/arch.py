@@ -28,7 +28,17 @@ SUPPORTED_ARCHITECTURES = {
 }
 # Vision-language checkpoints: their language model is one of the families above (read from
 # ``text_config``); the vision tower is described by ``vision.py``'s ``VisionSpec``.
-VISION_ARCHITECTURES = {"Qwen3VLForConditionalGeneration": "qwen3_vl", "Gemma3ForConditionalGeneration": "gemma3"}
+VISION_ARCHITECTURES = {
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Gemma3ForConditionalGeneration": "gemma3",
+}
+# The language model of each vision-language family, read as this text architecture.
+_VISION_TEXT_ARCHITECTURES = {
+    "qwen3_vl": "Qwen3ForCausalLM",
+    "qwen2_5_vl": "Qwen2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -76,10 +86,12 @@ class ModelArch(BaseModel):
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     # Vision-language checkpoints: which vision family, Qwen-VL's multimodal RoPE sections
-    # (frequencies per temporal/height/width axis, interleaved as Qwen3-VL does) and how many early
-    # layers receive Qwen3-VL's DeepStack visual features.
-    vision_family: Literal["qwen3_vl", "gemma3"] | None = None
+    # (frequencies per temporal/height/width axis: interleaved as Qwen3-VL does, or in three
+    # contiguous runs as Qwen2.5-VL does) and how many early layers receive Qwen3-VL's DeepStack
+    # visual features.
+    vision_family: Literal["qwen3_vl", "qwen2_5_vl", "gemma3"] | None = None
     mrope_section: tuple[int, int, int] | None = None
+    is_mrope_interleaved: bool = True
     num_deepstack_layers: int = 0
 
     @property
@@ -250,13 +262,26 @@ def _rope_specs(raw: dict, family: str, source: str) -> tuple[RopeSpec, RopeSpec
 def _vision_language_arch(cls, raw: dict, archs: list, vision_family: str, source: str) -> ModelArch:
     """The language model of a vision-language checkpoint: ``text_config`` read as a text config,
     plus the top-level fields that stay outside it (tied embeddings, end-of-sequence ids)."""
-    text = dict(raw.get("text_config") or {})
-    text["architectures"] = ["Qwen3ForCausalLM" if vision_family == "qwen3_vl" else "Gemma3ForCausalLM"]
+    # Qwen2.5-VL checkpoints as published keep the language model's fields at the top level.
+    text = dict(raw.get("text_config") or {k: v for k, v in raw.items() if k != "vision_config"})
+    text["architectures"] = [_VISION_TEXT_ARCHITECTURES[vision_family]]
     for key in ("tie_word_embeddings", "eos_token_id", "bos_token_id"):
         if key in raw and (key == "tie_word_embeddings" or key not in text):
             text[key] = raw[key]
+    rope_key = "rope_parameters" if text.get("rope_parameters") else "rope_scaling"
+    mrope = dict(text.get(rope_key) or {})
+    if vision_family == "qwen2_5_vl" and mrope.get("type", mrope.get("rope_type")) == "mrope":
+        # The published configs name the multimodal RoPE "mrope": per axis, ordinary RoPE.
+        text[rope_key] = {k: v for k, v in mrope.items() if k not in ("type", "rope_type")}
     base = cls.from_hf_dict(text, source)
     extra: dict = {"vision_family": vision_family}
+    if vision_family == "qwen2_5_vl":
+        section = mrope.get("mrope_section", (16, 24, 24))  # Transformers' default
+        if len(section) != 3 or sum(section) != base.head_dim // 2:
+            raise ModelConfigError(
+                f"{source}: Qwen2.5-VL's mrope_section {section} must be 3 sizes covering head_dim/2 = {base.head_dim // 2}"
+            )
+        extra.update(mrope_section=tuple(section), is_mrope_interleaved=False)
     if vision_family == "qwen3_vl":
         # Transformers' defaults where a saved config leaves them out: sections (24, 20, 20), three
         # DeepStack layers (vision blocks 8, 16 and 24).

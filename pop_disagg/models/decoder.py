@@ -235,7 +235,8 @@ class CausalLM(nn.Module):
             self.init_rope()
         kinds = set(self.arch.layer_types)
         if positions.dim() == 2:  # (3, T) temporal/height/width positions: Qwen-VL's multimodal RoPE
-            return {k: mrope_cos_sin(self._inv_freq[k], positions, self.arch.mrope_section, self.dtype) for k in kinds}
+            section, interleaved = self.arch.mrope_section, self.arch.is_mrope_interleaved
+            return {k: mrope_cos_sin(self._inv_freq[k], positions, section, self.dtype, interleaved) for k in kinds}
         return {k: rope_cos_sin(self._inv_freq[k], positions, self.dtype) for k in kinds}
 
     # ---- forward ------------------------------------------------------------------------------

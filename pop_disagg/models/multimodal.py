@@ -7,12 +7,16 @@ Qwen-VL's multimodal rotary positions, and Gemma-3's attention within an image.
 * ``VisionRows``: the image rows of one flattened forward (several requests, each a slice of its
   positions), with ``merge`` (features replace the placeholder embeddings) and ``inject``
   (DeepStack: features added to the residual stream after the first layers, as Qwen3-VL does).
-* ``mrope_positions`` / ``mrope_cos_sin``: Qwen3-VL's M-RoPE. Text tokens have one position on all
+* ``mrope_positions`` / ``mrope_cos_sin``: Qwen-VL's M-RoPE. Text tokens have one position on all
   three axes; an image's tokens have (start, start + row, start + column) on (temporal, height,
-  width), and the text after it continues from ``start + max(rows, columns)``. Frequency ``i`` of
-  the head reads the height axis when ``i % 3 == 1`` (within the first ``3 * section[1]``), the
-  width axis when ``i % 3 == 2`` (within ``3 * section[2]``), else the temporal one ("interleaved").
-  With all three axes equal this is ordinary RoPE, so decode steps pass one position, ``p + delta``.
+  width), and the text after it continues from ``start + max(rows, columns)``. Qwen3-VL: frequency
+  ``i`` of the head reads the height axis when ``i % 3 == 1`` (within the first ``3 * section[1]``),
+  the width axis when ``i % 3 == 2`` (within ``3 * section[2]``), else the temporal one
+  ("interleaved"); Qwen2.5-VL: the first ``section[0]`` frequencies read the temporal axis, the
+  next ``section[1]`` the height, the rest the width. With all three axes equal this is ordinary
+  RoPE, so decode steps pass one position, ``p + delta``.
+* ``ImageKeys``: a prompt's images as the prefix cache names them (each image's span and content
+  digest, ``kv_cache.block_hash``).
 * ``ImageBlockPrefillAttention``: Gemma-3 lets an image's tokens see each other both ways (causal
   OR same image; a sliding layer also keeps its window), as Transformers' Gemma-3 masks do.
 """
@@ -58,6 +62,30 @@ class PromptImages:
         return torch.cat([head, tail.expand(3, -1)], dim=1)
 
 
+@dataclass(frozen=True)
+class ImageKeys:
+    """A prompt's images as the prefix cache sees them: each image's [start, end) placeholder
+    positions, a digest of its content (``vision.ProcessedImage.digest``: pixels and patch grid), and
+    whether an image's tokens attend to each other both ways (Gemma-3)."""
+
+    spans: tuple[tuple[int, int], ...]
+    digests: tuple[bytes, ...]
+    is_bidirectional: bool = False
+
+    def digests_between(self, start: int, end: int) -> bytes:
+        """The digests of the images with placeholder tokens among positions ``start..end-1``."""
+        return b"".join(d for (s, e), d in zip(self.spans, self.digests) if s < end and e > start)
+
+    def resumable(self, num_cached: int) -> int:
+        """Of ``num_cached`` cached prompt positions, how many a prefill may start after. An image
+        whose tokens see each other both ways is prefilled in one pass from the prompt's start
+        (a pass that starts later attends causally), so such a prompt reuses a prefix only when
+        it covers every image; otherwise all of it."""
+        if self.is_bidirectional and any(e > num_cached for _, e in self.spans):
+            return 0
+        return num_cached
+
+
 @dataclass
 class VisionRows:
     """Image rows of one flattened forward: ``rows`` (n,) of the T tokens take ``embeds`` (n, hidden)."""
@@ -100,8 +128,8 @@ class VisionRows:
 def mrope_positions(
     token_ids: list[int], image_token_id: int, grids: list[tuple[int, int, int]], merge_size: int
 ) -> tuple[torch.Tensor, int, list[tuple[int, int]]]:
-    """Qwen3-VL's (3, N) positions for a prompt whose images have patch grids ``grids`` (t, h, w)
-    -> (positions, delta for later tokens, each image's [start, end) span)."""
+    """Qwen-VL's (3, N) positions (Qwen3-VL and Qwen2.5-VL alike) for a prompt whose images have
+    patch grids ``grids`` (t, h, w) -> (positions, delta for later tokens, each image's span)."""
     out, spans = [], []
     pos, i, n = 0, 0, len(token_ids)
     grid_iter = iter(grids)
@@ -128,14 +156,22 @@ def mrope_positions(
 
 
 def mrope_cos_sin(
-    inv_freq: torch.Tensor, positions: torch.Tensor, section: tuple[int, int, int], dtype: torch.dtype
+    inv_freq: torch.Tensor,
+    positions: torch.Tensor,
+    section: tuple[int, int, int],
+    dtype: torch.dtype,
+    is_interleaved: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, T) positions -> (cos, signed sin), two (T, 1, head_dim) tensors, as ``layers.rope_cos_sin``."""
     half = inv_freq.shape[0]
     idx = torch.arange(half)
     axis = torch.zeros(half, dtype=torch.long)
-    axis[(idx % 3 == 1) & (idx < 3 * section[1])] = 1
-    axis[(idx % 3 == 2) & (idx < 3 * section[2])] = 2
+    if is_interleaved:
+        axis[(idx % 3 == 1) & (idx < 3 * section[1])] = 1
+        axis[(idx % 3 == 2) & (idx < 3 * section[2])] = 2
+    else:
+        axis[(idx >= section[0]) & (idx < section[0] + section[1])] = 1
+        axis[idx >= section[0] + section[1]] = 2
     freqs = positions.float()[axis.to(positions.device)].t() * inv_freq[None, :]  # (T, half)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
     sin = freqs.sin()[:, None, :]

@@ -3,9 +3,9 @@
 Used by tests (parity against Transformers) and by ``pop-disagg make-tiny-model``. The tokenizer is
 a byte-level BPE trained offline on a few built-in sentences, so it round-trips any text.
 
-``make_tiny_vlm`` writes the two vision-language families (``qwen3_vl``, ``gemma3_vision``) the same
-way: Transformers' ``Qwen3VLForConditionalGeneration`` / ``Gemma3ForConditionalGeneration`` with a
-tiny vision tower, the tokenizer with the family's image tokens added, and the checkpoint's image
+``make_tiny_vlm`` writes the vision-language families (``qwen3_vl``, ``qwen2_5_vl``, ``gemma3_vision``)
+the same way: Transformers' ``Qwen3VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``
+/ ``Gemma3ForConditionalGeneration`` with a tiny vision tower, the tokenizer with the family's image tokens added, and the checkpoint's image
 processor (``preprocessor_config.json``) sized so an image is a handful of tokens.
 """
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
-VLM_ARCHS = ("qwen3_vl", "gemma3_vision")
+VLM_ARCHS = ("qwen3_vl", "qwen2_5_vl", "gemma3_vision")
 _IMAGE_TOKENS = {
     "qwen3_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
+    "qwen2_5_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
     "gemma3_vision": ["<start_of_image>", "<image_soft_token>", "<end_of_image>"],
 }
 
@@ -130,10 +131,14 @@ def _perturb(model) -> None:
                 p.add_(torch.randn_like(p) * 0.1)
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            if name.endswith("mm_input_projection_weight"):
+                # Gemma-3 initializes its image projection to zeros: every image's features would be
+                # zero, and no test could tell one image from another.
+                p.normal_(0, 0.1)
 
 
 def make_tiny_vlm(out: str | Path, arch: str = "qwen3_vl", seed: int = 0) -> Path:
-    """Write a random vision-language checkpoint (``qwen3_vl`` or ``gemma3_vision``) into ``out``."""
+    """Write a random vision-language checkpoint (one of ``VLM_ARCHS``) into ``out``."""
     import torch
     import transformers as tf
 
@@ -184,10 +189,42 @@ def make_tiny_vlm(out: str | Path, arch: str = "qwen3_vl", seed: int = 0) -> Pat
             tie_word_embeddings=False,
         )
         cls = tf.Qwen3VLForConditionalGeneration
-        # 16-pixel units (patch 8, merged 2 x 2): between 2 x 2 and 6 x 6 tokens per image.
-        processor = tf.Qwen2VLImageProcessorPil(
-            patch_size=8, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 96 * 96}
+    elif arch == "qwen2_5_vl":
+        # head_dim 32: the contiguous M-RoPE sections (temporal, height, width) cover its 16 frequencies.
+        text = dict(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
         )
+        # Windows of 32 pixels (2 x 2 merged tokens) in the first block, full attention in the second.
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=64,
+            window_size=32,
+            fullatt_block_indexes=[1],
+        )
+        cfg = tf.Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=vision,
+            vision_start_token_id=ids[0],
+            image_token_id=ids[1],
+            vision_end_token_id=ids[2],
+            video_token_id=ids[3],
+            tie_word_embeddings=False,
+        )
+        cls = tf.Qwen2_5_VLForConditionalGeneration
     else:
         text = tiny_config("gemma3", vocab).to_dict()
         vision = tf.SiglipVisionConfig(
@@ -209,6 +246,11 @@ def make_tiny_vlm(out: str | Path, arch: str = "qwen3_vl", seed: int = 0) -> Pat
         )
         cls = tf.Gemma3ForConditionalGeneration
         processor = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    if arch in ("qwen3_vl", "qwen2_5_vl"):
+        # 16-pixel units (patch 8, merged 2 x 2): between 2 x 2 and 6 x 6 tokens per image.
+        processor = tf.Qwen2VLImageProcessorPil(
+            patch_size=8, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 96 * 96}
+        )
     torch.manual_seed(seed)
     model = cls(cfg)
     _perturb(model)

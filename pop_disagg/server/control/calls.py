@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...engine.sampling import SamplingParams, TokenLogprob
+from ...models.multimodal import ImageKeys
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,12 @@ class GenerateCall:
     )
     deadline: float | None = None  # wall clock (time.time()) from the client's deadline; None = none
     # Vision-language models: the prompt's images as the checkpoint's image processor left them
-    # (``models.vision.ProcessedImage``), and the position offset of tokens after the prompt
-    # (Qwen-VL's multimodal RoPE; all the decode side needs of the images).
+    # (``models.vision.ProcessedImage``), the position offset of tokens after the prompt
+    # (Qwen-VL's multimodal RoPE), and their spans and content digests (``multimodal.ImageKeys``,
+    # which name the prompt's blocks in the prefix caches): all the decode side gets of the images.
     images: tuple = ()
     mrope_delta: int = 0
+    image_keys: ImageKeys | None = None
 
 
 @dataclass

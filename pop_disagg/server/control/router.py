@@ -136,10 +136,13 @@ def kv_aware_choice(
 
 def _image_args(call: GenerateCall, link: int | None) -> dict:
     """What the decode worker gets of a request's images: colocated, the images (its engine
-    encodes them); disaggregated, only the position offset after the prompt (K/V come encoded)."""
+    encodes them); disaggregated, only the position offset after the prompt (K/V come encoded)
+    and the images' spans and digests (the names of its blocks in the prefix cache)."""
     if not call.images:
         return {}
-    return {"images": call.images} if link is None else {"remote_image_delta": call.mrope_delta}
+    if link is None:
+        return {"images": call.images}
+    return {"remote_image_delta": call.mrope_delta, "image_keys": call.image_keys}
 
 
 def least_loaded_prefill(choices: list, loads: list[int], same_node) -> object:
@@ -335,6 +338,7 @@ class Router:
                 req.plan_index,
                 num_held_tokens,
                 req.call.images,
+                req.call.image_keys,
             )
         )
 
@@ -450,7 +454,8 @@ class Router:
         if len(serving) == 1 or not self.is_prefix_caching or len(prompt) < 2:
             return serving[0]
         probes = await asyncio.gather(
-            *(s.actor.probe.remote(prompt, req.call.plan_index) for s in serving), return_exceptions=True
+            *(s.actor.probe.remote(prompt, req.call.plan_index, req.call.image_keys) for s in serving),
+            return_exceptions=True,
         )
         probes = [(0, 0) if isinstance(p, BaseException) else p for p in probes]  # a lost worker: no overlap
         bs = self.block_size
@@ -521,6 +526,7 @@ class Router:
         plan_index: int | None = None,
         send_start: int = 0,
         images: tuple = (),
+        image_keys=None,
     ):
         import ray
 
@@ -528,7 +534,7 @@ class Router:
         outcome = None
         try:
             # The images go to the prefill worker, whose vision encoder runs them; never to the decode side.
-            extra = {"images": images} if images else {}
+            extra = {"images": images, "image_keys": image_keys} if images else {}
             outcome = await pactor.prefill.remote(
                 att.wid, transfer_id, att.decode, prefix_ids, deadline, plan_index, send_start, **extra
             )

@@ -29,8 +29,8 @@ from urllib.parse import urlparse
 
 from ...config import MediaConfig
 from ...limits import InvalidRequest
-from ...models.multimodal import mrope_positions
-from ...models.vision import ImageInputs, ProcessedImage, VisionSpec, check_image_prompt
+from ...models.multimodal import ImageKeys, mrope_positions
+from ...models.vision import ImageInputs, ProcessedImage, VisionSpec, check_image_prompt, image_keys
 
 # Declared MIME subtype -> the format Pillow must find in the bytes.
 IMAGE_TYPES = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP"}
@@ -186,9 +186,13 @@ class MediaEdge:
         """The image rule on a tokenized prompt (``vision.check_image_prompt``)."""
         check_image_prompt(self.spec, ids, images, self.is_chunked_prefill)
 
+    def image_keys(self, ids: list[int], images: list[ProcessedImage]) -> ImageKeys:
+        """The images' spans and content digests, which name the prompt's blocks in the prefix caches."""
+        return image_keys(self.spec, ids, images)
+
     def mrope_delta(self, ids: list[int], images: list[ProcessedImage]) -> int:
         """The position offset after the prompt (Qwen-VL), for the decode side."""
         spec = self.spec
-        if spec.family != "qwen3_vl":
+        if not spec.is_qwen:
             return 0
         return mrope_positions(ids, spec.image_token_id, [im.grid_thw for im in images], spec.merge_size)[1]

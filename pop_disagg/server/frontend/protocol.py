@@ -99,7 +99,8 @@ def parse_generate(
         raise InvalidRequest("request_id", "must be non-empty when set")
     plan_index = limits.plan_index(msg.prune_ratio if msg.HasField("prune_ratio") else None)
     delta = media.mrope_delta(ids, images) if images else 0
-    return GenerateCall(ids, params, request_id, plan_index, images=tuple(images), mrope_delta=delta)
+    keys = media.image_keys(ids, images) if images else None
+    return GenerateCall(ids, params, request_id, plan_index, images=tuple(images), mrope_delta=delta, image_keys=keys)
 
 
 def updated_params(params: SamplingParams, field_name: str, **update) -> SamplingParams:

@@ -202,11 +202,13 @@ class PrefillActor(_Shell):
         plan_index: int | None = None,
         send_start: int = 0,
         images: tuple = (),
+        image_keys=None,
     ):
         """Prefill ``prefix_ids`` with the family's plan ``plan_index`` (None: the default) and send its
         K/V from position ``send_start`` on (the decode worker holds the rest) to decode worker
         ``link``; returns the outcome once the last layer is on the wire (``outcome.error`` set if
-        it failed). ``images``: the prompt's, encoded by this worker's vision encoder in the prefill step."""
+        it failed). ``images``: the prompt's, encoded by this worker's vision encoder in the prefill
+        step; ``image_keys``: their spans and digests (``multimodal.ImageKeys``), for its prefix cache."""
         from ...disagg.prefill_worker import PrefillOutcome, PrefillTask
 
         if request_id in self._aborted:
@@ -226,6 +228,7 @@ class PrefillActor(_Shell):
                 plan=plan,
                 send_start=send_start,
                 images=list(images),
+                image_keys=image_keys,
             )
         )
         return await done
@@ -312,10 +315,13 @@ class DecodeActor(_Shell):
         plan = family.plans[plan_index] if plan_index is not None and family else self.spec.plan
         return _prefix_key(self.spec, plan)
 
-    async def probe(self, prompt_token_ids: list[int], plan_index: int | None = None) -> tuple[int, int]:
-        """For the router's KV-aware choice: (prompt tokens cached under the plan, blocks in use)."""
+    async def probe(
+        self, prompt_token_ids: list[int], plan_index: int | None = None, image_keys=None
+    ) -> tuple[int, int]:
+        """For the router's KV-aware choice: (prompt tokens cached under the plan, blocks in use);
+        ``image_keys``: the prompt's images' spans and digests."""
         return self.worker.num_cached_prefix_tokens(
-            prompt_token_ids, self._key(plan_index)
+            prompt_token_ids, self._key(plan_index), image_keys
         ), self.worker.num_active_blocks
 
     async def generate(
@@ -328,12 +334,14 @@ class DecodeActor(_Shell):
         plan_index: int | None = None,
         images: tuple = (),
         remote_image_delta: int | None = None,
+        image_keys=None,
     ):
         """Stream a request. ``link``: the prefill worker that sends its K/V; None = colocated.
         ``deadline`` (wall clock): past it the request ends with ``Failed(kind="deadline")``.
         ``plan_index``: the family plan its prefill runs (names its blocks in the prefix cache).
         ``images`` (colocated): encoded here; ``remote_image_delta`` (disaggregated): the prompt's
-        images were encoded on the prefill worker, this is their position offset.
+        images were encoded on the prefill worker, this is their position offset, and
+        ``image_keys`` their spans and digests (the names of its blocks in the prefix cache).
         The first item is ``("reserved", (transfer id, prompt tokens already held))``."""
         from ...disagg.decode_worker import Failed, Tokens
 
@@ -367,6 +375,7 @@ class DecodeActor(_Shell):
                             deadline,
                             self._key(plan_index),
                             remote_image_delta,
+                            image_keys,
                         )
                     except RuntimeError as exc:  # the link is broken: the router may re-prefill elsewhere
                         is_done = True
