@@ -177,18 +177,26 @@ def kv_bytes_per_token(model_dir: str) -> int:
 
 
 # ---- clients ------------------------------------------------------------------------------------
-def vllm_bench(url: str, args, out_dir: Path, name: str) -> dict:
+PREFIX_REPETITION = ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "384"]
+PREFIX_REPETITION += ["--prefix-repetition-suffix-len", "32", "--prefix-repetition-num-prefixes", "2"]
+
+
+def vllm_bench(
+    url: str, args, out_dir: Path, name: str, dataset: list[str] | None = None, concurrency: int = 2
+) -> dict:
+    """``vllm bench serve`` against ``url``: the prefix_repetition workload, or ``dataset`` (its
+    ``--dataset-name ...`` arguments, output length included)."""
     cmd = [str(VLLM), "bench", "serve", "--backend", "openai", "--base-url", url, "--model", NAME]
-    cmd += ["--tokenizer", args.model_dir, "--dataset-name", "prefix_repetition"]
-    cmd += ["--prefix-repetition-prefix-len", "384", "--prefix-repetition-suffix-len", "32"]
-    cmd += ["--prefix-repetition-num-prefixes", "2", "--prefix-repetition-output-len", str(args.output_len)]
-    cmd += ["--num-prompts", str(args.num_prompts), "--max-concurrency", "2", "--ignore-eos", "--seed", "0"]
-    cmd += ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
+    cmd += ["--tokenizer", args.model_dir]
+    cmd += dataset or [*PREFIX_REPETITION, "--prefix-repetition-output-len", str(args.output_len)]
+    cmd += ["--num-prompts", str(args.num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos"]
+    cmd += ["--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
     cmd += ["--save-result", "--result-dir", str(out_dir), "--result-filename", f"{name}.vllm_bench.json"]
     print(f"$ {shlex.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=3600)
     r = json.loads((out_dir / f"{name}.vllm_bench.json").read_text())
-    keys = ("median_ttft_ms", "p99_ttft_ms", "p99_tpot_ms", "output_throughput", "request_throughput", "completed")
+    keys = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "output_throughput")
+    keys += ("request_throughput", "completed")
     return {k: r.get(k) for k in keys}
 
 

@@ -360,3 +360,27 @@ def test_prefill_in_groups_equals_one_forward(tiny_ckpt):
     assert one_calls == [4] and grouped_calls == [1, 1, 1, 1]  # 7, 6, 13 (alone, over 8), 2 tokens
     assert grouped_tokens == one_tokens
     torch.testing.assert_close(grouped_k, one_k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_vl"])
+def test_warm_up_packs_every_weight_and_changes_nothing(tiny_ckpt, tiny_vlm, family):
+    """``LLMEngine.warm_up`` (run by the serving workers before they take requests) makes oneDNN's
+    packed copy of every GEMM weight, the POP plan's fused K/V ones included, without taking a KV
+    block; the tokens afterwards are a cold engine's."""
+    from pop_disagg.config import PruneConfig
+    from pop_disagg.models import cpu_blas
+    from pop_disagg.models.layers import FusedLinear
+
+    path = tiny_vlm(family) if family == "qwen3_vl" else tiny_ckpt(family)
+    config = EngineConfig(model=path, kv_cache_memory_mb=4, block_size=4, prune=PruneConfig(skip_layers=[1]))
+    prompts, params = [[3, 17, 5, 9, 30, 2, 11]], SamplingParams(max_new_tokens=5, ignore_eos=True)
+    cold = [o.token_ids for o in LLMEngine(config).generate(prompts, params)]
+    engine = LLMEngine(config)
+    engine.warm_up()
+    if cpu_blas.active() == "onednn":
+        fused = [v for m in engine.model.modules() for v in vars(m).values() if isinstance(v, FusedLinear)]
+        assert fused and all(f.packed._packed is not None for f in fused)
+        assert engine.model._fused  # the plan's skipped run, with its fused K/V projection packed
+        assert all(packed[0]._packed is not None for _, _, _, packed in engine.model._fused.values())
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert [o.token_ids for o in engine.generate(prompts, params)] == cold

@@ -282,6 +282,7 @@ class DecodeActor(_Shell):
         engine.eos_token_ids |= set(spec.eos_token_ids)  # no tokenizer here: the router passes its EOS
         if spec.is_colocated and engine.arch.vision_family is not None:
             engine.load_vision(path)  # a colocated engine encodes its requests' images itself
+        engine.warm_up()
         self.worker = DecodeWorker(engine, spec.transfer_timeout_s, spec.max_local_prefill_tokens)
         self.spec = spec
         self._aborted = _Tombstones()
