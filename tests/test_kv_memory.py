@@ -267,6 +267,29 @@ def test_a_fully_cached_prefix_goes_straight_to_its_boundary_step(tiny_ckpt, pla
     assert outs[-1].token_ids == first.token_ids and outs[-1].num_cached_tokens == 3 * BLOCK
 
 
+@pytest.mark.parametrize("plan", ["full", "pop"])
+def test_a_warm_rest_and_its_boundary_token_share_one_step(tiny_ckpt, plan):
+    """Whole-prompt steps: a request whose prefix starts in cached blocks runs its rest as a chunk
+    and its boundary token as a decode row of the same forward, so its first token comes from its
+    first step, with a cold run's tokens."""
+    path = tiny_ckpt("llama")
+    eng = _engine(path, plan)
+    system = _ids(6, 2 * BLOCK)
+    cold = eng.generate([system + _ids(7, 5)], _greedy(5))[0]
+    prompt = system + _ids(8, 5)
+    want = _engine(path, plan, caching=False).generate([prompt], _greedy(5))[0].token_ids
+    eng.add_request(prompt, _greedy(5), request_id="warm")
+    batch = eng.scheduler.schedule()
+    assert [r.request_id for r in batch.prefill] == ["warm"] and batch.decode == batch.prefill
+    outs = eng._update(batch, *eng.runner.run(batch))
+    assert [o.request_id for o in outs] == ["warm"] and len(outs[0].token_ids) == 1
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert outs[-1].token_ids == want and outs[-1].num_cached_tokens == 2 * BLOCK
+    assert cold.num_cached_tokens == 0
+    _assert_no_leak(eng)
+
+
 def test_no_boundary_ablation_recomputes_the_last_prompt_token(tiny_ckpt):
     """Without boundary handling the pruned pass samples the first token: a repeated prompt keeps
     at least its last position to compute, and its tokens equal the cold run's."""

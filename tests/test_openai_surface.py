@@ -25,7 +25,11 @@ from pop_disagg.models.loader import load_model
 @pytest.fixture(scope="module")
 def full_engine(tiny_ckpt):
     path = tiny_ckpt("llama")
-    cfg = EngineConfig(model=path, kv_cache_memory_mb=2, block_size=4, prune=PruneConfig(no_prune=True))
+    # Prefix caching off: the tests replay one prompt and read every token's logits off the decode
+    # steps; a warm repeat would sample its first token in its prefill step instead.
+    cfg = EngineConfig(
+        model=path, kv_cache_memory_mb=2, block_size=4, prune=PruneConfig(no_prune=True), enable_prefix_caching=False
+    )
     return LLMEngine(cfg, model=load_model(path), model_path=path)
 
 

@@ -95,15 +95,19 @@ class ModelRunner:
             self.recompute(batch.recompute, batch.num_recompute_tokens)
             return self.mixed(batch.decode, batch.prefill, batch.num_prefill_tokens)
         if batch.prefill or batch.recompute:
-            reqs, tokens = self._prefill_step(batch.prefill, batch.num_prefill_tokens)
+            reqs, tokens = self._prefill_step(batch.prefill, batch.num_prefill_tokens, batch.decode)
             self.recompute(batch.recompute, batch.num_recompute_tokens)
             return reqs, tokens
         return batch.decode, self.decode(batch.decode)
 
-    def _prefill_step(self, reqs: list[Request], num_tokens: list[int]) -> tuple[list[Request], list[int]]:
+    def _prefill_step(
+        self, reqs: list[Request], num_tokens: list[int], boundary: list[Request] = ()
+    ) -> tuple[list[Request], list[int]]:
         """Whole prefixes: fresh ones in one pruned prefill, those starting after cached blocks as
-        chunks over their blocks. A token only for a request whose pruned pass samples (the
-        no-boundary ablation; a preempted request already has its first token)."""
+        chunks over their blocks, with the boundary token of each of those in ``boundary`` as a
+        decode row of the same forward (it gets its first token). Otherwise a token only for a
+        request whose pruned pass samples (the no-boundary ablation; a preempted request already
+        has its first token)."""
         fresh = [(r, n) for r, n in zip(reqs, num_tokens) if r.num_computed_tokens == 0]
         cached = [(r, n) for r, n in zip(reqs, num_tokens) if r.num_computed_tokens > 0]
         out_reqs, out_tokens = [], []
@@ -114,7 +118,7 @@ class ModelRunner:
                 out_reqs += [r for (r, _), new in zip(fresh, is_new) if new]
                 out_tokens += [t for t, new in zip(sampled, is_new) if new]
         if cached:
-            r, t = self.mixed([], [r for r, _ in cached], [n for _, n in cached])
+            r, t = self.mixed(list(boundary), [r for r, _ in cached], [n for _, n in cached])
             out_reqs += r
             out_tokens += t
         return out_reqs, out_tokens

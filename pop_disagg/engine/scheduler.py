@@ -37,7 +37,8 @@ KV blocks, as vLLM takes them (docs/serving.md, "KV memory"):
   plan the two are the same computation and the mode is left out. At admission the longest run of
   cached blocks that the request would compute the same way is taken (``num_computed_tokens``
   starts after it), capped so that at least the token the next step needs is computed: the boundary
-  token always runs (POP: through every layer). A fresh request under POP therefore reuses only
+  token always runs (POP: through every layer), in whole-prompt steps as a decode row beside the
+  uncached rest (``ModelRunner.mixed``), so a warm request's first token comes one step earlier. A fresh request under POP therefore reuses only
   blocks another request prefilled with the same plan; a preempted one also its own full-model
   blocks; under the full model a multi-turn follow-up also the earlier turn's generated blocks.
   A prompt with images names its blocks with their digests too (``Request.image_keys``), so only
@@ -309,6 +310,12 @@ class Scheduler:
                 step.recompute.append(req)
                 step.num_recompute_tokens.append(num_full)
             num_tokens += end - start
+            # A cached prefix's rest runs as a chunk over its blocks, so its boundary token can ride
+            # in the same forward as a decode row (as in a chunked step): a warm request's first
+            # token one step earlier. Only from free blocks: admission never preempts.
+            if start and num_pruned and not num_full and not self._samples_from_prefill(req):
+                if self._grow(req, end + 1, None):
+                    step.decode.append(req)
         if num_tokens:
             return step
         # Oldest first; the newest are preempted for them (only ever from the end of ``running``).
