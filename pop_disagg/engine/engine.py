@@ -144,24 +144,10 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
-    @torch.inference_mode()
     def warm_up(self) -> None:
-        """One short pass through every weight before serving, as vLLM warms up: on a CPU oneDNN
-        packs each weight on its first use (SmolLM2: a cold first request took 1.18 s against 0.40 s
-        warm), which would otherwise land on the first requests' TTFT. Under POP the pruned pass
-        runs too (its skipped runs' fused K/V weights). Nothing touches the KV cache."""
-        from ..models.attention import PrefillAttention
-
-        n = min(8, self.context_limit)
-        device = self.model.device
-        ids = torch.arange(n, device=device) % self.arch.vocab_size
-        pos = torch.arange(n, device=device)
-        if self.arch.mrope_section is not None:  # text positions: the same in all three sections
-            pos = pos.expand(3, n)
-        for plan in (None, self.plan) if self.plan.skip_layers else (None,):
-            hidden = self.model(ids, pos, PrefillAttention([0, n]), plan=plan)
-        self.model.compute_logits(hidden[-2:])  # a multi-row and a one-row LM head
-        self.model.compute_logits(hidden[-1:])
+        """Use every weight once before serving (``CausalLM.warm_up``): the full model and, under
+        POP, the pruned pass with its skipped runs' fused K/V weights. The KV cache is untouched."""
+        self.model.warm_up((None, self.plan) if self.plan.skip_layers else (None,))
 
     def load_vision(self, model_path: str) -> None:
         """Load the vision-language checkpoint's image tokens, image processor and vision encoder."""

@@ -38,8 +38,8 @@ KV blocks, as vLLM takes them (docs/serving.md, "KV memory"):
   cached blocks that the request would compute the same way is taken (``num_computed_tokens``
   starts after it), capped so that at least the token the next step needs is computed: the boundary
   token always runs (POP: through every layer), in whole-prompt steps as a decode row beside the
-  uncached rest (``ModelRunner.mixed``), so a warm request's first token comes one step earlier. A fresh request under POP therefore reuses only
-  blocks another request prefilled with the same plan; a preempted one also its own full-model
+  uncached rest (``ModelRunner.mixed``), so a warm request's first token comes one step earlier.
+  A fresh request under POP therefore reuses only blocks another request prefilled with the same plan; a preempted one also its own full-model
   blocks; under the full model a multi-turn follow-up also the earlier turn's generated blocks.
   A prompt with images names its blocks with their digests too (``Request.image_keys``), so only
   the same images behind the same tokens match; a model whose images attend both ways (Gemma-3)

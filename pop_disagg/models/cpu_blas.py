@@ -10,9 +10,9 @@ EPYC with AVX-512 (Zen 4), one thread, SmolLM2's shapes at M = 16 ran 1.3-1.6x f
 GEMMs were level with MKL's; on a Zen 5 EPYC (avx512_vp2intersect) a one-row pass over all of
 SmolLM2's weights took 23.0 ms against MKL's 33.1 (the packed layout streams at ~23 GB/s), so
 oneDNN takes every row count. oneDNN picks its kernels by the CPU's ISA, not its vendor, which is
-why it beats MKL on AMD. The packed
-copy is made on first use and again after an in-place edit of the weight (``PackedWeight``), and
-costs one more copy of the weights in memory (540 MB for SmolLM2 in float32).
+why it beats MKL on AMD. The packed copy is made on first use and again after an in-place edit of
+the weight (``PackedWeight``), and costs one more copy of the weights in memory (540 MB for SmolLM2
+in float32).
 
 OpenBLAS (``openblas``): on an AMD EPYC with AVX2 only (MKL does not take its tuned kernels on
 non-Intel CPUs) it ran SmolLM2's M = 16 gate/up GEMM ~1.4x faster than MKL and whole batch-16
@@ -21,9 +21,9 @@ numpy on the tensors' own memory (no copies), only where that is valid and paid:
 at least ``MIN_OPENBLAS_ROWS`` rows, no autograd.
 
 ``linear(x, w_t, bias, packed)`` is the one entry point the decoder uses (``x @ w_t + bias``).
-Anything a backend does not take (autograd: calibration differentiates through the model; one row;
-other dtypes; ``torch.compile`` tracing; one row under OpenBLAS), and every GEMM under ``backend="torch"``, is torch's
-``addmm``/``mm``.
+Anything a backend does not take (autograd: calibration differentiates through the model; other
+dtypes; ``torch.compile`` tracing; one row under OpenBLAS), and every GEMM under ``backend="torch"``,
+is torch's ``addmm``/``mm``.
 
 The choice is process-wide, like ``torch.set_num_threads``, and made once: ``"auto"`` (the default,
 or ``$POP_DISAGG_CPU_BLAS``) picks oneDNN where torch was built with it, else OpenBLAS on AMD CPUs
@@ -98,8 +98,8 @@ def resolve(backend: str) -> str:
     return backend
 
 
-# Under OpenBLAS one-row GEMMs (batch-1 decode) stay with torch's: OpenBLAS's GEMV streamed the weights 10-25%
-# faster in isolation, but whole batch-1 steps were no faster (in-process A/B: 57.6 vs 55.1 ms per
+# Under OpenBLAS one-row GEMMs (batch-1 decode) stay with torch's: OpenBLAS's GEMV streamed the
+# weights 10-25% faster in isolation, but whole batch-1 steps were no faster (in-process A/B: 57.6 vs 55.1 ms per
 # step; benchmark runs 1.46x vs 1.67x Transformers), the numpy round trip costing what it gained.
 MIN_OPENBLAS_ROWS = 2
 _choice: str | None = None  # resolved on first use

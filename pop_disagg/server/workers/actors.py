@@ -144,23 +144,8 @@ class PrefillActor(_Shell):
         )
         if self.model.arch.vision_family is not None:
             self.worker.load_vision(path)  # this worker encodes its prompts' images
-        self._warm_up()
+        self.model.warm_up((self.spec.plan,))  # before serving: see CausalLM.warm_up
         self._start_loop(self.worker)
-
-    @torch.inference_mode()
-    def _warm_up(self) -> None:
-        """One small pass before serving: a cold process's first layer can take longer than the
-        receiver's per-layer timeout once the header is on the wire (seen on a loaded host)."""
-        from ...models.attention import PrefillAttention
-
-        n = 8
-        ids = torch.arange(n, device=self.model.device) % self.model.arch.vocab_size
-        self.model(
-            ids,
-            torch.arange(n, device=self.model.device),
-            PrefillAttention([0, n], sink=lambda layer, k, v: None),
-            plan=self.spec.plan,
-        )
 
     async def listen(self, link: int) -> tuple[str, int]:
         """Host the rendezvous of the link to decode worker ``link``; returns its address."""
